@@ -1,0 +1,105 @@
+"""GLMConfig: the network's shape, read from a checkpoint's config.json."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A config.json we cannot read or a model variant we do not support."""
+
+
+# Keys whose non-default value selects an architecture variant this package does not implement.
+# key -> the only value we accept. Refusing is better than silently computing something else.
+_UNSUPPORTED_UNLESS = {
+    "rmsnorm": True,
+    "add_bias_linear": False,
+    "post_layer_norm": True,
+    "apply_residual_connection_post_layernorm": False,
+    "pre_seq_len": None,
+    "tie_word_embeddings": False,
+}
+
+
+@dataclass
+class GLMConfig:
+    hidden_size: int = 4096
+    num_layers: int = 28
+    num_attention_heads: int = 32
+    kv_channels: int = 128
+    multi_query_group_num: int = 2
+    ffn_hidden_size: int = 13696
+    padded_vocab_size: int = 65024
+    seq_length: int = 8192
+    layernorm_epsilon: float = 1e-5
+    add_qkv_bias: bool = True
+    rope_ratio: float = 1.0
+    torch_dtype: str = "float16"
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.multi_query_group_num
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels
+
+    @property
+    def rope_base(self) -> float:
+        return 10000.0 * self.rope_ratio
+
+    @property
+    def qkv_size(self) -> int:
+        return (self.num_attention_heads + 2 * self.multi_query_group_num) * self.kv_channels
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config.json") -> "GLMConfig":
+        model_type = raw.get("model_type")
+        if model_type != "chatglm":
+            raise ConfigError(
+                f"{source}: model_type={model_type!r} is not supported; glmchat loads ChatGLM "
+                "checkpoints with model_type 'chatglm' (e.g. THUDM/chatglm3-6b)"
+            )
+        for key, accepted in _UNSUPPORTED_UNLESS.items():
+            value = raw.get(key, accepted)
+            if value != accepted:
+                raise ConfigError(
+                    f"{source}: {key}={value!r} selects a model variant glmchat does not support "
+                    f"(supported: {key}={accepted!r})"
+                )
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in raw.items() if k in known and v is not None}
+        if not raw.get("multi_query_attention", False):
+            values["multi_query_group_num"] = raw["num_attention_heads"]
+        if isinstance(values.get("eos_token_id"), list):
+            values["eos_token_id"] = values["eos_token_id"][0]
+        config = cls(**values)
+        config.validate(source)
+        return config
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "GLMConfig":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path} does not exist: a checkpoint directory needs a config.json") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path} is not valid JSON ({e})") from None
+        return cls.from_dict(raw, source=str(path))
+
+    def validate(self, source: str = "config") -> None:
+        if self.num_attention_heads % self.multi_query_group_num:
+            raise ConfigError(
+                f"{source}: num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"multi_query_group_num={self.multi_query_group_num}"
+            )
+        if self.kv_channels % 4:
+            raise ConfigError(f"{source}: kv_channels={self.kv_channels} must be a multiple of 4 for the rotary layout")
+        for name in ("hidden_size", "num_layers", "ffn_hidden_size", "padded_vocab_size", "seq_length"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{source}: {name}={getattr(self, name)} must be positive")

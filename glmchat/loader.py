@@ -1,0 +1,326 @@
+"""Find a checkpoint (local directory or Hugging Face hub id), read its shards into a model.
+
+Weights go shard by shard, tensor by tensor, straight into preallocated parameters of the target
+dtype and device, so peak memory stays close to the model's own size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import ConfigError, GLMConfig
+from .model import GLMTransformer
+
+DEFAULT_MODEL = "THUDM/chatglm3-6b"
+
+# config.json of known hub models, so that random weights of the real shapes need no download.
+KNOWN_CONFIGS = {
+    "THUDM/chatglm3-6b": {
+        "model_type": "chatglm", "hidden_size": 4096, "num_layers": 28, "num_attention_heads": 32,
+        "kv_channels": 128, "multi_query_attention": True, "multi_query_group_num": 2,
+        "ffn_hidden_size": 13696, "padded_vocab_size": 65024, "seq_length": 8192,
+        "layernorm_epsilon": 1e-5, "rmsnorm": True, "add_qkv_bias": True, "add_bias_linear": False,
+        "post_layer_norm": True, "apply_residual_connection_post_layernorm": False,
+        "tie_word_embeddings": False, "torch_dtype": "float16", "eos_token_id": 2, "pad_token_id": 0,
+    },
+}
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be found, downloaded or read. The message says what to do."""
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype).removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of bfloat16, float16, float32") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the checkpoint
+
+_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+_WEIGHT_SINGLES = ("model.safetensors", "pytorch_model.bin")
+_TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "tokenizer.json")
+
+
+def resolve_checkpoint(path_or_id: str | os.PathLike, *, weights: bool = True, revision: str | None = None) -> Path:
+    """A local directory holding the checkpoint: the path itself, or a hub snapshot."""
+    text = os.fspath(path_or_id)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{text} is a file; pass the checkpoint directory that holds config.json")
+    if not _looks_like_hub_id(text):
+        raise CheckpointError(
+            f"no checkpoint directory at {text}; pass an existing directory with config.json "
+            f"or a Hugging Face repo id like {DEFAULT_MODEL}"
+        )
+    return _download(text, weights=weights, revision=revision)
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", text)) and not text.startswith((".", "/", "~"))
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _download(repo_id: str, *, weights: bool, revision: str | None) -> Path:
+    from huggingface_hub import HfApi, snapshot_download
+
+    if _hub_reachable():
+        try:
+            files = HfApi().list_repo_files(repo_id, revision=revision)
+            patterns = ["config.json", *_TOKENIZER_FILES]
+            if weights:
+                patterns += _weight_patterns(files, repo_id)
+            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+        except CheckpointError:
+            raise
+        except Exception as e:  # the hub's errors vary by version; all mean "could not fetch"
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    else:
+        reason = "the hub cannot be reached (offline, or HF_HUB_OFFLINE is set)"
+    try:  # a snapshot downloaded earlier still works offline
+        cached = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+        if (cached / "config.json").exists():
+            return cached
+    except Exception:
+        pass
+    raise CheckpointError(
+        f"could not download {repo_id!r} from the Hugging Face hub ({reason}). Download it where the "
+        f"hub is reachable (e.g. `huggingface-cli download {repo_id} --local-dir ./{repo_id.split('/')[-1]}`) "
+        f"and pass that directory instead of the id, or use --random-weights to try glmchat without it."
+    )
+
+
+def _weight_patterns(files: list[str], repo_id: str) -> list[str]:
+    """Only one weight format: safetensors when the repo has it, else .bin shards."""
+    if any(f.endswith(".safetensors") for f in files):
+        return ["*.safetensors", "model.safetensors.index.json"]
+    if any(f.endswith(".bin") for f in files):
+        return ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+    raise CheckpointError(f"{repo_id} on the hub has no .safetensors or .bin weights")
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The checkpoint's weight files in load order; safetensors preferred over .bin."""
+    for index_name in _WEIGHT_INDEXES:
+        index = directory / index_name
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{index} is not a valid weight index ({e!r})") from None
+            files = [directory / name for name in sorted(set(weight_map.values()))]
+            for f in files:
+                if not f.exists():
+                    raise CheckpointError(f"shard {f.name} listed in {index} is missing from {directory}")
+            return files
+    for name in _WEIGHT_SINGLES:
+        if (directory / name).exists():
+            return [directory / name]
+    raise CheckpointError(
+        f"{directory} has no weights: expected model.safetensors, model.safetensors.index.json "
+        "or pytorch_model.bin.index.json with its shards"
+    )
+
+
+def load_config(path_or_id: str | os.PathLike) -> GLMConfig:
+    """The model's config: from a local directory, a built-in table for known ids, or the hub."""
+    text = os.fspath(path_or_id)
+    if not Path(text).expanduser().exists() and text in KNOWN_CONFIGS:
+        return GLMConfig.from_dict(KNOWN_CONFIGS[text], source=f"{text} (built-in config)")
+    return GLMConfig.from_file(resolve_checkpoint(text, weights=False) / "config.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading tensors
+
+# official name -> our module name; {i} is the layer.
+_NAME_PATTERNS = [
+    (r"transformer\.embedding\.word_embeddings\.weight", "embed.weight"),
+    (r"transformer\.encoder\.layers\.(\d+)\.input_layernorm\.weight", "layers.{}.attn_norm.weight"),
+    (r"transformer\.encoder\.layers\.(\d+)\.self_attention\.query_key_value\.(weight|bias)", "layers.{}.attn.qkv.{}"),
+    (r"transformer\.encoder\.layers\.(\d+)\.self_attention\.dense\.weight", "layers.{}.attn.dense.weight"),
+    (r"transformer\.encoder\.layers\.(\d+)\.post_attention_layernorm\.weight", "layers.{}.mlp_norm.weight"),
+    (r"transformer\.encoder\.layers\.(\d+)\.mlp\.dense_h_to_4h\.weight", "layers.{}.mlp.gate_up.weight"),
+    (r"transformer\.encoder\.layers\.(\d+)\.mlp\.dense_4h_to_h\.weight", "layers.{}.mlp.down.weight"),
+    (r"transformer\.encoder\.final_layernorm\.weight", "norm.weight"),
+    (r"transformer\.output_layer\.weight", "output.weight"),
+]
+_NAME_PATTERNS = [(re.compile(p), target) for p, target in _NAME_PATTERNS]
+_IGNORED = re.compile(r"transformer\.rotary_pos_emb\.inv_freq")  # recomputed in float32
+
+
+def native_name(official: str) -> str | None:
+    """Our parameter name for an official tensor name; None for tensors we recompute."""
+    if _IGNORED.fullmatch(official):
+        return None
+    for pattern, target in _NAME_PATTERNS:
+        m = pattern.fullmatch(official)
+        if m:
+            return target.format(*m.groups())
+    raise KeyError(official)
+
+
+def iter_tensors(file: Path):
+    """(name, cpu tensor) for each tensor of a shard; corrupt or truncated files raise CheckpointError."""
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except CheckpointError:
+            raise
+        except Exception as e:
+            raise CheckpointError(f"{file} is corrupt or truncated ({type(e).__name__}: {e}); download it again") from None
+    else:
+        try:
+            try:
+                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                state = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        except Exception as e:
+            raise CheckpointError(f"{file} is corrupt or truncated ({type(e).__name__}: {e}); download it again") from None
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{file} does not hold a state dict of tensors")
+        yield from state.items()
+
+
+def _file_bytes(files: list[Path]) -> int:
+    return sum(f.stat().st_size for f in files)
+
+
+def load_weights(model: GLMTransformer, files: list[Path], progress: bool = True) -> None:
+    params = dict(model.named_parameters())
+    loaded: set[str] = set()
+    with tqdm(total=_file_bytes(files), unit="B", unit_scale=True, desc="Loading weights",
+              disable=not progress, leave=False) as bar:
+        for file in files:
+            for name, tensor in iter_tensors(file):
+                bar.update(tensor.numel() * tensor.element_size())
+                try:
+                    target = native_name(name)
+                except KeyError:
+                    raise CheckpointError(
+                        f"{file.name}: unexpected tensor {name!r}; this does not look like a ChatGLM2/3 checkpoint"
+                    ) from None
+                if target is None:
+                    continue
+                param = params.get(target)
+                if param is None:
+                    raise CheckpointError(f"{file.name}: tensor {name!r} has no place in a model with this config.json")
+                if tuple(tensor.shape) != tuple(param.shape):
+                    raise CheckpointError(
+                        f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
+                        f"config.json implies {tuple(param.shape)}"
+                    )
+                with torch.no_grad():
+                    param.copy_(tensor)
+                loaded.add(target)
+    missing = sorted(set(params) - loaded)
+    if missing:
+        raise CheckpointError(
+            f"tensors missing from {', '.join(f.name for f in files)}: "
+            f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}"
+        )
+
+
+def init_random_weights(model: GLMTransformer, seed: int = 0) -> None:
+    """Random weights of the real shapes (normal std 0.02, norms at 1): for speed work only."""
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, 0.02, generator=gen)
+
+
+# ---------------------------------------------------------------------------------------------
+# The entry point
+
+@dataclass
+class LoadInfo:
+    path: str
+    seconds: float
+    weight_bytes: int
+    random_weights: bool
+
+
+def empty_model(config: GLMConfig, dtype: torch.dtype, device) -> GLMTransformer:
+    """A model whose parameters are allocated on `device` in `dtype` but not yet filled."""
+    with torch.device("meta"):
+        model = GLMTransformer(config)
+    model = model.to(dtype).to_empty(device=device)
+    model.reset_rotary()
+    return model.eval().requires_grad_(False)
+
+
+def load_model(
+    path_or_id: str | os.PathLike = DEFAULT_MODEL,
+    *,
+    device: str | torch.device = "cpu",
+    dtype=None,
+    random_weights: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[GLMTransformer, LoadInfo]:
+    """Load a ChatGLM checkpoint. dtype None keeps the checkpoint's stored dtype."""
+    start = time.perf_counter()
+    device = torch.device(device)
+    if random_weights:
+        config = load_config(path_or_id)
+        files = []
+    else:
+        directory = resolve_checkpoint(path_or_id)
+        config = GLMConfig.from_file(directory / "config.json")
+        files = weight_files(directory)
+    dtype = parse_dtype(dtype if dtype is not None else config.torch_dtype)
+    model = empty_model(config, dtype, device)
+    if random_weights:
+        init_random_weights(model, seed)
+    else:
+        load_weights(model, files, progress=progress)
+    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return model, LoadInfo(os.fspath(path_or_id), time.perf_counter() - start, nbytes, random_weights)
+
+
+__all__ = [
+    "CheckpointError", "ConfigError", "DEFAULT_MODEL", "LoadInfo", "load_config", "load_model",
+    "parse_dtype", "resolve_checkpoint", "weight_files",
+]

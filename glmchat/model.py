@@ -1,0 +1,266 @@
+"""The ChatGLM2/3 transformer, read top to bottom.
+
+A pre-norm decoder: token embedding, `num_layers` blocks of
+`x + Attention(RMSNorm(x))` then `x + MLP(RMSNorm(x))`, a final RMSNorm and the output layer.
+Attention is grouped-query (multi_query_group_num KV heads), rotary positions touch only the
+first half of each head, in interleaved pairs. See ../shared/spec/chatglm3.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import GLMConfig
+
+
+class ContextLengthError(ValueError):
+    """The sequence would run past the model's context (seq_length) or the cache's size."""
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * xf).to(x.dtype)
+
+
+def rotary_table(config: GLMConfig, device=None) -> torch.Tensor:
+    """cos/sin for every position: [seq_length, n/2, 2], computed in float32."""
+    n = config.head_dim // 2  # only the first half of each head rotates
+    theta = 1.0 / (config.rope_base ** (torch.arange(0, n, 2, dtype=torch.float32, device=device) / n))
+    positions = torch.arange(config.seq_length, dtype=torch.float32, device=device)
+    angles = torch.outer(positions, theta)
+    return torch.stack((torch.cos(angles), torch.sin(angles)), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """x: [B, heads, T, D]; rope: [B, T, n/2, 2] in x's dtype. Pairs (x[2j], x[2j+1]) rotate."""
+    rot_dim = rope.shape[-2] * 2
+    x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
+    x_rot = x_rot.unflatten(-1, (-1, 2))
+    cos, sin = rope[:, None, ..., 0], rope[:, None, ..., 1]
+    x0, x1 = x_rot[..., 0], x_rot[..., 1]
+    rotated = torch.stack((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1).flatten(-2)
+    return torch.cat((rotated, x_pass), dim=-1)
+
+
+@dataclass
+class Step:
+    """What one forward pass needs from the cache: where the new tokens sit and what they see."""
+
+    positions: torch.Tensor  # [B, T] rotary positions of the new tokens
+    mask: torch.Tensor | None  # [B, 1, T, S] bool (True = attend), or None
+    is_causal: bool  # with mask None: plain causal attention over a fresh prompt
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: [layers, batch, kv_heads, max_len, head_dim].
+
+    Slots are shared by the batch (left padding keeps the ends aligned); `key_mask` marks which
+    slots hold real tokens when some rows are padded, and is None when none are.
+    Any object with `begin` and `update` like this one can stand in (the server's slot cache does).
+    """
+
+    def __init__(self, config: GLMConfig, batch_size: int, max_len: int, dtype, device):
+        shape = (config.num_layers, batch_size, config.num_kv_heads, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0  # slots filled
+        self.key_mask: torch.Tensor | None = None
+        self._start = 0
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def begin(self, T: int, attention_mask: torch.Tensor | None) -> Step:
+        """Reserve slots for T new tokens; attention_mask is [B, T] or [B, length + T], HF-style."""
+        start, end = self.length, self.length + T
+        if end > self.max_len:
+            raise ContextLengthError(f"{end} positions exceed the KV cache's {self.max_len} slots")
+        self.key_mask = _extend_key_mask(self.key_mask, attention_mask, self.k.shape[1], start, end, self.k.device)
+        self._start, self.length = start, end
+        return _step(self.key_mask, start, end, self.k.device)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        start, end = self._start, self.length
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: GLMConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.qkv = nn.Linear(config.hidden_size, config.qkv_size, bias=config.add_qkv_bias)
+        self.dense = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(self, x, rope, step: Step, cache: KVCache | None):
+        B, T, _ = x.shape
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        # enable_gqa repeats each KV head for adjacent query heads (head h reads group h // rep).
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=step.mask, is_causal=step.is_causal,
+            scale=1.0 / math.sqrt(self.head_dim), enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.dense(out.transpose(1, 2).reshape(B, T, q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GLMConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=False)
+        self.down = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GLMConfig, layer_idx: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.attn = Attention(config, layer_idx)
+        self.mlp_norm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope, step, cache):
+        x = x + self.attn(self.attn_norm(x), rope, step, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GLMTransformer(nn.Module):
+    def __init__(self, config: GLMConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.padded_vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.output = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+        self.register_buffer("rope", rotary_table(config), persistent=False)
+
+    def reset_rotary(self) -> None:
+        """Recompute the rotary table (after weights were materialized from the meta device)."""
+        self.rope = rotary_table(self.config, self.rope.device).to(self.rope.dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        if max_len > self.config.seq_length:
+            raise ContextLengthError(
+                f"a cache of {max_len} positions is longer than the model's context of {self.config.seq_length}"
+            )
+        return KVCache(self.config, batch_size, max_len, self.dtype, self.device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """Logits [B, T, vocab] (or [B, 1, vocab] with last_only) for input_ids [B, T].
+
+        attention_mask: [B, T] or [B, past + T] of 1 (token) / 0 (left padding), HF-style.
+        position_ids: default 0.. for each row's real tokens, continuing after the cache.
+        The cache, if given, is filled and advanced.
+        """
+        B, T = input_ids.shape
+        if cache is not None:
+            step = cache.begin(T, attention_mask)
+        else:
+            if T > self.config.seq_length:
+                raise ContextLengthError(
+                    f"{T} tokens exceed the model's context of {self.config.seq_length} by {T - self.config.seq_length}"
+                )
+            key_mask = _extend_key_mask(None, attention_mask, B, 0, T, input_ids.device)
+            step = _step(key_mask, 0, T, input_ids.device)
+        if position_ids is None:
+            rope = self.rope[step.positions]  # within the cache, so within seq_length
+        else:
+            rope = self.rope_at(position_ids)
+        x = self.embed(input_ids)
+        rope = rope.to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, rope, step, cache)
+        if last_only:
+            x = x[:, -1:]
+        return self.output(self.norm(x))
+
+    def rope_at(self, positions: torch.Tensor) -> torch.Tensor:
+        """The rotary table at caller-given positions, refusing those past the context."""
+        if positions.shape[-1] and int(positions.max()) >= self.config.seq_length:
+            raise ContextLengthError(
+                f"position {int(positions.max())} is outside the model's context of {self.config.seq_length}"
+            )
+        return self.rope[positions]
+
+
+def _extend_key_mask(past: torch.Tensor | None, attention_mask, B: int, start: int, end: int, device):
+    """[B, end] bool of real (non-pad) slots, or None while no slot is padding."""
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device=device, dtype=torch.bool)
+        if attention_mask.shape[1] == end and start:
+            past, attention_mask = attention_mask[:, :start], attention_mask[:, start:]
+        if past is None and bool(attention_mask.all()):
+            attention_mask = None
+    if past is None and attention_mask is None:
+        return None
+    if past is None:
+        past = torch.ones(B, start, dtype=torch.bool, device=device)
+    if attention_mask is None:
+        attention_mask = torch.ones(B, end - start, dtype=torch.bool, device=device)
+    return torch.cat((past[:, :start], attention_mask), dim=1)
+
+
+def _step(key_mask: torch.Tensor | None, start: int, end: int, device) -> Step:
+    """Positions and attention mask for slots start..end-1.
+
+    Without padding: positions count on from `start`; decode (T == 1) attends to every slot and a
+    fresh prompt uses SDPA's causal mode. With left padding, positions count real tokens only and
+    rows of padded queries may attend anywhere: their outputs are never used, and this keeps them
+    from becoming NaN.
+    """
+    T = end - start
+    if key_mask is None:
+        positions = torch.arange(start, end, device=device)[None]
+        if T == 1 or start == 0:
+            return Step(positions, None, is_causal=T > 1)
+        return Step(positions, _causal(start, end, device)[None, None], is_causal=False)
+    positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)[:, start:end]
+    mask = _causal(start, end, device)[None] & key_mask[:, None, :]
+    mask = mask | ~key_mask[:, start:end, None]
+    return Step(positions, mask[:, None], is_causal=False)
+
+
+def _causal(start: int, end: int, device) -> torch.Tensor:
+    return torch.arange(end, device=device)[None, :] <= torch.arange(start, end, device=device)[:, None]
