@@ -1,0 +1,217 @@
+"""Checkpoint formats, config validation, and every way a checkpoint can be wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from glmchat.config import ConfigError, GLMConfig
+from glmchat.loader import KNOWN_CONFIGS, CheckpointError, load_model, resolve_checkpoint, weight_files
+from glmchat.tiny import make_tiny_checkpoint
+
+
+def _load(path, **kw):
+    return load_model(path, progress=False, **kw)[0]
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert torch.equal(sa[name], sb[name]), name
+
+
+def _copy(src: Path, tmp_path: Path) -> Path:
+    dst = tmp_path / "ckpt"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_all_formats_give_identical_models(tiny_ckpt, tiny_ckpt_bin, tiny_tokenizer_model, tmp_path):
+    sharded = make_tiny_checkpoint(tmp_path / "sharded", weight_format="safetensors-sharded",
+                                   bin_shards=3, tokenizer_model=tiny_tokenizer_model)
+    assert len(weight_files(sharded)) == 3 and len(weight_files(tiny_ckpt_bin)) == 2
+    reference = _load(tiny_ckpt)
+    _same_weights(reference, _load(tiny_ckpt_bin))
+    _same_weights(reference, _load(sharded))
+
+
+def test_weights_land_where_the_names_say(tiny_ckpt):
+    model = _load(tiny_ckpt)
+    official = load_file(tiny_ckpt / "model.safetensors")
+    qkv = official["transformer.encoder.layers.1.self_attention.query_key_value.bias"]
+    assert torch.equal(model.layers[1].attn.qkv.bias, qkv)
+    assert torch.equal(model.output.weight, official["transformer.output_layer.weight"])
+    assert not torch.equal(model.output.weight, model.embed.weight)
+
+
+def test_dtype_default_is_stored_dtype_and_conversion_on_load(tiny_tokenizer_model, tmp_path):
+    ckpt = make_tiny_checkpoint(tmp_path / "fp16", dtype=torch.float16, tokenizer_model=tiny_tokenizer_model)
+    assert _load(ckpt).dtype == torch.float16
+    bf16 = _load(ckpt, dtype="bfloat16")
+    assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
+
+
+def test_random_weights_need_no_weight_files(tiny_ckpt, tmp_path):
+    config_only = tmp_path / "config_only"
+    config_only.mkdir()
+    shutil.copy(tiny_ckpt / "config.json", config_only)
+    model, info = load_model(config_only, random_weights=True, dtype=torch.float32, progress=False)
+    assert info.random_weights
+    assert model.config == GLMConfig.from_file(tiny_ckpt / "config.json")
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
+
+
+def test_known_hub_config_is_the_real_chatglm3_shape():
+    config = GLMConfig.from_dict(KNOWN_CONFIGS["THUDM/chatglm3-6b"])
+    assert (config.num_layers, config.qkv_size, config.padded_vocab_size) == (28, 4608, 65024)
+    with torch.device("meta"):
+        from glmchat.model import GLMTransformer
+        n = sum(p.numel() for p in GLMTransformer(config).parameters())
+    assert 6.2e9 < n < 6.3e9  # ChatGLM3-6B has 6.24 B parameters
+
+
+# --- configs we refuse --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("key,value", [
+    ("rmsnorm", False), ("add_bias_linear", True), ("post_layer_norm", False),
+    ("apply_residual_connection_post_layernorm", True), ("pre_seq_len", 128),
+])
+def test_unsupported_variants_are_refused_by_name(tiny_ckpt, tmp_path, key, value):
+    ckpt = _copy(tiny_ckpt, tmp_path)
+    raw = json.loads((ckpt / "config.json").read_text())
+    raw[key] = value
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ConfigError, match=rf"{key}={value!r}"):
+        _load(ckpt)
+
+
+def test_other_model_types_and_bad_json_are_refused(tiny_ckpt, tmp_path):
+    ckpt = _copy(tiny_ckpt, tmp_path)
+    raw = json.loads((ckpt / "config.json").read_text())
+    (ckpt / "config.json").write_text(json.dumps({**raw, "model_type": "llama"}))
+    with pytest.raises(ConfigError, match="model_type='llama'"):
+        _load(ckpt)
+    (ckpt / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        _load(ckpt)
+    (ckpt / "config.json").unlink()
+    with pytest.raises(ConfigError, match="needs a config.json"):
+        _load(ckpt)
+
+
+# --- paths and the hub ---------------------------------------------------------------------------
+
+def test_missing_directory_and_file_paths(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint directory at"):
+        _load(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="no checkpoint directory at"):
+        _load("./chatglm3-6b")
+    a_file = tmp_path / "file.bin"
+    a_file.write_bytes(b"x")
+    with pytest.raises(CheckpointError, match="is a file"):
+        _load(a_file)
+
+
+def test_unreachable_hub_names_the_id_and_the_way_out(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
+    started = time.perf_counter()
+    with pytest.raises(CheckpointError) as err:
+        resolve_checkpoint("THUDM/chatglm3-6b")
+    message = str(err.value)
+    assert "'THUDM/chatglm3-6b'" in message and "pass that directory" in message
+    assert "--random-weights" in message
+    assert time.perf_counter() - started < 10
+
+
+def test_directory_without_weights(tiny_ckpt, tmp_path):
+    ckpt = tmp_path / "empty"
+    ckpt.mkdir()
+    shutil.copy(tiny_ckpt / "config.json", ckpt)
+    with pytest.raises(CheckpointError, match="has no weights"):
+        _load(ckpt)
+
+
+# --- damaged weight files ------------------------------------------------------------------------
+
+def test_missing_shard_is_named(tiny_ckpt_bin, tmp_path):
+    ckpt = _copy(tiny_ckpt_bin, tmp_path)
+    shard = weight_files(ckpt)[1]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=rf"shard {shard.name} listed in .* is missing"):
+        _load(ckpt)
+
+
+def test_truncated_safetensors_is_named(tiny_ckpt, tmp_path):
+    ckpt = _copy(tiny_ckpt, tmp_path)
+    f = ckpt / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is corrupt or truncated"):
+        _load(ckpt)
+
+
+def test_corrupt_safetensors_header_is_named(tiny_ckpt, tmp_path):
+    ckpt = _copy(tiny_ckpt, tmp_path)
+    (ckpt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is corrupt"):
+        _load(ckpt)
+
+
+def test_truncated_bin_shard_is_named(tiny_ckpt_bin, tmp_path):
+    ckpt = _copy(tiny_ckpt_bin, tmp_path)
+    shard = weight_files(ckpt)[0]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=rf"{shard.name} is corrupt or truncated"):
+        _load(ckpt)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+def test_bin_files_are_loaded_without_running_pickled_code(tiny_ckpt_bin, tmp_path, monkeypatch):
+    ckpt = _copy(tiny_ckpt_bin, tmp_path)
+    shard = weight_files(ckpt)[0]
+    torch.save({"transformer.output_layer.weight": _Payload()}, shard)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match=shard.name):
+        _load(ckpt)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def _rewrite(ckpt: Path, edit) -> None:
+    f = ckpt / "model.safetensors"
+    tensors = load_file(f)
+    edit(tensors)
+    save_file(tensors, f)
+
+
+def test_missing_tensor_is_named(tiny_ckpt, tmp_path):
+    ckpt = _copy(tiny_ckpt, tmp_path)
+    _rewrite(ckpt, lambda t: t.pop("transformer.encoder.layers.1.mlp.dense_4h_to_h.weight"))
+    with pytest.raises(CheckpointError, match=r"missing from model\.safetensors: layers\.1\.mlp\.down\.weight"):
+        _load(ckpt)
+
+
+def test_misshaped_tensor_is_named(tiny_ckpt, tmp_path):
+    ckpt = _copy(tiny_ckpt, tmp_path)
+    name = "transformer.encoder.layers.0.self_attention.query_key_value.weight"
+    _rewrite(ckpt, lambda t: t.update({name: t[name][:-1].contiguous()}))
+    with pytest.raises(CheckpointError, match=rf"model\.safetensors: tensor '{name}' has shape"):
+        _load(ckpt)
+
+
+def test_unexpected_tensor_is_named(tiny_ckpt, tmp_path):
+    ckpt = _copy(tiny_ckpt, tmp_path)
+    _rewrite(ckpt, lambda t: t.update({"transformer.prefix_encoder.embedding.weight": torch.zeros(2, 2)}))
+    with pytest.raises(CheckpointError, match="unexpected tensor 'transformer.prefix_encoder"):
+        _load(ckpt)
