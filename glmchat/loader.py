@@ -118,8 +118,9 @@ def _download(repo_id: str, *, weights: bool, revision: str | None) -> Path:
         pass
     raise CheckpointError(
         f"could not download {repo_id!r} from the Hugging Face hub ({reason}). Download it where the "
-        f"hub is reachable (e.g. `huggingface-cli download {repo_id} --local-dir ./{repo_id.split('/')[-1]}`) "
-        f"and pass that directory instead of the id, or use --random-weights to try glmchat without it."
+        f"hub is reachable (e.g. `hf download {repo_id} --local-dir ./{repo_id.split('/')[-1]}`) and pass "
+        "that directory instead of the id, or use --random-weights (random_weights=True in Python) to try "
+        "glmchat without it."
     )
 
 
