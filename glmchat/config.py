@@ -36,6 +36,9 @@ class GLMConfig:
     layernorm_epsilon: float = 1e-5
     add_qkv_bias: bool = True
     rope_ratio: float = 1.0
+    # How rope_ratio stretches the rotary positions: "base" (ChatGLM3, GLM-4: base = 10000 *
+    # rope_ratio) or "position" (ChatGLM2-32k: positions / rope_ratio, base 10000).
+    rope_scaling: str = "base"
     torch_dtype: str = "float16"
     eos_token_id: int = 2
     pad_token_id: int = 0
@@ -50,7 +53,11 @@ class GLMConfig:
 
     @property
     def rope_base(self) -> float:
-        return 10000.0 * self.rope_ratio
+        return 10000.0 * self.rope_ratio if self.rope_scaling == "base" else 10000.0
+
+    @property
+    def rope_position_divisor(self) -> float:
+        return self.rope_ratio if self.rope_scaling == "position" else 1.0
 
     @property
     def qkv_size(self) -> int:
@@ -59,10 +66,12 @@ class GLMConfig:
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> "GLMConfig":
         model_type = raw.get("model_type")
-        if model_type != "chatglm":
+        if model_type == "glm":
+            raw = _from_transformers_glm(raw, source)
+        elif model_type != "chatglm":
             raise ConfigError(
                 f"{source}: model_type={model_type!r} is not supported; glmchat loads ChatGLM "
-                "checkpoints with model_type 'chatglm' (e.g. THUDM/chatglm3-6b)"
+                "checkpoints with model_type 'chatglm' (e.g. THUDM/chatglm3-6b) or 'glm' (e.g. THUDM/glm-4-9b-chat-hf)"
             )
         for key, accepted in _UNSUPPORTED_UNLESS.items():
             value = raw.get(key, accepted)
@@ -98,8 +107,48 @@ class GLMConfig:
                 f"{source}: num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"multi_query_group_num={self.multi_query_group_num}"
             )
+        if self.rope_scaling not in ("base", "position"):
+            raise ConfigError(f"{source}: rope_scaling={self.rope_scaling!r} must be 'base' or 'position'")
         if self.kv_channels % 4:
             raise ConfigError(f"{source}: kv_channels={self.kv_channels} must be a multiple of 4 for the rotary layout")
         for name in ("hidden_size", "num_layers", "ffn_hidden_size", "padded_vocab_size", "seq_length"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{source}: {name}={getattr(self, name)} must be positive")
+
+
+def _from_transformers_glm(raw: dict, source: str) -> dict:
+    """transformers' native GLM config (model_type "glm", the "-hf" repos) in ChatGLM's key names.
+
+    The network is the same; only the names differ. Rotary: rope_theta is the full base and only
+    partial_rotary_factor 0.5 of each head rotates, as in ChatGLM.
+    """
+    rope = {**raw, **(raw.get("rope_parameters") or {})}
+    if rope.get("partial_rotary_factor", 0.5) != 0.5:
+        raise ConfigError(f"{source}: partial_rotary_factor={rope['partial_rotary_factor']!r} is not supported (only 0.5)")
+    if rope.get("rope_type", "default") != "default" or raw.get("rope_scaling"):
+        raise ConfigError(f"{source}: rope scaling {raw.get('rope_scaling') or rope.get('rope_type')!r} is not supported")
+    if raw.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"{source}: hidden_act={raw['hidden_act']!r} is not supported (only silu)")
+    try:
+        heads = raw["num_attention_heads"]
+        return {
+            "model_type": "chatglm",
+            "hidden_size": raw["hidden_size"],
+            "num_layers": raw["num_hidden_layers"],
+            "num_attention_heads": heads,
+            "kv_channels": raw.get("head_dim") or raw["hidden_size"] // heads,
+            "multi_query_attention": True,
+            "multi_query_group_num": raw.get("num_key_value_heads") or heads,
+            "ffn_hidden_size": raw["intermediate_size"],
+            "padded_vocab_size": raw["vocab_size"],
+            "seq_length": raw["max_position_embeddings"],
+            "layernorm_epsilon": raw.get("rms_norm_eps", 1e-5),
+            "add_qkv_bias": raw.get("attention_bias", True),
+            "rope_ratio": rope.get("rope_theta", 10000.0) / 10000.0,
+            "tie_word_embeddings": raw.get("tie_word_embeddings", False),
+            "torch_dtype": raw.get("torch_dtype") or raw.get("dtype") or "bfloat16",
+            "eos_token_id": raw.get("eos_token_id"),
+            "pad_token_id": raw.get("pad_token_id"),
+        }
+    except KeyError as e:
+        raise ConfigError(f"{source}: model_type 'glm' config lacks {e.args[0]!r}") from None

@@ -38,7 +38,7 @@ def rotary_table(config: GLMConfig, device=None) -> torch.Tensor:
     """cos/sin for every position: [seq_length, n/2, 2], computed in float32."""
     n = config.head_dim // 2  # only the first half of each head rotates
     theta = 1.0 / (config.rope_base ** (torch.arange(0, n, 2, dtype=torch.float32, device=device) / n))
-    positions = torch.arange(config.seq_length, dtype=torch.float32, device=device)
+    positions = torch.arange(config.seq_length, dtype=torch.float32, device=device) / config.rope_position_divisor
     angles = torch.outer(positions, theta)
     return torch.stack((torch.cos(angles), torch.sin(angles)), dim=-1)
 
