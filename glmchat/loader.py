@@ -34,6 +34,31 @@ KNOWN_CONFIGS = {
         "tie_word_embeddings": False, "torch_dtype": "float16", "eos_token_id": 2, "pad_token_id": 0,
     },
 }
+_CHATGLM_6B = KNOWN_CONFIGS["THUDM/chatglm3-6b"]
+_GLM4_9B = {
+    **_CHATGLM_6B, "num_layers": 40, "padded_vocab_size": 151552, "seq_length": 131072,
+    "layernorm_epsilon": 1.5625e-07, "rope_ratio": 500, "torch_dtype": "bfloat16",
+    "eos_token_id": [151329, 151336, 151338], "pad_token_id": 151329,
+}
+# Shapes of the rest of the family (random weights need no download; the family comes from the id).
+KNOWN_CONFIGS.update({
+    "THUDM/chatglm3-6b-base": {**_CHATGLM_6B, "seq_length": 32768},
+    "THUDM/chatglm3-6b-32k": {**_CHATGLM_6B, "seq_length": 32768, "rope_ratio": 50},
+    "THUDM/chatglm3-6b-128k": {**_CHATGLM_6B, "seq_length": 131072, "rope_ratio": 500},
+    "THUDM/chatglm2-6b": {**_CHATGLM_6B, "seq_length": 32768},
+    "THUDM/chatglm2-6b-32k": {**_CHATGLM_6B, "seq_length": 32768, "rope_ratio": 16},
+    "THUDM/codegeex2-6b": {**_CHATGLM_6B, "seq_length": 8192, "torch_dtype": "bfloat16"},
+    "THUDM/glm-4-9b-chat": _GLM4_9B,
+    "THUDM/glm-4-9b": {**_GLM4_9B, "seq_length": 8192},
+    "THUDM/glm-4-9b-chat-1m": {**_GLM4_9B, "seq_length": 1048576, "rope_ratio": 10000},
+    "THUDM/glm-4-9b-chat-hf": {
+        "model_type": "glm", "hidden_size": 4096, "num_hidden_layers": 40, "num_attention_heads": 32,
+        "num_key_value_heads": 2, "head_dim": 128, "intermediate_size": 13696, "vocab_size": 151552,
+        "max_position_embeddings": 131072, "rms_norm_eps": 1.5625e-07, "rope_theta": 5000000.0,
+        "partial_rotary_factor": 0.5, "attention_bias": True, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "eos_token_id": [151329, 151336, 151338], "pad_token_id": 151329,
+    },
+})
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -156,12 +181,21 @@ def weight_files(directory: Path) -> list[Path]:
     )
 
 
+def _family_read_config(directory: Path, name: str):
+    from .families import read_config
+
+    return read_config(directory, name=name)
+
+
 def load_config(path_or_id: str | os.PathLike) -> GLMConfig:
     """The model's config: from a local directory, a built-in table for known ids, or the hub."""
+    from .families import detect_family, family_config, read_config
+
     text = os.fspath(path_or_id)
     if not Path(text).expanduser().exists() and text in KNOWN_CONFIGS:
-        return GLMConfig.from_dict(KNOWN_CONFIGS[text], source=f"{text} (built-in config)")
-    return GLMConfig.from_file(resolve_checkpoint(text, weights=False) / "config.json")
+        raw = KNOWN_CONFIGS[text]
+        return family_config(raw, f"{text} (built-in config)", detect_family(None, raw, name=text))
+    return read_config(resolve_checkpoint(text, weights=False), name=text)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,11 +262,14 @@ def _file_bytes(files: list[Path]) -> int:
 
 def load_weights(model: GLMTransformer, files: list[Path], progress: bool = True) -> None:
     params = dict(model.named_parameters())
+    from .families import official_tensors
+
     loaded: set[str] = set()
+    pending: dict = {}  # q/k/v of transformers-layout checkpoints, joined into query_key_value
     with tqdm(total=_file_bytes(files), unit="B", unit_scale=True, desc="Loading weights",
               disable=not progress, leave=False) as bar:
         for file in files:
-            for name, tensor in iter_tensors(file):
+            for name, tensor in official_tensors(iter_tensors(file), pending):
                 bar.update(tensor.numel() * tensor.element_size())
                 try:
                     target = native_name(name)
@@ -309,7 +346,7 @@ def load_model(
         files = []
     else:
         directory = resolve_checkpoint(path_or_id)
-        config = GLMConfig.from_file(directory / "config.json")
+        config = _family_read_config(directory, name=os.fspath(path_or_id))[0]
         files = weight_files(directory)
     dtype = parse_dtype(dtype if dtype is not None else config.torch_dtype)
     model = empty_model(config, dtype, device)
