@@ -11,15 +11,21 @@ from __future__ import annotations
 
 import ast
 import json
+import os
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
-from .generate import SamplingConfig, generate_tokens
+from .device import default_dtype, pick_device
+from .generate import SamplingConfig, generate_tokens, vocab_limit
+from .loader import DEFAULT_MODEL, CheckpointError, load_model, resolve_checkpoint
 from .model import GLMTransformer, KVCache
-from .tokenizer import ROLES, ChatGLMTokenizer
+from .tiny import train_tokenizer
+from .tokenizer import ROLES, TOKENIZER_FILE, ChatGLMTokenizer
 
 ASSISTANT = "<|assistant|>"
 TRAINING_TIME = "[[训练时间]]"  # a placeholder the model was trained with; shown as "2023年"
@@ -156,3 +162,271 @@ def parse_tool_call(content: str) -> dict:
                 raise ToolCallParseError(f"tool_call got argument {key!r} twice")
             kwargs[key] = item
     return kwargs
+
+
+def _plain_text(segments: list[tuple[str, str]]) -> str:
+    return _show("\n\n".join(c.strip() for m, c in segments if not m.strip() and c.strip()))
+
+
+def visible_text(text: str, final: bool = True) -> str:
+    """The part of a reply decoded so far that a reader may see: its plain-text segments.
+
+    Before the end (final=False) this only grows as text is added: a segment whose first line is
+    not complete yet is held back (that line may name a tool), and so are trailing blanks and a
+    tail that may still become "<|assistant|>" or "[[训练时间]]".
+    """
+    if not final:
+        text = _without_partial(text, ASSISTANT)
+    segments = split_segments(text)
+    if not final and "\n" not in text.rsplit(ASSISTANT, 1)[-1]:
+        segments = segments[:-1]
+    shown = _plain_text(segments)
+    return shown if final else _without_partial(shown, TRAINING_TIME).rstrip()
+
+
+def _without_partial(text: str, marker: str) -> str:
+    """text without a tail that is the start of marker."""
+    for k in range(min(len(marker) - 1, len(text)), 0, -1):
+        if text.endswith(marker[:k]):
+            return text[:-k]
+    return text
+
+
+class StreamDetokenizer:
+    """The text of a growing list of token ids, never ending in half a UTF-8 character.
+
+    Decodes only a short window at each step (the tokens since the text last grew, with those of
+    the step before as context), so a long answer costs linear time, not quadratic.
+    """
+
+    def __init__(self, tokenizer: ChatGLMTokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self._prefix = self._read = 0
+
+    def add(self, token_id: int) -> str:
+        """Append a token; return the text it completes ("" while a character is incomplete)."""
+        self.ids.append(token_id)
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
+        after = self.tokenizer.decode(self.ids[self._prefix:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        new = after[len(before):]
+        self._prefix, self._read = self._read, len(self.ids)
+        self.text += new
+        return new
+
+
+# ---------------------------------------------------------------------------------------------
+# The native API
+
+
+@dataclass
+class Reply:
+    """A whole answer: its text, tool call, history entries, token counts and timing."""
+
+    text: str  # the plain-text answer (what the stream showed)
+    tool_call: dict | None  # when the answer ends in a tool call (see parse_response)
+    messages: list[dict]  # assistant entries to append to the conversation
+    finish_reason: str  # "stop": the model ended it; "length": max_new_tokens or the context ran out
+    prompt_tokens: int
+    completion_tokens: int  # generated tokens, the stop token included
+    time_to_first_token: float  # seconds from the call to the first token (mostly the prompt's prefill)
+    seconds: float  # the whole answer
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generation speed after the first token (the prefill is in time_to_first_token)."""
+        decode_seconds = self.seconds - self.time_to_first_token
+        if self.completion_tokens > 1 and decode_seconds > 0:
+            return (self.completion_tokens - 1) / decode_seconds
+        return self.completion_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class Chunk:
+    """A piece of a streamed answer; the last one carries the whole Reply."""
+
+    text: str
+    reply: Reply | None = None
+
+
+class ChatModel:
+    """A loaded model and its tokenizer: `chat(messages)` and `stream(messages)`.
+
+    Successive calls reuse the KV cache for the prompt's prefix that the previous call already
+    computed (in a chat, everything but the new turn). Not thread-safe: one call at a time.
+    """
+
+    def __init__(self, model: GLMTransformer, tokenizer: ChatGLMTokenizer, *, load_seconds: float = 0.0,
+                 source: str = "", random_weights: bool = False, processors=()):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.load_seconds = load_seconds
+        self.source = source
+        self.random_weights = random_weights
+        self.processors = list(processors)
+        self._cache: KVCache | None = None
+        self._cache_ids: list[int] = []  # the ids whose keys/values the cache holds, in order
+        self._cache_valid = 0  # how many of them are complete
+
+    def __repr__(self) -> str:
+        return f"ChatModel({self.source!r}, device={self.device}, dtype={self.dtype})"
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.dtype
+
+    def chat(self, messages: list[dict], **options) -> Reply:
+        """The answer to `messages` (ending with a user or observation message). See `stream`."""
+        for chunk in self.stream(messages, **options):
+            if chunk.reply is not None:
+                return chunk.reply
+        raise AssertionError("stream ended without a reply")
+
+    def stream(self, messages: list[dict], *, max_new_tokens: int | None = None, temperature: float = 0.8,
+               top_p: float = 0.8, top_k: int = 50, repetition_penalty: float = 1.0, seed: int | None = None,
+               greedy: bool = False) -> Iterator[Chunk]:
+        """Chunks of the answer's text as it is generated; the last chunk carries the Reply.
+
+        Joined, the chunks' texts equal reply.text. Sampling defaults are the reference chat's;
+        greedy=True (or temperature=0) picks the most likely token. max_new_tokens None: until the
+        model stops or the context is full.
+        """
+        sampling = SamplingConfig(greedy=greedy, temperature=temperature, top_p=top_p, top_k=top_k,
+                                  repetition_penalty=repetition_penalty, seed=seed)
+        prompt = build_prompt_ids(self.tokenizer, messages)
+        stop = set(self.tokenizer.stop_token_ids)
+        start = time.perf_counter()
+        first = None
+        detok = StreamDetokenizer(self.tokenizer)
+        shown, finish, count = "", "length", 0
+        for token in self.stream_ids(prompt, max_new_tokens=max_new_tokens, sampling=sampling, reuse_cache=True):
+            first = first or time.perf_counter()
+            count += 1
+            if token in stop:
+                finish = "stop"
+                continue
+            detok.add(token)
+            seen = visible_text(detok.text, final=False)
+            if len(seen) > len(shown) and seen.startswith(shown):
+                yield Chunk(seen[len(shown):])
+                shown = seen
+        end = time.perf_counter()
+        parsed = parse_response(self.tokenizer.decode(detok.ids), has_tools(messages))
+        reply = Reply(parsed.content, parsed.tool_call, parsed.messages, finish, len(prompt), count,
+                      (first or end) - start, end - start)
+        yield Chunk(parsed.content[len(shown):] if parsed.content.startswith(shown) else "", reply)
+
+    def stream_ids(self, prompt_ids: list[int], *, max_new_tokens: int | None = None,
+                   sampling: SamplingConfig | None = None, stop_ids=None, processors=(),
+                   cache: KVCache | None = None, reuse_cache: bool = False) -> Iterator[int]:
+        """Generated token ids, one at a time, the stop token included.
+
+        cache: continue after what it holds; or reuse_cache: keep one cache across calls and reuse
+        its longest prefix shared with prompt_ids.
+        """
+        stop_ids = self.tokenizer.stop_token_ids if stop_ids is None else stop_ids
+        context = self.model.config.seq_length
+        max_new = context if max_new_tokens is None else max_new_tokens
+        ids = list(prompt_ids)
+        if reuse_cache:
+            cache, reused = self._prefix_cache(ids, len(ids) + max_new)
+            self._cache_ids, self._cache_valid = ids, reused
+            ids = ids[reused:]
+        tokens = generate_tokens(self.model, ids, max_new_tokens=max_new, stop_ids=stop_ids, sampling=sampling,
+                                 cache=cache, processors=[*self.processors, *processors])
+        for token in tokens:
+            if reuse_cache:  # the cache now holds everything before this token
+                self._cache_valid = len(self._cache_ids)
+                self._cache_ids.append(token)
+            yield token
+
+    def _prefix_cache(self, prompt: list[int], needed: int) -> tuple[KVCache, int]:
+        """The kept cache, cut to its longest prefix shared with prompt (at least one token left to run)."""
+        held = self._cache_ids[:self._cache_valid] if self._cache is not None else []
+        n = 0
+        for a, b in zip(held, prompt[:-1]):
+            if a != b:
+                break
+            n += 1
+        needed = min(needed, self.model.config.seq_length)
+        if self._cache is None or self._cache.max_len < needed:
+            self._cache = resized_cache(self.model, self._cache, n, needed)
+        self._cache.length = n
+        return self._cache, n
+
+
+def resized_cache(model: GLMTransformer, cache: KVCache | None, length: int, capacity: int) -> KVCache:
+    """A new cache of `capacity` slots holding the first `length` slots of `cache`."""
+    new = model.new_cache(cache.k.shape[1] if cache is not None else 1, capacity)
+    if cache is not None and length:
+        new.k[:, :, :, :length] = cache.k[:, :, :, :length]
+        new.v[:, :, :, :length] = cache.v[:, :, :, :length]
+        if cache.key_mask is not None:
+            new.key_mask = cache.key_mask[:, :length].clone()
+    new.length = length
+    return new
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def load(path_or_id: str = DEFAULT_MODEL, *, device: str | torch.device = "auto", dtype="auto",
+         random_weights: bool = False, progress: bool = True) -> ChatModel:
+    """Load a ChatGLM3 checkpoint (a local directory or a Hugging Face id) and its tokenizer.
+
+    device: "auto" (CUDA/ROCm, then MPS, then CPU), "cpu", "cuda", "cuda:1", "mps".
+    dtype: "auto" (see `default_dtype`), None for the checkpoint's stored dtype, or a name/torch dtype.
+    random_weights: the real architecture with random weights, for trying things out and measuring
+    speed without the download; the text is meaningless. Without a tokenizer at hand (no local
+    directory, hub unreachable) a small stand-in tokenizer is used and sampling is kept to its ids.
+    """
+    start = time.perf_counter()
+    device = pick_device(device)
+    dtype = default_dtype(device) if dtype == "auto" else dtype
+    processors = []
+    if random_weights:
+        model, _ = load_model(path_or_id, device=device, dtype=dtype, random_weights=True, progress=progress)
+        tokenizer = _tokenizer_for_random_weights(path_or_id)
+        if tokenizer is None:
+            tokenizer = standin_tokenizer()
+            processors.append(vocab_limit(tokenizer.vocab_size))
+    else:
+        directory = resolve_checkpoint(path_or_id)
+        model, _ = load_model(directory, device=device, dtype=dtype, progress=progress)
+        tokenizer = ChatGLMTokenizer.from_pretrained(directory)
+    return ChatModel(model, tokenizer, load_seconds=time.perf_counter() - start, source=os.fspath(path_or_id),
+                     random_weights=random_weights, processors=processors)
+
+
+def _tokenizer_for_random_weights(path_or_id) -> ChatGLMTokenizer | None:
+    """The checkpoint's own tokenizer when it can be had without the weights, else None."""
+    try:
+        directory = resolve_checkpoint(path_or_id, weights=False)
+    except CheckpointError:
+        return None
+    if not (directory / TOKENIZER_FILE).exists():
+        return None
+    return ChatGLMTokenizer.from_pretrained(directory)
+
+
+def standin_tokenizer() -> ChatGLMTokenizer:
+    """A small bilingual tokenizer trained once into the user's cache (XDG_CACHE_HOME or ~/.cache)."""
+    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "glmchat" / "standin-tokenizer"
+    path = root / TOKENIZER_FILE
+    if not path.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=root) as tmp:  # another process may be training it too
+            os.replace(train_tokenizer(tmp), path)
+    return ChatGLMTokenizer.from_pretrained(path)

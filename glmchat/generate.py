@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
 from .model import ContextLengthError, GLMTransformer, KVCache
+
+Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -33,21 +35,33 @@ class SamplingConfig:
 
 
 class Sampler:
-    """Picks the next token from float32 logits [B, vocab], in the reference's processor order."""
+    """Picks the next token from logits [B, vocab], in the reference's order: repetition penalty,
+    the caller's processors, the NaN/inf guard, then greedy or temperature / top-k / top-p sampling.
 
-    def __init__(self, config: SamplingConfig, device):
+    processors: callables `(ids [B, L], scores [B, vocab]) -> scores`, like transformers' logits
+    processors; ids holds the prompt and every token generated so far.
+    """
+
+    def __init__(self, config: SamplingConfig, device, processors: Sequence[Processor] = ()):
         self.config = config
+        self.processors = list(processors)
         self.generator = None
         if config.seed is not None and not config.greedy:
             self.generator = torch.Generator(device=device).manual_seed(config.seed)
 
+    @property
+    def needs_ids(self) -> bool:
+        return self.config.repetition_penalty != 1.0 or bool(self.processors)
+
     def __call__(self, logits: torch.Tensor, seen: torch.Tensor | None = None) -> torch.Tensor:
         c = self.config
         logits = logits.float()
-        logits = _guard_invalid_scores(logits)
         if c.repetition_penalty != 1.0 and seen is not None:
             prev = logits.gather(-1, seen)
             logits = logits.scatter(-1, seen, torch.where(prev < 0, prev * c.repetition_penalty, prev / c.repetition_penalty))
+        for process in self.processors:
+            logits = process(seen, logits)
+        logits = _guard_invalid_scores(logits)
         if c.greedy:
             return logits.argmax(-1)
         logits = logits / c.temperature
@@ -76,6 +90,70 @@ def _guard_invalid_scores(logits: torch.Tensor) -> torch.Tensor:
     return torch.where(bad, guard, logits)
 
 
+def vocab_limit(limit: int) -> Processor:
+    """A processor that never picks ids >= limit (e.g. ids a stand-in tokenizer cannot decode)."""
+
+    def process(ids, scores):
+        return scores.index_fill(-1, torch.arange(limit, scores.shape[-1], device=scores.device), float("-inf"))
+
+    return process
+
+
+def generate_batch(
+    model: GLMTransformer,
+    input_ids: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    stop_ids: Iterable[int] = (),
+    sampling: SamplingConfig | None = None,
+    processors: Sequence[Processor] = (),
+    cache: KVCache | None = None,
+    pad_id: int = 0,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, [B], one step at a time (stop tokens included).
+
+    A row that has produced a stop id gets `pad_id` from then on; it ends when every row has
+    stopped or after max_new_tokens (fewer if the model's context would overflow). attention_mask
+    and position_ids are HF-style, for left-padded batches or a cache holding earlier turns; the
+    last token is never fed to the model, so the cache ends up holding all but the last.
+    """
+    sampling = sampling or SamplingConfig(greedy=True)
+    input_ids = input_ids.to(model.device)
+    B, T = input_ids.shape
+    past = cache.length if cache is not None else 0
+    context = model.config.seq_length
+    if past + T > context:
+        raise ContextLengthError(
+            f"the prompt is {past + T} tokens, {past + T - context} more than the model's context of "
+            f"{context}; shorten it or clear the history"
+        )
+    max_new_tokens = min(max_new_tokens, context - past - T)
+    if cache is None:
+        cache = model.new_cache(B, past + T + max_new_tokens)
+    sampler = Sampler(sampling, model.device, processors)
+    stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=model.device)
+    seen = input_ids if sampler.needs_ids else None
+    running = torch.ones(B, dtype=torch.bool, device=model.device)
+
+    with torch.inference_mode():
+        logits = model(input_ids, cache=cache, attention_mask=attention_mask, position_ids=position_ids, last_only=True)
+        for i in range(max_new_tokens):
+            token = sampler(logits[:, -1], seen)
+            token = torch.where(running, token, torch.full_like(token, pad_id))
+            running = running & ~torch.isin(token, stop)
+            yield token
+            if i == max_new_tokens - 1 or not bool(running.any()):
+                return
+            next_input = token.view(B, 1)
+            if seen is not None:
+                seen = torch.cat((seen, next_input), dim=1)
+            if position_ids is not None:
+                position_ids = position_ids[:, -1:] + 1
+            logits = model(next_input, cache=cache, position_ids=position_ids)
+
+
 def generate_tokens(
     model: GLMTransformer,
     prompt_ids: list[int] | torch.Tensor,
@@ -84,38 +162,13 @@ def generate_tokens(
     stop_ids: Iterable[int] = (),
     sampling: SamplingConfig | None = None,
     cache: KVCache | None = None,
+    processors: Sequence[Processor] = (),
 ) -> Iterator[int]:
-    """Yield new token ids one at a time (the stop token included, then it ends).
+    """Yield new token ids of one sequence, one at a time (the stop token included, then it ends).
 
     With a `cache` that already holds earlier turns, the prompt continues after them.
     """
-    sampling = sampling or SamplingConfig(greedy=True)
-    device = model.device
-    prompt = torch.as_tensor(prompt_ids, dtype=torch.long, device=device).reshape(1, -1)
-    past = cache.length if cache is not None else 0
-    needed = past + prompt.shape[1] + max_new_tokens
-    if past + prompt.shape[1] > model.config.seq_length:
-        over = past + prompt.shape[1] - model.config.seq_length
-        raise ContextLengthError(
-            f"the prompt is {past + prompt.shape[1]} tokens, {over} more than the model's context of "
-            f"{model.config.seq_length}; shorten it or clear the history"
-        )
-    max_new_tokens = min(max_new_tokens, model.config.seq_length - past - prompt.shape[1])
-    if cache is None:
-        cache = model.new_cache(1, min(needed, model.config.seq_length))
-    sampler = Sampler(sampling, device)
-    stop = set(stop_ids)
-    seen = prompt if sampling.repetition_penalty != 1.0 else None
-
-    with torch.inference_mode():
-        logits = model(prompt, cache=cache, last_only=True)
-        for i in range(max_new_tokens):
-            token = sampler(logits[:, -1], seen)
-            token_id = int(token)
-            yield token_id
-            if token_id in stop or i == max_new_tokens - 1:
-                return
-            next_input = token.view(1, 1)
-            if seen is not None:
-                seen = torch.cat((seen, next_input), dim=1)
-            logits = model(next_input, cache=cache)
+    prompt = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(1, -1)
+    for token in generate_batch(model, prompt, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                                sampling=sampling, processors=processors, cache=cache):
+        yield int(token[0])

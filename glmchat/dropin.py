@@ -1,0 +1,263 @@
+"""Drop-in `AutoTokenizer` / `AutoModel` for code written against the reference (trust_remote_code).
+
+`model.chat` and `model.stream_chat` give what the reference gives, quirks included (see the spec's
+"chat and stream_chat"): the last generated token is dropped, the caller's history list is mutated,
+tool calls come back as dicts, streams lag one token and skip text ending in U+FFFD. They are thin
+adapters over `glmchat.chat` (prompt building, generation, reply parsing all live there).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from .chat import ChatModel, ToolCallParseError, _show, has_tools, load, parse_response, resized_cache
+from .generate import SamplingConfig, generate_batch
+from .loader import resolve_checkpoint
+from .model import KVCache
+from .tokenizer import ChatGLMTokenizer
+
+
+class AutoTokenizer:
+    @staticmethod
+    def from_pretrained(path_or_id, *args, **kwargs) -> ChatGLMTokenizer:
+        """The ChatGLM3 tokenizer of a local directory or hub id (trust_remote_code etc. are ignored)."""
+        return ChatGLMTokenizer.from_pretrained(resolve_checkpoint(path_or_id, weights=False))
+
+
+class AutoModel:
+    @staticmethod
+    def from_pretrained(path_or_id, *args, torch_dtype=None, dtype=None, device=None, device_map=None,
+                        **kwargs) -> ChatGLMForConditionalGeneration:
+        """Load like the reference: the stored dtype, on the CPU, unless torch_dtype / device say otherwise.
+
+        device_map may name one device ("auto", "cuda", "cpu", {"": "cuda:0"}); splitting a model
+        over several devices is not supported. trust_remote_code and the like are ignored.
+        """
+        dtype = dtype if dtype is not None else torch_dtype
+        if dtype == "auto":
+            dtype = None  # transformers' "auto": the checkpoint's dtype
+        device = _device_from_map(device_map) or device or "cpu"
+        return ChatGLMForConditionalGeneration(load(path_or_id, device=device, dtype=dtype))
+
+
+AutoModelForCausalLM = AutoModel
+
+
+def _device_from_map(device_map) -> str | None:
+    if device_map is None:
+        return None
+    if isinstance(device_map, dict):
+        devices = {str(d) for d in device_map.values()}
+        if len(devices) != 1:
+            raise ValueError(f"device_map spreads the model over {sorted(devices)}; glmchat runs it on one device")
+        device_map = devices.pop()
+    if isinstance(device_map, int) or str(device_map).isdigit():
+        return f"cuda:{device_map}"
+    return str(device_map)
+
+
+class CausalLMOutput(NamedTuple):
+    logits: torch.Tensor
+    past_key_values: PastKeyValues | None = None
+
+
+class PastKeyValues:
+    """What `past_key_values` holds: glmchat's KV cache up to `length`. Pass it back unchanged.
+
+    Several of these can share one cache; continuing from one that is no longer the cache's end
+    copies its part first, so each keeps meaning what it meant when it was returned.
+    """
+
+    def __init__(self, cache: KVCache):
+        self.cache = cache
+        self.length = cache.length
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def __repr__(self) -> str:
+        return f"PastKeyValues(length={self.length})"
+
+
+# Generation options of transformers' generate() that change nothing here.
+_IGNORED_OPTIONS = {"use_cache", "bos_token_id", "return_dict", "output_attentions", "output_hidden_states"}
+
+
+class ChatGLMForConditionalGeneration(nn.Module):
+    """The reference's model class: forward, generate, chat, stream_chat, and torch's .half()/.cuda()/...."""
+
+    def __init__(self, chat_model: ChatModel):
+        super().__init__()
+        self.transformer = chat_model.model
+        self.config = chat_model.config
+        self._engine = chat_model
+        self.eval()
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        # Like the reference, which recomputes its rotary table in float32 and casts it to the
+        # model's dtype: converting the table itself (.half().float()) would keep fp16 rounding.
+        self.transformer.reset_rotary()
+        self._engine._cache = None
+        return self
+
+    def quantize(self, *args, **kwargs):
+        raise NotImplementedError("model.quantize() is not supported; load the model in bfloat16/float16 instead")
+
+    # ---- forward / generate ----------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, attention_mask=None, position_ids=None, past_key_values=None,
+                use_cache: bool = True, return_last_logit: bool = False, **kwargs) -> CausalLMOutput:
+        """Logits [B, T, vocab] and, with use_cache, the past_key_values to continue from."""
+        _check_options(kwargs)
+        input_ids = input_ids.to(self.device)
+        cache = None
+        if use_cache or past_key_values is not None:
+            cache = self._cache_for(past_key_values, input_ids.shape[0], input_ids.shape[1])
+        logits = self.transformer(input_ids, cache=cache, attention_mask=_on(attention_mask, self.device),
+                                  position_ids=_on(position_ids, self.device), last_only=return_last_logit)
+        return CausalLMOutput(logits, PastKeyValues(cache) if cache is not None else None)
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor | None = None, attention_mask=None, position_ids=None, *,
+                 inputs=None, max_length: int | None = None, max_new_tokens: int | None = None,
+                 do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 50,
+                 repetition_penalty: float = 1.0, num_beams: int = 1, eos_token_id=None, pad_token_id=None,
+                 logits_processor=None, past_key_values=None, **kwargs) -> torch.Tensor:
+        """transformers' generate(): the prompt followed by the new tokens, [B, T + new].
+
+        Defaults are transformers' (greedy, max_length 20, stop at eos); finished rows are padded.
+        """
+        input_ids = (input_ids if input_ids is not None else inputs).to(self.device)
+        B, T = input_ids.shape
+        sampling, max_new = _options(T, max_length if max_length is not None else 20, max_new_tokens, do_sample,
+                                     temperature, top_p, top_k, repetition_penalty, num_beams, kwargs)
+        stop = eos_token_id if eos_token_id is not None else self.config.eos_token_id
+        stop = [stop] if isinstance(stop, int) else list(stop)
+        cache = self._cache_for(past_key_values, B, T + max_new)
+        new = list(generate_batch(
+            self.transformer, input_ids, max_new_tokens=max_new, attention_mask=_on(attention_mask, self.device),
+            position_ids=_on(position_ids, self.device), stop_ids=stop, sampling=sampling,
+            processors=list(logits_processor or []), cache=cache,
+            pad_id=pad_token_id if pad_token_id is not None else self.config.pad_token_id,
+        ))
+        return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1) if new else input_ids
+
+    def _cache_for(self, past: PastKeyValues | None, batch: int, new_tokens: int) -> KVCache:
+        """A cache holding `past` with room for new_tokens more (within the model's context)."""
+        context = self.config.seq_length
+        if past is None:
+            return self.transformer.new_cache(batch, min(context, -(-new_tokens // 256) * 256))
+        if not isinstance(past, PastKeyValues):
+            raise TypeError("past_key_values must be the object glmchat returned (the reference's tuples are not accepted)")
+        cache, length = past.cache, past.length
+        if cache.k.shape[1] != batch:
+            raise ValueError(f"past_key_values holds {cache.k.shape[1]} rows, the input has {batch}")
+        needed = min(context, length + new_tokens)
+        if (cache.length == length and cache.max_len >= needed and cache.k.device == self.device
+                and cache.k.dtype == self.dtype):
+            return cache
+        return resized_cache(self.transformer, cache, length, max(needed, min(context, 2 * cache.max_len)))
+
+    # ---- chat ------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def chat(self, tokenizer, query: str, history: list[dict] | None = None, role: str = "user",
+             max_length: int = 8192, num_beams: int = 1, do_sample: bool = True, top_p: float = 0.8,
+             temperature: float = 0.8, logits_processor=None, **kwargs):
+        """(response, history) like the reference: `history` gets the query appended in place."""
+        history = [] if history is None else history
+        prompt = tokenizer.build_chat_input(query, history=history, role=role).input_ids[0].tolist()
+        sampling, max_new = _options(len(prompt), max_length, kwargs.pop("max_new_tokens", None), do_sample,
+                                     temperature, top_p, kwargs.pop("top_k", 50),
+                                     kwargs.pop("repetition_penalty", 1.0), num_beams, kwargs)
+        tokens = list(self._engine.stream_ids(prompt, max_new_tokens=max_new, sampling=sampling,
+                                              stop_ids=_stop_ids(tokenizer), processors=list(logits_processor or [])))
+        history.append({"role": role, "content": query})
+        return _reference_response(tokenizer.decode(tokens[:-1]), history)
+
+    @torch.inference_mode()
+    def stream_chat(self, tokenizer, query: str, history: list[dict] | None = None, role: str = "user",
+                    past_key_values=None, max_length: int = 8192, do_sample: bool = True, top_p: float = 0.8,
+                    temperature: float = 0.8, logits_processor=None, return_past_key_values: bool = False,
+                    **kwargs):
+        """Yields (response, history[, past_key_values]) as tokens arrive, like the reference.
+
+        With past_key_values (from an earlier call) the prompt holds only this turn. One deliberate
+        difference: where the reference would crash on a tool call still being written (it evals
+        the incomplete code), that partial step is skipped; a call still invalid at the end raises.
+        """
+        history = [] if history is None else history
+        turn = tokenizer.build_chat_input(query, history=history if past_key_values is None else None, role=role)
+        prompt = turn.input_ids[0].tolist()
+        sampling, max_new = _options(len(prompt), max_length, kwargs.pop("max_new_tokens", None), do_sample,
+                                     temperature, top_p, kwargs.pop("top_k", 50),
+                                     kwargs.pop("repetition_penalty", 1.0), 1, kwargs)
+        cache = self._cache_for(past_key_values, 1, len(prompt) + max_new)
+        history.append({"role": role, "content": query})
+        tokens, failed = [], None
+        for token in self._engine.stream_ids(prompt, max_new_tokens=max_new, sampling=sampling, cache=cache,
+                                             stop_ids=_stop_ids(tokenizer), processors=list(logits_processor or [])):
+            tokens.append(token)
+            text = tokenizer.decode(tokens[:-1])
+            if not text or text[-1] == "\ufffd":
+                continue
+            try:
+                response, new_history = _reference_response(text, history)
+            except ToolCallParseError as e:  # the call is not complete yet
+                failed = e
+                continue
+            failed = None
+            yield (response, new_history, PastKeyValues(cache)) if return_past_key_values else (response, new_history)
+        if failed is not None:
+            raise failed
+
+
+def _reference_response(text: str, history: list[dict]):
+    """The reference's process_response: the last segment's text (or tool-call dict) and a new history."""
+    parsed = parse_response(text, has_tools(history))
+    new_history = copy.deepcopy(history) + parsed.messages
+    if parsed.tool_call is not None:
+        return parsed.tool_call, new_history
+    return _show(parsed.messages[-1]["content"]), new_history
+
+
+def _stop_ids(tokenizer) -> list[int]:
+    return [tokenizer.eos_token_id, tokenizer.get_command("<|user|>"), tokenizer.get_command("<|observation|>")]
+
+
+def _options(prompt_len, max_length, max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty,
+             num_beams, extra) -> tuple[SamplingConfig, int]:
+    """Sampling and the number of new tokens from transformers-style generation options."""
+    _check_options(extra, allowed=_IGNORED_OPTIONS | {"pad_token_id"})
+    if num_beams != 1:
+        raise ValueError(f"num_beams={num_beams}: beam search is not supported (use num_beams=1)")
+    if max_new_tokens is None:
+        max_new_tokens = max(1, max_length - prompt_len)  # transformers generates at least one token
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    sampling = SamplingConfig(greedy=not do_sample, temperature=temperature, top_p=top_p, top_k=top_k,
+                              repetition_penalty=repetition_penalty)
+    return sampling, max_new_tokens
+
+
+def _check_options(options: dict, allowed=_IGNORED_OPTIONS) -> None:
+    unknown = sorted(set(options) - allowed)
+    if unknown:
+        raise TypeError(f"unsupported argument(s): {', '.join(unknown)}")
+
+
+def _on(tensor, device):
+    return tensor.to(device) if isinstance(tensor, torch.Tensor) else tensor
