@@ -23,7 +23,7 @@ def official_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def reference_model(ckpt: Path, dtype=torch.float32):
+def reference_model(ckpt: Path, dtype=torch.float32, rope_parameters: dict | None = None):
     from transformers import GlmConfig, GlmForCausalLM
 
     c = json.loads((ckpt / "config.json").read_text())
@@ -33,9 +33,9 @@ def reference_model(ckpt: Path, dtype=torch.float32):
         intermediate_size=c["ffn_hidden_size"], num_hidden_layers=c["num_layers"],
         num_attention_heads=heads, num_key_value_heads=groups, head_dim=kv,
         rms_norm_eps=c["layernorm_epsilon"], max_position_embeddings=c["seq_length"],
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0 * c.get("rope_ratio", 1.0),
-                         "partial_rotary_factor": 0.5},
-        attention_bias=True, pad_token_id=c["pad_token_id"], eos_token_id=c["eos_token_id"],
+        rope_parameters=rope_parameters or {"rope_type": "default", "rope_theta": 10000.0 * c.get("rope_ratio", 1.0),
+                                            "partial_rotary_factor": 0.5},
+        attention_bias=True, pad_token_id=c.get("pad_token_id"), eos_token_id=c["eos_token_id"],
     )
     config._attn_implementation = "eager"
     model = GlmForCausalLM(config)
