@@ -128,9 +128,9 @@ def detect_family(directory: str | Path | None, raw: dict, name: str = "", famil
     )
     if is_glm4:
         chat = "<|assistant|>" in template or (not template and "chat" in hints)
-        return _variant(GLM4, chat=chat, name=name)
+        return _variant(GLM4, chat=chat, name=hints)
     if "<|user|>" in template or "<|{{" in template:
-        return _variant(CHATGLM3, chat=True, name=name)
+        return _variant(CHATGLM3, chat=True, name=hints)
     code = ""
     if directory is not None and (directory / "tokenization_chatglm.py").exists():
         code = (directory / "tokenization_chatglm.py").read_text(encoding="utf-8", errors="replace")
@@ -140,7 +140,7 @@ def detect_family(directory: str | Path | None, raw: dict, name: str = "", famil
         found = CHATGLM2
     else:
         found = CHATGLM3
-    return _variant(found, chat=not re.search(r"[-_]base\b", hints), name=name)
+    return _variant(found, chat=not re.search(r"[-_]base\b", hints), name=hints)
 
 
 def _variant(family: Family, *, chat: bool, name: str) -> Family:
@@ -243,7 +243,9 @@ def glm4_tools_text(tools: list[dict]) -> str:
         function = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
             raise ValueError(f"GLM-4 tools must be {{'type': 'function', 'function': {{...}}}}, got {tool!r:.80}")
-        text += f"\n\n## {function['name']}\n\n{json.dumps(function, indent=4, ensure_ascii=False)}{GLM4_TOOL_FOOTER}"
+        # One newline before "##": transformers renders templates with trim_blocks, which eats the
+        # first of the two that follow the template's {% if %} tag.
+        text += f"\n## {function['name']}\n\n{json.dumps(function, indent=4, ensure_ascii=False)}{GLM4_TOOL_FOOTER}"
     return text
 
 
