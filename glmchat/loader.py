@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, GLMConfig
 from .model import GLMTransformer
+from .quantize import QuantizedLinear, check_method, quantize_model
 
 DEFAULT_MODEL = "THUDM/chatglm3-6b"
 
@@ -217,15 +218,41 @@ _NAME_PATTERNS = [(re.compile(p), target) for p, target in _NAME_PATTERNS]
 _IGNORED = re.compile(r"transformer\.rotary_pos_emb\.inv_freq")  # recomputed in float32
 
 
+_QUANTIZED_SUFFIXES = ("qweight", "scales", "scales_zeros")  # a quantized checkpoint's Linear buffers
+
+
 def native_name(official: str) -> str | None:
     """Our parameter name for an official tensor name; None for tensors we recompute."""
     if _IGNORED.fullmatch(official):
         return None
+    base, _, suffix = official.rpartition(".")
+    if suffix in _QUANTIZED_SUFFIXES:
+        return native_name(base + ".weight").removesuffix("weight") + suffix
     for pattern, target in _NAME_PATTERNS:
         m = pattern.fullmatch(official)
         if m:
             return target.format(*m.groups())
     raise KeyError(official)
+
+
+def _reversed(pattern: re.Pattern, target: str) -> tuple[re.Pattern, str]:
+    """(regex of our name, template of the official name) for one row of _NAME_PATTERNS."""
+    return re.compile(re.escape(target).replace(r"\{\}", r"(\w+)")), re.sub(r"\([^)]*\)", "{}", pattern.pattern).replace("\\.", ".")
+
+
+_OFFICIAL_NAMES = [_reversed(p, t) for p, t in _NAME_PATTERNS]
+
+
+def official_name(native: str) -> str:
+    """The checkpoint name of one of our tensors (the inverse of native_name)."""
+    base, _, suffix = native.rpartition(".")
+    if suffix in _QUANTIZED_SUFFIXES:
+        return official_name(base + ".weight").removesuffix("weight") + suffix
+    for pattern, template in _OFFICIAL_NAMES:
+        m = pattern.fullmatch(native)
+        if m:
+            return template.format(*m.groups())
+    raise KeyError(native)
 
 
 def iter_tensors(file: Path):
@@ -261,7 +288,9 @@ def _file_bytes(files: list[Path]) -> int:
 
 
 def load_weights(model: GLMTransformer, files: list[Path], progress: bool = True) -> None:
-    params = dict(model.named_parameters())
+    """Copy each tensor into its place; float weights of quantized layers are quantized on the way."""
+    params = model.state_dict(keep_vars=True)
+    quantized = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     from .families import official_tensors
 
     loaded: set[str] = set()
@@ -278,6 +307,10 @@ def load_weights(model: GLMTransformer, files: list[Path], progress: bool = True
                         f"{file.name}: unexpected tensor {name!r}; this does not look like a ChatGLM2/3 checkpoint"
                     ) from None
                 if target is None:
+                    continue
+                if target in quantized:
+                    _quantize_into(quantized[target], tensor, f"{file.name}: tensor {name!r}")
+                    loaded.update(target.removesuffix("weight") + b for b in quantized[target]._buffer_names)
                     continue
                 param = params.get(target)
                 if param is None:
@@ -298,8 +331,18 @@ def load_weights(model: GLMTransformer, files: list[Path], progress: bool = True
         )
 
 
+def _quantize_into(layer: QuantizedLinear, tensor: torch.Tensor, what: str) -> None:
+    try:
+        layer.set_weight(tensor)
+    except ValueError as e:
+        raise CheckpointError(f"{what}: {e}") from None
+
+
 def init_random_weights(model: GLMTransformer, seed: int = 0) -> None:
-    """Random weights of the real shapes (normal std 0.02, norms at 1): for speed work only."""
+    """Random weights of the real shapes (normal std 0.02, norms at 1): for speed work only.
+
+    Quantized layers get a random float weight each, quantized at once (one layer in memory).
+    """
     gen = torch.Generator(device=model.device).manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -307,6 +350,10 @@ def init_random_weights(model: GLMTransformer, seed: int = 0) -> None:
                 param.fill_(1.0)
             else:
                 param.normal_(0.0, 0.02, generator=gen)
+        for layer in model.modules():
+            if isinstance(layer, QuantizedLinear):
+                w = torch.empty(layer.out_features, layer.in_features, dtype=model.dtype, device=model.device)
+                layer.set_weight(w.normal_(0.0, 0.02, generator=gen))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,13 +365,17 @@ class LoadInfo:
     seconds: float
     weight_bytes: int
     random_weights: bool
+    quantization: dict | None = None  # {"method": "int4", "group_size": 128}, None for 16/32-bit
 
 
-def empty_model(config: GLMConfig, dtype: torch.dtype, device) -> GLMTransformer:
+def empty_model(config: GLMConfig, dtype: torch.dtype, device, quantization: dict | None = None) -> GLMTransformer:
     """A model whose parameters are allocated on `device` in `dtype` but not yet filled."""
     with torch.device("meta"):
         model = GLMTransformer(config)
-    model = model.to(dtype).to_empty(device=device)
+    model = model.to(dtype)
+    if quantization:
+        quantize_model(model, quantization["method"], quantization.get("group_size", 128))
+    model = model.to_empty(device=device)
     model.reset_rotary()
     return model.eval().requires_grad_(False)
 
@@ -337,25 +388,57 @@ def load_model(
     random_weights: bool = False,
     seed: int = 0,
     progress: bool = True,
+    quantize: str | None = None,
+    group_size: int = 128,
 ) -> tuple[GLMTransformer, LoadInfo]:
-    """Load a ChatGLM checkpoint. dtype None keeps the checkpoint's stored dtype."""
+    """Load a ChatGLM checkpoint. dtype None keeps the checkpoint's stored dtype.
+
+    quantize "int8" / "int4" (group_size 32/64/128) quantizes the Linear weights tensor by tensor
+    while loading; a checkpoint saved by `glmchat quantize` loads in its own quantization.
+    """
     start = time.perf_counter()
     device = torch.device(device)
+    check_method(quantize, group_size)
+    stored = None
     if random_weights:
         config = load_config(path_or_id)
         files = []
     else:
         directory = resolve_checkpoint(path_or_id)
         config = _family_read_config(directory, name=os.fspath(path_or_id))[0]
+        stored = stored_quantization(directory)
         files = weight_files(directory)
+    requested = quantization_entry(quantize, group_size) if quantize else None
+    quantization = stored or requested
+    if stored and requested and stored != requested:
+        raise CheckpointError(
+            f"{path_or_id} is already quantized ({stored['method']}); load it without a different quantization"
+        )
     dtype = parse_dtype(dtype if dtype is not None else config.torch_dtype)
-    model = empty_model(config, dtype, device)
+    model = empty_model(config, dtype, device, quantization)
     if random_weights:
         init_random_weights(model, seed)
     else:
         load_weights(model, files, progress=progress)
-    nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    return model, LoadInfo(os.fspath(path_or_id), time.perf_counter() - start, nbytes, random_weights)
+    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    return model, LoadInfo(os.fspath(path_or_id), time.perf_counter() - start, nbytes, random_weights, quantization)
+
+
+def quantization_entry(method: str, group_size: int = 128) -> dict:
+    """The config.json "quantization" entry for a method."""
+    return {"method": method, "group_size": group_size} if method == "int4" else {"method": method}
+
+
+def stored_quantization(directory: Path) -> dict | None:
+    """The "quantization" entry of a checkpoint saved by `glmchat quantize`, or None."""
+    raw = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("quantization")
+    if raw is None:
+        return None
+    try:
+        check_method(raw.get("method"), raw.get("group_size", 128))
+    except (ValueError, AttributeError) as e:
+        raise CheckpointError(f"{directory / 'config.json'}: unsupported quantization entry {raw!r} ({e})") from None
+    return quantization_entry(raw["method"], raw.get("group_size", 128))
 
 
 __all__ = [

