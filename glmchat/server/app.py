@@ -1,0 +1,276 @@
+"""The FastAPI app: OpenAI-compatible chat completions on top of the batching Engine, and the web page."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import time
+import uuid
+from contextlib import asynccontextmanager
+from importlib import resources
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+
+from .. import chat
+from ..generate import SamplingConfig
+from .engine import Engine, QueueFullError
+from .protocol import BadRequest, ChatRequest, Reply, to_glm_messages
+
+STATIC = resources.files("glmchat.server") / "static"
+DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 0.8, 0.8  # ChatGLM3's own defaults, used when a request omits them
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param=None, code=None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+
+def error_response(status: int, message: str, type: str = "invalid_request_error", param=None, code=None, headers=None):
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def create_app(engine: Engine, tokenizer, *, model_id: str, api_key: str | None = None) -> FastAPI:
+    """The app; it starts the engine's thread on startup and stops it on shutdown."""
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="glmchat", lifespan=lifespan, docs_url=None, redoc_url=None)
+    created = int(time.time())
+    _add_error_handlers(app)
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not secrets.compare_digest(given.encode(), api_key.encode()):
+            what = "Missing API key" if not given else "Incorrect API key provided"
+            raise APIError(401, f"{what}: send it as 'Authorization: Bearer KEY'", code="invalid_api_key")
+
+    @app.get("/health")
+    def health():
+        return {
+            "status": "ok", "model": model_id, "running": engine.running, "queued": engine.queued,
+            "max_batch": engine.cache.rows, "steps": engine.steps, "peak_batch": engine.peak_batch,
+        }
+
+    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    def models():
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "glmchat"}]}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    async def chat_completions(body: ChatRequest, http_request: Request):
+        generation = _start(engine, tokenizer, body)
+        reply_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = _stream(generation, reply_id, now, model_id, include_usage)
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        content = "".join([delta async for delta in generation.deltas(http_request, incremental=False)])
+        calls = generation.reply.tool_calls()
+        message = {"role": "assistant", "content": content if content or not calls else None}
+        if calls:
+            message["tool_calls"] = calls
+        return {
+            "id": reply_id, "object": "chat.completion", "created": now, "model": model_id,
+            "choices": [{"index": 0, "message": message, "finish_reason": generation.finish_reason, "logprobs": None}],
+            "usage": generation.usage(),
+        }
+
+    @app.get("/", include_in_schema=False)
+    def index():
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
+    return app
+
+
+class Generation:
+    """One request in flight: engine events in, content deltas out (asyncio side)."""
+
+    def __init__(self, engine: Engine, reply: Reply, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig,
+                 logit_bias: dict[int, float] | None = None):
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.reply = reply
+        self.prompt_tokens = len(prompt)
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self._next_check = 0.0
+        self.request = engine.submit(
+            prompt, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=reply.stop_ids, logit_bias=logit_bias,
+            emit=lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, event),
+        )
+
+    async def _next_event(self, http_request: Request | None):
+        """The next engine event, or None once the client has gone (checked every half second)."""
+        while True:
+            if http_request is not None and time.monotonic() > self._next_check:
+                if await http_request.is_disconnected():
+                    return None
+                self._next_check = time.monotonic() + 0.5
+            try:
+                return await asyncio.wait_for(self.queue.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                pass
+
+    async def deltas(self, http_request: Request | None = None, incremental: bool = True):
+        """Yield new content text as tokens arrive (only at the end unless incremental); sets finish_reason.
+
+        Streaming answers come through the generator being cancelled when the client goes;
+        pass http_request to watch for that instead. The engine's request is cancelled if this
+        ends early (client gone, stop string).
+        """
+        shown = ""
+        incremental = incremental or bool(self.reply.stop_strings)  # stop strings are looked for as text grows
+        try:
+            while self.finish_reason is None:
+                event = await self._next_event(http_request)
+                if event is None:
+                    return
+                if event.error is not None or event.finish == "cancelled":
+                    raise APIError(500, f"generation failed: {event.error or 'the server is shutting down'}", type="server_error")
+                self.completion_tokens += 1
+                self.reply.add(event.token)
+                final = event.finish is not None
+                if not (incremental or final):
+                    continue
+                content = self.reply.content(final)
+                if self.reply.stopped or final:
+                    self.finish_reason = "tool_calls" if self.reply.tool_calls() else (
+                        "stop" if self.reply.stopped else event.finish)
+                if len(content) > len(shown) and content.startswith(shown):
+                    yield content[len(shown):]
+                    shown = content
+        finally:
+            self.request.cancel()  # a no-op once the engine has finished it
+
+    def usage(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "total_tokens": self.prompt_tokens + self.completion_tokens}
+
+
+def _start(engine: Engine, tokenizer, body: ChatRequest) -> Generation:
+    try:
+        turns = to_glm_messages(body)
+        stop_strings = body.stop_strings()
+    except BadRequest as e:
+        raise APIError(400, str(e), param=e.param) from None
+    prompt = chat.build_prompt_ids(tokenizer, turns)
+    max_new = body.max_completion_tokens or body.max_tokens
+    _check_context(len(prompt), max_new, engine.context_length)
+    _check_logit_bias(body.logit_bias or {}, engine.model.config.padded_vocab_size)
+    temperature = DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
+    top_p = DEFAULT_TOP_P if body.top_p is None else body.top_p
+    sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=body.seed)
+    reply = Reply(tokenizer, stop_ids=tokenizer.stop_token_ids, stop_strings=stop_strings, tools=bool(body.active_tools()))
+    try:
+        return Generation(engine, reply, prompt, max_new or engine.context_length - len(prompt), sampling, body.logit_bias)
+    except QueueFullError as e:
+        raise APIError(503, f"server overloaded: {e}", type="server_error", code="queue_full") from None
+
+
+def _check_context(prompt_tokens: int, max_new: int | None, context: int) -> None:
+    head = f"This model's maximum context length is {context} tokens. However, "
+    if prompt_tokens >= context:
+        message = (f"your messages resulted in {prompt_tokens} tokens, {prompt_tokens - context + 1} more than fit "
+                   "with at least one token for the reply. Please reduce the length of the messages.")
+    elif max_new is not None and prompt_tokens + max_new > context:
+        message = (f"you requested {prompt_tokens + max_new} tokens ({prompt_tokens} in the messages, {max_new} in "
+                   f"the completion), {prompt_tokens + max_new - context} more than fit. Please reduce the length "
+                   "of the messages or completion.")
+    else:
+        return
+    raise APIError(400, head + message, param="messages", code="context_length_exceeded")
+
+
+def _check_logit_bias(logit_bias: dict[int, float], vocab: int) -> None:
+    for token, bias in logit_bias.items():
+        if not (0 <= token < vocab and -100 <= bias <= 100):
+            raise APIError(400, f"logit_bias: token ids must be in 0..{vocab - 1} and biases in -100..100, "
+                                f"got {token}: {bias}", param="logit_bias")
+
+
+async def _stream(generation: Generation, reply_id: str, created: int, model_id: str, include_usage: bool):
+    def chunk(delta: dict, finish_reason=None, **extra) -> str:
+        body = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}], **extra}
+        if include_usage:
+            body.setdefault("usage", None)
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    try:
+        async for delta in generation.deltas():
+            yield chunk({"content": delta})
+    except APIError as e:
+        yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'param': None, 'code': e.code}})}\n\n"
+        yield "data: [DONE]\n\n"
+        return
+    calls = generation.reply.tool_calls()
+    if calls:
+        yield chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
+    yield chunk({}, generation.finish_reason)
+    if include_usage:
+        body = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
+                "choices": [], "usage": generation.usage()}
+        yield f"data: {json.dumps(body)}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+# ---- errors in OpenAI's shape ------------------------------------------------------------
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}
+
+
+def _field_path(loc) -> str:
+    """("body", "messages", 0, "role") -> "messages[0].role"; union-member tags are dropped."""
+    path = ""
+    for part in loc[1:] if loc and loc[0] == "body" else loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in _TYPE_TAGS or "[" in part or "-" in part:
+            break
+        else:
+            path += f".{part}" if path else part
+    return path
+
+
+def _validation_message(errors) -> tuple[str, str | None]:
+    first = errors[0]
+    if first.get("type") == "json_invalid":
+        return f"the request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", None
+    param = _field_path(first.get("loc", ()))
+    if not param:
+        return "the request body must be a JSON object with 'messages'", None
+    messages = list(dict.fromkeys(e["msg"] for e in errors if _field_path(e.get("loc", ())) == param))
+    return f"{param}: {' or '.join(messages)}", param
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request, exc: APIError):
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, exc: RequestValidationError):
+        message, param = _validation_message(exc.errors())
+        return error_response(400, message, param=param)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request, exc: Exception):
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")

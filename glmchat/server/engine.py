@@ -1,0 +1,317 @@
+"""Continuous batching: one thread owns the model and advances every active request together.
+
+Each step: requests that arrived are prefilled (alone, batch 1) and copied into a free row of the
+SlotCache; then one batched forward decodes the next token of every active request; finished and
+cancelled requests leave. Rows are kept packed (0 .. active-1), so the batch is a view of the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from ..generate import Sampler, SamplingConfig
+from ..model import ContextLengthError, GLMTransformer, KVCache, Step
+
+log = logging.getLogger("glmchat.server")
+
+
+class QueueFullError(RuntimeError):
+    """Too many requests are waiting; the caller should retry later."""
+
+
+class SlotCache:
+    """KV cache whose rows (slots) each hold one request at its own length.
+
+    Implements the model's cache protocol for decode steps (one token per active row): row b's new
+    K/V goes to position lengths[b], its rotary position is lengths[b], and it sees slots <= that.
+    The time dimension grows on demand (doubling, up to the model's context).
+    """
+
+    def __init__(self, model: GLMTransformer, rows: int, capacity: int = 256):
+        c = model.config
+        self.limit = c.seq_length
+        capacity = min(capacity, self.limit)
+        shape = (c.num_layers, rows, c.num_kv_heads, capacity, c.head_dim)
+        self.k = torch.zeros(shape, dtype=model.dtype, device=model.device)
+        self.v = torch.zeros_like(self.k)
+        self.lengths = [0] * rows  # filled slots per row
+        self.active = 0  # rows 0 .. active-1 are in use
+
+    @property
+    def rows(self) -> int:
+        return self.k.shape[1]
+
+    def _ensure(self, length: int) -> None:
+        capacity = self.k.shape[3]
+        if length <= capacity:
+            return
+        if length > self.limit:
+            raise ContextLengthError(f"{length} positions exceed the model's context of {self.limit}")
+        grow = min(max(length, 2 * capacity), self.limit) - capacity
+        pad = list(self.k.shape)
+        pad[3] = grow
+        self.k = torch.cat((self.k, self.k.new_zeros(pad)), dim=3)
+        self.v = torch.cat((self.v, self.v.new_zeros(pad)), dim=3)
+
+    def add(self, cache: KVCache) -> int:
+        """Copy a batch-1 prefilled cache into the next free row; returns the row."""
+        row, n = self.active, cache.length
+        if row == self.rows:
+            raise RuntimeError("no free slot")
+        self._ensure(n)
+        self.k[:, row, :, :n] = cache.k[:, 0, :, :n]
+        self.v[:, row, :, :n] = cache.v[:, 0, :, :n]
+        self.lengths[row] = n
+        self.active += 1
+        return row
+
+    def remove(self, row: int) -> None:
+        """Free a row; the last active row moves into it so rows stay packed."""
+        last = self.active - 1
+        if row != last:
+            n = self.lengths[last]
+            self.k[:, row, :, :n] = self.k[:, last, :, :n]
+            self.v[:, row, :, :n] = self.v[:, last, :, :n]
+            self.lengths[row] = n
+        self.lengths[last] = 0
+        self.active -= 1
+
+    def clear(self) -> None:
+        self.active = 0
+        self.lengths = [0] * self.rows
+
+    # The model's cache protocol (decode only).
+    def begin(self, T: int, attention_mask: torch.Tensor | None) -> Step:
+        if T != 1 or attention_mask is not None:
+            raise ValueError("the slot cache decodes exactly one token per row; prefill with a KVCache")
+        B = self.active
+        span = max(self.lengths[:B]) + 1
+        self._ensure(span)
+        device = self.k.device
+        self._rows = torch.arange(B, device=device)
+        self._pos = torch.tensor(self.lengths[:B], device=device)
+        self._span = span
+        for b in range(B):
+            self.lengths[b] += 1
+        mask = torch.arange(span, device=device)[None, :] <= self._pos[:, None]
+        return Step(self._pos[:, None], mask[:, None, None, :], is_causal=False)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        self.k[layer][self._rows, :, self._pos] = k[:, :, 0]
+        self.v[layer][self._rows, :, self._pos] = v[:, :, 0]
+        B = self.active
+        return self.k[layer, :B, :, : self._span], self.v[layer, :B, :, : self._span]
+
+
+@dataclass
+class Event:
+    """What a request hears from the engine: a token (and maybe the finish with it), or an error."""
+
+    token: int | None = None
+    finish: str | None = None  # "stop" (stop token), "length", "cancelled", "error"
+    error: str | None = None
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_new_tokens: int
+    sampling: SamplingConfig
+    stop_ids: frozenset[int]
+    emit: Callable[[Event], None]
+    logit_bias: torch.Tensor | None = None  # [vocab] added to the logits before sampling
+    tokens: list[int] = field(default_factory=list)
+    cancelled: bool = False
+    sampler: Sampler | None = None
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this request at the next step boundary (thread-safe)."""
+        self.cancelled = True
+
+
+class Engine:
+    """Owns the model in a background thread; `submit` is safe from any thread."""
+
+    def __init__(self, model: GLMTransformer, *, max_batch: int = 8, max_queue: int = 64):
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        self.model = model
+        self.max_queue = max_queue
+        self.cache = SlotCache(model, max_batch)
+        self._greedy = Sampler(SamplingConfig(greedy=True), model.device)
+        self._pending: deque[Request] = deque()
+        self._active: list[Request] = []  # row i of the cache belongs to _active[i]
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self.steps = 0  # batched decode steps run
+        self.peak_batch = 0  # largest decode batch seen
+
+    @property
+    def context_length(self) -> int:
+        return self.model.config.seq_length
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    @property
+    def running(self) -> int:
+        return len(self._active)
+
+    def start(self) -> "Engine":
+        self._thread = threading.Thread(target=self._loop, name="glmchat-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        if self._thread is not None:
+            self._thread.join()
+
+    def submit(
+        self,
+        prompt: list[int],
+        *,
+        max_new_tokens: int,
+        emit: Callable[[Event], None],
+        sampling: SamplingConfig | None = None,
+        stop_ids=(),
+        logit_bias: dict[int, float] | None = None,
+    ) -> Request:
+        room = self.context_length - len(prompt)
+        if room <= 0:
+            raise ContextLengthError(
+                f"the prompt is {len(prompt)} tokens, {1 - room} more than fits the model's context of "
+                f"{self.context_length} with one new token"
+            )
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        request = Request(
+            list(prompt), min(max_new_tokens, room), sampling or SamplingConfig(greedy=True), frozenset(stop_ids), emit,
+            self._bias_vector(logit_bias) if logit_bias else None,
+        )
+        with self._cond:
+            if len(self._pending) >= self.max_queue + max(0, self.cache.rows - len(self._active)):
+                raise QueueFullError(f"{len(self._pending)} requests are already waiting; retry later")
+            self._pending.append(request)
+            self._cond.notify()
+        return request
+
+    def _bias_vector(self, logit_bias: dict[int, float]) -> torch.Tensor:
+        vocab = self.model.config.padded_vocab_size
+        bias = torch.zeros(vocab, device=self.model.device)
+        for token, value in logit_bias.items():
+            if not 0 <= token < vocab:
+                raise ValueError(f"logit_bias: token id {token} is outside the vocabulary (0..{vocab - 1})")
+            bias[token] = float("-inf") if value <= -100 else value  # -100 bans, as in OpenAI's API
+        return bias
+
+    # ---- the engine thread ------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._pending or self._active or self._stopping):
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                joining = [self._pending.popleft() for _ in range(min(len(self._pending), self.cache.rows - len(self._active)))]
+            with torch.inference_mode():
+                for request in joining:
+                    self._admit(request)
+                self._drop_cancelled()
+                if self._active:
+                    self._decode_step()
+        for request in [*self._active, *self._pending]:
+            self._send(request, Event(finish="cancelled"))
+
+    def _admit(self, request: Request) -> None:
+        if request.cancelled:
+            self._send(request, Event(finish="cancelled"))
+            return
+        try:
+            request.sampler = Sampler(request.sampling, self.model.device)
+            prompt = torch.tensor([request.prompt], dtype=torch.long, device=self.model.device)
+            cache = self.model.new_cache(1, prompt.shape[1])
+            logits = self.model(prompt, cache=cache, last_only=True)[:, -1]
+            if request.logit_bias is not None:
+                logits = logits + request.logit_bias
+            token = int(request.sampler(logits)[0])
+            self.cache.add(cache)
+        except Exception as e:  # this request fails; the others go on
+            log.exception("prefill failed")
+            self._send(request, Event(finish="error", error=f"{type(e).__name__}: {e}"))
+            return
+        self._active.append(request)
+        if self._deliver(request, token):
+            self._release(len(self._active) - 1)
+
+    def _decode_step(self) -> None:
+        batch = self._active
+        inputs = torch.tensor([[r.tokens[-1]] for r in batch], dtype=torch.long, device=self.model.device)
+        try:
+            logits = self.model(inputs, cache=self.cache)[:, -1]
+            tokens = self._sample(batch, logits)
+        except Exception as e:  # cannot tell whose fault: end the batch, keep serving
+            log.exception("decode step failed")
+            for request in batch:
+                self._send(request, Event(finish="error", error=f"{type(e).__name__}: {e}"))
+            self._active = []
+            self.cache.clear()
+            return
+        self.steps += 1
+        self.peak_batch = max(self.peak_batch, len(batch))
+        finished = [i for i, (request, token) in enumerate(zip(batch, tokens)) if self._deliver(request, token)]
+        for row in reversed(finished):  # high rows first, so moved rows are never ones still to free
+            self._release(row)
+
+    def _sample(self, batch: list[Request], logits: torch.Tensor) -> list[int]:
+        if any(r.logit_bias is not None for r in batch):
+            zeros = torch.zeros_like(logits[0])
+            logits = logits + torch.stack([zeros if r.logit_bias is None else r.logit_bias for r in batch])
+        picks = self._greedy(logits)
+        for i, request in enumerate(batch):
+            if not request.sampling.greedy:
+                picks[i] = request.sampler(logits[i : i + 1])[0]
+        return picks.tolist()
+
+    def _deliver(self, request: Request, token: int) -> bool:
+        """Send a token; True when the request is finished."""
+        request.tokens.append(token)
+        finish = None
+        if token in request.stop_ids:
+            finish = "stop"
+        elif len(request.tokens) >= request.max_new_tokens:
+            finish = "length"
+        if not self._send(request, Event(token=token, finish=finish)):
+            request.cancelled = True
+        return finish is not None
+
+    def _send(self, request: Request, event: Event) -> bool:
+        try:
+            request.emit(event)
+            return True
+        except Exception:  # the listener is gone (e.g. its event loop closed)
+            return False
+
+    def _release(self, row: int) -> None:
+        self.cache.remove(row)
+        last = self._active.pop()
+        if row < len(self._active):
+            self._active[row] = last
+
+    def _drop_cancelled(self) -> None:
+        for row in reversed(range(len(self._active))):
+            request = self._active[row]
+            if request.cancelled:
+                self._release(row)
+                self._send(request, Event(finish="cancelled"))

@@ -1,0 +1,242 @@
+"""OpenAI chat-completions schema and its mapping to ChatGLM3 turns and back.
+
+Requests: OpenAI messages/tools become the chat history that glmchat.chat turns into prompt ids.
+Replies: `Reply` turns the growing list of generated ids into content and tool calls, the same way
+whether streamed or not (streamed text only ever grows: uncertain tails are held back).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .. import chat
+from ..chat import ASSISTANT, TRAINING_TIME
+
+# The system text ChatGLM3 was trained with for tool use (its tool_using / openai_api demos).
+TOOLS_PROMPT = "Answer the following questions as best as you can. You have access to the following tools:"
+DATE_TEXT = "2023年"  # what chat.TRAINING_TIME is shown as, like the reference's replies
+
+
+class BadRequest(ValueError):
+    """Input the client must fix; `param` names the field."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+# ---- request schema ----------------------------------------------------------------------
+
+class _Lenient(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class FunctionDef(_Lenient):
+    name: str = Field(min_length=1)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class Tool(_Lenient):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class FunctionCall(_Lenient):
+    name: str = Field(min_length=1)
+    arguments: str
+
+
+class ToolCall(_Lenient):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class TextPart(_Lenient):
+    type: Literal["text"]
+    text: str
+
+
+class Message(_Lenient):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class StreamOptions(_Lenient):
+    include_usage: bool = False
+
+
+class ChatRequest(_Lenient):
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    logit_bias: dict[int, float] | None = None
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto"] | None = None
+
+    def stop_strings(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4 or not all(stops):
+            raise BadRequest("stop: at most 4 non-empty strings", "stop")
+        return stops
+
+    def active_tools(self) -> list[dict]:
+        if self.tool_choice == "none" or not self.tools:
+            return []
+        return [tool.function.model_dump(exclude_none=True) for tool in self.tools]
+
+
+# ---- OpenAI messages -> ChatGLM3 history ---------------------------------------------------
+
+def to_glm_messages(request: ChatRequest) -> list[dict]:
+    """The ChatGLM3 turns for a request: tools go first as a system turn with "tools"."""
+    if request.n != 1:
+        raise BadRequest(f"n: only n=1 is supported, got {request.n}", "n")
+    tools = request.active_tools()
+    turns: list[dict] = [{"role": "system", "content": TOOLS_PROMPT, "tools": tools}] if tools else []
+    for i, message in enumerate(request.messages):
+        text = message.text()
+        if message.role in ("system", "developer"):
+            turns.append({"role": "system", "content": text})
+        elif message.role == "user":
+            turns.append({"role": "user", "content": text})
+        elif message.role == "tool":
+            turns.append({"role": "observation", "content": text})
+        else:
+            if text or not message.tool_calls:
+                turns.append({"role": "assistant", "metadata": "", "content": text})
+            for j, call in enumerate(message.tool_calls or []):
+                param = f"messages[{i}].tool_calls[{j}].function.arguments"
+                turns.append({"role": "assistant", "metadata": call.function.name,
+                              "content": format_tool_call(_arguments(call.function.arguments, param), param)})
+    return turns
+
+
+def _arguments(arguments: str, param: str) -> dict:
+    try:
+        value = json.loads(arguments) if arguments.strip() else {}
+    except json.JSONDecodeError as e:
+        raise BadRequest(f"{param}: not valid JSON ({e})", param) from None
+    if not isinstance(value, dict):
+        raise BadRequest(f"{param}: must be a JSON object", param)
+    return value
+
+
+def format_tool_call(arguments: dict, param: str = "arguments") -> str:
+    """A call the way ChatGLM3 writes it: a python block with `tool_call(key=value, ...)`."""
+    for key in arguments:
+        if not key.isidentifier():
+            raise BadRequest(f"{param}: argument name {key!r} is not an identifier", param)
+    call = ", ".join(f"{key}={_py_literal(value)}" for key, value in arguments.items())
+    return f"```python\ntool_call({call})\n```"
+
+
+def _py_literal(value) -> str:
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is also a Python literal
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_py_literal, value)) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_py_literal(k)}: {_py_literal(v)}" for k, v in value.items()) + "}"
+    return repr(value)  # None, bools, numbers
+
+
+# ---- generated ids -> content and tool calls ------------------------------------------------
+
+def _partial_tail(text: str, patterns: list[str]) -> int:
+    """Length of the longest end of `text` that could still grow into one of `patterns`."""
+    best = 0
+    for pattern in patterns:
+        for n in range(min(len(pattern) - 1, len(text)), best, -1):
+            if pattern.startswith(text[-n:]):
+                best = n
+                break
+    return best
+
+
+class Reply:
+    """Accumulates generated ids; `content()` is what may be shown so far, `tool_calls()` at the end."""
+
+    def __init__(self, tokenizer, *, stop_ids, stop_strings: list[str], tools: bool):
+        self.tokenizer = tokenizer
+        self.stop_ids = set(stop_ids)
+        self.stop_strings = stop_strings
+        self.tools = tools
+        self.ids: list[int] = []
+        self.stopped = False  # a stop string was found: the caller ends the request
+        self._calls: list[dict] = []
+
+    def add(self, token: int) -> None:
+        if token not in self.stop_ids:
+            self.ids.append(token)
+
+    def content(self, final: bool = False) -> str:
+        text = self.tokenizer.decode(self.ids)
+        if not final:
+            text = text.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for its other bytes
+        cuts = [i for i in (text.find(s) for s in self.stop_strings) if i >= 0]
+        if cuts:
+            text, final, self.stopped = text[: min(cuts)], True, True
+        elif not final:
+            text = text[: len(text) - _partial_tail(text, self.stop_strings)]
+        segments = text.split(ASSISTANT)
+        if not final:
+            segments[-1] = segments[-1][: len(segments[-1]) - _partial_tail(segments[-1], [ASSISTANT])]
+        parts, calls = [], []
+        for i, segment in enumerate(segments):
+            kind, value = self._segment(segment, closed=final or i < len(segments) - 1)
+            if kind == "content" and value:
+                parts.append(value)
+            elif kind == "call":
+                calls.append(value)
+        content = "\n\n".join(parts).replace(TRAINING_TIME, DATE_TEXT)  # as chat.parse_response
+        if not final:
+            content = content[: len(content) - _partial_tail(content, [TRAINING_TIME])]
+        self._calls = calls
+        return content
+
+    def _segment(self, segment: str, closed: bool):
+        """("content", text), ("call", tool call), or ("wait", None) while it could be either."""
+        if not self.tools:
+            return "content", segment.strip()
+        metadata, newline, body = segment.partition("\n")
+        if not newline:
+            return ("content", segment.strip()) if closed else ("wait", None)
+        if not metadata.strip():
+            return "content", body.strip()
+        if not closed:
+            return "wait", None
+        try:
+            arguments = chat.parse_tool_call(body.strip())
+        except Exception:  # not a call we can read: show the text as it is
+            return "content", segment.strip()
+        return "call", {
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": metadata.strip(), "arguments": json.dumps(arguments, ensure_ascii=False, default=list)},
+        }
+
+    def tool_calls(self) -> list[dict]:
+        """The calls found by the last `content(final=True)`."""
+        return self._calls

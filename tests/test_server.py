@@ -1,0 +1,462 @@
+"""The server: batching engine against plain generation, then the real HTTP server through `openai`."""
+
+from __future__ import annotations
+
+import json
+import queue
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import torch
+
+from glmchat.chat import build_prompt_ids, parse_tool_call
+from glmchat.generate import SamplingConfig, generate_tokens
+from glmchat.loader import load_model
+from glmchat.model import KVCache
+from glmchat.server import BackgroundServer, build_app
+from glmchat.server.engine import Engine, SlotCache
+from glmchat.server.protocol import TOOLS_PROMPT, ChatRequest, Reply, format_tool_call, to_glm_messages
+from glmchat.tiny import make_tiny_checkpoint
+from glmchat.tokenizer import ChatGLMTokenizer
+
+CONTEXT = 4096  # long enough for a tools prompt and for a generation we can interrupt
+TEXTS = [
+    "Hello", "你好，请介绍一下你自己", "Implement binary search in Python", "What is 2+2?",
+    "解释自然语言处理领域的最近发展。", "Tell me a story about a dragon and a knight", "谢谢", "Why is the sky blue? 😀",
+]
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}}]
+CALL = '```python\ntool_call(city="Paris")\n```'
+OBSERVATION = '{"temperature": 22}'
+ANSWER = "It is 22 degrees in Paris."
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, and do not stall when other processes hold the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tiny_tokenizer_model):
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("serve_ckpt"), seq_length=CONTEXT, tokenizer_model=tiny_tokenizer_model)
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return load_model(ckpt, dtype=torch.float32, progress=False)[0]
+
+
+@pytest.fixture(scope="module")
+def tok(ckpt):
+    return ChatGLMTokenizer.from_pretrained(ckpt)
+
+
+@pytest.fixture(scope="module")
+def server(model, tok):
+    with BackgroundServer(build_app(model, tok, model_id="tiny-chatglm3")) as s:
+        yield s
+
+
+def client(url, **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=url + "/v1", api_key=kw.pop("api_key", "unused"), max_retries=0, **kw)
+
+
+def user(text):
+    return [{"role": "user", "content": text}]
+
+
+def expected(model, tok, messages, max_tokens):
+    """(content, prompt tokens, completion tokens, finish reason) of plain greedy generation."""
+    prompt = build_prompt_ids(tok, messages)
+    ids = list(generate_tokens(model, prompt, max_new_tokens=max_tokens))
+    stopped = ids[-1] in tok.stop_token_ids
+    text = tok.decode(ids[:-1] if stopped else ids)
+    content = "\n\n".join(s.strip() for s in text.split("<|assistant|>") if s.strip())
+    return content, len(prompt), len(ids), "stop" if stopped else "length"
+
+
+def collect(q: queue.Queue) -> tuple[list[int], str]:
+    tokens = []
+    while True:
+        event = q.get(timeout=30)
+        if event.token is not None:
+            tokens.append(event.token)
+        if event.finish:
+            return tokens, event.finish
+
+
+# ---- the engine ----------------------------------------------------------------------------
+
+def test_slot_cache_decode_step_matches_separate_caches(model, tok):
+    prompts = [tok.encode(t) for t in TEXTS[:3]]
+    slots, singles, last = SlotCache(model, rows=4, capacity=8), [], []
+    with torch.inference_mode():
+        for prompt in prompts:
+            cache = model.new_cache(1, len(prompt) + 1)
+            last.append(model(torch.tensor([prompt]), cache=cache, last_only=True)[0, -1].argmax())
+            slots.add(cache)
+            singles.append(cache)
+        step = torch.stack(last)[:, None]
+        batched = model(step, cache=slots)[:, -1]
+        for row, cache in enumerate(singles):
+            alone = model(step[row : row + 1], cache=cache)[0, -1]
+            assert (batched[row] - alone).abs().max() < 1e-5
+    assert slots.lengths[:3] == [len(p) + 1 for p in prompts]
+
+
+def test_engine_batched_greedy_equals_generation_alone(model, tok):
+    engine = Engine(model, max_batch=3).start()  # fewer slots than requests: they join and leave
+    try:
+        prompts = [tok.encode(t) for t in TEXTS]
+        lengths = [12, 30, 7, 25, 18, 30, 3, 22]
+        queues = [queue.Queue() for _ in prompts]
+        for prompt, n, q in zip(prompts, lengths, queues):
+            engine.submit(prompt, max_new_tokens=n, emit=q.put, stop_ids=tok.stop_token_ids)
+        for prompt, n, q in zip(prompts, lengths, queues):
+            tokens, finish = collect(q)
+            assert tokens == list(generate_tokens(model, prompt, max_new_tokens=n, stop_ids=tok.stop_token_ids))
+            assert finish == ("stop" if tokens[-1] in tok.stop_token_ids else "length")
+        assert engine.peak_batch == 3
+    finally:
+        engine.stop()
+
+
+def test_engine_failing_request_leaves_others_alone(model, tok):
+    engine = Engine(model, max_batch=4).start()
+    try:
+        good, bad, later = queue.Queue(), queue.Queue(), queue.Queue()
+        prompt = tok.encode(TEXTS[0])
+        engine.submit(prompt, max_new_tokens=20, emit=good.put)
+        engine.submit([model.config.padded_vocab_size + 5], max_new_tokens=20, emit=bad.put)  # no such embedding
+        engine.submit(prompt, max_new_tokens=20, emit=later.put)
+        assert bad.get(timeout=30).error
+        reference = list(generate_tokens(model, prompt, max_new_tokens=20))
+        assert collect(good)[0] == reference and collect(later)[0] == reference
+    finally:
+        engine.stop()
+
+
+def test_engine_cancel_frees_the_slot(model, tok):
+    engine = Engine(model, max_batch=2).start()
+    try:
+        q = queue.Queue()
+        request = engine.submit(tok.encode(TEXTS[1]), max_new_tokens=3000, emit=q.put)
+        assert q.get(timeout=30).token is not None
+        request.cancel()
+        tokens, finish = collect(q)
+        assert finish == "cancelled" and len(tokens) < 2999
+        assert engine.running == 0 and engine.cache.active == 0
+    finally:
+        engine.stop()
+
+
+# ---- OpenAI <-> ChatGLM3 -------------------------------------------------------------------
+
+def test_openai_messages_become_chatglm3_turns():
+    request = ChatRequest.model_validate({"tools": TOOLS, "messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Weather "}, {"type": "text", "text": "in Paris?"}]},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": OBSERVATION},
+    ]})
+    assert to_glm_messages(request) == [
+        {"role": "system", "content": TOOLS_PROMPT, "tools": [TOOLS[0]["function"]]},
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "metadata": "get_weather", "content": CALL},
+        {"role": "observation", "content": OBSERVATION},
+    ]
+
+
+def test_tool_call_text_round_trips_through_the_safe_parser():
+    arguments = {"city": "北京", "days": 3, "metric": True, "note": None, "tags": ["a", "b\"c\n"],
+                 "where": {"lat": 39.9, "lon": -116.4}}
+    assert parse_tool_call(format_tool_call(arguments)) == arguments
+
+
+def feed(reply: Reply, ids: list[int]) -> list[str]:
+    """Stream ids into a reply the way the server does; returns the deltas shown."""
+    shown, deltas = "", []
+    for i, token in enumerate(ids):
+        reply.add(token)
+        content = reply.content(final=i == len(ids) - 1)
+        assert content.startswith(shown)
+        if len(content) > len(shown):
+            deltas.append(content[len(shown):])
+            shown = content
+        if reply.stopped:
+            break
+    return deltas
+
+
+def test_streamed_reply_never_shows_half_a_character(tok):
+    text = "\n 你好 🙂👍 ça va? [[训练时间]] ok"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert len(ids) > len(text) / 2  # byte-fallback pieces: many characters take several ids
+    deltas = feed(Reply(tok, stop_ids=tok.stop_token_ids, stop_strings=[], tools=False), ids)
+    assert not any("\ufffd" in d for d in deltas)
+    assert "".join(deltas) == text.strip().replace("[[训练时间]]", "2023年")
+
+
+def test_reply_cuts_at_a_stop_string_and_reads_tool_calls(tok):
+    ids = tok.encode("one two STOP three", add_special_tokens=False)
+    reply = Reply(tok, stop_ids=[], stop_strings=["STOP"], tools=False)
+    assert "".join(feed(reply, ids)) == "one two" and reply.stopped
+
+    ids = tok.encode("I will look it up.", add_special_tokens=False) + [tok.get_command("<|assistant|>")]
+    ids += tok.encode("get_weather\n" + CALL, add_special_tokens=False)
+    reply = Reply(tok, stop_ids=[], stop_strings=[], tools=True)
+    assert "".join(feed(reply, ids)) == "I will look it up."
+    [call] = reply.tool_calls()
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+
+
+# ---- the HTTP server -------------------------------------------------------------------------
+
+def test_models_and_health(server):
+    assert [m.id for m in client(server.url).models.list()] == ["tiny-chatglm3"]
+    health = httpx.get(server.url + "/health").json()
+    assert health["status"] == "ok" and health["model"] == "tiny-chatglm3"
+
+
+@pytest.mark.parametrize("text", TEXTS[:3])
+def test_completion_is_plain_greedy_generation(server, model, tok, text):
+    content, prompt_tokens, completion_tokens, finish = expected(model, tok, user(text), 40)
+    r = client(server.url).chat.completions.create(model="x", messages=user(text), temperature=0, max_tokens=40)
+    assert r.choices[0].message.content == content
+    assert r.choices[0].finish_reason == finish
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (prompt_tokens, completion_tokens)
+    assert r.usage.total_tokens == prompt_tokens + completion_tokens
+
+
+def test_streaming_gives_the_same_reply(server, model, tok):
+    messages = [{"role": "system", "content": "You are a helpful assistant."}, *user(TEXTS[1])]
+    content, prompt_tokens, completion_tokens, finish = expected(model, tok, messages, 60)
+    stream = client(server.url).chat.completions.create(
+        model="x", messages=messages, temperature=0, max_tokens=60, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == finish
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (prompt_tokens, completion_tokens)
+
+    body = {"messages": messages, "temperature": 0, "max_tokens": 5, "stream": True}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+
+
+def test_stop_string_cuts_the_reply(server, model, tok):
+    full, *_ = expected(model, tok, user(TEXTS[2]), 60)
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    r = client(server.url).chat.completions.create(
+        model="x", messages=user(TEXTS[2]), temperature=0, max_tokens=60, stop=[stop])
+    assert r.choices[0].message.content == full[: full.index(stop)].strip()
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < 60
+
+
+def test_seeded_sampling_repeats(server):
+    def sample():
+        r = client(server.url).chat.completions.create(
+            model="x", messages=user(TEXTS[0]), temperature=1.0, top_p=0.9, seed=1234, max_tokens=30)
+        return r.choices[0].message.content
+
+    assert sample() == sample()
+
+
+def test_eight_concurrent_clients_get_what_they_get_alone(model, tok):
+    with BackgroundServer(build_app(model, tok, model_id="tiny", max_batch=8)) as s:
+        def ask(i):
+            r = client(s.url).chat.completions.create(model="x", messages=user(TEXTS[i]), temperature=0, max_tokens=80 + 5 * i)
+            return r.choices[0].message.content, r.usage.completion_tokens
+
+        alone = [ask(i) for i in range(8)]
+        with ThreadPoolExecutor(8) as pool:
+            together = list(pool.map(ask, range(8)))
+        assert together == alone
+        assert httpx.get(s.url + "/health").json()["peak_batch"] >= 4  # they really shared decode steps
+
+
+def never_stop(tok) -> dict:
+    """A logit_bias that bans the stop tokens, so a generation runs to max_tokens."""
+    return {str(i): -100 for i in tok.stop_token_ids}
+
+
+def test_logit_bias_bans_tokens(server, model, tok):
+    r = client(server.url).chat.completions.create(
+        model="x", messages=user(TEXTS[0]), temperature=0, max_tokens=200, logit_bias=never_stop(tok))
+    assert r.usage.completion_tokens == 200 and r.choices[0].finish_reason == "length"
+
+
+def test_disconnected_client_stops_its_generation(server, tok):
+    steps = lambda: httpx.get(server.url + "/health").json()
+    before = steps()["steps"]
+    body = {"messages": user(TEXTS[5]), "temperature": 0, "max_tokens": 3000, "stream": True, "logit_bias": never_stop(tok)}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+        lines = r.iter_lines()
+        assert [next(lines) for _ in range(4)]
+    deadline = time.monotonic() + 10
+    while steps()["running"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert steps()["running"] == 0
+    assert steps()["steps"] - before < 2999  # stopped long before max_tokens
+
+
+def test_disconnect_stops_a_non_streaming_request_too(server, tok):
+    before = httpx.get(server.url + "/health").json()["steps"]
+    body = {"messages": user(TEXTS[5]), "temperature": 0, "max_tokens": 4000, "logit_bias": never_stop(tok)}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/chat/completions", json=body, timeout=0.2)
+    deadline = time.monotonic() + 10
+    while (health := httpx.get(server.url + "/health").json())["running"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert health["running"] == 0 and health["steps"] - before < 3999
+
+
+# ---- tools: a tiny model taught one tool-call exchange --------------------------------------
+
+def _teach(model, tok, examples, max_steps=300):
+    """Fit the model to answer each prompt with its target ids (greedy); returns it in eval mode."""
+    model.requires_grad_(True).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(max_steps):
+        loss = 0.0
+        for prompt, target in examples:
+            logits = model(torch.tensor([prompt + target[:-1]]))[0, len(prompt) - 1 :]
+            loss = loss + torch.nn.functional.cross_entropy(logits, torch.tensor(target))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 10 == 9:
+            model.eval()
+            if all(list(generate_tokens(model, p, max_new_tokens=len(t))) == t for p, t in examples):
+                return model.requires_grad_(False)
+            model.train()
+    raise AssertionError("the tiny model did not learn the tool-call exchange")
+
+
+@pytest.fixture(scope="module")
+def tool_server(ckpt, tok):
+    """A server whose model calls get_weather(city="Paris"), then reports the observation."""
+    sp = lambda text: tok.encode(text, add_special_tokens=False)
+    system = {"role": "system", "content": TOOLS_PROMPT, "tools": [TOOLS[0]["function"]]}  # the spec's format
+    ask = user("What is the weather in Paris?")
+    called = [system, *ask, {"role": "assistant", "metadata": "get_weather", "content": CALL},
+              {"role": "observation", "content": OBSERVATION}]
+    examples = [
+        (build_prompt_ids(tok, [system, *ask]), sp("get_weather\n") + sp(CALL) + [tok.get_command("<|observation|>")]),
+        (build_prompt_ids(tok, called), sp("\n") + sp(ANSWER) + [tok.eos_token_id]),
+    ]
+    model = _teach(load_model(ckpt, dtype=torch.float32, progress=False)[0], tok, examples)
+    with BackgroundServer(build_app(model, tok, model_id="tiny-tools")) as s:
+        yield s
+
+
+def test_tool_call_round_trip(tool_server):
+    c = client(tool_server.url)
+    messages = user("What is the weather in Paris?")
+    r = c.chat.completions.create(model="x", messages=messages, tools=TOOLS, temperature=0)
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and not choice.message.content
+    [call] = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather" and call.id
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+
+    chunks = list(c.chat.completions.create(model="x", messages=messages, tools=TOOLS, temperature=0, stream=True))
+    [streamed] = [tc for ch in chunks for tc in (ch.choices[0].delta.tool_calls or [])]
+    assert (streamed.function.name, json.loads(streamed.function.arguments)) == ("get_weather", {"city": "Paris"})
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+    messages += [choice.message.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id, "content": OBSERVATION}]
+    r = c.chat.completions.create(model="x", messages=messages, tools=TOOLS, temperature=0)
+    assert r.choices[0].message.content == ANSWER and r.choices[0].finish_reason == "stop"
+
+
+# ---- limits and bad input --------------------------------------------------------------------
+
+HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": HI, "temperature": "hot"}, "temperature"),
+    ({"messages": HI, "top_p": 2}, "top_p"),
+    ({"messages": HI, "max_tokens": 0}, "max_tokens"),
+    ({"messages": HI, "n": 2}, "n"),
+    ({"messages": HI, "logit_bias": {"99999999": 1}}, "logit_bias"),
+    ({"messages": HI, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"messages": "hi"}, "messages"),
+    ({}, "messages"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"messages": [*HI, {"role": "assistant", "tool_calls": [{"type": "function", "function": {
+        "name": "f", "arguments": "{not json"}}]}]}, "messages[1].tool_calls[0].function.arguments"),
+])
+def test_bad_fields_are_named(server, body, param):
+    r = httpx.post(server.url + "/v1/chat/completions", json=body)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == param and error["message"].startswith(param)
+
+
+@pytest.mark.parametrize("body", ['{"messages": [', "[1, 2]", "not json at all"])
+def test_malformed_json_is_a_400(server, body):
+    r = httpx.post(server.url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["message"]
+
+
+def test_prompt_longer_than_the_context_says_by_how_much(server, tok):
+    messages = user("hello world " * 2000)
+    n = len(build_prompt_ids(tok, messages))
+    with pytest.raises(openai.BadRequestError) as e:
+        client(server.url).chat.completions.create(model="x", messages=messages)
+    assert e.value.code == "context_length_exceeded"
+    assert f"{n} tokens, {n - CONTEXT + 1} more than fit" in e.value.message
+
+    n = len(build_prompt_ids(tok, HI))
+    with pytest.raises(openai.BadRequestError) as e:
+        client(server.url).chat.completions.create(model="x", messages=HI, max_tokens=CONTEXT)
+    assert f"({n} in the messages, {CONTEXT} in the completion), {n} more than fit" in e.value.message
+    # still serving
+    assert client(server.url).chat.completions.create(model="x", messages=HI, max_tokens=3).usage.completion_tokens
+
+
+def test_api_key(model, tok):
+    with BackgroundServer(build_app(model, tok, model_id="tiny", api_key="s3cret")) as s:
+        with pytest.raises(openai.AuthenticationError):
+            client(s.url, api_key="wrong").models.list()
+        missing = httpx.post(s.url + "/v1/chat/completions", json={"messages": HI})
+        assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+        assert client(s.url, api_key="s3cret").chat.completions.create(model="x", messages=HI, max_tokens=2).choices
+        assert httpx.get(s.url + "/health").status_code == 200
+
+
+def test_full_queue_is_a_503_not_a_backlog(model, tok):
+    with BackgroundServer(build_app(model, tok, model_id="tiny", max_batch=1, max_queue=1)) as s:
+        long = {"messages": user(TEXTS[5]), "temperature": 0, "max_tokens": 3000, "stream": True,
+                "logit_bias": never_stop(tok)}
+        with httpx.Client(timeout=30) as a, httpx.Client(timeout=30) as b:
+            with a.stream("POST", s.url + "/v1/chat/completions", json=long) as first:
+                first_lines = first.iter_lines()  # kept: a dropped iterator closes the connection
+                next(first_lines)
+                with b.stream("POST", s.url + "/v1/chat/completions", json=long) as second:
+                    second_lines = second.iter_lines()
+                    next(second_lines)
+                    health = httpx.get(s.url + "/health").json()
+                    assert (health["running"], health["queued"]) == (1, 1)
+                    with pytest.raises(openai.APIStatusError) as e:
+                        client(s.url).chat.completions.create(model="x", messages=HI)
+                    assert e.value.status_code == 503
+        r = client(s.url).chat.completions.create(model="x", messages=HI, max_tokens=3)
+        assert r.choices[0].finish_reason in ("stop", "length")
