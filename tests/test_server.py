@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from glmchat.chat import build_prompt_ids, parse_tool_call
-from glmchat.generate import SamplingConfig, generate_tokens
+from glmchat.generate import generate_tokens, vocab_limit
 from glmchat.loader import load_model
 from glmchat.model import KVCache
 from glmchat.server import BackgroundServer, build_app
@@ -126,6 +126,21 @@ def test_engine_batched_greedy_equals_generation_alone(model, tok):
             assert tokens == list(generate_tokens(model, prompt, max_new_tokens=n, stop_ids=tok.stop_token_ids))
             assert finish == ("stop" if tokens[-1] in tok.stop_token_ids else "length")
         assert engine.peak_batch == 3
+    finally:
+        engine.stop()
+
+
+def test_engine_vocab_limit_is_the_processor(model, tok):
+    engine = Engine(model, max_batch=4, vocab_limit=300).start()
+    try:
+        prompts = [tok.encode(t) for t in TEXTS[:4]]
+        queues = [queue.Queue() for _ in prompts]
+        for prompt, q in zip(prompts, queues):
+            engine.submit(prompt, max_new_tokens=25, emit=q.put)
+        for prompt, q in zip(prompts, queues):
+            tokens = collect(q)[0]
+            assert max(tokens) < 300
+            assert tokens == list(generate_tokens(model, prompt, max_new_tokens=25, processors=[vocab_limit(300)]))
     finally:
         engine.stop()
 

@@ -9,12 +9,16 @@ import time
 INSTALL_HINT = "the server needs FastAPI and uvicorn: pip install 'glmchat[server]'"
 
 
-def build_app(model, tokenizer, *, model_id: str, api_key: str | None = None, max_batch: int = 8, max_queue: int = 64):
-    """The FastAPI app serving `model`; its engine thread runs while the app does."""
+def build_app(model, tokenizer, *, model_id: str, api_key: str | None = None, max_batch: int = 8,
+              max_queue: int = 64, vocab_limit: int | None = None):
+    """The FastAPI app serving `model`; its engine thread runs while the app does.
+
+    vocab_limit: never generate ids >= this (e.g. a stand-in tokenizer's size with random weights).
+    """
     from .app import create_app
     from .engine import Engine
 
-    engine = Engine(model, max_batch=max_batch, max_queue=max_queue)
+    engine = Engine(model, max_batch=max_batch, max_queue=max_queue, vocab_limit=vocab_limit)
     return create_app(engine, tokenizer, model_id=model_id, api_key=api_key)
 
 

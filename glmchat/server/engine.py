@@ -138,11 +138,13 @@ class Request:
 class Engine:
     """Owns the model in a background thread; `submit` is safe from any thread."""
 
-    def __init__(self, model: GLMTransformer, *, max_batch: int = 8, max_queue: int = 64):
+    def __init__(self, model: GLMTransformer, *, max_batch: int = 8, max_queue: int = 64, vocab_limit: int | None = None):
+        """vocab_limit: never pick ids >= this (a tokenizer smaller than the model's vocabulary)."""
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.model = model
         self.max_queue = max_queue
+        self.vocab_limit = vocab_limit
         self.cache = SlotCache(model, max_batch)
         self._greedy = Sampler(SamplingConfig(greedy=True), model.device)
         self._pending: deque[Request] = deque()
@@ -197,7 +199,7 @@ class Engine:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         request = Request(
             list(prompt), min(max_new_tokens, room), sampling or SamplingConfig(greedy=True), frozenset(stop_ids), emit,
-            self._bias_vector(logit_bias) if logit_bias else None,
+            self._bias_vector(logit_bias or {}) if logit_bias or self.vocab_limit else None,
         )
         with self._cond:
             if len(self._pending) >= self.max_queue + max(0, self.cache.rows - len(self._active)):
@@ -209,6 +211,8 @@ class Engine:
     def _bias_vector(self, logit_bias: dict[int, float]) -> torch.Tensor:
         vocab = self.model.config.padded_vocab_size
         bias = torch.zeros(vocab, device=self.model.device)
+        if self.vocab_limit is not None:
+            bias[self.vocab_limit :] = float("-inf")
         for token, value in logit_bias.items():
             if not 0 <= token < vocab:
                 raise ValueError(f"logit_bias: token id {token} is outside the vocabulary (0..{vocab - 1})")

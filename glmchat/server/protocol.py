@@ -166,17 +166,19 @@ def _py_literal(value) -> str:
 
 def _partial_tail(text: str, patterns: list[str]) -> int:
     """Length of the longest end of `text` that could still grow into one of `patterns`."""
-    best = 0
-    for pattern in patterns:
-        for n in range(min(len(pattern) - 1, len(text)), best, -1):
-            if pattern.startswith(text[-n:]):
-                best = n
-                break
-    return best
+    for n in range(min(max(map(len, patterns), default=1) - 1, len(text)), 0, -1):
+        if any(p.startswith(text[-n:]) for p in patterns):
+            return n
+    return 0
 
 
 class Reply:
-    """Accumulates generated ids; `content()` is what may be shown so far, `tool_calls()` at the end."""
+    """Accumulates generated ids; `content()` is what may be shown so far, `tool_calls()` at the end.
+
+    With tools offered, segments are read as the reference does (chat.visible_text /
+    chat.parse_response): a segment with a non-blank first line is a tool call. Without tools
+    every segment is text, since there is nothing the model could be calling.
+    """
 
     def __init__(self, tokenizer, *, stop_ids, stop_strings: list[str], tools: bool):
         self.tokenizer = tokenizer
@@ -185,58 +187,46 @@ class Reply:
         self.tools = tools
         self.ids: list[int] = []
         self.stopped = False  # a stop string was found: the caller ends the request
+        self._text = chat.StreamDetokenizer(tokenizer)  # linear-time text, never half a character
         self._calls: list[dict] = []
 
     def add(self, token: int) -> None:
         if token not in self.stop_ids:
             self.ids.append(token)
+            self._text.add(token)
 
     def content(self, final: bool = False) -> str:
-        text = self.tokenizer.decode(self.ids)
-        if not final:
-            text = text.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for its other bytes
+        text = self.tokenizer.decode(self.ids) if final else self._text.text
         cuts = [i for i in (text.find(s) for s in self.stop_strings) if i >= 0]
         if cuts:
             text, final, self.stopped = text[: min(cuts)], True, True
         elif not final:
             text = text[: len(text) - _partial_tail(text, self.stop_strings)]
-        segments = text.split(ASSISTANT)
+        if self.tools:
+            return self._with_tools(text, final)
         if not final:
-            segments[-1] = segments[-1][: len(segments[-1]) - _partial_tail(segments[-1], [ASSISTANT])]
-        parts, calls = [], []
-        for i, segment in enumerate(segments):
-            kind, value = self._segment(segment, closed=final or i < len(segments) - 1)
-            if kind == "content" and value:
-                parts.append(value)
-            elif kind == "call":
-                calls.append(value)
-        content = "\n\n".join(parts).replace(TRAINING_TIME, DATE_TEXT)  # as chat.parse_response
-        if not final:
-            content = content[: len(content) - _partial_tail(content, [TRAINING_TIME])]
-        self._calls = calls
-        return content
+            text = text[: len(text) - _partial_tail(text, [ASSISTANT])]
+        content = "\n\n".join(s.strip() for s in text.split(ASSISTANT) if s.strip()).replace(TRAINING_TIME, DATE_TEXT)
+        return content if final else content[: len(content) - _partial_tail(content, [TRAINING_TIME])]
 
-    def _segment(self, segment: str, closed: bool):
-        """("content", text), ("call", tool call), or ("wait", None) while it could be either."""
-        if not self.tools:
-            return "content", segment.strip()
-        metadata, newline, body = segment.partition("\n")
-        if not newline:
-            return ("content", segment.strip()) if closed else ("wait", None)
+    def _with_tools(self, text: str, final: bool) -> str:
+        content = chat.visible_text(text, final)
+        if not final:
+            return content
+        metadata, body = chat.split_segments(text)[-1]
         if not metadata.strip():
-            return "content", body.strip()
-        if not closed:
-            return "wait", None
+            return content
         try:
-            arguments = chat.parse_tool_call(body.strip())
-        except Exception:  # not a call we can read: show the text as it is
-            return "content", segment.strip()
-        return "call", {
+            arguments = chat.parse_tool_call(body)
+        except chat.ToolCallParseError:  # not a call we can read: show it as text
+            return "\n\n".join(filter(None, [content, f"{metadata}\n{body}".strip()]))
+        self._calls = [{
             "id": f"call_{uuid.uuid4().hex[:24]}",
             "type": "function",
             "function": {"name": metadata.strip(), "arguments": json.dumps(arguments, ensure_ascii=False, default=list)},
-        }
+        }]
+        return content
 
     def tool_calls(self) -> list[dict]:
-        """The calls found by the last `content(final=True)`."""
+        """The call the reply ended with, found by `content(final=True)`."""
         return self._calls
