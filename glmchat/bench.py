@@ -6,11 +6,14 @@ import platform
 import resource
 import sys
 import time
-from dataclasses import asdict, dataclass
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from .generate import SamplingConfig, generate_tokens
+from .quantize import quantization_of
 
 SUFFIX_EN = " .Provide answer in English"
 SUFFIX_ZH = " 请提供答案，并使用中文语言"
@@ -93,3 +96,101 @@ def environment(model) -> dict:
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "cpu": platform.processor() or platform.machine(),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# glmchat bench
+
+
+def run_bench(chat_model, max_new_tokens: int = 256) -> dict:
+    """The seed's workload on a loaded ChatModel: each prompt alone (history=[]), greedy.
+
+    With random weights the stop tokens are ignored, so every prompt generates max_new_tokens.
+    """
+    model, tokenizer = chat_model.model, chat_model.tokenizer
+    stop_ids = () if chat_model.random_weights else tokenizer.stop_token_ids
+    time_generation(model, tokenizer.build_chat_input("warm up", history=[]).input_ids[0].tolist(), 2)
+    rows = []
+    for prompt in bench_prompts():
+        ids = tokenizer.build_chat_input(prompt, history=[]).input_ids[0].tolist()
+        t, _ = time_generation(model, ids, max_new_tokens, stop_ids)
+        rows.append({"prompt": prompt, "prompt_tokens": t.prompt_tokens, "generated_tokens": t.new_tokens,
+                     "ttft_s": t.ttft_s, "decode_tok_s": t.decode_tok_s, "total_s": t.total_s})
+    generated = sum(r["generated_tokens"] for r in rows)
+    decode_s = sum(r["total_s"] - r["ttft_s"] for r in rows)
+    return {
+        **environment(model), "model": chat_model.source, "random_weights": chat_model.random_weights,
+        "quantization": quantization_of(model), "load_s": chat_model.load_seconds,
+        "max_new_tokens": max_new_tokens, "prompts": rows,
+        "total": {"prompt_tokens": sum(r["prompt_tokens"] for r in rows), "generated_tokens": generated,
+                  "seconds": sum(r["total_s"] for r in rows),
+                  "decode_tok_s": (generated - len(rows)) / decode_s if decode_s else float("nan")},
+        "peak_rss_bytes": peak_rss_bytes(), "peak_device_bytes": peak_device_bytes(model.device),
+    }
+
+
+def format_table(result: dict) -> str:
+    q = result["quantization"] or {"method": "none"}
+    quant = q["method"] + (f" group {q['group_size']}" if "group_size" in q else "")
+    lines = [
+        f"model {result['model']}{' (random weights)' if result['random_weights'] else ''} on {result['device']}, "
+        f"{result['dtype']}, quantization {quant}, "
+        f"torch {result['torch']}, {result['threads']} threads; load {result['load_s']:.1f} s",
+        f"{'prompt':42s} {'tokens in':>9s} {'out':>5s} {'first token s':>13s} {'decode tok/s':>12s} {'total s':>8s}",
+    ]
+    for r in result["prompts"]:
+        lines.append(f"{_fit(r['prompt'], 42)} {r['prompt_tokens']:9d} {r['generated_tokens']:5d} {r['ttft_s']:13.2f} "
+                     f"{r['decode_tok_s']:12.2f} {r['total_s']:8.2f}")
+    t = result["total"]
+    lines.append(f"{'total':42s} {t['prompt_tokens']:9d} {t['generated_tokens']:5d} {'':13s} "
+                 f"{t['decode_tok_s']:12.2f} {t['seconds']:8.2f}")
+    mem = f"peak RSS {result['peak_rss_bytes'] / 1e9:.2f} GB"
+    if result["peak_device_bytes"]:
+        mem += f", peak device memory {result['peak_device_bytes'] / 1e9:.2f} GB"
+    lines.append(mem)
+    return "\n".join(lines)
+
+
+def _fit(text: str, width: int) -> str:
+    """Cut and pad `text` to `width` terminal columns (CJK characters take two)."""
+    out, cols = "", 0
+    for c in text:
+        w = 2 if unicodedata.east_asian_width(c) in "WF" else 1
+        if cols + w > width - 2:
+            out, cols = out + "…", cols + 1
+            break
+        out, cols = out + c, cols + w
+    return out + " " * (width - cols)
+
+
+def checkpoint_available(path_or_id: str) -> bool:
+    """A local checkpoint directory, or a hub id already in the local cache (no download)."""
+    if Path(path_or_id).expanduser().is_dir():
+        return True
+    try:
+        from huggingface_hub import snapshot_download
+
+        return (Path(snapshot_download(path_or_id, local_files_only=True)) / "config.json").exists()
+    except Exception:  # not cached, or not a valid id
+        return False
+
+
+def plot(result: dict, path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ImportError("--plot needs matplotlib: pip install 'glmchat[plot]'") from None
+    rows = result["prompts"]
+    labels = [f"{i // 2 + 1}{'en' if i % 2 == 0 else 'zh'}" for i in range(len(rows))]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.bar(labels, [r["decode_tok_s"] for r in rows])
+    ax1.set_ylabel("decode tokens/s")
+    ax2.bar(labels, [r["ttft_s"] for r in rows], color="tab:orange")
+    ax2.set_ylabel("time to first token (s)")
+    q = result["quantization"]["method"] if result["quantization"] else result["dtype"]
+    fig.suptitle(f"glmchat bench: {result['model']} on {result['device']} ({q})")
+    fig.tight_layout()
+    fig.savefig(path)

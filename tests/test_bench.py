@@ -1,0 +1,20 @@
+"""glmchat bench's workload on a tiny checkpoint: the seed's eight prompts, timings that add up."""
+
+from glmchat.bench import bench_prompts, format_table, run_bench
+from glmchat.chat import load
+
+
+def test_bench_runs_the_seed_workload(tiny_ckpt):
+    model = load(str(tiny_ckpt), device="cpu", dtype="float32", progress=False)
+    model.random_weights = True  # stop tokens ignored: every prompt generates exactly max_new_tokens
+    result = run_bench(model, max_new_tokens=5)
+    prompts = [r["prompt"] for r in result["prompts"]]
+    assert prompts == bench_prompts() and len(prompts) == 8
+    assert prompts[1].endswith(" 请提供答案，并使用中文语言") and prompts[0].endswith(" .Provide answer in English")
+    for r in result["prompts"]:
+        assert r["generated_tokens"] == 5
+        assert r["prompt_tokens"] == len(model.tokenizer.build_chat_input(r["prompt"], history=[]).input_ids[0])
+        assert 0 < r["ttft_s"] <= r["total_s"]
+    assert result["total"]["generated_tokens"] == 40
+    table = format_table(result)
+    assert "total" in table and "peak RSS" in table and "quantization none" in table
