@@ -32,6 +32,14 @@ class Linear(nn.Linear):
             if self.bias is not None:
                 y = y + self.bias
             return y.view(*x.shape[:-1], self.out_features)
+        rows = x.numel() // self.in_features
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16 and rows <= 512:
+            # W @ x^T runs ~1.6× faster than F.linear's x @ W^T in bf16 for 2-512 rows (batched
+            # decode steps, short prefills); measured on AMX/AVX-512 CPUs.
+            y = (self.weight @ x.reshape(rows, self.in_features).t()).t()
+            if self.bias is not None:
+                y = y + self.bias
+            return y.contiguous().view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.weight, self.bias)
 
 
