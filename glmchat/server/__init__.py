@@ -2,11 +2,63 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 import socket
+import sys
 import threading
 import time
 
 INSTALL_HINT = "the server needs FastAPI and uvicorn: pip install 'glmchat[server]'"
+
+
+def missing_dependencies() -> str | None:
+    """INSTALL_HINT when FastAPI or uvicorn cannot be imported, else None."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        return INSTALL_HINT
+    return None
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def add_server_options(parser) -> None:
+    g = parser.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    g.add_argument("--port", type=_at_least(0), default=8000, help="port (default 8000)")
+    g.add_argument("--api-key", default=os.environ.get("GLMCHAT_API_KEY") or None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1 (default: $GLMCHAT_API_KEY, else no key)")
+    g.add_argument("--max-batch", type=_at_least(1), default=8, metavar="N",
+                   help="requests generated together in one batch (default 8)")
+    g.add_argument("--max-queue", type=_at_least(0), default=64, metavar="N",
+                   help="requests that may wait for a free batch slot; more get 503 (default 64)")
+
+
+def serve(chat_model, args) -> None:
+    """Serve a loaded glmchat.chat.ChatModel with the options of add_server_options, until Ctrl-C."""
+    tokenizer = chat_model.tokenizer
+    app = build_app(chat_model.model, tokenizer, model_id=args.model, api_key=args.api_key,
+                    max_batch=args.max_batch, max_queue=args.max_queue,
+                    vocab_limit=tokenizer.vocab_size if chat_model.standin_tokenizer else None)
+    if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"glmchat: warning: listening on {args.host} without --api-key: anyone who can reach it may use it",
+              file=sys.stderr)
+    print(f"glmchat: web chat at http://{args.host}:{args.port}/ , OpenAI API at http://{args.host}:{args.port}/v1",
+          file=sys.stderr, flush=True)
+    run(app, host=args.host, port=args.port)
 
 
 def build_app(model, tokenizer, *, model_id: str, api_key: str | None = None, max_batch: int = 8,

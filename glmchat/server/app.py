@@ -62,6 +62,7 @@ def create_app(engine: Engine, tokenizer, *, model_id: str, api_key: str | None 
         return {
             "status": "ok", "model": model_id, "running": engine.running, "queued": engine.queued,
             "max_batch": engine.cache.rows, "steps": engine.steps, "peak_batch": engine.peak_batch,
+            "decoded_tokens": engine.decoded_tokens, "decode_seconds": round(engine.decode_seconds, 4),
         }
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
@@ -154,6 +155,8 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.steps = 0  # batched decode steps run
         self.peak_batch = 0  # largest decode batch seen
+        self.decoded_tokens = 0  # tokens produced by decode steps (prefills not counted)
+        self.decode_seconds = 0.0  # time spent in decode steps
 
     @property
     def context_length(self) -> int:
@@ -261,6 +264,7 @@ class Engine:
 
     def _decode_step(self) -> None:
         batch = self._active
+        start = time.perf_counter()
         inputs = torch.tensor([[r.tokens[-1]] for r in batch], dtype=torch.long, device=self.model.device)
         try:
             logits = self.model(inputs, cache=self.cache)[:, -1]
@@ -274,6 +278,8 @@ class Engine:
             return
         self.steps += 1
         self.peak_batch = max(self.peak_batch, len(batch))
+        self.decoded_tokens += len(batch)
+        self.decode_seconds += time.perf_counter() - start
         finished = [i for i, (request, token) in enumerate(zip(batch, tokens)) if self._deliver(request, token)]
         for row in reversed(finished):  # high rows first, so moved rows are never ones still to free
             self._release(row)
