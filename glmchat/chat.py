@@ -260,12 +260,13 @@ class ChatModel:
     """
 
     def __init__(self, model: GLMTransformer, tokenizer: ChatGLMTokenizer, *, load_seconds: float = 0.0,
-                 source: str = "", random_weights: bool = False, processors=()):
+                 source: str = "", random_weights: bool = False, standin_tokenizer: bool = False, processors=()):
         self.model = model
         self.tokenizer = tokenizer
         self.load_seconds = load_seconds
         self.source = source
         self.random_weights = random_weights
+        self.standin_tokenizer = standin_tokenizer  # random weights without the model's own tokenizer
         self.processors = list(processors)
         self._cache: KVCache | None = None
         self._cache_ids: list[int] = []  # the ids whose keys/values the cache holds, in order
@@ -338,13 +339,13 @@ class ChatModel:
         stop_ids = self.tokenizer.stop_token_ids if stop_ids is None else stop_ids
         context = self.model.config.seq_length
         max_new = context if max_new_tokens is None else max_new_tokens
-        ids = list(prompt_ids)
+        ids, before = list(prompt_ids), None
         if reuse_cache:
             cache, reused = self._prefix_cache(ids, len(ids) + max_new)
             self._cache_ids, self._cache_valid = ids, reused
-            ids = ids[reused:]
+            ids, before = ids[reused:], ids[:reused]
         tokens = generate_tokens(self.model, ids, max_new_tokens=max_new, stop_ids=stop_ids, sampling=sampling,
-                                 cache=cache, processors=[*self.processors, *processors])
+                                 cache=cache, processors=[*self.processors, *processors], seen_before=before)
         for token in tokens:
             if reuse_cache:  # the cache now holds everything before this token
                 self._cache_valid = len(self._cache_ids)
@@ -395,19 +396,19 @@ def load(path_or_id: str = DEFAULT_MODEL, *, device: str | torch.device = "auto"
     start = time.perf_counter()
     device = pick_device(device)
     dtype = default_dtype(device) if dtype == "auto" else dtype
-    processors = []
+    processors, standin = [], False
     if random_weights:
         model, _ = load_model(path_or_id, device=device, dtype=dtype, random_weights=True, progress=progress)
         tokenizer = _tokenizer_for_random_weights(path_or_id)
         if tokenizer is None:
-            tokenizer = standin_tokenizer()
+            tokenizer, standin = standin_tokenizer(), True
             processors.append(vocab_limit(tokenizer.vocab_size))
     else:
         directory = resolve_checkpoint(path_or_id)
         model, _ = load_model(directory, device=device, dtype=dtype, progress=progress)
         tokenizer = ChatGLMTokenizer.from_pretrained(directory)
     return ChatModel(model, tokenizer, load_seconds=time.perf_counter() - start, source=os.fspath(path_or_id),
-                     random_weights=random_weights, processors=processors)
+                     random_weights=random_weights, standin_tokenizer=standin, processors=processors)
 
 
 def _tokenizer_for_random_weights(path_or_id) -> ChatGLMTokenizer | None:

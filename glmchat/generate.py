@@ -91,10 +91,15 @@ def _guard_invalid_scores(logits: torch.Tensor) -> torch.Tensor:
 
 
 def vocab_limit(limit: int) -> Processor:
-    """A processor that never picks ids >= limit (e.g. ids a stand-in tokenizer cannot decode)."""
+    """A processor that never picks ids >= limit (e.g. ids a stand-in tokenizer cannot decode).
+
+    It uses the lowest finite score, not -inf: the NaN/inf guard after the processors would
+    otherwise throw the whole row away.
+    """
 
     def process(ids, scores):
-        return scores.index_fill(-1, torch.arange(limit, scores.shape[-1], device=scores.device), float("-inf"))
+        banned = torch.arange(limit, scores.shape[-1], device=scores.device)
+        return scores.index_fill(-1, banned, torch.finfo(scores.dtype).min)
 
     return process
 
@@ -111,6 +116,7 @@ def generate_batch(
     processors: Sequence[Processor] = (),
     cache: KVCache | None = None,
     pad_id: int = 0,
+    seen_before: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, [B], one step at a time (stop tokens included).
 
@@ -118,6 +124,8 @@ def generate_batch(
     stopped or after max_new_tokens (fewer if the model's context would overflow). attention_mask
     and position_ids are HF-style, for left-padded batches or a cache holding earlier turns; the
     last token is never fed to the model, so the cache ends up holding all but the last.
+    seen_before: ids [B, n] the cache already holds that the repetition penalty and the processors
+    should see too (by default they see input_ids and what follows, like transformers).
     """
     sampling = sampling or SamplingConfig(greedy=True)
     input_ids = input_ids.to(model.device)
@@ -134,7 +142,9 @@ def generate_batch(
         cache = model.new_cache(B, past + T + max_new_tokens)
     sampler = Sampler(sampling, model.device, processors)
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=model.device)
-    seen = input_ids if sampler.needs_ids else None
+    seen = None
+    if sampler.needs_ids:
+        seen = input_ids if seen_before is None else torch.cat((seen_before.to(input_ids), input_ids), dim=1)
     running = torch.ones(B, dtype=torch.bool, device=model.device)
 
     with torch.inference_mode():
@@ -163,12 +173,14 @@ def generate_tokens(
     sampling: SamplingConfig | None = None,
     cache: KVCache | None = None,
     processors: Sequence[Processor] = (),
+    seen_before: list[int] | None = None,
 ) -> Iterator[int]:
     """Yield new token ids of one sequence, one at a time (the stop token included, then it ends).
 
     With a `cache` that already holds earlier turns, the prompt continues after them.
     """
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long).reshape(1, -1)
+    before = torch.tensor([seen_before], dtype=torch.long) if seen_before else None
     for token in generate_batch(model, prompt, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
-                                sampling=sampling, processors=processors, cache=cache):
+                                sampling=sampling, processors=processors, cache=cache, seen_before=before):
         yield int(token[0])

@@ -9,6 +9,8 @@ import pytest
 from glmchat.tiny import make_tiny_checkpoint, train_tokenizer
 from glmchat.tokenizer import ChatGLMTokenizer
 
+TINY_CONTEXT = 512
+
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -18,15 +20,19 @@ def tiny_tokenizer_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_model: Path) -> Path:
-    """Default tiny shape (hidden 64, 2 layers, 4 heads, 2 KV groups), seed 0, model.safetensors."""
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_ckpt"), tokenizer_model=tiny_tokenizer_model)
+    """Default tiny shape (hidden 64, 2 layers, 4 heads, 2 KV groups), seed 0, model.safetensors.
+
+    The context (512) leaves room for a prompt with a tools JSON plus a tool-call reply."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_ckpt"), seq_length=TINY_CONTEXT,
+                                tokenizer_model=tiny_tokenizer_model)
 
 
 @pytest.fixture(scope="session")
 def tiny_ckpt_bin(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_model: Path) -> Path:
     """Same seed and shape as ``tiny_ckpt``, stored as pytorch_model-*.bin shards + index."""
     return make_tiny_checkpoint(
-        tmp_path_factory.mktemp("tiny_ckpt_bin"), weight_format="bin", tokenizer_model=tiny_tokenizer_model
+        tmp_path_factory.mktemp("tiny_ckpt_bin"), weight_format="bin", seq_length=TINY_CONTEXT,
+        tokenizer_model=tiny_tokenizer_model,
     )
 
 

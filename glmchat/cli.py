@@ -1,0 +1,280 @@
+"""The `glmchat` command line: `glmchat chat`, `glmchat run`, ...
+
+A subcommand is one function `cmd(args) -> exit status` plus one `register(...)` line in
+`build_parser`. Commands that load a model take `add_model_options` and call `load_from_args`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+
+from . import __version__
+from .chat import ChatModel, ToolCallParseError, load
+from .config import ConfigError
+from .device import DEVICES, DeviceError, pick_device
+from .loader import DEFAULT_MODEL, CheckpointError
+from .model import ContextLengthError
+from .tokenizer import TokenizerError
+
+# Mistakes a user can fix: reported as one line, never as a traceback (GLMCHAT_DEBUG=1 shows it).
+USER_ERRORS = (CheckpointError, ConfigError, TokenizerError, ContextLengthError, DeviceError, ToolCallParseError,
+               OSError)
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+HELP = """\
+commands:
+  /clear        forget the conversation (the system prompt stays)
+  /system TEXT  set the system prompt; /system alone removes it
+  /help         this list
+  /quit         leave (or Ctrl-D);  Ctrl-C stops an answer"""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# Options
+
+
+def _number(kind, low=None, high=None, low_open=False):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a{'n integer' if kind is int else ' number'}, got {text!r}")
+        if (low is not None and (value < low or (low_open and value == low))) or (high is not None and value > high):
+            bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else '∞'}{']' if high is not None else ')'}"
+            raise argparse.ArgumentTypeError(f"must be in {bounds}, got {text}")
+        return value
+
+    return parse
+
+
+def _device(text):
+    try:
+        pick_device(text)  # fail at parse time, with the reason
+    except DeviceError as e:
+        raise argparse.ArgumentTypeError(str(e))
+    return text
+
+
+def add_model_options(parser) -> None:
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", "-m", default=DEFAULT_MODEL, metavar="ID_OR_PATH",
+                   help=f"Hugging Face id or local checkpoint directory (default {DEFAULT_MODEL})")
+    g.add_argument("--device", default="auto", type=_device, metavar="|".join(DEVICES),
+                   help="auto: CUDA/ROCm, then MPS, then CPU (default auto)")
+    g.add_argument("--dtype", default="auto", choices=DTYPES,
+                   help="auto: bfloat16 on CPU and on GPUs that support it, else float16 (default auto)")
+    g.add_argument("--random-weights", action="store_true",
+                   help="the real architecture with random weights: no download, meaningless text "
+                        "(for trying glmchat and measuring speed)")
+
+
+def add_sampling_options(parser) -> None:
+    g = parser.add_argument_group("generation")
+    g.add_argument("--max-new-tokens", type=_number(int, 1), default=1024, metavar="N",
+                   help="stop an answer after N tokens (default 1024)")
+    g.add_argument("--temperature", type=_number(float, 0), default=0.8, metavar="T",
+                   help="sampling temperature, 0 = greedy (default 0.8)")
+    g.add_argument("--top-p", type=_number(float, 0, 1, low_open=True), default=0.8, metavar="P",
+                   help="nucleus sampling (default 0.8)")
+    g.add_argument("--top-k", type=_number(int, 0), default=50, metavar="K", help="0 = off (default 50)")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable answers")
+    g.add_argument("--greedy", action="store_true", help="always pick the most likely token")
+    g.add_argument("--system", default=None, metavar="TEXT", help="a system prompt")
+
+
+def load_from_args(args, announce: bool = True) -> ChatModel:
+    """The model the options name, with notices on stderr."""
+    if args.random_weights:
+        _note(f"--random-weights: {args.model}'s architecture with random weights; the text is meaningless "
+              "(for trying glmchat and measuring speed)")
+    model = load(args.model, device=args.device, dtype=args.dtype, random_weights=args.random_weights,
+                 progress=sys.stderr.isatty())
+    if model.standin_tokenizer:
+        _note("no tokenizer for this model is available offline: using a small stand-in tokenizer, "
+              "restricted to its own ids")
+    if announce:
+        _note(f"loaded {args.model} on {model.device} ({str(model.dtype).removeprefix('torch.')}) "
+              f"in {model.load_seconds:.1f} s")
+    return model
+
+
+def sampling_from_args(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, seed=args.seed, greedy=args.greedy)
+
+
+def _note(text: str) -> None:
+    print(f"glmchat: {text}", file=sys.stderr, flush=True)
+
+
+def _stats(reply) -> str:
+    return (f"{reply.completion_tokens} tokens in {reply.seconds:.1f} s, {reply.tokens_per_second:.1f} tokens/s, "
+            f"first token after {reply.time_to_first_token:.2f} s")
+
+
+# ---------------------------------------------------------------------------------------------
+# glmchat chat
+
+
+def cmd_chat(args) -> int:
+    """Interactive chat: history kept across turns, answers streamed as they are generated."""
+    model = load_from_args(args)
+    if sys.stdin.isatty():
+        with contextlib.suppress(ImportError):
+            import readline  # noqa: F401  (line editing and history for input())
+    system = args.system
+    history: list[dict] = []
+    print("Chat in English or 中文. /help lists commands; Ctrl-C stops an answer, Ctrl-D or /quit leaves.",
+          flush=True)
+    while True:
+        try:
+            line = input("\n>>> ").strip()
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print("\n(Ctrl-D or /quit leaves)")
+            continue
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, rest = line.partition(" ")
+            if command in ("/quit", "/exit"):
+                return 0
+            if command == "/clear":
+                history.clear()
+                print("(conversation cleared)")
+            elif command == "/system":
+                system = rest.strip() or None
+                print(f"(system prompt {'set' if system else 'removed'})")
+            elif command == "/help":
+                print(HELP)
+            else:
+                print(f"unknown command {command}; /help lists them")
+            continue
+        turn = {"role": "user", "content": line}
+        messages = ([{"role": "system", "content": system}] if system else []) + history + [turn]
+        history += [turn, *_answer(model, messages, args)]
+
+
+def _answer(model: ChatModel, messages: list[dict], args) -> list[dict]:
+    """Stream one answer; return the assistant messages to keep (a stopped answer keeps its part)."""
+    shown = []
+    stream = model.stream(messages, **sampling_from_args(args))
+    try:
+        with contextlib.closing(stream):
+            for chunk in stream:
+                print(chunk.text, end="", flush=True)
+                shown.append(chunk.text)
+                if chunk.reply is not None:
+                    reply = chunk.reply
+    except KeyboardInterrupt:
+        print("\n(stopped)", flush=True)
+        return [{"role": "assistant", "metadata": "", "content": "".join(shown)}] if shown else []
+    except ContextLengthError as e:
+        print(f"glmchat: {e} (/clear starts over)", flush=True)
+        return []
+    if reply.tool_call is not None:
+        print(f"\n[tool call] {json.dumps(reply.tool_call, ensure_ascii=False)}", end="")
+    print(f"\n[{_stats(reply)}{', stopped at the token limit' if reply.finish_reason == 'length' else ''}]",
+          flush=True)
+    return reply.messages
+
+
+# ---------------------------------------------------------------------------------------------
+# glmchat run
+
+
+def cmd_run(args) -> int:
+    """One answer to stdout; the query is the arguments, or stdin when there are none (or "-")."""
+    query = " ".join(args.query)
+    if query in ("", "-"):
+        query = sys.stdin.read()
+    if not query.strip():
+        raise UsageError("the query is empty: pass it as arguments or on stdin")
+    model = load_from_args(args, announce=args.verbose)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": query.strip()}]
+    reply = None
+    for chunk in model.stream(messages, **sampling_from_args(args)):
+        if not args.json:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+        reply = chunk.reply or reply
+    if args.json:
+        print(json.dumps({
+            "model": args.model, "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
+            "random_weights": model.random_weights, "text": reply.text, "tool_call": reply.tool_call,
+            "finish_reason": reply.finish_reason, "prompt_tokens": reply.prompt_tokens,
+            "completion_tokens": reply.completion_tokens, "load_seconds": round(model.load_seconds, 4),
+            "time_to_first_token": round(reply.time_to_first_token, 4), "seconds": round(reply.seconds, 4),
+            "tokens_per_second": round(reply.tokens_per_second, 2),
+        }, ensure_ascii=False))
+        return 0
+    if reply.tool_call is not None and not reply.text:
+        sys.stdout.write(json.dumps(reply.tool_call, ensure_ascii=False))
+    print()
+    if args.verbose:
+        _note(_stats(reply))
+    return 0
+
+
+class UsageError(ValueError):
+    """A command used wrongly in a way argparse cannot see."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Wiring
+
+
+def register(subparsers, name: str, func, help: str, *option_groups) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(name, help=help, description=func.__doc__)
+    for add in option_groups:
+        add(parser)
+    parser.set_defaults(func=func)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="glmchat", description="ChatGLM3 chat in native PyTorch (CUDA, ROCm, MPS, CPU).")
+    parser.add_argument("--version", action="version", version=f"glmchat {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    register(sub, "chat", cmd_chat, "interactive chat in the terminal", add_model_options, add_sampling_options)
+    run = register(sub, "run", cmd_run, "answer one query on stdout", add_model_options, add_sampling_options)
+    run.add_argument("query", nargs="*", help='the query (several words are joined); none or "-": read stdin')
+    run.add_argument("--json", action="store_true", help="print one JSON object with the answer, token counts and timings")
+    run.add_argument("--verbose", "-v", action="store_true", help="load time and speed on stderr")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):  # never die on a character the terminal cannot show
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="replace")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # `glmchat run ... | head`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except (*USER_ERRORS, UsageError) as e:
+        if os.environ.get("GLMCHAT_DEBUG"):
+            raise
+        print(f"glmchat: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nglmchat: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
