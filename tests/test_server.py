@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from glmchat.chat import build_prompt_ids, parse_tool_call
-from glmchat.generate import generate_tokens, vocab_limit
+from glmchat.generate import generate_tokens
 from glmchat.loader import load_model
 from glmchat.model import KVCache
 from glmchat.server import BackgroundServer, build_app
@@ -74,14 +74,20 @@ def user(text):
     return [{"role": "user", "content": text}]
 
 
-def expected(model, tok, messages, max_tokens):
+def expected(model, tok, messages, max_tokens, processors=()):
     """(content, prompt tokens, completion tokens, finish reason) of plain greedy generation."""
     prompt = build_prompt_ids(tok, messages)
-    ids = list(generate_tokens(model, prompt, max_new_tokens=max_tokens))
+    ids = list(generate_tokens(model, prompt, max_new_tokens=max_tokens, processors=processors, stop_ids=tok.stop_token_ids))
     stopped = ids[-1] in tok.stop_token_ids
     text = tok.decode(ids[:-1] if stopped else ids)
     content = "\n\n".join(s.strip() for s in text.split("<|assistant|>") if s.strip())
     return content, len(prompt), len(ids), "stop" if stopped else "length"
+
+
+def banning(ids):
+    """A processor that gives `ids` the lowest finite score (what a logit bias of -100 means)."""
+    ids = torch.tensor(list(ids))
+    return lambda seen, scores: scores.index_fill(-1, ids, torch.finfo(scores.dtype).min)
 
 
 def collect(q: queue.Queue) -> tuple[list[int], str]:
@@ -134,13 +140,15 @@ def test_engine_vocab_limit_is_the_processor(model, tok):
     engine = Engine(model, max_batch=4, vocab_limit=300).start()
     try:
         prompts = [tok.encode(t) for t in TEXTS[:4]]
+        assert any(max(generate_tokens(model, p, max_new_tokens=25)) >= 300 for p in prompts)  # the limit matters
         queues = [queue.Queue() for _ in prompts]
         for prompt, q in zip(prompts, queues):
             engine.submit(prompt, max_new_tokens=25, emit=q.put)
         for prompt, q in zip(prompts, queues):
             tokens = collect(q)[0]
             assert max(tokens) < 300
-            assert tokens == list(generate_tokens(model, prompt, max_new_tokens=25, processors=[vocab_limit(300)]))
+            ban = banning(range(300, model.config.padded_vocab_size))
+            assert tokens == list(generate_tokens(model, prompt, max_new_tokens=25, processors=[ban]))
     finally:
         engine.stop()
 
@@ -309,10 +317,15 @@ def never_stop(tok) -> dict:
     return {str(i): -100 for i in tok.stop_token_ids}
 
 
-def test_logit_bias_bans_tokens(server, model, tok):
-    r = client(server.url).chat.completions.create(
-        model="x", messages=user(TEXTS[0]), temperature=0, max_tokens=200, logit_bias=never_stop(tok))
-    assert r.usage.completion_tokens == 200 and r.choices[0].finish_reason == "length"
+def test_logit_bias(server, model, tok):
+    c = client(server.url)
+    r = c.chat.completions.create(model="x", messages=user(TEXTS[0]), temperature=0, max_tokens=60, logit_bias=never_stop(tok))
+    assert r.choices[0].message.content == expected(model, tok, user(TEXTS[0]), 60, [banning(tok.stop_token_ids)])[0]
+    assert r.usage.completion_tokens == 60 and r.choices[0].finish_reason == "length"
+
+    token = tok.encode("天", add_special_tokens=False)[-1]
+    r = c.chat.completions.create(model="x", messages=user(TEXTS[0]), temperature=0, max_tokens=5, logit_bias={str(token): 100})
+    assert r.choices[0].message.content == tok.decode([token] * 5).strip()
 
 
 def test_disconnected_client_stops_its_generation(server, tok):
@@ -475,3 +488,4 @@ def test_full_queue_is_a_503_not_a_backlog(model, tok):
                     assert e.value.status_code == 503
         r = client(s.url).chat.completions.create(model="x", messages=HI, max_tokens=3)
         assert r.choices[0].finish_reason in ("stop", "length")
+

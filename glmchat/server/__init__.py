@@ -22,14 +22,14 @@ def missing_dependencies() -> str | None:
     return None
 
 
-def _at_least(low: int):
+def _integer(low: int, high: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {low}..{high}, got {value}" if high else f"must be >= {low}, got {value}")
         return value
 
     return parse
@@ -38,12 +38,12 @@ def _at_least(low: int):
 def add_server_options(parser) -> None:
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    g.add_argument("--port", type=_at_least(0), default=8000, help="port (default 8000)")
+    g.add_argument("--port", type=_integer(1, 65535), default=8000, help="port (default 8000)")
     g.add_argument("--api-key", default=os.environ.get("GLMCHAT_API_KEY") or None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $GLMCHAT_API_KEY, else no key)")
-    g.add_argument("--max-batch", type=_at_least(1), default=8, metavar="N",
+    g.add_argument("--max-batch", type=_integer(1), default=8, metavar="N",
                    help="requests generated together in one batch (default 8)")
-    g.add_argument("--max-queue", type=_at_least(0), default=64, metavar="N",
+    g.add_argument("--max-queue", type=_integer(0), default=64, metavar="N",
                    help="requests that may wait for a free batch slot; more get 503 (default 64)")
 
 

@@ -20,6 +20,9 @@ from ..generate import Sampler, SamplingConfig
 from ..model import ContextLengthError, GLMTransformer, KVCache, Step
 
 log = logging.getLogger("glmchat.server")
+# A banned token's bias: the lowest finite float, since the sampler's NaN/inf guard would throw a row
+# holding -inf away (like generate.vocab_limit).
+BANNED = torch.finfo(torch.float32).min
 
 
 class QueueFullError(RuntimeError):
@@ -215,11 +218,11 @@ class Engine:
         vocab = self.model.config.padded_vocab_size
         bias = torch.zeros(vocab, device=self.model.device)
         if self.vocab_limit is not None:
-            bias[self.vocab_limit :] = float("-inf")
+            bias[self.vocab_limit :] = BANNED
         for token, value in logit_bias.items():
             if not 0 <= token < vocab:
                 raise ValueError(f"logit_bias: token id {token} is outside the vocabulary (0..{vocab - 1})")
-            bias[token] = float("-inf") if value <= -100 else value  # -100 bans, as in OpenAI's API
+            bias[token] = BANNED if value <= -100 else value  # -100 bans, as in OpenAI's API
         return bias
 
     # ---- the engine thread ------------------------------------------------------------------
