@@ -384,7 +384,8 @@ def resized_cache(model: GLMTransformer, cache: KVCache | None, length: int, cap
 
 
 def load(path_or_id: str = DEFAULT_MODEL, *, device: str | torch.device = "auto", dtype="auto",
-         random_weights: bool = False, progress: bool = True) -> ChatModel:
+         random_weights: bool = False, quantize: str | None = None, group_size: int = 128,
+         progress: bool = True) -> ChatModel:
     """Load a ChatGLM3 checkpoint (a local directory or a Hugging Face id) and its tokenizer.
 
     device: "auto" (CUDA/ROCm, then MPS, then CPU), "cpu", "cuda", "cuda:1", "mps".
@@ -392,20 +393,23 @@ def load(path_or_id: str = DEFAULT_MODEL, *, device: str | torch.device = "auto"
     random_weights: the real architecture with random weights, for trying things out and measuring
     speed without the download; the text is meaningless. Without a tokenizer at hand (no local
     directory, hub unreachable) a small stand-in tokenizer is used and sampling is kept to its ids.
+    quantize: "int8" or "int4" (group_size 32/64/128) weight-only quantization while loading.
     """
     start = time.perf_counter()
     device = pick_device(device)
     dtype = default_dtype(device) if dtype == "auto" else dtype
     processors, standin = [], False
     if random_weights:
-        model, _ = load_model(path_or_id, device=device, dtype=dtype, random_weights=True, progress=progress)
+        model, _ = load_model(path_or_id, device=device, dtype=dtype, random_weights=True, progress=progress,
+                              quantize=quantize, group_size=group_size)
         tokenizer = _tokenizer_for_random_weights(path_or_id)
         if tokenizer is None:
             tokenizer, standin = standin_tokenizer(), True
             processors.append(vocab_limit(tokenizer.vocab_size))
     else:
         directory = resolve_checkpoint(path_or_id)
-        model, _ = load_model(directory, device=device, dtype=dtype, progress=progress)
+        model, _ = load_model(directory, device=device, dtype=dtype, progress=progress, quantize=quantize,
+                              group_size=group_size)
         tokenizer = ChatGLMTokenizer.from_pretrained(directory)
     return ChatModel(model, tokenizer, load_seconds=time.perf_counter() - start, source=os.fspath(path_or_id),
                      random_weights=random_weights, standin_tokenizer=standin, processors=processors)

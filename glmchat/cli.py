@@ -18,11 +18,13 @@ from .config import ConfigError
 from .device import DEVICES, DeviceError, pick_device
 from .loader import DEFAULT_MODEL, CheckpointError
 from .model import ContextLengthError
+from .quantize import QuantizationError
+from .server import add_server_options
 from .tokenizer import TokenizerError
 
 # Mistakes a user can fix: reported as one line, never as a traceback (GLMCHAT_DEBUG=1 shows it).
 USER_ERRORS = (CheckpointError, ConfigError, TokenizerError, ContextLengthError, DeviceError, ToolCallParseError,
-               OSError)
+               QuantizationError, OSError)
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 HELP = """\
@@ -72,6 +74,10 @@ def add_model_options(parser) -> None:
                    help="auto: CUDA/ROCm, then MPS, then CPU (default auto)")
     g.add_argument("--dtype", default="auto", choices=DTYPES,
                    help="auto: bfloat16 on CPU and on GPUs that support it, else float16 (default auto)")
+    g.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="weight-only quantization applied while loading (default: none)")
+    g.add_argument("--group-size", type=int, choices=(32, 64, 128), default=128,
+                   help="int4 group size (default 128)")
     g.add_argument("--random-weights", action="store_true",
                    help="the real architecture with random weights: no download, meaningless text "
                         "(for trying glmchat and measuring speed)")
@@ -97,7 +103,7 @@ def load_from_args(args, announce: bool = True) -> ChatModel:
         _note(f"--random-weights: {args.model}'s architecture with random weights; the text is meaningless "
               "(for trying glmchat and measuring speed)")
     model = load(args.model, device=args.device, dtype=args.dtype, random_weights=args.random_weights,
-                 progress=sys.stderr.isatty())
+                 quantize=args.quantize, group_size=args.group_size, progress=sys.stderr.isatty())
     if model.standin_tokenizer:
         _note("no tokenizer for this model is available offline: using a small stand-in tokenizer, "
               "restricted to its own ids")
@@ -228,12 +234,57 @@ def cmd_run(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# glmchat bench, glmchat quantize
+
+
+def cmd_bench(args) -> int:
+    """Time the seed's workload: four English/Chinese prompt pairs, greedy, each with history=[]."""
+    from .bench import checkpoint_available, format_table, plot, run_bench
+
+    if not args.random_weights and not checkpoint_available(args.model):
+        _note(f"no local checkpoint of {args.model}: benchmarking random weights (--random-weights), "
+              f"{args.max_new_tokens} tokens per prompt")
+        args.random_weights = True
+    result = run_bench(load_from_args(args), args.max_new_tokens)
+    print(json.dumps(result, indent=2, ensure_ascii=False) if args.json else format_table(result))
+    if args.plot:
+        try:
+            plot(result, args.plot)
+        except ImportError:
+            raise UsageError("--plot needs matplotlib: pip install 'glmchat[plot]'") from None
+        _note(f"chart saved to {args.plot}")
+    return 0
+
+
+def cmd_quantize(args) -> int:
+    """Save an int8/int4 copy of a checkpoint (safetensors + config.json) that loads directly."""
+    from .quantize import save_quantized
+
+    method = {8: "int8", 4: "int4"}[args.bits]
+    out = save_quantized(args.src, args.dst, method, args.group_size,
+                         dtype=None if args.dtype == "auto" else args.dtype, progress=sys.stderr.isatty())
+    _note(f"saved the {method} checkpoint to {out}")
+    return 0
+
+
 class UsageError(ValueError):
     """A command used wrongly in a way argparse cannot see."""
 
 
 # ---------------------------------------------------------------------------------------------
 # Wiring
+
+
+def cmd_serve(args) -> int:
+    """OpenAI-compatible HTTP API (chat completions, streaming, tool calls) with continuous batching,
+    and a web chat page at /."""
+    from .server import missing_dependencies, serve
+
+    if hint := missing_dependencies():
+        raise UsageError(hint)
+    serve(load_from_args(args), args)
+    return 0
 
 
 def register(subparsers, name: str, func, help: str, *option_groups) -> argparse.ArgumentParser:
@@ -249,10 +300,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"glmchat {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     register(sub, "chat", cmd_chat, "interactive chat in the terminal", add_model_options, add_sampling_options)
+    register(sub, "serve", cmd_serve, "OpenAI-compatible API server and web chat", add_model_options, add_server_options)
     run = register(sub, "run", cmd_run, "answer one query on stdout", add_model_options, add_sampling_options)
     run.add_argument("query", nargs="*", help='the query (several words are joined); none or "-": read stdin')
     run.add_argument("--json", action="store_true", help="print one JSON object with the answer, token counts and timings")
     run.add_argument("--verbose", "-v", action="store_true", help="load time and speed on stderr")
+    bench = register(sub, "bench", cmd_bench, "time the seed's bilingual workload", add_model_options)
+    bench.add_argument("--max-new-tokens", type=_number(int, 1), default=256, metavar="N",
+                       help="tokens per prompt; with random weights exactly N, stop tokens ignored (default 256)")
+    bench.add_argument("--json", action="store_true", help="print the results as JSON")
+    bench.add_argument("--plot", metavar="FILE.png", help="save a bar chart (needs glmchat[plot])")
+    quant = register(sub, "quantize", cmd_quantize, "save an int8/int4 copy of a checkpoint")
+    quant.add_argument("src", help="checkpoint directory or Hugging Face id")
+    quant.add_argument("dst", help="directory to write")
+    quant.add_argument("--bits", type=int, choices=(8, 4), required=True)
+    quant.add_argument("--group-size", type=int, choices=(32, 64, 128), default=128, help="int4 group size")
+    quant.add_argument("--dtype", default="auto", choices=DTYPES,
+                       help="dtype of the scales and unquantized tensors (auto: the checkpoint's)")
     return parser
 
 
