@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import queue
+import signal
+import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -489,3 +495,48 @@ def test_full_queue_is_a_503_not_a_backlog(model, tok):
         r = client(s.url).chat.completions.create(model="x", messages=HI, max_tokens=3)
         assert r.choices[0].finish_reason in ("stop", "length")
 
+
+# ---- `glmchat serve` -------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _glmchat(*args, code="from glmchat.cli import main; sys.exit(main(sys.argv[1:]))", **kw):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-c", f"import sys; {code}", *args], cwd=REPO, env=env,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_glmchat_serve_command(ckpt):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = _glmchat("serve", "--model", str(ckpt), "--device", "cpu", "--dtype", "float32", "--port", str(port),
+                    "--api-key", "k3y")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "glmchat serve did not come up"
+            time.sleep(0.1)
+        r = client(url, api_key="k3y").chat.completions.create(model="x", messages=HI, max_tokens=4)
+        assert r.model == str(ckpt) and r.usage.completion_tokens >= 1
+        assert httpx.get(url + "/v1/models").status_code == 401
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert f"http://127.0.0.1:{port}/" in stderr
+
+
+def test_serve_without_fastapi_says_what_to_install(ckpt):
+    code = "sys.modules['fastapi'] = None; from glmchat.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = _glmchat("serve", "--model", str(ckpt), code=code)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert "pip install 'glmchat[server]'" in stderr and "Traceback" not in stderr
