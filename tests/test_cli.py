@@ -1,0 +1,116 @@
+"""The `glmchat` console script, run as a user runs it: a subprocess, stdin and stdout."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+import glmchat
+
+GLMCHAT = shutil.which("glmchat")
+pytestmark = pytest.mark.skipif(GLMCHAT is None, reason="the console script is missing: pip install -e .")
+COMMON = ["--device", "cpu", "--dtype", "float32", "--greedy", "--max-new-tokens", "12"]
+
+
+def glmchat_cli(*args, stdin: str = "", env: dict | None = None, check: bool = True):
+    result = subprocess.run([GLMCHAT, *map(str, args)], input=stdin, capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
+    assert "Traceback" not in result.stderr, result.stderr
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def native(tiny_ckpt):
+    return glmchat.load(str(tiny_ckpt), device="cpu", dtype="float32", progress=False)
+
+
+def _answer(native, messages):
+    return native.chat(messages, greedy=True, max_new_tokens=12)
+
+
+def test_help_lists_every_command():
+    out = glmchat_cli("--help").stdout
+    for command in ("chat", "run", "serve", "bench", "quantize"):
+        assert command in out
+    assert "--random-weights" in glmchat_cli("run", "--help").stdout
+
+
+def test_run_prints_the_native_answer(tiny_ckpt, native):
+    query = "在Python中实现二分查找的代码 请提供答案，并使用中文语言"
+    result = glmchat_cli("run", "--model", tiny_ckpt, *COMMON, query)
+    reply = _answer(native, [{"role": "user", "content": query}])
+    shown = reply.text if reply.tool_call is None or reply.text else json.dumps(reply.tool_call, ensure_ascii=False)
+    assert result.stdout == shown + "\n"
+
+
+def test_run_json_and_stdin(tiny_ckpt, native):
+    query = "What is ChatGLM? .Provide answer in English"
+    data = json.loads(glmchat_cli("run", "--model", tiny_ckpt, *COMMON, "--json", "-", stdin=query).stdout)
+    reply = _answer(native, [{"role": "user", "content": query}])
+    assert data["text"] == reply.text and data["tool_call"] == reply.tool_call
+    assert data["prompt_tokens"] == reply.prompt_tokens and data["completion_tokens"] == reply.completion_tokens
+    assert data["finish_reason"] in ("stop", "length") and data["random_weights"] is False
+    assert data["tokens_per_second"] > 0 and data["load_seconds"] > 0 and data["time_to_first_token"] > 0
+
+
+def test_interactive_chat_keeps_history_and_obeys_commands(tiny_ckpt, native):
+    stdin = "Hello\n你好，请介绍一下你自己\n/system Be brief.\n/clear\n/help\nHello\n/quit\n"
+    result = glmchat_cli("chat", "--model", tiny_ckpt, *COMMON, stdin=stdin)
+    out = result.stdout
+    first = _answer(native, [{"role": "user", "content": "Hello"}])
+    history = [{"role": "user", "content": "Hello"}, *first.messages]
+    second = _answer(native, history + [{"role": "user", "content": "你好，请介绍一下你自己"}])
+    after_clear = _answer(native, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}])
+    assert out.index(first.text) < out.index(second.text) < out.index("(conversation cleared)")
+    assert after_clear.text in out[out.index("/quit leave"):]
+    assert "(system prompt set)" in out and out.count("tokens/s") == 3
+    assert re.search(r"loaded .* in \d+\.\d s", result.stderr)  # the load time
+
+
+def test_eof_ends_the_chat_cleanly(tiny_ckpt):
+    assert glmchat_cli("chat", "--model", tiny_ckpt, *COMMON, stdin="").returncode == 0
+
+
+def test_user_mistakes_get_one_line_and_nonzero_exit(tiny_ckpt, tmp_path):
+    missing = glmchat_cli("run", "--model", tmp_path / "nope", "hi", check=False)
+    assert missing.returncode != 0 and "no checkpoint directory" in missing.stderr
+    offline = glmchat_cli("run", "--model", "THUDM/not-here", "hi", check=False,
+                          env={"HF_HOME": str(tmp_path / "hf")})
+    assert offline.returncode != 0 and "THUDM/not-here" in offline.stderr and "hub" in offline.stderr
+    bad_option = glmchat_cli("run", "--model", tiny_ckpt, "--temperature", "-1", "hi", check=False)
+    assert bad_option.returncode == 2 and "--temperature" in bad_option.stderr
+    too_long = glmchat_cli("run", "--model", tiny_ckpt, *COMMON, "长" * 2000, check=False)
+    assert too_long.returncode != 0 and "context" in too_long.stderr
+    for result in (missing, offline, bad_option, too_long):
+        assert len(result.stderr.strip().splitlines()) <= 2, result.stderr
+
+
+def test_random_weights_say_the_text_is_meaningless(tiny_ckpt):
+    result = glmchat_cli("run", "--model", tiny_ckpt, "--random-weights", *COMMON, "--json", "hi")
+    assert "meaningless" in result.stderr
+    assert json.loads(result.stdout)["random_weights"] is True
+
+
+def test_bench_json_runs_the_seed_workload(tiny_ckpt):
+    data = json.loads(glmchat_cli("bench", "--model", tiny_ckpt, "--random-weights", "--dtype", "float32",
+                                  "--max-new-tokens", "3", "--json").stdout)
+    prompts = [row["prompt"] for row in data["prompts"]]
+    assert len(prompts) == 8 and prompts[0].endswith(" .Provide answer in English")
+    assert prompts[1].endswith(" 请提供答案，并使用中文语言")
+    assert all(row["generated_tokens"] == 3 for row in data["prompts"])  # random weights: stops ignored
+    assert data["total"]["generated_tokens"] == 24 and data["peak_rss_bytes"] > 0
+
+
+def test_quantized_checkpoint_saves_and_chats(tiny_ckpt, tmp_path):
+    out = tmp_path / "int8"
+    glmchat_cli("quantize", tiny_ckpt, out, "--bits", "8")
+    assert json.loads((out / "config.json").read_text())["quantization"]["method"] == "int8"
+    data = json.loads(glmchat_cli("run", "--model", out, *COMMON, "--json", "Hello").stdout)
+    assert data["completion_tokens"] > 0
