@@ -472,6 +472,8 @@ def test_api_key(model, tok):
             client(s.url, api_key="wrong").models.list()
         missing = httpx.post(s.url + "/v1/chat/completions", json={"messages": HI})
         assert missing.status_code == 401 and missing.json()["error"]["code"] == "invalid_api_key"
+        garbage = httpx.post(s.url + "/v1/chat/completions", content="{oops", headers={"content-type": "application/json"})
+        assert garbage.status_code == 401  # the key is checked before the body is read
         assert client(s.url, api_key="s3cret").chat.completions.create(model="x", messages=HI, max_tokens=2).choices
         assert httpx.get(s.url + "/health").status_code == 200
 

@@ -10,10 +10,12 @@ import uuid
 from contextlib import asynccontextmanager
 from importlib import resources
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.background import BackgroundTask
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
 from .. import chat
@@ -49,13 +51,8 @@ def create_app(engine: Engine, tokenizer, *, model_id: str, api_key: str | None 
     created = int(time.time())
     _add_error_handlers(app)
 
-    def check_key(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not secrets.compare_digest(given.encode(), api_key.encode()):
-            what = "Missing API key" if not given else "Incorrect API key provided"
-            raise APIError(401, f"{what}: send it as 'Authorization: Bearer KEY'", code="invalid_api_key")
+    if api_key is not None:
+        app.add_middleware(RequireKey, key=api_key)
 
     @app.get("/health")
     def health():
@@ -65,18 +62,19 @@ def create_app(engine: Engine, tokenizer, *, model_id: str, api_key: str | None 
             "decoded_tokens": engine.decoded_tokens, "decode_seconds": round(engine.decode_seconds, 4),
         }
 
-    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    @app.get("/v1/models")
     def models():
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "glmchat"}]}
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, http_request: Request):
         generation = _start(engine, tokenizer, body)
         reply_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             events = _stream(generation, reply_id, now, model_id, include_usage)
-            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+                                     background=BackgroundTask(generation.request.cancel))  # also if never iterated
         content = "".join([delta async for delta in generation.deltas(http_request, incremental=False)])
         calls = generation.reply.tool_calls()
         message = {"role": "assistant", "content": content if content or not calls else None}
@@ -94,6 +92,22 @@ def create_app(engine: Engine, tokenizer, *, model_id: str, api_key: str | None 
 
     app.mount("/static", StaticFiles(directory=str(STATIC)), name="static")
     return app
+
+
+class RequireKey:
+    """ASGI middleware: /v1/ needs `Authorization: Bearer KEY`, checked before the body is even read."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = Headers(scope=scope).get("authorization", "").removeprefix("Bearer ").strip()
+            if not secrets.compare_digest(given.encode(), self.key):
+                what = "Missing API key" if not given else "Incorrect API key provided"
+                response = error_response(401, f"{what}: send it as 'Authorization: Bearer KEY'", code="invalid_api_key")
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class Generation:
