@@ -23,24 +23,24 @@ class ContextLengthError(ValueError):
 
 
 class Linear(nn.Linear):
-    """nn.Linear; one row on CPU goes through torch.mv, PyTorch's fastest CPU matrix-vector
-    kernel (measured ~1.5× F.linear's in bfloat16 at ChatGLM3-6B's shapes)."""
+    """nn.Linear with faster CPU kernels for the few-row products of decoding, in bfloat16.
+
+    Measured at ChatGLM3-6B's shapes on AVX-512/AMX CPUs: one row through torch.mv runs ~1.5×
+    F.linear's speed, and 2-512 rows as W @ x^T ~1.6× (batched decode steps, short prefills).
+    float16 is the other way round (its mv is slower), so it keeps F.linear.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.numel() == self.in_features:
-            y = torch.mv(self.weight, x.reshape(-1))
-            if self.bias is not None:
-                y = y + self.bias
-            return y.view(*x.shape[:-1], self.out_features)
         rows = x.numel() // self.in_features
-        if x.device.type == "cpu" and x.dtype == torch.bfloat16 and rows <= 512:
-            # W @ x^T runs ~1.6× faster than F.linear's x @ W^T in bf16 for 2-512 rows (batched
-            # decode steps, short prefills); measured on AMX/AVX-512 CPUs.
+        if x.device.type != "cpu" or x.dtype != torch.bfloat16 or rows > 512:
+            return F.linear(x, self.weight, self.bias)
+        if rows == 1:
+            y = torch.mv(self.weight, x.reshape(-1))
+        else:
             y = (self.weight @ x.reshape(rows, self.in_features).t()).t()
-            if self.bias is not None:
-                y = y + self.bias
-            return y.contiguous().view(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight, self.bias)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.contiguous().view(*x.shape[:-1], self.out_features)
 
 
 class RMSNorm(nn.Module):
