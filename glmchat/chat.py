@@ -21,8 +21,9 @@ from typing import Any, Iterator
 import torch
 
 from .device import default_dtype, pick_device
+from .families import CHATGLM3, Family, parse_json_tool_call, read_config
 from .generate import SamplingConfig, generate_tokens, vocab_limit
-from .loader import DEFAULT_MODEL, CheckpointError, load_model, resolve_checkpoint
+from .loader import DEFAULT_MODEL, CheckpointError, config_and_family, load_model, resolve_checkpoint
 from .model import GLMTransformer, KVCache
 from .tiny import train_tokenizer
 from .tokenizer import ROLES, TOKENIZER_FILE, ChatGLMTokenizer
@@ -98,13 +99,18 @@ def split_segments(text: str) -> list[tuple[str, str]]:
     return segments
 
 
-def parse_response(text: str, tools_in_prompt: bool) -> ParsedResponse:
+def parse_response(text: str, tools_in_prompt: bool, family: Family = CHATGLM3) -> ParsedResponse:
     """The reference's post-processing of a decoded reply, with tool calls parsed safely.
 
     A segment whose metadata is blank is text: its history entry holds the stripped content. Any
     other segment is a tool call named by the metadata: `{"name", "parameters"}` when the prompt
-    offered tools (the call is parsed, see `parse_tool_call`), else `{"name", "content"}`.
+    offered tools (the call is parsed: `parse_tool_call` for ChatGLM3, JSON for GLM-4), else
+    `{"name", "content"}`. ChatGLM2 has no segments: its reply is the stripped text.
     """
+    if family.tool_calls is None:
+        content = text.strip()
+        return ParsedResponse(family.show(content), None, [{"role": "assistant", "content": content}])
+    parse_arguments = parse_json_tool_call if family.tool_calls == "json" else parse_tool_call
     texts, messages, tool_call = [], [], None
     for metadata, content in split_segments(text):
         if not metadata.strip():
@@ -117,14 +123,10 @@ def parse_response(text: str, tools_in_prompt: bool) -> ParsedResponse:
             messages.append({"role": "assistant", "metadata": metadata, "content": content})
             name = metadata.strip()
             if tools_in_prompt:
-                tool_call = {"name": name, "parameters": parse_tool_call(content)}
+                tool_call = {"name": name, "parameters": parse_arguments(content)}
             else:
                 tool_call = {"name": name, "content": content}
-    return ParsedResponse(_show("\n\n".join(texts)), tool_call, messages)
-
-
-def _show(text: str) -> str:
-    return text.replace(TRAINING_TIME, "2023年")
+    return ParsedResponse(family.show("\n\n".join(texts)), tool_call, messages)
 
 
 def parse_tool_call(content: str) -> dict:
@@ -164,23 +166,22 @@ def parse_tool_call(content: str) -> dict:
     return kwargs
 
 
-def _plain_text(segments: list[tuple[str, str]]) -> str:
-    return _show("\n\n".join(c.strip() for m, c in segments if not m.strip() and c.strip()))
-
-
-def visible_text(text: str, final: bool = True) -> str:
+def visible_text(text: str, final: bool = True, family: Family = CHATGLM3) -> str:
     """The part of a reply decoded so far that a reader may see: its plain-text segments.
 
     Before the end (final=False) this only grows as text is added: a segment whose first line is
     not complete yet is held back (that line may name a tool), and so are trailing blanks and a
     tail that may still become "<|assistant|>" or "[[训练时间]]".
     """
-    if not final:
-        text = _without_partial(text, ASSISTANT)
-    segments = split_segments(text)
-    if not final and "\n" not in text.rsplit(ASSISTANT, 1)[-1]:
-        segments = segments[:-1]
-    shown = _plain_text(segments)
+    if family.tool_calls is None:  # ChatGLM2: all of it is text
+        shown = family.show(text.strip())
+    else:
+        if not final:
+            text = _without_partial(text, ASSISTANT)
+        segments = split_segments(text)
+        if not final and "\n" not in text.rsplit(ASSISTANT, 1)[-1]:
+            segments = segments[:-1]
+        shown = family.show("\n\n".join(c.strip() for m, c in segments if not m.strip() and c.strip()))
     return shown if final else _without_partial(shown, TRAINING_TIME).rstrip()
 
 
@@ -260,9 +261,11 @@ class ChatModel:
     """
 
     def __init__(self, model: GLMTransformer, tokenizer: ChatGLMTokenizer, *, load_seconds: float = 0.0,
-                 source: str = "", random_weights: bool = False, standin_tokenizer: bool = False, processors=()):
+                 source: str = "", random_weights: bool = False, standin_tokenizer: bool = False, processors=(),
+                 family: Family = CHATGLM3):
         self.model = model
         self.tokenizer = tokenizer
+        self.family = family  # decides the prompt format, the stop tokens and how replies read
         self.load_seconds = load_seconds
         self.source = source
         self.random_weights = random_weights
@@ -273,7 +276,7 @@ class ChatModel:
         self._cache_valid = 0  # how many of them are complete
 
     def __repr__(self) -> str:
-        return f"ChatModel({self.source!r}, device={self.device}, dtype={self.dtype})"
+        return f"ChatModel({self.source!r}, {self.family.label}, device={self.device}, dtype={self.dtype})"
 
     @property
     def config(self):
@@ -305,8 +308,8 @@ class ChatModel:
         """
         sampling = SamplingConfig(greedy=greedy, temperature=temperature, top_p=top_p, top_k=top_k,
                                   repetition_penalty=repetition_penalty, seed=seed)
-        prompt = build_prompt_ids(self.tokenizer, messages)
-        stop = set(self.tokenizer.stop_token_ids)
+        prompt = self.family.prompt_ids(self.tokenizer, messages)
+        stop = set(self.family.stop_ids(self.tokenizer))
         start = time.perf_counter()
         first = None
         detok = StreamDetokenizer(self.tokenizer)
@@ -318,12 +321,12 @@ class ChatModel:
                 finish = "stop"
                 continue
             detok.add(token)
-            seen = visible_text(detok.text, final=False)
+            seen = visible_text(detok.text, final=False, family=self.family)
             if len(seen) > len(shown) and seen.startswith(shown):
                 yield Chunk(seen[len(shown):])
                 shown = seen
         end = time.perf_counter()
-        parsed = parse_response(self.tokenizer.decode(detok.ids), has_tools(messages))
+        parsed = parse_response(self.tokenizer.decode(detok.ids), has_tools(messages), self.family)
         reply = Reply(parsed.content, parsed.tool_call, parsed.messages, finish, len(prompt), count,
                       (first or end) - start, end - start)
         yield Chunk(parsed.content[len(shown):] if parsed.content.startswith(shown) else "", reply)
@@ -336,7 +339,7 @@ class ChatModel:
         cache: continue after what it holds; or reuse_cache: keep one cache across calls and reuse
         its longest prefix shared with prompt_ids.
         """
-        stop_ids = self.tokenizer.stop_token_ids if stop_ids is None else stop_ids
+        stop_ids = self.family.stop_ids(self.tokenizer) if stop_ids is None else stop_ids
         context = self.model.config.seq_length
         max_new = context if max_new_tokens is None else max_new_tokens
         ids, before = list(prompt_ids), None
@@ -386,7 +389,9 @@ def resized_cache(model: GLMTransformer, cache: KVCache | None, length: int, cap
 def load(path_or_id: str = DEFAULT_MODEL, *, device: str | torch.device = "auto", dtype="auto",
          random_weights: bool = False, quantize: str | None = None, group_size: int = 128,
          progress: bool = True) -> ChatModel:
-    """Load a ChatGLM3 checkpoint (a local directory or a Hugging Face id) and its tokenizer.
+    """Load a checkpoint of the GLM family (a local directory or a Hugging Face id) and its tokenizer.
+
+    The family (ChatGLM2/3, GLM-4; chat or base) is recognised from the checkpoint's own files.
 
     device: "auto" (CUDA/ROCm, then MPS, then CPU), "cpu", "cuda", "cuda:1", "mps".
     dtype: "auto" (see `default_dtype`), None for the checkpoint's stored dtype, or a name/torch dtype.
@@ -402,28 +407,32 @@ def load(path_or_id: str = DEFAULT_MODEL, *, device: str | torch.device = "auto"
     if random_weights:
         model, _ = load_model(path_or_id, device=device, dtype=dtype, random_weights=True, progress=progress,
                               quantize=quantize, group_size=group_size)
-        tokenizer = _tokenizer_for_random_weights(path_or_id)
-        if tokenizer is None:
-            tokenizer, standin = standin_tokenizer(), True
+        family = config_and_family(path_or_id)[1]
+        directory = _tokenizer_directory(path_or_id)
+        if directory is not None:
+            tokenizer = family.load_tokenizer(directory)
+        else:  # the stand-in speaks ChatGLM3's format
+            tokenizer, standin, family = standin_tokenizer(), True, CHATGLM3
             processors.append(vocab_limit(tokenizer.vocab_size))
     else:
         directory = resolve_checkpoint(path_or_id)
         model, _ = load_model(directory, device=device, dtype=dtype, progress=progress, quantize=quantize,
                               group_size=group_size)
-        tokenizer = ChatGLMTokenizer.from_pretrained(directory)
+        family = read_config(directory, name=os.fspath(path_or_id))[1]
+        tokenizer = family.load_tokenizer(directory)
     return ChatModel(model, tokenizer, load_seconds=time.perf_counter() - start, source=os.fspath(path_or_id),
-                     random_weights=random_weights, standin_tokenizer=standin, processors=processors)
+                     random_weights=random_weights, standin_tokenizer=standin, processors=processors,
+                     family=family)
 
 
-def _tokenizer_for_random_weights(path_or_id) -> ChatGLMTokenizer | None:
-    """The checkpoint's own tokenizer when it can be had without the weights, else None."""
+def _tokenizer_directory(path_or_id) -> Path | None:
+    """The checkpoint directory when its tokenizer can be had without the weights, else None."""
     try:
         directory = resolve_checkpoint(path_or_id, weights=False)
     except CheckpointError:
         return None
-    if not (directory / TOKENIZER_FILE).exists():
-        return None
-    return ChatGLMTokenizer.from_pretrained(directory)
+    has_tokenizer = (directory / TOKENIZER_FILE).exists() or (directory / "tokenizer.json").exists()
+    return directory if has_tokenizer else None
 
 
 def standin_tokenizer() -> ChatGLMTokenizer:

@@ -18,13 +18,14 @@ from .config import ConfigError
 from .device import DEVICES, DeviceError, pick_device
 from .loader import DEFAULT_MODEL, CheckpointError
 from .model import ContextLengthError
+from .families import NotAChatModelError
 from .quantize import QuantizationError
 from .server import add_server_options
 from .tokenizer import TokenizerError
 
 # Mistakes a user can fix: reported as one line, never as a traceback (GLMCHAT_DEBUG=1 shows it).
 USER_ERRORS = (CheckpointError, ConfigError, TokenizerError, ContextLengthError, DeviceError, ToolCallParseError,
-               QuantizationError, OSError)
+               QuantizationError, NotAChatModelError, OSError)
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 HELP = """\
@@ -108,7 +109,7 @@ def load_from_args(args, announce: bool = True) -> ChatModel:
         _note("no tokenizer for this model is available offline: using a small stand-in tokenizer, "
               "restricted to its own ids")
     if announce:
-        _note(f"loaded {args.model} on {model.device} ({str(model.dtype).removeprefix('torch.')}) "
+        _note(f"loaded {args.model} ({model.family.label}) on {model.device} ({str(model.dtype).removeprefix('torch.')}) "
               f"in {model.load_seconds:.1f} s")
     return model
 
@@ -188,6 +189,11 @@ def _answer(model: ChatModel, messages: list[dict], args) -> list[dict]:
         return [{"role": "assistant", "metadata": "", "content": "".join(shown)}] if shown else []
     except ContextLengthError as e:
         print(f"glmchat: {e} (/clear starts over)", flush=True)
+        return []
+    except NotAChatModelError:
+        raise
+    except ValueError as e:  # a conversation this model's format cannot express (e.g. ChatGLM2 and /system)
+        print(f"glmchat: {e}", flush=True)
         return []
     if reply.tool_call is not None:
         print(f"\n[tool call] {json.dumps(reply.tool_call, ensure_ascii=False)}", end="")

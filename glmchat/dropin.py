@@ -14,7 +14,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .chat import ChatModel, ToolCallParseError, _show, has_tools, load, parse_response, resized_cache
+from .chat import ChatModel, ToolCallParseError, has_tools, load, parse_response, resized_cache
+from .families import read_config
 from .generate import SamplingConfig, generate_batch
 from .loader import resolve_checkpoint
 from .model import KVCache
@@ -24,8 +25,10 @@ from .tokenizer import ChatGLMTokenizer
 class AutoTokenizer:
     @staticmethod
     def from_pretrained(path_or_id, *args, **kwargs) -> ChatGLMTokenizer:
-        """The ChatGLM3 tokenizer of a local directory or hub id (trust_remote_code etc. are ignored)."""
-        return ChatGLMTokenizer.from_pretrained(resolve_checkpoint(path_or_id, weights=False))
+        """The tokenizer of a local directory or hub id, of the checkpoint's own family
+        (ChatGLM2/3 SentencePiece, GLM-4 byte-level BPE); trust_remote_code etc. are ignored."""
+        directory = resolve_checkpoint(path_or_id, weights=False)
+        return read_config(directory, name=str(path_or_id))[1].load_tokenizer(directory)
 
 
 class AutoModel:
@@ -94,6 +97,7 @@ class ChatGLMForConditionalGeneration(nn.Module):
         super().__init__()
         self.transformer = chat_model.model
         self.config = chat_model.config
+        self.family = chat_model.family
         self._engine = chat_model
         self.eval()
 
@@ -177,16 +181,28 @@ class ChatGLMForConditionalGeneration(nn.Module):
     def chat(self, tokenizer, query: str, history: list[dict] | None = None, role: str = "user",
              max_length: int = 8192, num_beams: int = 1, do_sample: bool = True, top_p: float = 0.8,
              temperature: float = 0.8, logits_processor=None, **kwargs):
-        """(response, history) like the reference: `history` gets the query appended in place."""
+        """(response, history) like the reference: `history` gets the query appended in place.
+
+        ChatGLM2 keeps its own reference's shape: history is (query, response) pairs, the caller's
+        list is left alone and every generated token is kept.
+        """
+        self.family.check_chat()
+        if self.family.name == "chatglm2":
+            last = ("", list(history or []) + [(query, "")])
+            for last in self._chatglm2_stream(tokenizer, query, history, max_length, do_sample, top_p,
+                                              temperature, logits_processor, kwargs, num_beams):
+                pass
+            return last
         history = [] if history is None else history
         prompt = tokenizer.build_chat_input(query, history=history, role=role).input_ids[0].tolist()
         sampling, max_new = _options(len(prompt), max_length, kwargs.pop("max_new_tokens", None), do_sample,
                                      temperature, top_p, kwargs.pop("top_k", 50),
                                      kwargs.pop("repetition_penalty", 1.0), num_beams, kwargs)
         tokens = list(self._engine.stream_ids(prompt, max_new_tokens=max_new, sampling=sampling,
-                                              stop_ids=_stop_ids(tokenizer), processors=list(logits_processor or [])))
+                                              stop_ids=self.family.stop_ids(tokenizer),
+                                              processors=list(logits_processor or [])))
         history.append({"role": role, "content": query})
-        return _reference_response(tokenizer.decode(tokens[:-1]), history)
+        return _reference_response(tokenizer.decode(tokens[:-1]), history, self.family)
 
     @torch.inference_mode()
     def stream_chat(self, tokenizer, query: str, history: list[dict] | None = None, role: str = "user",
@@ -199,6 +215,13 @@ class ChatGLMForConditionalGeneration(nn.Module):
         difference: where the reference would crash on a tool call still being written (it evals
         the incomplete code), that partial step is skipped; a call still invalid at the end raises.
         """
+        self.family.check_chat()
+        if self.family.name == "chatglm2":
+            if past_key_values is not None or return_past_key_values:
+                raise NotImplementedError("stream_chat with past_key_values is not supported for ChatGLM2 yet")
+            yield from self._chatglm2_stream(tokenizer, query, history, max_length, do_sample, top_p, temperature,
+                                             logits_processor, kwargs)
+            return
         history = [] if history is None else history
         turn = tokenizer.build_chat_input(query, history=history if past_key_values is None else None, role=role)
         prompt = turn.input_ids[0].tolist()
@@ -209,13 +232,14 @@ class ChatGLMForConditionalGeneration(nn.Module):
         history.append({"role": role, "content": query})
         tokens, failed = [], None
         for token in self._engine.stream_ids(prompt, max_new_tokens=max_new, sampling=sampling, cache=cache,
-                                             stop_ids=_stop_ids(tokenizer), processors=list(logits_processor or [])):
+                                             stop_ids=self.family.stop_ids(tokenizer),
+                                             processors=list(logits_processor or [])):
             tokens.append(token)
             text = tokenizer.decode(tokens[:-1])
             if not text or text[-1] == "\ufffd":
                 continue
             try:
-                response, new_history = _reference_response(text, history)
+                response, new_history = _reference_response(text, history, self.family)
             except ToolCallParseError as e:  # the call is not complete yet
                 failed = e
                 continue
@@ -224,18 +248,33 @@ class ChatGLMForConditionalGeneration(nn.Module):
         if failed is not None:
             raise failed
 
+    def _chatglm2_stream(self, tokenizer, query, history, max_length, do_sample, top_p, temperature,
+                         logits_processor, kwargs, num_beams=1):
+        """ChatGLM2's stream_chat: (response, history + [(query, response)]) after every token,
+        all generated tokens kept, skipping text that is empty or ends in U+FFFD."""
+        history = list(history or [])
+        prompt = tokenizer.build_chat_input(query, history=history).input_ids[0].tolist()
+        sampling, max_new = _options(len(prompt), max_length, kwargs.pop("max_new_tokens", None), do_sample,
+                                     temperature, top_p, kwargs.pop("top_k", 50),
+                                     kwargs.pop("repetition_penalty", 1.0), num_beams, kwargs)
+        tokens = []
+        for token in self._engine.stream_ids(prompt, max_new_tokens=max_new, sampling=sampling,
+                                             stop_ids=self.family.stop_ids(tokenizer),
+                                             processors=list(logits_processor or [])):
+            tokens.append(token)
+            text = tokenizer.decode(tokens)
+            if text and text[-1] != "\ufffd":
+                response = self.family.show(text.strip())
+                yield response, history + [(query, response)]
 
-def _reference_response(text: str, history: list[dict]):
+
+def _reference_response(text: str, history: list[dict], family):
     """The reference's process_response: the last segment's text (or tool-call dict) and a new history."""
-    parsed = parse_response(text, has_tools(history))
+    parsed = parse_response(text, has_tools(history), family)
     new_history = copy.deepcopy(history) + parsed.messages
     if parsed.tool_call is not None:
         return parsed.tool_call, new_history
-    return _show(parsed.messages[-1]["content"]), new_history
-
-
-def _stop_ids(tokenizer) -> list[int]:
-    return [tokenizer.eos_token_id, tokenizer.get_command("<|user|>"), tokenizer.get_command("<|observation|>")]
+    return family.show(parsed.messages[-1]["content"]), new_history
 
 
 def _options(prompt_len, max_length, max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty,

@@ -190,13 +190,19 @@ def _family_read_config(directory: Path, name: str):
 
 def load_config(path_or_id: str | os.PathLike) -> GLMConfig:
     """The model's config: from a local directory, a built-in table for known ids, or the hub."""
+    return config_and_family(path_or_id)[0]
+
+
+def config_and_family(path_or_id: str | os.PathLike):
+    """(GLMConfig, Family) of a local directory, a known hub id (built in), or a hub download."""
     from .families import detect_family, family_config, read_config
 
     text = os.fspath(path_or_id)
     if not Path(text).expanduser().exists() and text in KNOWN_CONFIGS:
         raw = KNOWN_CONFIGS[text]
-        return family_config(raw, f"{text} (built-in config)", detect_family(None, raw, name=text))
-    return read_config(resolve_checkpoint(text, weights=False), name=text)[0]
+        family = detect_family(None, raw, name=text)
+        return family_config(raw, f"{text} (built-in config)", family), family
+    return read_config(resolve_checkpoint(text, weights=False), name=text)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,7 +52,8 @@ def serve(chat_model, args) -> None:
     tokenizer = chat_model.tokenizer
     app = build_app(chat_model.model, tokenizer, model_id=args.model, api_key=args.api_key,
                     max_batch=args.max_batch, max_queue=args.max_queue,
-                    vocab_limit=tokenizer.vocab_size if chat_model.standin_tokenizer else None)
+                    vocab_limit=tokenizer.vocab_size if chat_model.standin_tokenizer else None,
+                    family=chat_model.family)
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"glmchat: warning: listening on {args.host} without --api-key: anyone who can reach it may use it",
               file=sys.stderr)
@@ -62,16 +63,20 @@ def serve(chat_model, args) -> None:
 
 
 def build_app(model, tokenizer, *, model_id: str, api_key: str | None = None, max_batch: int = 8,
-              max_queue: int = 64, vocab_limit: int | None = None):
+              max_queue: int = 64, vocab_limit: int | None = None, family=None):
     """The FastAPI app serving `model`; its engine thread runs while the app does.
 
     vocab_limit: never generate ids >= this (e.g. a stand-in tokenizer's size with random weights).
+    family: the model's family (glmchat.families), which decides prompts, stops and replies;
+    ChatGLM3 when None.
     """
     from .app import create_app
     from .engine import Engine
 
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue, vocab_limit=vocab_limit)
-    return create_app(engine, tokenizer, model_id=model_id, api_key=api_key)
+    from ..families import CHATGLM3
+
+    return create_app(engine, tokenizer, model_id=model_id, api_key=api_key, family=family or CHATGLM3)
 
 
 def run(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:

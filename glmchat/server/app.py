@@ -18,7 +18,7 @@ from starlette.background import BackgroundTask
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from .. import chat
+from ..families import CHATGLM3, Family
 from ..generate import SamplingConfig
 from .engine import Engine, QueueFullError
 from .protocol import BadRequest, ChatRequest, Reply, to_glm_messages
@@ -38,7 +38,8 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def create_app(engine: Engine, tokenizer, *, model_id: str, api_key: str | None = None) -> FastAPI:
+def create_app(engine: Engine, tokenizer, *, model_id: str, api_key: str | None = None,
+               family: Family = CHATGLM3) -> FastAPI:
     """The app; it starts the engine's thread on startup and stops it on shutdown."""
 
     @asynccontextmanager
@@ -68,7 +69,7 @@ def create_app(engine: Engine, tokenizer, *, model_id: str, api_key: str | None 
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, http_request: Request):
-        generation = _start(engine, tokenizer, body)
+        generation = _start(engine, tokenizer, family, body)
         reply_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -175,20 +176,26 @@ class Generation:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
-def _start(engine: Engine, tokenizer, body: ChatRequest) -> Generation:
+def _start(engine: Engine, tokenizer, family: Family, body: ChatRequest) -> Generation:
+    if body.active_tools() and family.tool_calls != "python":
+        raise APIError(400, f"tools are served for ChatGLM3 models only so far; this model is {family.label}",
+                       param="tools")
     try:
         turns = to_glm_messages(body)
         stop_strings = body.stop_strings()
+        prompt = family.prompt_ids(tokenizer, turns)
     except BadRequest as e:
         raise APIError(400, str(e), param=e.param) from None
-    prompt = chat.build_prompt_ids(tokenizer, turns)
+    except ValueError as e:  # a role the family lacks, or a base model without a chat template
+        raise APIError(400, str(e), param="messages") from None
     max_new = body.max_completion_tokens or body.max_tokens
     _check_context(len(prompt), max_new, engine.context_length)
     _check_logit_bias(body.logit_bias or {}, engine.model.config.padded_vocab_size)
     temperature = DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
     top_p = DEFAULT_TOP_P if body.top_p is None else body.top_p
     sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=body.seed)
-    reply = Reply(tokenizer, stop_ids=tokenizer.stop_token_ids, stop_strings=stop_strings, tools=bool(body.active_tools()))
+    reply = Reply(tokenizer, stop_ids=family.stop_ids(tokenizer), stop_strings=stop_strings,
+                  tools=bool(body.active_tools()), family=family)
     try:
         return Generation(engine, reply, prompt, max_new or engine.context_length - len(prompt), sampling, body.logit_bias)
     except QueueFullError as e:

@@ -15,10 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import chat
 from ..chat import ASSISTANT, TRAINING_TIME
+from ..families import CHATGLM3
 
 # The system text ChatGLM3 was trained with for tool use (its tool_using / openai_api demos).
 TOOLS_PROMPT = "Answer the following questions as best as you can. You have access to the following tools:"
-DATE_TEXT = "2023年"  # what chat.TRAINING_TIME is shown as, like the reference's replies
 
 
 class BadRequest(ValueError):
@@ -180,8 +180,9 @@ class Reply:
     every segment is text, since there is nothing the model could be calling.
     """
 
-    def __init__(self, tokenizer, *, stop_ids, stop_strings: list[str], tools: bool):
+    def __init__(self, tokenizer, *, stop_ids, stop_strings: list[str], tools: bool, family=CHATGLM3):
         self.tokenizer = tokenizer
+        self.family = family
         self.stop_ids = set(stop_ids)
         self.stop_strings = stop_strings
         self.tools = tools
@@ -206,7 +207,7 @@ class Reply:
             return self._with_tools(text, final)
         if not final:
             text = text[: len(text) - _partial_tail(text, [ASSISTANT])]
-        content = "\n\n".join(s.strip() for s in text.split(ASSISTANT) if s.strip()).replace(TRAINING_TIME, DATE_TEXT)
+        content = self.family.show("\n\n".join(s.strip() for s in text.split(ASSISTANT) if s.strip()))
         return content if final else content[: len(content) - _partial_tail(content, [TRAINING_TIME])]
 
     def _with_tools(self, text: str, final: bool) -> str:
