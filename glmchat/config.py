@@ -92,14 +92,7 @@ class GLMConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "GLMConfig":
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{path} does not exist: a checkpoint directory needs a config.json") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{path} is not valid JSON ({e})") from None
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_config_json(path), source=str(path))
 
     def validate(self, source: str = "config") -> None:
         if self.num_attention_heads % self.multi_query_group_num:
@@ -114,6 +107,20 @@ class GLMConfig:
         for name in ("hidden_size", "num_layers", "ffn_hidden_size", "padded_vocab_size", "seq_length"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{source}: {name}={getattr(self, name)} must be positive")
+
+
+def read_config_json(path: str | Path) -> dict:
+    """A checkpoint's config.json as a dict; a missing or malformed file raises ConfigError."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path} does not exist: a checkpoint directory needs a config.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} does not hold a JSON object")
+    return raw
 
 
 def _from_transformers_glm(raw: dict, source: str) -> dict:

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, GLMConfig
+from .config import ConfigError, GLMConfig, read_config_json
 from .tokenizer import ChatGLMTokenizer, TokenizerError, _as_id_list
 
 
@@ -333,18 +333,6 @@ def official_tensors(tensors, pending: dict):
 def read_config(directory: Path, name: str = "", family: str | None = None) -> tuple[GLMConfig, Family]:
     """The config and family of a checkpoint directory."""
     path = Path(directory) / "config.json"
-    raw = _raw_config(path)
+    raw = read_config_json(path)
     found = detect_family(directory, raw, name=name, family=family)
     return family_config(raw, str(path), found), found
-
-
-def _raw_config(path: Path) -> dict:
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path} does not exist: a checkpoint directory needs a config.json") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} does not hold a JSON object")
-    return raw

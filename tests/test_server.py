@@ -21,7 +21,6 @@ import torch
 from glmchat.chat import build_prompt_ids, parse_tool_call
 from glmchat.generate import generate_tokens
 from glmchat.loader import load_model
-from glmchat.model import KVCache
 from glmchat.server import BackgroundServer, build_app
 from glmchat.server.engine import Engine, SlotCache
 from glmchat.server.protocol import TOOLS_PROMPT, ChatRequest, Reply, format_tool_call, to_glm_messages
