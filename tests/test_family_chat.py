@@ -17,6 +17,7 @@ import glmchat
 from glmchat.families import NotAChatModelError
 from glmchat.loader import load_model
 from glmchat.server import BackgroundServer, build_app
+from glmchat.server.protocol import ChatRequest, Reply, to_glm_messages
 from glmchat.tiny_family import (make_tiny_chatglm2_checkpoint, make_tiny_chatglm3_base_checkpoint,
                                  make_tiny_glm4_checkpoint, train_bpe_ranks)
 
@@ -121,6 +122,33 @@ def test_base_model_refuses_chat(tmp_path, tiny_tokenizer_model):
     assert result.returncode != 0 and "base model" in result.stderr and "Traceback" not in result.stderr
 
 
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "天气 weather",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+def test_glm4_tool_calls_in_the_server_protocol(glm4):
+    """GLM-4 writes a call as the tool's name on one line and JSON arguments on the next."""
+    tok = glmchat.AutoTokenizer.from_pretrained(str(glm4))
+    family = glmchat.load(str(glm4), device="cpu", progress=False).family
+    request = ChatRequest.model_validate({"tools": TOOLS, "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": '{"temperature": 21}'},
+    ]})
+    prompt = tok.decode(family.prompt_ids(tok, to_glm_messages(request, family)))
+    assert '"name": "get_weather"' in prompt  # the template's tool listing
+    assert '<|assistant|>get_weather\n{"city": "Paris"}<|observation|>\n{"temperature": 21}<|assistant|>' in prompt
+
+    reply = Reply(tok, stop_ids=family.stop_ids(tok), stop_strings=[], tools=True, family=family)
+    for token in tok.encode('get_weather\n{"city": "北京"}', add_special_tokens=False):
+        reply.add(token)
+    assert reply.content(final=True) == ""
+    [call] = reply.tool_calls()
+    assert call["function"]["name"] == "get_weather"
+    assert json.loads(call["function"]["arguments"]) == {"city": "北京"}
+
+
 def test_glm4_through_the_server_and_cli(glm4):
     native = glmchat.load(str(glm4), device="cpu", dtype="float32", progress=False)
     expected = native.chat([{"role": "user", "content": QUERY}], greedy=True, max_new_tokens=NEW)
@@ -131,9 +159,9 @@ def test_glm4_through_the_server_and_cli(glm4):
                                                temperature=0, max_tokens=NEW)
         assert reply.usage.prompt_tokens == expected.prompt_tokens
         assert reply.usage.completion_tokens == expected.completion_tokens
-        with pytest.raises(openai.BadRequestError, match="ChatGLM3"):
-            client.chat.completions.create(model="glm-4", messages=[{"role": "user", "content": "hi"}],
-                                           tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}])
+        with_tools = client.chat.completions.create(model="glm-4", messages=[{"role": "user", "content": "hi"}],
+                                                    tools=TOOLS, temperature=0, max_tokens=4)
+        assert with_tools.usage.prompt_tokens > reply.usage.prompt_tokens  # the tools are in the prompt
 
     result = subprocess.run([shutil.which("glmchat"), "run", "--model", str(glm4), "--dtype", "float32", "--greedy",
                              "--max-new-tokens", str(NEW), "--json", QUERY], capture_output=True, text=True,

@@ -177,11 +177,10 @@ class Generation:
 
 
 def _start(engine: Engine, tokenizer, family: Family, body: ChatRequest) -> Generation:
-    if body.active_tools() and family.tool_calls != "python":
-        raise APIError(400, f"tools are served for ChatGLM3 models only so far; this model is {family.label}",
-                       param="tools")
+    if body.active_tools() and family.tool_calls is None:
+        raise APIError(400, f"{family.label} was not trained to call tools", param="tools")
     try:
-        turns = to_glm_messages(body)
+        turns = to_glm_messages(body, family)
         stop_strings = body.stop_strings()
         prompt = family.prompt_ids(tokenizer, turns)
     except BadRequest as e:

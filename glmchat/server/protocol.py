@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import chat
 from ..chat import ASSISTANT, TRAINING_TIME
-from ..families import CHATGLM3
+from ..families import CHATGLM3, Family, parse_json_tool_call
 
 # The system text ChatGLM3 was trained with for tool use (its tool_using / openai_api demos).
 TOOLS_PROMPT = "Answer the following questions as best as you can. You have access to the following tools:"
@@ -109,12 +109,18 @@ class ChatRequest(_Lenient):
 
 # ---- OpenAI messages -> ChatGLM3 history ---------------------------------------------------
 
-def to_glm_messages(request: ChatRequest) -> list[dict]:
-    """The ChatGLM3 turns for a request: tools go first as a system turn with "tools"."""
+def to_glm_messages(request: ChatRequest, family: Family = CHATGLM3) -> list[dict]:
+    """The conversation turns for a request: tools go first as a system turn with "tools"
+    (ChatGLM3: the functions after a prompt; GLM-4: OpenAI-style tools, its template adds the rest)."""
     if request.n != 1:
         raise BadRequest(f"n: only n=1 is supported, got {request.n}", "n")
     tools = request.active_tools()
-    turns: list[dict] = [{"role": "system", "content": TOOLS_PROMPT, "tools": tools}] if tools else []
+    json_calls = family.tool_calls == "json"
+    turns: list[dict] = []
+    if tools and json_calls:
+        turns.append({"role": "system", "content": "", "tools": [{"type": "function", "function": t} for t in tools]})
+    elif tools:
+        turns.append({"role": "system", "content": TOOLS_PROMPT, "tools": tools})
     for i, message in enumerate(request.messages):
         text = message.text()
         if message.role in ("system", "developer"):
@@ -128,8 +134,9 @@ def to_glm_messages(request: ChatRequest) -> list[dict]:
                 turns.append({"role": "assistant", "metadata": "", "content": text})
             for j, call in enumerate(message.tool_calls or []):
                 param = f"messages[{i}].tool_calls[{j}].function.arguments"
-                turns.append({"role": "assistant", "metadata": call.function.name,
-                              "content": format_tool_call(_arguments(call.function.arguments, param), param)})
+                arguments = _arguments(call.function.arguments, param)
+                content = json.dumps(arguments, ensure_ascii=False) if json_calls else format_tool_call(arguments, param)
+                turns.append({"role": "assistant", "metadata": call.function.name, "content": content})
     return turns
 
 
@@ -211,14 +218,14 @@ class Reply:
         return content if final else content[: len(content) - _partial_tail(content, [TRAINING_TIME])]
 
     def _with_tools(self, text: str, final: bool) -> str:
-        content = chat.visible_text(text, final)
+        content = chat.visible_text(text, final, self.family)
         if not final:
             return content
         metadata, body = chat.split_segments(text)[-1]
         if not metadata.strip():
             return content
         try:
-            arguments = chat.parse_tool_call(body)
+            arguments = parse_json_tool_call(body) if self.family.tool_calls == "json" else chat.parse_tool_call(body)
         except chat.ToolCallParseError:  # not a call we can read: show it as text
             return "\n\n".join(filter(None, [content, f"{metadata}\n{body}".strip()]))
         self._calls = [{
