@@ -4,6 +4,7 @@ passes over prompts built by hand from each model's documented format."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ from glmchat.families import NotAChatModelError
 from glmchat.loader import load_model
 from glmchat.server import BackgroundServer, build_app
 from glmchat.server.protocol import ChatRequest, Reply, to_glm_messages
+from glmchat.tokenizer import ChatGLMTokenizer
 from glmchat.tiny_family import (make_tiny_chatglm2_checkpoint, make_tiny_chatglm3_base_checkpoint,
                                  make_tiny_glm4_checkpoint, train_bpe_ranks)
 
@@ -25,9 +27,34 @@ NEW = 12
 QUERY = "什么是ChatGLM？ .Provide answer in English"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, and do not stall when other processes hold the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def glm4(tmp_path_factory):
-    return make_tiny_glm4_checkpoint(tmp_path_factory.mktemp("glm4_chat"), ranks=train_bpe_ranks(), seq_length=512)
+def ranks():
+    return train_bpe_ranks()
+
+
+@pytest.fixture(scope="module")
+def glm4(tmp_path_factory, ranks):
+    return make_tiny_glm4_checkpoint(tmp_path_factory.mktemp("glm4_chat"), ranks=ranks, seq_length=512)
+
+
+@pytest.fixture(scope="module")
+def glm4_hf(tmp_path_factory, ranks):
+    return make_tiny_glm4_checkpoint(tmp_path_factory.mktemp("glm4_hf_chat"), ranks=ranks, seq_length=512, layout="hf",
+                                     seed=1)
+
+
+@pytest.fixture(scope="module")
+def chatglm3_base(tmp_path_factory, tiny_tokenizer_model):
+    return make_tiny_chatglm3_base_checkpoint(tmp_path_factory.mktemp("base_chat"), tokenizer_model=tiny_tokenizer_model)
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +62,14 @@ def chatglm2(tmp_path_factory, tiny_tokenizer_model):
     return make_tiny_chatglm2_checkpoint(tmp_path_factory.mktemp("chatglm2_chat"), tokenizer_model=tiny_tokenizer_model)
 
 
+@functools.cache
+def _network(ckpt):
+    return load_model(ckpt, dtype=torch.float32, progress=False)[0]
+
+
 def greedy(ckpt, prompt: list[int], stops: list[int], max_new: int = NEW) -> list[int]:
     """Greedy tokens by a full forward pass over the whole sequence per step (no cache)."""
-    net, _ = load_model(ckpt, dtype=torch.float32, progress=False)
+    net = _network(str(ckpt))
     ids, out = list(prompt), []
     with torch.no_grad():
         for _ in range(max_new):
@@ -55,13 +87,52 @@ def glm4_prompt(tok, query: str) -> list[int]:
             + [tok.get_command("<|assistant|>")])
 
 
+def segments(text: str) -> list[tuple[str, str]]:
+    """(first line, rest) of each `<|assistant|>` segment; no newline: ("", segment)."""
+    return [tuple(s.split("\n", 1)) if "\n" in s else ("", s) for s in text.split("<|assistant|>")]
+
+
 def glm4_post_process(text: str):
     """GLM-4's process_response for a reply without tools: the last segment, stripped when plain."""
-    metadata, content = text.split("<|assistant|>")[-1].split("\n", 1) if "\n" in text.split("<|assistant|>")[-1] \
-        else ("", text.split("<|assistant|>")[-1])
+    metadata, content = segments(text)[-1]
     if metadata.strip():
         return {"name": metadata.strip(), "content": content}
     return content.strip().replace("[[训练时间]]", "2024年")
+
+
+def glm4_text(text: str) -> str:
+    """The native API's text of a GLM-4 reply: its plain segments (blank first line), stripped."""
+    plain = [c.strip() for m, c in segments(text) if not m.strip() and c.strip()]
+    return "\n\n".join(plain).replace("[[训练时间]]", "2024年")
+
+
+def chatglm2_post_process(text: str) -> str:
+    return text.strip().replace("[[训练时间]]", "2023年")
+
+
+def server_text(text: str, year: str) -> str:
+    """The server's content without tools: every segment is text."""
+    return "\n\n".join(s.strip() for s in text.split("<|assistant|>") if s.strip()).replace("[[训练时间]]", year)
+
+
+def force(token: int, at: int):
+    """A logits processor that makes `token` the only choice when the sequence has `at` ids."""
+    def process(ids, scores):
+        if ids.shape[1] == at:
+            scores = torch.full_like(scores, -1e4)
+            scores[:, token] = 0.0
+        return scores
+    return process
+
+
+def last_shown(tok, tokens: list[int]) -> int:
+    """How many tokens the last yield of a stream that shows every token covers."""
+    return max(k for k in range(1, len(tokens) + 1) if tok.decode(tokens[:k]) and tok.decode(tokens[:k])[-1] != "\ufffd")
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([shutil.which("glmchat"), *map(str, args)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 def test_each_checkpoint_gets_its_family(glm4, chatglm2, tiny_ckpt):
@@ -98,10 +169,12 @@ def test_chatglm2_dropin_keeps_tuple_history_and_every_token(chatglm2):
     response, new_history = model.chat(tok, QUERY, history=history, do_sample=False, max_new_tokens=NEW)
     assert response == expected
     assert new_history == caller + [(QUERY, expected)] and history == caller  # the caller's list is untouched
+    # stream_chat: a yield per token with all of them decoded (no lag), skipping empty text and
+    # text ending in half a character
     streamed = list(model.stream_chat(tok, QUERY, history=history, do_sample=False, max_new_tokens=NEW))
-    assert streamed[-1] == (expected, caller + [(QUERY, expected)])
-    assert all(not r.endswith("\ufffd") and r for r, _ in streamed)
-
+    texts = [tok.decode(tokens[:k]) for k in range(1, len(tokens) + 1)]
+    shown = [chatglm2_post_process(t) for t in texts if t and not t.endswith("\ufffd")]
+    assert streamed == [(r, caller + [(QUERY, r)]) for r in shown] and history == caller
     native = glmchat.load(str(chatglm2), device="cpu", dtype="float32", progress=False)
     messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": history[0][1]},
                 {"role": "user", "content": QUERY}]
@@ -150,22 +223,137 @@ def test_glm4_tool_calls_in_the_server_protocol(glm4):
 
 
 def test_glm4_through_the_server_and_cli(glm4):
+    tok = glmchat.AutoTokenizer.from_pretrained(str(glm4))
+    prompt = glm4_prompt(tok, QUERY)
+    stops = [tok.eos_token_id, tok.get_command("<|user|>"), tok.get_command("<|observation|>")]
+    tokens = greedy(glm4, prompt, stops)
+    text = tok.decode([t for t in tokens if t not in stops])
     native = glmchat.load(str(glm4), device="cpu", dtype="float32", progress=False)
     expected = native.chat([{"role": "user", "content": QUERY}], greedy=True, max_new_tokens=NEW)
+    assert expected.text == glm4_text(text) and expected.completion_tokens == len(tokens)
     app = build_app(native.model, native.tokenizer, model_id="glm-4", family=native.family)
     with BackgroundServer(app) as server:
-        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
         reply = client.chat.completions.create(model="glm-4", messages=[{"role": "user", "content": QUERY}],
                                                temperature=0, max_tokens=NEW)
-        assert reply.usage.prompt_tokens == expected.prompt_tokens
-        assert reply.usage.completion_tokens == expected.completion_tokens
+        assert reply.choices[0].message.content == server_text(text, "2024年")  # no tools: every segment is text
+        assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(prompt), len(tokens))
         with_tools = client.chat.completions.create(model="glm-4", messages=[{"role": "user", "content": "hi"}],
                                                     tools=TOOLS, temperature=0, max_tokens=4)
         assert with_tools.usage.prompt_tokens > reply.usage.prompt_tokens  # the tools are in the prompt
 
-    result = subprocess.run([shutil.which("glmchat"), "run", "--model", str(glm4), "--dtype", "float32", "--greedy",
-                             "--max-new-tokens", str(NEW), "--json", QUERY], capture_output=True, text=True,
-                            timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = run_cli("run", "--model", glm4, "--dtype", "float32", "--greedy", "--max-new-tokens", NEW, "--json",
+                     "--verbose", QUERY)
     assert result.returncode == 0, result.stderr
+    assert "(GLM-4-9B-chat)" in result.stderr
     data = json.loads(result.stdout)
-    assert data["text"] == expected.text and data["completion_tokens"] == expected.completion_tokens
+    assert data["text"] == glm4_text(text) and data["completion_tokens"] == len(tokens)
+
+
+def test_glm4_dropin_stream_chat_lags_one_token(glm4):
+    tok = glmchat.AutoTokenizer.from_pretrained(str(glm4))
+    tokens = greedy(glm4, glm4_prompt(tok, QUERY), glmchat.load(str(glm4), device="cpu", progress=False).family.stop_ids(tok))
+    model = glmchat.AutoModel.from_pretrained(str(glm4)).float()
+    history = []
+    streamed = list(model.stream_chat(tok, QUERY, history=history, do_sample=False, max_new_tokens=NEW))
+    texts = [tok.decode(tokens[:k - 1]) for k in range(1, len(tokens) + 1)]
+    expected = [glm4_post_process(t) for t in texts if t and not t.endswith("\ufffd")]
+    assert [r for r, _ in streamed] == expected
+    assert history == [{"role": "user", "content": QUERY}]  # mutated once
+    assert streamed[-1][1][:1] == history and streamed[-1][1][1]["role"] == "assistant"
+
+
+def test_glm4_hf_layout_chats_like_glm4(glm4_hf):
+    tok = glmchat.AutoTokenizer.from_pretrained(str(glm4_hf))
+    stops = [tok.eos_token_id, tok.get_command("<|user|>"), tok.get_command("<|observation|>")]
+    tokens = greedy(glm4_hf, glm4_prompt(tok, QUERY), stops)
+    model = glmchat.AutoModel.from_pretrained(str(glm4_hf)).float()
+    assert model.family.name == "glm4" and model.family.chat
+    response, _ = model.chat(tok, QUERY, do_sample=False, max_new_tokens=NEW)
+    assert response == glm4_post_process(tok.decode(tokens[:-1]))
+
+
+def test_chatglm2_stream_chat_with_past_key_values(chatglm2):
+    """cli_demo style: the second round continues the cache with "\\n\\n[Round 2]..." only."""
+    tok = glmchat.AutoTokenizer.from_pretrained(str(chatglm2))
+    model = glmchat.AutoModel.from_pretrained(str(chatglm2)).float()
+    first = tok.encode("[Round 1]\n\n问：你好\n\n答：")
+    tokens1 = greedy(chatglm2, first, [tok.eos_token_id])
+    *_, (response1, history, past) = model.stream_chat(tok, "你好", history=[], do_sample=False, max_new_tokens=NEW,
+                                                       return_past_key_values=True)
+    # the last yield is the last step whose text is shown; its cache holds the prompt and the
+    # tokens before that step's (the newest is never fed back)
+    k = last_shown(tok, tokens1)
+    assert history == [("你好", chatglm2_post_process(tok.decode(tokens1[:k])))] and response1 == history[0][1]
+    assert past.get_seq_length() == len(first) + k - 1
+
+    turn = tok.encode(f"\n\n[Round 2]\n\n问：{QUERY}\n\n答：", add_special_tokens=False)[1:]
+    tokens2 = greedy(chatglm2, first + tokens1[:k - 1] + turn, [tok.eos_token_id])
+    *_, (response2, history2, _) = model.stream_chat(tok, QUERY, history=history, past_key_values=past,
+                                                     do_sample=False, max_new_tokens=NEW, return_past_key_values=True)
+    assert response2 == chatglm2_post_process(tok.decode(tokens2[:last_shown(tok, tokens2)]))
+    assert history2 == history + [(QUERY, response2)]
+
+
+def test_stop_tokens_per_family(glm4, chatglm2, chatglm3_base):
+    """GLM-4 stops at <|user|> and <|observation|> but not <|assistant|>; ChatGLM2 and base models
+    stop at eos only."""
+    tok = glmchat.AutoTokenizer.from_pretrained(str(glm4))
+    n = len((glm4 / "tokenizer.model").read_text().splitlines())  # specials follow the ranks
+    eos, user, assistant, observation = n, n + 7, n + 8, n + 9
+    prompt = glm4_prompt(tok, QUERY)
+    plain = greedy(glm4, prompt, [])
+    model = glmchat.AutoModel.from_pretrained(str(glm4)).float()
+    native = glmchat.load(str(glm4), device="cpu", dtype="float32", progress=False)
+    for stop in (eos, user, observation):
+        out = list(native.stream_ids(prompt, max_new_tokens=NEW, sampling=None, processors=[force(stop, len(prompt) + 2)]))
+        assert out == plain[:2] + [stop]
+        response, _ = model.chat(tok, QUERY, do_sample=False, max_new_tokens=NEW,
+                                 logits_processor=[force(stop, len(prompt) + 2)])
+        assert response == glm4_post_process(tok.decode(plain[:2]))
+    out = list(native.stream_ids(prompt, max_new_tokens=4, processors=[force(assistant, len(prompt) + 1)]))
+    assert len(out) == 4 and out[1] == assistant
+
+    tok2 = glmchat.AutoTokenizer.from_pretrained(str(chatglm2))
+    assert tok2.eos_token_id == 2
+    native2 = glmchat.load(str(chatglm2), device="cpu", dtype="float32", progress=False)
+    prompt2 = tok2.encode("[Round 1]\n\n问：hi\n\n答：")
+    assert list(native2.stream_ids(prompt2, max_new_tokens=NEW, processors=[force(2, len(prompt2) + 1)]))[-1] == 2
+    user3 = ChatGLMTokenizer.from_pretrained(chatglm3_base).get_command("<|user|>")  # ChatGLM3's id: no stop here
+    assert len(list(native2.stream_ids(prompt2, max_new_tokens=4, processors=[force(user3, len(prompt2))]))) == 4
+
+    base = glmchat.load(str(chatglm3_base), device="cpu", dtype="float32", progress=False)
+    text = base.tokenizer.encode("The capital of France is")
+    assert len(list(base.stream_ids(text, max_new_tokens=4, processors=[force(user3, len(text))]))) == 4
+    assert list(base.stream_ids(text, max_new_tokens=4, processors=[force(2, len(text))])) == [2]
+
+
+def test_chatglm2_and_base_through_the_server_and_cli(chatglm2, chatglm3_base):
+    tok = glmchat.AutoTokenizer.from_pretrained(str(chatglm2))
+    prompt = tok.encode(f"[Round 1]\n\n问：{QUERY}\n\n答：")
+    tokens = greedy(chatglm2, prompt, [tok.eos_token_id])
+    generated = [t for t in tokens if t != tok.eos_token_id]
+    native = glmchat.load(str(chatglm2), device="cpu", dtype="float32", progress=False)
+    app = build_app(native.model, native.tokenizer, model_id="chatglm2", family=native.family)
+    with BackgroundServer(app) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+        reply = client.chat.completions.create(model="chatglm2", messages=[{"role": "user", "content": QUERY}],
+                                               temperature=0, max_tokens=NEW)
+        assert reply.choices[0].message.content == server_text(tok.decode(generated), "2023年")
+        assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(prompt), len(tokens))
+        with pytest.raises(openai.BadRequestError, match="tools"):
+            client.chat.completions.create(model="chatglm2", messages=[{"role": "user", "content": "hi"}], tools=TOOLS)
+        with pytest.raises(openai.BadRequestError, match="ChatGLM2"):
+            client.chat.completions.create(model="chatglm2", messages=[{"role": "system", "content": "be brief"},
+                                                                       {"role": "user", "content": "hi"}])
+    base = glmchat.load(str(chatglm3_base), device="cpu", progress=False)
+    with BackgroundServer(build_app(base.model, base.tokenizer, model_id="base", family=base.family)) as server:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.BadRequestError, match="base model"):
+            client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}])
+
+    result = run_cli("run", "--model", chatglm2, "--dtype", "float32", "--greedy", "--max-new-tokens", 5, "--verbose",
+                     QUERY)
+    assert result.returncode == 0, result.stderr
+    assert "(ChatGLM2-6B)" in result.stderr
+    assert result.stdout == chatglm2_post_process(tok.decode(greedy(chatglm2, prompt, [2], 5))) + "\n"
