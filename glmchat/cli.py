@@ -135,6 +135,7 @@ def _stats(reply) -> str:
 def cmd_chat(args) -> int:
     """Interactive chat: history kept across turns, answers streamed as they are generated."""
     model = load_from_args(args)
+    model.family.check_chat()  # a base model: say so now, not after the first question
     if sys.stdin.isatty():
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing and history for input())

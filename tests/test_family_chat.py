@@ -115,12 +115,15 @@ def server_text(text: str, year: str) -> str:
     return "\n\n".join(s.strip() for s in text.split("<|assistant|>") if s.strip()).replace("[[训练时间]]", year)
 
 
-def force(token: int, at: int):
-    """A logits processor that makes `token` the only choice when the sequence has `at` ids."""
-    def process(ids, scores):
-        if ids.shape[1] == at:
+def force(ids, at: int):
+    """A logits processor that makes ids[i] the only choice when the sequence has `at + i` ids."""
+    ids = [ids] if isinstance(ids, int) else list(ids)
+
+    def process(seen, scores):
+        i = seen.shape[1] - at
+        if 0 <= i < len(ids):
             scores = torch.full_like(scores, -1e4)
-            scores[:, token] = 0.0
+            scores[:, ids[i]] = 0.0
         return scores
     return process
 
@@ -193,6 +196,11 @@ def test_base_model_refuses_chat(tmp_path, tiny_tokenizer_model):
     result = subprocess.run([glmchat_cli, "run", "--model", str(base), "hi"], capture_output=True, text=True,
                             timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode != 0 and "base model" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("chat", "--model", base)
+    assert result.returncode != 0 and "base model" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) <= 2  # the load notice, then one line
+    with pytest.raises(NotAChatModelError, match="base model"):
+        glmchat.AutoModel.from_pretrained(str(base)).chat(glmchat.AutoTokenizer.from_pretrained(str(base)), "hi")
 
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "天气 weather",
@@ -357,3 +365,35 @@ def test_chatglm2_and_base_through_the_server_and_cli(chatglm2, chatglm3_base):
     assert result.returncode == 0, result.stderr
     assert "(ChatGLM2-6B)" in result.stderr
     assert result.stdout == chatglm2_post_process(tok.decode(greedy(chatglm2, prompt, [2], 5))) + "\n"
+
+
+def test_replies_are_post_processed_per_family(glm4, chatglm2):
+    """Forced replies: the date placeholder (2024年 for GLM-4, 2023年 for ChatGLM2), GLM-4's JSON tool
+    call (name line, JSON line) read only when the history offers tools."""
+    tok = glmchat.AutoTokenizer.from_pretrained(str(glm4))
+    model = glmchat.AutoModel.from_pretrained(str(glm4)).float()
+    observation = tok.get_command("<|observation|>")
+    tools = [{"role": "system", "content": "", "tools": TOOLS}]
+    call = tok.encode('get_weather\n{"city": "Paris"}', add_special_tokens=False) + [observation]
+    start = len(tok.build_chat_input("天气?", history=tools).input_ids[0])
+    history = list(tools)
+    response, new_history = model.chat(tok, "天气?", history=history, do_sample=False, max_new_tokens=40,
+                                       logits_processor=[force(call, start)])
+    assert response == {"name": "get_weather", "parameters": {"city": "Paris"}}
+    assert new_history[-1] == {"role": "assistant", "metadata": "get_weather", "content": '{"city": "Paris"}'}
+    start = len(glm4_prompt(tok, "天气?"))
+    response, _ = model.chat(tok, "天气?", do_sample=False, max_new_tokens=40, logits_processor=[force(call, start)])
+    assert response == {"name": "get_weather", "content": '{"city": "Paris"}'}  # no tools offered: not parsed
+    date = tok.encode("\n今天是[[训练时间]] ", add_special_tokens=False) + [tok.eos_token_id]
+    start = len(glm4_prompt(tok, "几年?"))
+    response, new_history = model.chat(tok, "几年?", do_sample=False, max_new_tokens=40,
+                                       logits_processor=[force(date, start)])
+    assert response == "今天是2024年" and new_history[-1]["content"] == "今天是[[训练时间]]"
+
+    tok2 = glmchat.AutoTokenizer.from_pretrained(str(chatglm2))
+    model2 = glmchat.AutoModel.from_pretrained(str(chatglm2)).float()
+    start = len(tok2.encode("[Round 1]\n\n问：几年?\n\n答："))
+    date = tok2.encode("今天是[[训练时间]]\n", add_special_tokens=False) + [2]
+    response, new_history = model2.chat(tok2, "几年?", do_sample=False, max_new_tokens=40,
+                                        logits_processor=[force(date, start)])
+    assert response == "今天是2023年" and new_history == [("几年?", "今天是2023年")]
