@@ -2,15 +2,18 @@
 
 For each quantization: max and mean absolute logit difference against the unquantized model
 (relative to the reference logits' standard deviation) and top-1 agreement, over every position of
-a few prompts. Two models: a tiny checkpoint (float32 reference) and full-size ChatGLM3-6B shapes
-with random weights (bfloat16 reference; needs ~19 GB free RAM).
+a few prompts. Two models: a tiny checkpoint (float32 reference, bfloat16 as the floor of rounding
+noise) and full-size ChatGLM3-6B shapes with random weights (bfloat16 reference). The full-size
+models are loaded one at a time with the same seed (a quantized random load holds the bf16 model's
+weights, quantized), so it needs ~13 GB; run it alone:
 
-    python benchmarks/quant_quality.py [--skip-full] [--prompts 4] [--tokens 64]
+    flock /tmp/glmchat-bigmem.lock python benchmarks/quant_quality.py [--skip-full] [--prompts 4] [--tokens 64]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import tempfile
 from contextlib import contextmanager
 
@@ -61,16 +64,45 @@ def quantized(model: nn.Module, method: str, group: int):
             setattr(parent, name, child)
 
 
-def report(name: str, reference_dtype: str, model, prompts, methods) -> None:
-    reference = logits_of(model, prompts)
+def print_header(name: str, reference_dtype: str, prompts) -> None:
     print(f"\n{name} (reference: {reference_dtype}, {len(prompts)} prompts × {len(prompts[0])} positions)")
     print(f"{'weights':<14}{'max |Δ|':>10}{'mean |Δ|':>10}{'mean/std':>10}{'top-1 agree':>13}")
-    for method, group in methods:
+
+
+def print_row(label: str, r: dict) -> None:
+    print(f"{label:<14}{r['max_abs']:>10.4f}{r['mean_abs']:>10.4f}{r['mean_abs'] / r['ref_std']:>10.3f}"
+          f"{r['top1']:>12.1%}", flush=True)
+
+
+def label_of(method: str, group: int) -> str:
+    return method if method == "int8" else f"{method} g{group}"
+
+
+def report_tiny(ckpt, prompts) -> None:
+    model, _ = load_model(ckpt, dtype=torch.float32, progress=False)
+    reference = logits_of(model, prompts)
+    print_header("tiny checkpoint (hidden 128, 4 layers, random weights)", "float32", prompts)
+    print_row("bf16", compare(reference, logits_of(model.to(torch.bfloat16), prompts)))
+    model.float()
+    for method, group in METHODS:
         with quantized(model, method, group) as q:
-            r = compare(reference, logits_of(q, prompts))
-        label = method if method == "int8" else f"{method} g{group}"
-        print(f"{label:<14}{r['max_abs']:>10.4f}{r['mean_abs']:>10.4f}{r['mean_abs'] / r['ref_std']:>10.3f}"
-              f"{r['top1']:>12.1%}", flush=True)
+            print_row(label_of(method, group), compare(reference, logits_of(q, prompts)))
+
+
+def report_full(prompts_n: int, tokens: int, seed: int = 0) -> None:
+    """One full-size model in memory at a time: bf16 first, then each quantization of the same weights."""
+    load = dict(dtype=torch.bfloat16, random_weights=True, seed=seed, progress=False)
+    model, _ = load_model(DEFAULT_MODEL, **load)
+    prompts = [random_prompt(tokens, model.config.padded_vocab_size, seed=i) for i in range(prompts_n)]
+    reference = logits_of(model, prompts)
+    del model
+    gc.collect()
+    print_header("ChatGLM3-6B shapes, random weights", "bfloat16", prompts)
+    for method, group in METHODS:
+        model, _ = load_model(DEFAULT_MODEL, quantize=method, group_size=group, **load)
+        print_row(label_of(method, group), compare(reference, logits_of(model, prompts)))
+        del model
+        gc.collect()
 
 
 def main():
@@ -85,16 +117,9 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = make_tiny_checkpoint(tmp, hidden_size=128, num_layers=4, num_attention_heads=4, kv_channels=32,
                                     ffn_hidden_size=256)
-        tiny, _ = load_model(ckpt, dtype=torch.float32, progress=False)
-        prompts = [random_prompt(args.tokens, 1000, seed=i) for i in range(args.prompts)]
-        report("tiny checkpoint (hidden 128, 4 layers, random weights)", "float32", tiny, prompts,
-               [("int8", 128), ("int4", 128), ("int4", 32)])
-
+        report_tiny(ckpt, [random_prompt(args.tokens, 1000, seed=i) for i in range(args.prompts)])
     if not args.skip_full:
-        # One bf16 model in memory; each quantized copy is made from it and dropped before the next.
-        model, _ = load_model(DEFAULT_MODEL, dtype=torch.bfloat16, random_weights=True, progress=False)
-        prompts = [random_prompt(args.tokens, model.config.padded_vocab_size, seed=i) for i in range(args.prompts)]
-        report("ChatGLM3-6B shapes, random weights", "bfloat16", model, prompts, METHODS)
+        report_full(args.prompts, args.tokens)
 
 
 if __name__ == "__main__":
