@@ -3,9 +3,9 @@
 Measures the memory read bandwidth B (torch sum over a 4 GB buffer, best of several passes, measured
 again next to each run), then, with random weights of the full size, batch 1: decode tokens/s and the
 effective bandwidth (bytes of weights and scales read per token × tokens/s, as a multiple of B) for
-16-bit, int8 and int4 weights; prefill tokens/s for a 512-token prompt; and the same through
-transformers' GlmForCausalLM in bf16 as the baseline. One model in memory at a time; full size needs
-~13 GB, so run it alone:
+16-bit, int8 and int4 weights (and, asked for, with a torch.compile'd decode step: bf16-compile);
+prefill tokens/s for a 512-token prompt; and the same through transformers' GlmForCausalLM in bf16
+as the baseline. One model in memory at a time; full size needs ~13 GB, so run it alone:
     flock /tmp/glmchat-bigmem.lock python benchmarks/roofline.py
 """
 
@@ -21,7 +21,7 @@ from glmchat.bench import random_prompt, time_generation
 from glmchat.config import GLMConfig
 from glmchat.loader import DEFAULT_MODEL, KNOWN_CONFIGS, empty_model, init_random_weights
 
-FORMATS = ["bf16", "fp16", "int8", "int4", "transformers-bf16"]
+FORMATS = ["bf16", "fp16", "int8", "int4", "bf16-compile", "int4-compile", "transformers-bf16"]
 
 
 def bandwidth(gb: float = 4.0, passes: int = 5) -> float:
@@ -41,10 +41,14 @@ def bytes_per_token(model) -> int:
 
 
 def glmchat_model(config: GLMConfig, fmt: str, group_size: int):
-    dtype = torch.float16 if fmt == "fp16" else torch.bfloat16
-    quant = {"method": fmt, "group_size": group_size} if fmt in ("int8", "int4") else None
+    """fmt: a weight format, "-compile" added for a torch.compile'd decode step (the warm-up round compiles)."""
+    weights = fmt.removesuffix("-compile")
+    dtype = torch.float16 if weights == "fp16" else torch.bfloat16
+    quant = {"method": weights, "group_size": group_size} if weights in ("int8", "int4") else None
     model = empty_model(config, dtype, "cpu", quant)
     init_random_weights(model)
+    if fmt.endswith("-compile"):
+        model.compile_decode()
     return model
 
 

@@ -109,7 +109,7 @@ def run_bench(chat_model, max_new_tokens: int = 256) -> dict:
     """
     model, tokenizer = chat_model.model, chat_model.tokenizer
     stop_ids = () if chat_model.random_weights else tokenizer.stop_token_ids
-    time_generation(model, tokenizer.build_chat_input("warm up", history=[]).input_ids[0].tolist(), 2)
+    time_generation(model, tokenizer.build_chat_input("warm up", history=[]).input_ids[0].tolist(), 4)  # and compile
     rows = []
     for prompt in bench_prompts():
         ids = tokenizer.build_chat_input(prompt, history=[]).input_ids[0].tolist()
@@ -120,7 +120,8 @@ def run_bench(chat_model, max_new_tokens: int = 256) -> dict:
     decode_s = sum(r["total_s"] - r["ttft_s"] for r in rows)
     return {
         **environment(model), "model": chat_model.source, "random_weights": chat_model.random_weights,
-        "quantization": quantization_of(model), "load_s": chat_model.load_seconds,
+        "quantization": quantization_of(model), "compiled_decode": model.decode_is_compiled,
+        "load_s": chat_model.load_seconds,
         "max_new_tokens": max_new_tokens, "prompts": rows,
         "total": {"prompt_tokens": sum(r["prompt_tokens"] for r in rows), "generated_tokens": generated,
                   "seconds": sum(r["total_s"] for r in rows),
@@ -134,7 +135,7 @@ def format_table(result: dict) -> str:
     quant = q["method"] + (f" group {q['group_size']}" if "group_size" in q else "")
     lines = [
         f"model {result['model']}{' (random weights)' if result['random_weights'] else ''} on {result['device']}, "
-        f"{result['dtype']}, quantization {quant}, "
+        f"{result['dtype']}, quantization {quant}{', compiled decode' if result.get('compiled_decode') else ''}, "
         f"torch {result['torch']}, {result['threads']} threads; load {result['load_s']:.1f} s",
         f"{'prompt':42s} {'tokens in':>9s} {'out':>5s} {'first token s':>13s} {'decode tok/s':>12s} {'total s':>8s}",
     ]

@@ -388,7 +388,7 @@ def resized_cache(model: GLMTransformer, cache: KVCache | None, length: int, cap
 
 def load(path_or_id: str = DEFAULT_MODEL, *, device: str | torch.device = "auto", dtype="auto",
          random_weights: bool = False, quantize: str | None = None, group_size: int = 128,
-         progress: bool = True) -> ChatModel:
+         progress: bool = True, compile: bool = False) -> ChatModel:
     """Load a checkpoint of the GLM family (a local directory or a Hugging Face id) and its tokenizer.
 
     The family (ChatGLM2/3, GLM-4; chat or base) is recognised from the checkpoint's own files.
@@ -399,6 +399,7 @@ def load(path_or_id: str = DEFAULT_MODEL, *, device: str | torch.device = "auto"
     speed without the download; the text is meaningless. Without a tokenizer at hand (no local
     directory, hub unreachable) a small stand-in tokenizer is used and sampling is kept to its ids.
     quantize: "int8" or "int4" (group_size 32/64/128) weight-only quantization while loading.
+    compile: torch.compile the decode step (see `GLMTransformer.compile_decode`; does not pay on CPU).
     """
     start = time.perf_counter()
     device = pick_device(device)
@@ -420,6 +421,8 @@ def load(path_or_id: str = DEFAULT_MODEL, *, device: str | torch.device = "auto"
                               group_size=group_size)
         family = read_config(directory, name=os.fspath(path_or_id))[1]
         tokenizer = family.load_tokenizer(directory)
+    if compile:
+        model.compile_decode()
     return ChatModel(model, tokenizer, load_seconds=time.perf_counter() - start, source=os.fspath(path_or_id),
                      random_weights=random_weights, standin_tokenizer=standin, processors=processors,
                      family=family)

@@ -79,6 +79,9 @@ def add_model_options(parser) -> None:
                    help="weight-only quantization applied while loading (default: none)")
     g.add_argument("--group-size", type=int, choices=(32, 64, 128), default=128,
                    help="int4 group size (default 128)")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step: the first answer waits tens of seconds to compile; "
+                        "meant for GPUs, it does not pay on CPU (default off)")
     g.add_argument("--random-weights", action="store_true",
                    help="the real architecture with random weights: no download, meaningless text "
                         "(for trying glmchat and measuring speed)")
@@ -104,7 +107,8 @@ def load_from_args(args, announce: bool = True) -> ChatModel:
         _note(f"--random-weights: {args.model}'s architecture with random weights; the text is meaningless "
               "(for trying glmchat and measuring speed)")
     model = load(args.model, device=args.device, dtype=args.dtype, random_weights=args.random_weights,
-                 quantize=args.quantize, group_size=args.group_size, progress=sys.stderr.isatty())
+                 quantize=args.quantize, group_size=args.group_size, progress=sys.stderr.isatty(),
+                 compile=args.compile)
     if model.standin_tokenizer:
         _note("no tokenizer for this model is available offline: using a small stand-in tokenizer, "
               "restricted to its own ids")

@@ -161,7 +161,7 @@ def generate_batch(
                 seen = torch.cat((seen, next_input), dim=1)
             if position_ids is not None:
                 position_ids = position_ids[:, -1:] + 1
-            logits = model(next_input, cache=cache, position_ids=position_ids)
+            logits = model.decode(next_input, cache, position_ids=position_ids)
 
 
 def generate_tokens(

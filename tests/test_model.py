@@ -155,3 +155,15 @@ def test_half_precision_close_to_float32(tiny_ckpt, tokenizer, dtype):
     scale = expected.abs().max().item()
     assert (got - expected).abs().max().item() < 0.05 * scale
     assert (cached - got).abs().max().item() < 0.05 * scale
+
+
+def test_compiled_decode_gives_the_eager_tokens(tiny_ckpt, tokenizer):
+    """--compile: the compiled decode step (dynamic shapes, one compile as the cache grows)."""
+    model, _ = load_model(tiny_ckpt, dtype=torch.float32, progress=False)
+    prompt = _ids(tokenizer, PROMPTS[0])[0].tolist()
+    eager = list(generate_tokens(model, prompt, max_new_tokens=12))
+    model.compile_decode()
+    compiled = list(generate_tokens(model, prompt, max_new_tokens=12))
+    with torch._dynamo.config.patch(error_on_recompile=True):  # the growing cache compiled once for all
+        compiled_again = list(generate_tokens(model, prompt, max_new_tokens=12))
+    assert compiled == eager == compiled_again

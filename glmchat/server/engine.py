@@ -270,7 +270,7 @@ class Engine:
         start = time.perf_counter()
         inputs = torch.tensor([[r.tokens[-1]] for r in batch], dtype=torch.long, device=self.model.device)
         try:
-            logits = self.model(inputs, cache=self.cache)[:, -1]
+            logits = self.model.decode(inputs, self.cache)[:, -1]
             tokens = self._sample(batch, logits)
         except Exception as e:  # cannot tell whose fault: end the batch, keep serving
             log.exception("decode step failed")
