@@ -328,7 +328,10 @@ def load_weights(model: GLMTransformer, files: list[Path], progress: bool = True
                         f"config.json implies {tuple(param.shape)}"
                     )
                 with torch.no_grad():
-                    param.copy_(tensor)
+                    if _can_adopt(tensor, param):
+                        param.data = tensor  # no copy: the weights stay in the shard's (private) mapping
+                    else:
+                        copy_converting(param, tensor)
                 loaded.add(target)
     missing = sorted(set(params) - loaded)
     if missing:
@@ -336,6 +339,58 @@ def load_weights(model: GLMTransformer, files: list[Path], progress: bool = True
             f"tensors missing from {', '.join(f.name for f in files)}: "
             f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}"
         )
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+                       torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+_ALIGN = 64
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file whose tensors start 64-byte aligned (those whose sizes are multiples
+    of 64 go first), so that loading can use them in place at full speed; the safetensors library's
+    own writer aligns to 8 bytes only."""
+    import struct
+
+    names = sorted(tensors, key=lambda n: (tensors[n].nbytes % _ALIGN != 0, n))
+    header: dict = {"__metadata__": metadata or {}}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % _ALIGN)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for name in names:
+            f.write(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+def _can_adopt(tensor: torch.Tensor, param: torch.Tensor) -> bool:
+    """Whether a checkpoint tensor can serve as the parameter itself: same dtype and device, and
+    64-byte aligned (misaligned weights make CPU matrix-vector products ~15% slower)."""
+    return (tensor.dtype == param.dtype and tensor.device == param.device and tensor.is_contiguous()
+            and tensor.data_ptr() % 64 == 0)
+
+
+_CONVERT_CHUNK = 1 << 18
+
+
+def copy_converting(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """dst.copy_(src), converting between float16 and bfloat16 on the CPU through cache-sized float32
+    chunks: ~3× faster than PyTorch's direct conversion, which dominated loading an fp16 checkpoint."""
+    sixteen = (torch.float16, torch.bfloat16)
+    if not (dst.dtype in sixteen and src.dtype in sixteen and dst.dtype != src.dtype and dst.device.type == "cpu"
+            and src.device.type == "cpu" and dst.is_contiguous() and src.is_contiguous()):
+        return dst.copy_(src)
+    d, s = dst.view(-1), src.view(-1)
+    buf = torch.empty(min(_CONVERT_CHUNK, s.numel()), dtype=torch.float32)
+    for i in range(0, s.numel(), _CONVERT_CHUNK):
+        n = min(_CONVERT_CHUNK, s.numel() - i)
+        d[i:i + n].copy_(buf[:n].copy_(s[i:i + n]))
+    return dst
 
 
 def _quantize_into(layer: QuantizedLinear, tensor: torch.Tensor, what: str) -> None:

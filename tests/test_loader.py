@@ -59,6 +59,58 @@ def test_dtype_default_is_stored_dtype_and_conversion_on_load(tiny_tokenizer_mod
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
 
 
+@pytest.mark.parametrize("src,dst", [(torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)])
+def test_chunked_16_bit_conversion_equals_pytorchs(src, dst):
+    from glmchat.loader import _CONVERT_CHUNK, copy_converting
+
+    x = (torch.randn(2 * _CONVERT_CHUNK + 17, generator=torch.Generator().manual_seed(0)) * 300).to(src)
+    x[:4] = torch.tensor([float("inf"), float("-inf"), float("nan"), 1e-7])
+    got = copy_converting(torch.empty(x.shape, dtype=dst), x)
+    torch.testing.assert_close(got, x.to(dst), atol=0, rtol=0, equal_nan=True)
+
+
+def test_aligned_safetensors_round_trip_and_load_in_place(tmp_path):
+    from safetensors import safe_open
+
+    from glmchat.loader import save_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"odd": torch.randn(3, 5, generator=g).to(torch.bfloat16), "w": torch.randn(64, 32, generator=g),
+               "codes": torch.randint(0, 255, (128, 16), dtype=torch.uint8, generator=g),
+               "scalar": torch.tensor(7, dtype=torch.int64), "half": torch.randn(32, generator=g).half()}
+    save_safetensors(tensors, tmp_path / "t.safetensors", {"format": "pt"})
+    with safe_open(tmp_path / "t.safetensors", framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
+        for name, t in tensors.items():
+            got = f.get_tensor(name)
+            assert got.dtype == t.dtype and torch.equal(got, t), name
+            if t.nbytes % 64 == 0:
+                assert got.data_ptr() % 64 == 0, name
+
+
+def test_aligned_checkpoint_in_the_loaded_dtype_is_used_in_place(tiny_ckpt, tmp_path):
+    """No copy when the stored tensors can serve as the weights; the same model either way."""
+    from glmchat.loader import save_safetensors
+
+    ckpt = _copy(tiny_ckpt, tmp_path)
+    tensors = {name: t.clone() for name, t in load_file(ckpt / "model.safetensors").items()}  # unmapped
+    save_safetensors(tensors, ckpt / "model.safetensors")
+    in_place, copied = _load(ckpt), _load(ckpt, dtype="bfloat16")
+
+    def in_file_mapping(t):
+        if not Path("/proc/self/maps").exists():
+            pytest.skip("needs Linux's /proc/self/maps")
+        for fields in map(str.split, Path("/proc/self/maps").read_text().splitlines()):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            if fields[-1].endswith("model.safetensors") and lo <= t.data_ptr() < hi:
+                return True
+        return False
+
+    assert in_file_mapping(in_place.layers[0].mlp.gate_up.weight)
+    assert not in_file_mapping(copied.layers[0].mlp.gate_up.weight)
+    _same_weights(in_place, _load(tiny_ckpt))
+
+
 def test_random_weights_need_no_weight_files(tiny_ckpt, tmp_path):
     config_only = tmp_path / "config_only"
     config_only.mkdir()
