@@ -9,8 +9,10 @@ both paths: output rows go in blocks of 64; byte (block, k, j) holds row 64·blo
 nibble and row 64·block + 32 + j in its high one. scales_zeros is [K / group, N, 2].
 
 Every layer computes through a portable path (dequantize, then F.linear: any device), and on CPU
-through PyTorch's weight-only ops when they exist, for inputs of few rows (decode). Many rows
-(prefill) dequantize into a reused buffer and run the 16-bit GEMM, which is ~10× faster there.
+for inputs of few rows (decode) through faster kernels: for one bf16 row glmchat's own C kernels
+(glmchat.cpu_kernels, when they compile on this machine), else PyTorch's weight-only ops when they
+exist. Many rows (prefill) dequantize into a reused buffer and run the 16-bit GEMM, which is ~10×
+faster there.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import cpu_kernels
 
 METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
@@ -131,6 +135,10 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
+        if self.use_fast_kernel and x2.shape[0] == 1 and x2.device.type == "cpu":
+            y = self._native(x2)  # glmchat's C kernel, bias included; None where it does not apply
+            if y is not None:
+                return y.view(*x.shape[:-1], self.out_features)
         if self.use_fast_kernel and x2.shape[0] <= FAST_MAX_ROWS and self._has_fast_kernel(x2):
             y = self._fast(x2.contiguous())
         else:
@@ -180,6 +188,9 @@ class Int8Linear(QuantizedLinear):
     def _has_fast_kernel(self, x):
         return HAS_INT8_OP and x.device.type == "cpu"
 
+    def _native(self, x):
+        return cpu_kernels.int8_gemv(x, self.qweight, self.scales, self.bias)
+
     def _fast(self, x):
         return _ops._weight_int8pack_mm(x, self.qweight, self.scales.to(x.dtype))
 
@@ -219,6 +230,9 @@ class Int4Linear(QuantizedLinear):
 
     def _has_fast_kernel(self, x):
         return HAS_INT4_OP and x.device.type == "cpu"
+
+    def _native(self, x):
+        return cpu_kernels.int4_gemv(x, self.qweight, self.scales_zeros, self.group_size, self.bias)
 
     def _fast(self, x):
         return _ops._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, self.scales_zeros.to(x.dtype))
@@ -297,9 +311,7 @@ def save_quantized(src, dst, method: str, group_size: int = 128, dtype=None, pro
     import shutil
     from pathlib import Path
 
-    from safetensors.torch import save_file
-
-    from .loader import load_model, official_name, resolve_checkpoint
+    from .loader import load_model, official_name, resolve_checkpoint, save_safetensors
 
     src_dir, dst = resolve_checkpoint(src), Path(dst)
     model, info = load_model(src_dir, dtype=dtype, quantize=method, group_size=group_size, progress=progress)
@@ -315,7 +327,7 @@ def save_quantized(src, dst, method: str, group_size: int = 128, dtype=None, pro
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, dst / filename, metadata={"format": "pt"})
+        save_safetensors(shard, dst / filename, metadata={"format": "pt"})  # aligned: loads in place
         weight_map.update(dict.fromkeys(shard, filename))
     index = {"metadata": {"total_size": info.weight_bytes}, "weight_map": weight_map}
     (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

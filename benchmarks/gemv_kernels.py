@@ -1,0 +1,103 @@
+"""Batch-1 matrix-vector speed: glmchat's C kernels (glmchat/cpu_kernels.py) vs the PyTorch ops they
+replace, per ChatGLM3-6B layer shape and weight format, as effective bandwidth (bytes of weights
+and scales read per second) and as a multiple of the machine's memory read bandwidth B.
+
+Each timing cycles through enough copies of the weight (≥ 1 GB in all) that none stays in the
+last-level cache, as in a real decode step.
+
+    flock /tmp/glmchat-cpu.lock python3 benchmarks/gemv_kernels.py [--groups 32 64 128] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+
+from glmchat import cpu_kernels
+from glmchat.quantize import quantize_int4, quantize_int8
+
+SHAPES = [(4608, 4096), (4096, 4096), (27392, 4096), (4096, 13696), (65024, 4096)]
+COPY_BYTES = 1 << 30
+
+
+def memory_bandwidth(gigabytes: float = 4.0, repeats: int = 5) -> float:
+    """B: bytes/s of torch's float32 sum over a buffer far larger than the caches (best of `repeats`)."""
+    buf = torch.ones(int(gigabytes * (1 << 30)) // 4, dtype=torch.float32)
+    best = min(_seconds(buf.sum) for _ in range(repeats))
+    del buf
+    return gigabytes * (1 << 30) / best
+
+
+def _seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def per_call(fns: list, copies: list, passes: int = 7) -> list[float]:
+    """Per fn: best over `passes` of the mean seconds per call, cycling through the weight copies.
+    The fns take turns within each pass, so a noisy moment on a shared machine hits them alike."""
+    for fn in fns:
+        fn(*copies[0])  # warm-up (first-use compile, allocations)
+    best = [math.inf] * len(fns)
+    for _ in range(passes):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            for args in copies:
+                fn(*args)
+            best[i] = min(best[i], (time.perf_counter() - start) / len(copies))
+    return best
+
+
+def formats(n: int, k: int, groups: list[int]):
+    """(name, bytes read, make weight args, kernel fn, torch fn) per format."""
+    x = torch.randn(1, k).to(torch.bfloat16)
+    w = (torch.randn(n, k) * 0.02).to(torch.bfloat16)
+    yield ("bf16", n * k * 2, (w,),
+           lambda w: cpu_kernels.bf16_gemv(x, w),
+           lambda w: torch.mv(w, x[0]))
+    q, s = quantize_int8(w, torch.bfloat16)
+    yield ("int8", n * k + n * 2, (q, s),
+           lambda q, s: cpu_kernels.int8_gemv(x, q, s),
+           lambda q, s: torch.ops.aten._weight_int8pack_mm(x, q, s))
+    for g in groups:
+        q4, sz = quantize_int4(w, g, torch.bfloat16)
+        yield (f"int4 g{g}", n * k // 2 + (k // g) * n * 4, (q4, sz),
+               lambda q, sz, g=g: cpu_kernels.int4_gemv(x, q, sz, g),
+               lambda q, sz, g=g: torch.ops.aten._weight_int4pack_mm_for_cpu(x, q, g, sz))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--groups", type=int, nargs="+", default=[128])
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if not cpu_kernels.available():
+        print(f"C kernels unavailable: {cpu_kernels.unavailable_reason()}")
+    B = memory_bandwidth()  # best of 5 here; weights were timed the same way, interleaved
+    print(f"threads={args.threads}  B = {B / 1e9:.1f} GB/s (float32 sum over 4 GB, best of 5)\n")
+    print(f"{'shape':>13} {'format':>9} | {'kernel ms':>9} {'GB/s':>6} {'×B':>5} | {'torch ms':>8} {'GB/s':>6} {'×B':>5} | speed-up")
+    for n, k in SHAPES:
+        for name, nbytes, weight, kernel, reference in formats(n, k, args.groups):
+            copies = [weight] + [tuple(t.clone() for t in weight) for _ in range(max(1, math.ceil(COPY_BYTES / nbytes)) - 1)]
+            have_kernel = cpu_kernels.available()
+            times = per_call([reference, kernel] if have_kernel else [reference], copies)
+            ref_t, t = times[0], (times[1] if have_kernel else None)
+            row = f"{n:>6}×{k:<6} {name:>9} | "
+            if t:
+                row += f"{t * 1e3:9.3f} {nbytes / t / 1e9:6.1f} {nbytes / t / B:5.2f} | "
+            else:
+                row += f"{'-':>9} {'-':>6} {'-':>5} | "
+            row += f"{ref_t * 1e3:8.3f} {nbytes / ref_t / 1e9:6.1f} {nbytes / ref_t / B:5.2f} | "
+            row += f"{ref_t / t:.2f}×" if t else "-"
+            print(row, flush=True)
+            del copies
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,200 @@
+"""Optional C kernels for batch-1 decode on CPU: y = x·Wᵀ (+ b) for one bf16 row x, with W in bf16,
+int8 or int4 (the layouts of glmchat.quantize). See csrc/gemv.c for the data layouts.
+
+The C source is compiled at first use with the system compiler (`$CC`, `cc` or `gcc`,
+-O3 -march=native -fopenmp) into the user cache (~/.cache/glmchat/kernels) and loaded with
+ctypes. Anything that goes wrong (no compiler, a CPU without AVX-512 BF16/VBMI, another platform,
+GLMCHAT_NO_KERNELS=1) leaves the kernels unavailable: every function then returns None and the
+callers use PyTorch's ops instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("csrc") / "gemv.c"
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+enabled = os.environ.get("GLMCHAT_NO_KERNELS", "") in ("", "0")  # tests and users may switch it off
+
+_lib: ctypes.CDLL | None = None
+_loaded = False
+_lock = threading.Lock()
+_i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+_SIGNATURES = {
+    "glm_gemv_bf16": (None, [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _int]),
+    "glm_gemv_int8": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _int]),
+    "glm_gemv_int4": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
+}
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "glmchat" / "kernels"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), "cc", "gcc"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _compiler_version(cc: str) -> str:
+    return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+
+
+def _build() -> Path:
+    """The compiled library's path, compiling it into the cache unless already there."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join(
+        [source, " ".join(CFLAGS).encode(), _compiler_version(cc).encode(), _cpu_flags().encode()]
+    )).hexdigest()[:16]
+    target = _cache_dir() / f"gemv-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        result = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed: {result.stderr.strip()[-500:]}")
+        os.replace(tmp, target)  # atomic: concurrent first uses each publish a complete file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _loaded
+    if _loaded:
+        return _lib
+    with _lock:
+        if not _loaded:
+            _lib = _try_load()
+            _loaded = True
+    return _lib
+
+
+def _try_load() -> ctypes.CDLL | None:
+    if sys.platform not in ("linux", "darwin") or platform.machine().lower() not in ("x86_64", "amd64"):
+        log.debug("glmchat CPU kernels: not built for %s/%s", sys.platform, platform.machine())
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))
+        for name, (restype, argtypes) in _SIGNATURES.items():
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = restype, argtypes
+        return lib
+    except Exception as exc:  # never break a run: fall back to PyTorch's ops
+        log.debug("glmchat CPU kernels unavailable: %s", exc)
+        return None
+
+
+def available() -> bool:
+    return enabled and _load() is not None
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernels cannot be used here (None when they can)."""
+    if not enabled:
+        return "disabled (GLMCHAT_NO_KERNELS or cpu_kernels.enabled = False)"
+    if _load() is None:
+        try:
+            _build()
+        except Exception as exc:
+            return str(exc)
+        return "not supported on this platform"
+    return None
+
+
+def _usable(x: torch.Tensor, k: int, *tensors: torch.Tensor | None) -> bool:
+    """Whether the kernels apply: one bf16 CPU row of k values, contiguous CPU operands."""
+    if not enabled or x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.numel() != k:
+        return False
+    if x.requires_grad and torch.is_grad_enabled():
+        return False
+    return all(t is None or (t.device.type == "cpu" and t.is_contiguous()) for t in tensors) and _load() is not None
+
+
+def _row(x: torch.Tensor) -> torch.Tensor:
+    """x contiguous (the caller must hold the result while the kernel reads it)."""
+    return x if x.is_contiguous() else x.contiguous()
+
+
+def _addr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _bf16_or_none(t: torch.Tensor | None) -> bool:
+    return t is None or t.dtype == torch.bfloat16
+
+
+def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """x [K] (or [1, K]) · weight[N, K]ᵀ + bias, all bf16, as a [N] bf16 tensor; None when the kernel
+    does not apply (unavailable, other dtypes, several rows): then use F.linear."""
+    N, K = weight.shape
+    if not (_usable(x, K, weight, bias) and weight.dtype == torch.bfloat16 and _bf16_or_none(bias)):
+        return None
+    y = torch.empty(N, dtype=torch.bfloat16)
+    x = _row(x)
+    _lib.glm_gemv_bf16(x.data_ptr(), weight.data_ptr(), _addr(bias), y.data_ptr(), N, K, torch.get_num_threads())
+    return y
+
+
+def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """One bf16 row x [K] times int8 codes [N, K] with bf16 scales [N] (+ bias): [N] bf16, or None."""
+    N, K = qweight.shape
+    if not (_usable(x, K, qweight, scales, bias) and qweight.dtype == torch.int8
+            and scales.dtype == torch.bfloat16 and _bf16_or_none(bias)):
+        return None
+    y = torch.empty(N, dtype=torch.bfloat16)
+    x = _row(x)
+    rc = _lib.glm_gemv_int8(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), _addr(bias), y.data_ptr(),
+                            N, K, torch.get_num_threads())
+    return y if rc == 0 else None
+
+
+def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
+              bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """One bf16 row x [K] times packed int4 codes [N, K/2] with bf16 scales_zeros [K/group, N, 2]
+    (+ bias): [N] bf16, or None."""
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    if not (_usable(x, K, qweight, scales_zeros, bias) and qweight.dtype == torch.uint8
+            and scales_zeros.dtype == torch.bfloat16 and _bf16_or_none(bias)
+            and N % 64 == 0 and group_size in (16, 32, 64, 128) and K % group_size == 0):
+        return None
+    y = torch.empty(N, dtype=torch.bfloat16)
+    x = _row(x)
+    rc = _lib.glm_gemv_int4(x.data_ptr(), qweight.data_ptr(), scales_zeros.data_ptr(), _addr(bias), y.data_ptr(),
+                            N, K, group_size, torch.get_num_threads())
+    return y if rc == 0 else None

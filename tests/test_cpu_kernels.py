@@ -1,0 +1,171 @@
+"""glmchat's C decode kernels (glmchat/cpu_kernels.py) equal the portable path, and never break a run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from glmchat import cpu_kernels
+from glmchat.quantize import Int4Linear, Int8Linear
+
+REASON = cpu_kernels.unavailable_reason() if cpu_kernels.enabled else None
+needs_kernels = pytest.mark.skipif(
+    not cpu_kernels.available(), reason=f"glmchat CPU kernels unavailable here: {REASON}")
+
+
+def _randn(*shape, seed=0, scale=1.0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def _layer(method, n, k, group=128, bias=True, seed=0):
+    cls_kw = dict(group_size=group) if method == "int4" else {}
+    layer = (Int4Linear if method == "int4" else Int8Linear)(k, n, bias=bias, dtype=torch.bfloat16, **cls_kw)
+    layer.set_weight(_randn(n, k, seed=seed, scale=0.05))
+    if bias:
+        layer.bias.data.copy_(_randn(n, seed=seed + 1, scale=0.05))
+    return layer
+
+
+def _portable_reference(layer, x):
+    """Dequantize, then F.linear in float32."""
+    bias = None if layer.bias is None else layer.bias.float()
+    return F.linear(x.float(), layer.dequantize(torch.float32), bias)
+
+
+def _assert_bf16_close(got, ref):
+    # one bf16 rounding of the output (relative 2^-9), plus float32 summation-order noise
+    torch.testing.assert_close(got.float(), ref, rtol=8e-3, atol=1e-3 * float(ref.abs().max()) + 1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("n,k", [(1, 1), (3, 31), (7, 33), (130, 1000), (64, 4096), (257, 200)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_gemv_equals_float_linear(n, k, bias):
+    w = _randn(n, k, scale=0.05).bfloat16()
+    b = _randn(n, seed=1).bfloat16() if bias else None
+    x = _randn(k, seed=2).bfloat16()
+    y = cpu_kernels.bf16_gemv(x, w, b)
+    assert y is not None and y.dtype == torch.bfloat16 and y.shape == (n,)
+    _assert_bf16_close(y, F.linear(x.float(), w.float(), None if b is None else b.float()))
+    assert torch.equal(cpu_kernels.bf16_gemv(x[None], w, b), y)  # [1, K] works too
+
+
+@needs_kernels
+@pytest.mark.parametrize("n,k", [(1, 1), (5, 17), (130, 1000), (257, 4096)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_kernel_equals_portable_path(n, k, bias):
+    layer = _layer("int8", n, k, bias=bias)
+    x = _randn(1, k, seed=3).bfloat16()
+    y = cpu_kernels.int8_gemv(x, layer.qweight, layer.scales, layer.bias)
+    assert y is not None
+    _assert_bf16_close(y[None], _portable_reference(layer, x))
+    assert torch.equal(layer(x), y[None])  # the layer takes this path for one bf16 row
+
+
+@needs_kernels
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("n,k_groups", [(64, 1), (192, 3), (128, 32)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_int4_kernel_equals_portable_path(group, n, k_groups, bias):
+    k = group * k_groups
+    layer = _layer("int4", n, k, group=group, bias=bias)
+    x = _randn(1, 1, k, seed=4).bfloat16()
+    y = cpu_kernels.int4_gemv(x, layer.qweight, layer.scales_zeros, group, layer.bias)
+    assert y is not None
+    ref = _portable_reference(layer, x)
+    _assert_bf16_close(y.view(1, 1, n), ref)
+    assert torch.equal(layer(x), y.view(1, 1, n))
+    layer.use_fast_kernel = False  # the portable path rounds the dequantized weight to bf16 too
+    torch.testing.assert_close(layer(x).float(), ref, rtol=3e-2, atol=3e-2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_non_contiguous_input(method):
+    layer = _layer(method, 128, 256, group=64)
+    wide = _randn(1, 512, seed=5).bfloat16()
+    x = wide[:, ::2]
+    assert not x.is_contiguous()
+    _assert_bf16_close(layer(x), _portable_reference(layer, x.contiguous()))
+    w = _randn(96, 256, scale=0.05).bfloat16()
+    _assert_bf16_close(cpu_kernels.bf16_gemv(x, w), F.linear(x.float(), w.float())[0])
+
+
+@needs_kernels
+def test_other_dtypes_and_several_rows_fall_back():
+    layer = _layer("int8", 64, 128)
+    w = _randn(64, 128).bfloat16()
+    assert cpu_kernels.bf16_gemv(_randn(128).half(), w) is None
+    assert cpu_kernels.bf16_gemv(_randn(2, 128).bfloat16(), w) is None
+    assert cpu_kernels.int8_gemv(_randn(1, 128), layer.qweight, layer.scales) is None
+    for x in (_randn(1, 128).half(), _randn(1, 128), _randn(3, 128).bfloat16()):
+        torch.testing.assert_close(layer(x).float(), _portable_reference(layer, x), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_switched_off_kernels_leave_the_layers_working(monkeypatch, method):
+    layer = _layer(method, 128, 256, group=32)
+    x = _randn(1, 256, seed=6).bfloat16()
+    monkeypatch.setattr(cpu_kernels, "enabled", False)
+    assert not cpu_kernels.available()
+    assert cpu_kernels.bf16_gemv(x, _randn(8, 256).bfloat16()) is None
+    torch.testing.assert_close(layer(x).float(), _portable_reference(layer, x), rtol=3e-2, atol=3e-2)
+
+
+def _python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **env})
+
+
+_FALLBACK_CHECK = """
+    import torch
+    from glmchat import cpu_kernels
+    from glmchat.quantize import Int4Linear
+    assert not cpu_kernels.available(), "kernels should be unavailable"
+    layer = Int4Linear(128, 64, group_size=32, dtype=torch.bfloat16)
+    layer.set_weight(torch.randn(64, 128))
+    y = layer(torch.randn(1, 128).bfloat16())
+    assert y.shape == (1, 64) and torch.isfinite(y.float()).all()
+    print("ok")
+"""
+
+
+def test_env_switch_disables_kernels():
+    result = _python(_FALLBACK_CHECK, GLMCHAT_NO_KERNELS="1")
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+def test_failing_compiler_means_silent_fallback(tmp_path):
+    result = _python(_FALLBACK_CHECK, CC="false", PATH=str(tmp_path), XDG_CACHE_HOME=str(tmp_path))
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+    assert result.stderr == ""
+
+
+@needs_kernels
+def test_kernels_and_torch_ops_alternate_without_deadlock_on_torchs_openmp_runtime():
+    code = """
+        import torch
+        from glmchat import cpu_kernels
+
+        def runtimes():
+            return {line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line}
+
+        torch.randn(64, 64) @ torch.randn(64, 64)
+        before = runtimes()
+        w = torch.randn(512, 1024).bfloat16()
+        a = torch.randn(256, 256)
+        x = torch.randn(1024).bfloat16()
+        for _ in range(300):
+            assert cpu_kernels.bf16_gemv(x, w) is not None
+            a = torch.tanh(a @ a)  # OpenMP-parallel torch ops in between
+        print("added:", sorted(runtimes() - before))
+    """
+    result = _python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "added: []", "the kernels brought their own OpenMP runtime"
