@@ -7,6 +7,7 @@ dtype and device, so peak memory stays close to the model's own size.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
@@ -265,16 +266,7 @@ def official_name(native: str) -> str:
 def iter_tensors(file: Path):
     """(name, cpu tensor) for each tensor of a shard; corrupt or truncated files raise CheckpointError."""
     if file.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        try:
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        except CheckpointError:
-            raise
-        except Exception as e:
-            raise CheckpointError(f"{file} is corrupt or truncated ({type(e).__name__}: {e}); download it again") from None
+        yield from _read_safetensors(file)
     else:
         try:
             try:
@@ -288,6 +280,43 @@ def iter_tensors(file: Path):
         if not isinstance(state, dict):
             raise CheckpointError(f"{file} does not hold a state dict of tensors")
         yield from state.items()
+
+
+def _read_safetensors(file: Path):
+    """(name, tensor) for each tensor of a safetensors file, each in its own private (copy-on-write)
+    mapping of the file: no copy, and a tensor's pages leave this process's memory once it is
+    dropped, so quantizing or converting a 2 GB shard never holds more than one tensor of it."""
+    import mmap
+    import struct
+
+    def corrupt(why: str) -> CheckpointError:
+        return CheckpointError(f"{file} is corrupt or truncated ({why}); download it again")
+
+    with open(file, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                raise ValueError(f"a header of {header_len} bytes in a file of {size}")
+            header = json.loads(f.read(header_len))
+            entries = [(name, _DTYPES_BY_NAME[e["dtype"]], list(e["shape"]), *e["data_offsets"])
+                       for name, e in header.items() if name != "__metadata__"]
+        except (struct.error, ValueError, KeyError, TypeError) as e:
+            raise corrupt(f"unreadable header: {type(e).__name__}: {e}") from None
+        base = 8 + header_len
+        for name, dtype, shape, begin, end in entries:
+            count = math.prod(shape)
+            if not 0 <= begin <= end or end - begin != count * dtype.itemsize:
+                raise corrupt(f"tensor {name!r} has offsets {begin}..{end} for shape {shape}")
+            if base + end > size:
+                raise corrupt(f"tensor {name!r} ends at byte {base + end} of a {size}-byte file")
+            if count == 0:
+                yield name, torch.empty(shape, dtype=dtype)
+                continue
+            start = base + begin
+            page = start - start % mmap.ALLOCATIONGRANULARITY
+            mapping = mmap.mmap(f.fileno(), base + end - page, offset=page, access=mmap.ACCESS_COPY)
+            yield name, torch.frombuffer(mapping, dtype=dtype, count=count, offset=start - page).view(shape)
 
 
 def _file_bytes(files: list[Path]) -> int:
@@ -341,8 +370,10 @@ def load_weights(model: GLMTransformer, files: list[Path], progress: bool = True
         )
 
 
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
-                       torch.int32: "I32", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+_DTYPES_BY_NAME = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
 _ALIGN = 64
 
 
