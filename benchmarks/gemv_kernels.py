@@ -3,7 +3,9 @@ replace, per ChatGLM3-6B layer shape and weight format, as effective bandwidth (
 and scales read per second) and as a multiple of the machine's memory read bandwidth B.
 
 Each timing cycles through enough copies of the weight (≥ 1 GB in all) that none stays in the
-last-level cache, as in a real decode step.
+last-level cache, as in a real decode step. The machine's bandwidth drifts on shared hosts, so
+each row also re-measures B (a float32 sum over 1 GB) interleaved with its timings, and ×B is
+relative to that row's B.
 
     flock /tmp/glmchat-cpu.lock python3 benchmarks/gemv_kernels.py [--groups 32 64 128] [--threads 2]
 """
@@ -37,18 +39,19 @@ def _seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-def per_call(fns: list, copies: list, passes: int = 7) -> list[float]:
-    """Per fn: best over `passes` of the mean seconds per call, cycling through the weight copies.
-    The fns take turns within each pass, so a noisy moment on a shared machine hits them alike."""
-    for fn in fns:
-        fn(*copies[0])  # warm-up (first-use compile, allocations)
-    best = [math.inf] * len(fns)
+def per_call(jobs: list, passes: int = 7) -> list[float]:
+    """Per job (fn, argument tuples): best over `passes` of the mean seconds per call, going through
+    the argument tuples (the weight copies). Jobs take turns within each pass, so a noisy moment
+    on a shared machine hits them alike."""
+    for fn, calls in jobs:
+        fn(*calls[0])  # warm-up (first-use compile, allocations)
+    best = [math.inf] * len(jobs)
     for _ in range(passes):
-        for i, fn in enumerate(fns):
+        for i, (fn, calls) in enumerate(jobs):
             start = time.perf_counter()
-            for args in copies:
+            for args in calls:
                 fn(*args)
-            best[i] = min(best[i], (time.perf_counter() - start) / len(copies))
+            best[i] = min(best[i], (time.perf_counter() - start) / len(calls))
     return best
 
 
@@ -81,14 +84,17 @@ def main() -> None:
         print(f"C kernels unavailable: {cpu_kernels.unavailable_reason()}")
     B = memory_bandwidth()  # best of 5 here; weights were timed the same way, interleaved
     print(f"threads={args.threads}  B = {B / 1e9:.1f} GB/s (float32 sum over 4 GB, best of 5)\n")
-    print(f"{'shape':>13} {'format':>9} | {'kernel ms':>9} {'GB/s':>6} {'×B':>5} | {'torch ms':>8} {'GB/s':>6} {'×B':>5} | speed-up")
+    probe = torch.ones(COPY_BYTES // 4, dtype=torch.float32)
+    print(f"{'shape':>13} {'format':>9} {'B':>5} | {'kernel ms':>9} {'GB/s':>6} {'×B':>5} | {'torch ms':>8} {'GB/s':>6} {'×B':>5} | speed-up")
     for n, k in SHAPES:
         for name, nbytes, weight, kernel, reference in formats(n, k, args.groups):
             copies = [weight] + [tuple(t.clone() for t in weight) for _ in range(max(1, math.ceil(COPY_BYTES / nbytes)) - 1)]
             have_kernel = cpu_kernels.available()
-            times = per_call([reference, kernel] if have_kernel else [reference], copies)
-            ref_t, t = times[0], (times[1] if have_kernel else None)
-            row = f"{n:>6}×{k:<6} {name:>9} | "
+            jobs = [(probe.sum, [()]), (reference, copies)] + ([(kernel, copies)] if have_kernel else [])
+            times = per_call(jobs)
+            B = probe.nbytes / times[0]
+            ref_t, t = times[1], (times[2] if have_kernel else None)
+            row = f"{n:>6}×{k:<6} {name:>9} {B / 1e9:5.1f} | "
             if t:
                 row += f"{t * 1e3:9.3f} {nbytes / t / 1e9:6.1f} {nbytes / t / B:5.2f} | "
             else:

@@ -108,6 +108,15 @@ def test_other_dtypes_and_several_rows_fall_back():
         torch.testing.assert_close(layer(x).float(), _portable_reference(layer, x), rtol=3e-2, atol=3e-2)
 
 
+@needs_kernels
+def test_int4_leaves_non_finite_inputs_to_pytorch():
+    layer = _layer("int4", 64, 128, group=32)
+    x = _randn(1, 128, seed=7).bfloat16()
+    x[0, 5] = float("nan")
+    assert cpu_kernels.int4_gemv(x, layer.qweight, layer.scales_zeros, 32) is None
+    assert layer(x).isnan().all()
+
+
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_switched_off_kernels_leave_the_layers_working(monkeypatch, method):
     layer = _layer(method, 128, 256, group=32)

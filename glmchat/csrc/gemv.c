@@ -1,7 +1,8 @@
 /* Matrix-vector products for batch-1 decode on x86-64 CPUs with AVX-512 (F, BW, BF16, VBMI, VNNI).
  *
- * Every kernel computes y[n] = sum_k x[k] * W[n, k] (+ bias[n]) with x, y and bias in bf16 and
- * float32 sums. W is one of:
+ * Every kernel computes y[n] = sum_k x[k] * W[n, k] (+ bias[n]) for one row x, with x, y and
+ * bias in bf16 and float32 sums (int4: exact int32 sums over x in 15-bit fixed point, see there).
+ * W is one of:
  *   bf16  w[N, K] row-major.
  *   int8  q[N, K] row-major, scales s[N] bf16:  W[n, k] = q[n, k] * s[n].
  *   int4  PyTorch's CPU int4 layout: uint8 bytes viewed as [N/64, K, 32]; byte (b, k, j) holds
@@ -176,13 +177,19 @@ INLINE __m512 load16_bf16(const uint16_t *x)
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
 }
 
-static void fixed_point_x(const uint16_t *x, int64_t K, int64_t G, int8_t *xh, int8_t *xl,
-                          float *xscale, int32_t *xsum) /* G: a multiple of 16 */
+/* Returns -1 (and the caller lets PyTorch compute) when x holds an inf or NaN. */
+static int fixed_point_x(const uint16_t *x, int64_t K, int64_t G, int8_t *xh, int8_t *xl,
+                         float *xscale, int32_t *xsum) /* G: a multiple of 16 */
 {
+    const __m512 inf = _mm512_set1_ps(__builtin_inff());
     for (int64_t g = 0; g < K / G; g++) {
         __m512 top = _mm512_setzero_ps();
-        for (int64_t k = g * G; k < (g + 1) * G; k += 16)
-            top = _mm512_max_ps(top, _mm512_abs_ps(load16_bf16(x + k)));
+        for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
+            __m512 a = _mm512_abs_ps(load16_bf16(x + k));
+            if (_mm512_cmp_ps_mask(a, inf, _CMP_NLT_UQ)) /* inf or NaN */
+                return -1;
+            top = _mm512_max_ps(top, a);
+        }
         float m = _mm512_reduce_max_ps(top);
         float scale = m > 0 ? m / X_ONE : 1.0f;
         const __m512 inv = _mm512_set1_ps(m > 0 ? X_ONE / m : 1.0f), by128 = _mm512_set1_ps(1.0f / 128);
@@ -197,6 +204,7 @@ static void fixed_point_x(const uint16_t *x, int64_t K, int64_t G, int8_t *xh, i
         xscale[g] = scale;
         xsum[g] = _mm512_reduce_add_epi32(sum);
     }
+    return 0;
 }
 
 INLINE __m512i combine(__m512i hi, __m512i lo) /* 128 * hi + lo */
@@ -216,7 +224,10 @@ int glm_gemv_int4(const uint16_t *x, const uint8_t *packed, const uint16_t *sz, 
     int8_t *xh = xq, *xl = xq + K;
     float *xscale = (float *)(xq + 2 * K);
     int32_t *xsum = (int32_t *)(xscale + groups);
-    fixed_point_x(x, K, G, xh, xl, xscale, xsum);
+    if (fixed_point_x(x, K, G, xh, xl, xscale, xsum)) {
+        free(xq);
+        return -3;
+    }
 
     uint8_t gather[2][64]; /* lane j of row half i: bytes of row 16i+j at columns k..k+3 */
     for (int i = 0; i < 2; i++)
