@@ -1,5 +1,8 @@
 """Optional C kernels for batch-1 decode on CPU: y = x·Wᵀ (+ b) for one bf16 row x, with W in bf16,
-int8 or int4 (the layouts of glmchat.quantize). See csrc/gemv.c for the data layouts.
+int8 or int4 (the layouts of glmchat.quantize). See csrc/gemv.c for the data layouts. bf16 sums in float32;
+int8 and int4 sum exactly in int32 over x in 15-bit fixed point per group of columns (256 / the
+quantization group): exact for entries within 2^6 of the group's largest, otherwise off by at most
+2^-15 of it, far below the output's bf16 rounding.
 
 The C source is compiled at first use with the system compiler (`$CC`, `cc` or `gcc`,
 -O3 -march=native -fopenmp) into the user cache (~/.cache/glmchat/kernels) and loaded with

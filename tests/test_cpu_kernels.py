@@ -109,11 +109,26 @@ def test_other_dtypes_and_several_rows_fall_back():
 
 
 @needs_kernels
-def test_int4_leaves_non_finite_inputs_to_pytorch():
-    layer = _layer("int4", 64, 128, group=32)
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_integer_kernels_stay_accurate_with_activation_outliers(method):
+    """x goes into 15-bit fixed point per group: entries 300x below the group's largest still count."""
+    layer = _layer(method, 256, 4096, group=128)
+    x = _randn(1, 4096, seed=8)
+    x[0, ::97] *= 300
+    x = x.bfloat16()
+    _assert_bf16_close(layer(x), _portable_reference(layer, x))
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_integer_kernels_leave_non_finite_inputs_to_pytorch(method):
+    layer = _layer(method, 64, 128, group=32)
     x = _randn(1, 128, seed=7).bfloat16()
     x[0, 5] = float("nan")
-    assert cpu_kernels.int4_gemv(x, layer.qweight, layer.scales_zeros, 32) is None
+    if method == "int4":
+        assert cpu_kernels.int4_gemv(x, layer.qweight, layer.scales_zeros, 32) is None
+    else:
+        assert cpu_kernels.int8_gemv(x, layer.qweight, layer.scales) is None
     assert layer(x).isnan().all()
 
 

@@ -97,78 +97,7 @@ void glm_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, u
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* int8: codes widen to int32, convert to float and multiply-add with x in float32. */
-
-INLINE void int8_tile(const float *x, const int8_t *q, int64_t K, int rows, float *out)
-{
-    __m512 acc[TILE];
-    for (int r = 0; r < rows; r++)
-        acc[r] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 64 <= K; k += 64) { /* one cache line of each row per step */
-        for (int r = 0; r < rows; r++)
-            PREFETCH(q + r * K + k);
-        for (int u = 0; u < 64; u += 16) {
-            __m512 xv = _mm512_loadu_ps(x + k + u);
-            for (int r = 0; r < rows; r++) {
-                __m512i c = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + r * K + k + u)));
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), xv, acc[r]);
-            }
-        }
-    }
-    for (; k + 16 <= K; k += 16) {
-        __m512 xv = _mm512_loadu_ps(x + k);
-        for (int r = 0; r < rows; r++) {
-            __m512i c = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(q + r * K + k)));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), xv, acc[r]);
-        }
-    }
-    if (k < K) {
-        __mmask16 m = (__mmask16)((1u << (K - k)) - 1);
-        __m512 xv = _mm512_maskz_loadu_ps(m, x + k);
-        for (int r = 0; r < rows; r++) {
-            __m512i c = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, q + r * K + k));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), xv, acc[r]);
-        }
-    }
-    for (int r = 0; r < rows; r++)
-        out[r] = _mm512_reduce_add_ps(acc[r]);
-}
-
-int glm_gemv_int8(const uint16_t *x, const int8_t *q, const uint16_t *scales, const uint16_t *bias,
-                  uint16_t *y, int64_t N, int64_t K, int nthreads)
-{
-    float *xf = malloc(sizeof(float) * (size_t)K);
-    if (!xf)
-        return -1;
-    for (int64_t k = 0; k < K; k++)
-        xf[k] = bf16_to_f32(x[k]);
-    int64_t tiles = (N + TILE - 1) / TILE;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
-        int64_t n0 = t * TILE;
-        float out[TILE];
-        if (n0 + TILE <= N)
-            int8_tile(xf, q + n0 * K, K, TILE, out);
-        else
-            for (int64_t n = n0; n < N; n++)
-                int8_tile(xf, q + n * K, K, 1, out + (n - n0));
-        for (int64_t n = n0; n < N && n < n0 + TILE; n++)
-            store(y, bias, n, out[n - n0] * bf16_to_f32(scales[n]));
-    }
-    free(xf);
-    return 0;
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* int4: integer dot products (VNNI vpdpbusd: 4 u8 x s8 products per 32-bit lane).
- * x is written per group as 15-bit fixed point, x[k] ~ xscale[g] * (128 * xh[k] + xl[k]) with
- * xh, xl int8: exact for every bf16 value within 2^6 of the group's largest magnitude, and off by
- * at most 2^-15 of that largest magnitude otherwise. One 64-row block at a time, four columns
- * per step: their 128 bytes hold 4 codes per row; vpermt2b gathers each row's 4 bytes into one
- * lane. Lanes multiply whole bytes b = 16 hi + lo and low nibbles lo, which gives the high
- * nibbles' sums as (sum b - sum lo) / 16 without shifting or masking them out.
- * Per group: y += scale * xscale * sum x16 (q - 8) + zero * xscale * sum x16. */
+/* x in fixed point, for the integer kernels below. */
 
 #define X_ONE 16256 /* the group's largest |x| maps to 127 * 128: xh in [-127, 127], xl in [-64, 64] */
 
@@ -177,14 +106,17 @@ INLINE __m512 load16_bf16(const uint16_t *x)
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
 }
 
-/* Returns -1 (and the caller lets PyTorch compute) when x holds an inf or NaN. */
+/* x[k] ~ xscale[g] * (128 * xh[k] + xl[k]) per group g of G columns (the last one may be
+ * shorter; K and G multiples of 16). Returns -1 (the caller then lets PyTorch compute) when x
+ * holds an inf or NaN. */
 static int fixed_point_x(const uint16_t *x, int64_t K, int64_t G, int8_t *xh, int8_t *xl,
-                         float *xscale, int32_t *xsum) /* G: a multiple of 16 */
+                         float *xscale, int32_t *xsum)
 {
     const __m512 inf = _mm512_set1_ps(__builtin_inff());
-    for (int64_t g = 0; g < K / G; g++) {
+    for (int64_t g = 0; g * G < K; g++) {
+        int64_t end = (g + 1) * G < K ? (g + 1) * G : K;
         __m512 top = _mm512_setzero_ps();
-        for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
+        for (int64_t k = g * G; k < end; k += 16) {
             __m512 a = _mm512_abs_ps(load16_bf16(x + k));
             if (_mm512_cmp_ps_mask(a, inf, _CMP_NLT_UQ)) /* inf or NaN */
                 return -1;
@@ -194,7 +126,7 @@ static int fixed_point_x(const uint16_t *x, int64_t K, int64_t G, int8_t *xh, in
         float scale = m > 0 ? m / X_ONE : 1.0f;
         const __m512 inv = _mm512_set1_ps(m > 0 ? X_ONE / m : 1.0f), by128 = _mm512_set1_ps(1.0f / 128);
         __m512i sum = _mm512_setzero_si512();
-        for (int64_t k = g * G; k < (g + 1) * G; k += 16) {
+        for (int64_t k = g * G; k < end; k += 16) {
             __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load16_bf16(x + k), inv)); /* nearest even */
             __m512i h = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_cvtepi32_ps(v), by128));
             _mm_storeu_si128((__m128i *)(xh + k), _mm512_cvtepi32_epi8(h));
@@ -211,6 +143,116 @@ INLINE __m512i combine(__m512i hi, __m512i lo) /* 128 * hi + lo */
 {
     return _mm512_add_epi32(_mm512_slli_epi32(hi, 7), lo);
 }
+
+/* ------------------------------------------------------------------------------------------ */
+/* int8: integer dot products (VNNI vpdpbusd: 4 u8 x s8 products per 32-bit lane) over x in
+ * 15-bit fixed point per group of X8_GROUP columns (see fixed_point_x). The unsigned side is
+ * the codes plus 128 (q ^ 0x80); the extra 128 * x per lane is the same for every row, so it is
+ * computed once per call (base) and subtracted exactly in int32. Columns past the last multiple
+ * of 64 go through float FMA. */
+
+#define X8_GROUP 256 /* 16 columns per lane: sums stay far below 2^31 (16 * 255 * 127 * 128) */
+
+typedef struct {
+    const int8_t *xh, *xl;
+    const float *xscale, *xtail; /* xtail: x in float from column K64 on */
+    const __m512i *base;         /* per group: the lanes' sums for all-zero codes */
+    int64_t K, K64;
+} int8_x;
+
+INLINE void int8_tile(const int8_x *X, const int8_t *q, int rows, float *out)
+{
+    const int64_t K = X->K, K64 = X->K64;
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512 acc[TILE];
+    for (int r = 0; r < rows; r++)
+        acc[r] = _mm512_setzero_ps();
+    for (int64_t g = 0, g0 = 0; g0 < K64; g++, g0 += X8_GROUP) {
+        int64_t end = g0 + X8_GROUP < K64 ? g0 + X8_GROUP : K64;
+        __m512i hi[TILE], lo[TILE];
+        for (int r = 0; r < rows; r++)
+            hi[r] = lo[r] = _mm512_setzero_si512();
+        for (int64_t k = g0; k < end; k += 64) {
+            __m512i xh = _mm512_loadu_si512(X->xh + k), xl = _mm512_loadu_si512(X->xl + k);
+            for (int r = 0; r < rows; r++) {
+                PREFETCH(q + r * K + k);
+                __m512i w = _mm512_xor_si512(_mm512_loadu_si512(q + r * K + k), flip);
+                hi[r] = _mm512_dpbusd_epi32(hi[r], w, xh);
+                lo[r] = _mm512_dpbusd_epi32(lo[r], w, xl);
+            }
+        }
+        const __m512 xs = _mm512_set1_ps(X->xscale[g]);
+        for (int r = 0; r < rows; r++) {
+            __m512i dot = _mm512_sub_epi32(combine(hi[r], lo[r]), X->base[g]);
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), xs, acc[r]);
+        }
+    }
+    for (int64_t k = K64; k < K; k += 16) {
+        __mmask16 m = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1);
+        __m512 xv = _mm512_maskz_loadu_ps(m, X->xtail + (k - K64));
+        for (int r = 0; r < rows; r++) {
+            __m512i c = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, q + r * K + k));
+            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), xv, acc[r]);
+        }
+    }
+    for (int r = 0; r < rows; r++)
+        out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+int glm_gemv_int8(const uint16_t *x, const int8_t *q, const uint16_t *scales, const uint16_t *bias,
+                  uint16_t *y, int64_t N, int64_t K, int nthreads)
+{
+    int64_t K64 = K / 64 * 64, groups = (K64 + X8_GROUP - 1) / X8_GROUP;
+    size_t bytes = 64 * (size_t)groups + 2 * (size_t)K64 + 8 * (size_t)groups + 4 * (size_t)(K - K64);
+    char *mem = aligned_alloc(64, (bytes + 63) / 64 * 64);
+    if (!mem)
+        return -1;
+    __m512i *base = (__m512i *)mem;
+    int8_t *xh = (int8_t *)(base + groups), *xl = xh + K64;
+    float *xscale = (float *)(xl + K64), *xtail = xscale + groups;
+    int32_t *xsum = (int32_t *)(xtail + (K - K64)); /* not needed here */
+    if (groups && fixed_point_x(x, K64, X8_GROUP, xh, xl, xscale, xsum)) {
+        free(mem);
+        return -3;
+    }
+    for (int64_t k = K64; k < K; k++)
+        xtail[k - K64] = bf16_to_f32(x[k]);
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    for (int64_t g = 0; g < groups; g++) {
+        __m512i hi = _mm512_setzero_si512(), lo = _mm512_setzero_si512();
+        for (int64_t k = g * X8_GROUP; k < (g + 1) * X8_GROUP && k < K64; k += 64) {
+            hi = _mm512_dpbusd_epi32(hi, flip, _mm512_loadu_si512(xh + k));
+            lo = _mm512_dpbusd_epi32(lo, flip, _mm512_loadu_si512(xl + k));
+        }
+        base[g] = combine(hi, lo);
+    }
+    const int8_x X = {.xh = xh, .xl = xl, .xscale = xscale, .xtail = xtail, .base = base, .K = K, .K64 = K64};
+    int64_t tiles = (N + TILE - 1) / TILE;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        int64_t n0 = t * TILE;
+        float out[TILE];
+        if (n0 + TILE <= N)
+            int8_tile(&X, q + n0 * K, TILE, out);
+        else
+            for (int64_t n = n0; n < N; n++)
+                int8_tile(&X, q + n * K, 1, out + (n - n0));
+        for (int64_t n = n0; n < N && n < n0 + TILE; n++)
+            store(y, bias, n, out[n - n0] * bf16_to_f32(scales[n]));
+    }
+    free(mem);
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* int4: integer dot products (VNNI vpdpbusd: 4 u8 x s8 products per 32-bit lane).
+ * x is written per group as 15-bit fixed point, x[k] ~ xscale[g] * (128 * xh[k] + xl[k]) with
+ * xh, xl int8: exact for every bf16 value within 2^6 of the group's largest magnitude, and off by
+ * at most 2^-15 of that largest magnitude otherwise. One 64-row block at a time, four columns
+ * per step: their 128 bytes hold 4 codes per row; vpermt2b gathers each row's 4 bytes into one
+ * lane. Lanes multiply whole bytes b = 16 hi + lo and low nibbles lo, which gives the high
+ * nibbles' sums as (sum b - sum lo) / 16 without shifting or masking them out.
+ * Per group: y += scale * xscale * sum x16 (q - 8) + zero * xscale * sum x16. */
 
 int glm_gemv_int4(const uint16_t *x, const uint8_t *packed, const uint16_t *sz, const uint16_t *bias,
                   uint16_t *y, int64_t N, int64_t K, int64_t G, int nthreads)
