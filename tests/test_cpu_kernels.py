@@ -193,3 +193,28 @@ def test_kernels_and_torch_ops_alternate_without_deadlock_on_torchs_openmp_runti
     result = _python(code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "added: []", "the kernels brought their own OpenMP runtime"
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_bf16_decode_step_uses_kernels_and_matches_the_portable_path(tiny_ckpt, monkeypatch, method):
+    from glmchat.loader import load_model
+    from glmchat.quantize import set_fast_kernels
+
+    model, _ = load_model(tiny_ckpt, dtype="bfloat16", quantize=method, group_size=32, progress=False)
+    calls = []
+    name = f"{method}_gemv"
+    kernel = getattr(cpu_kernels, name)
+    monkeypatch.setattr(cpu_kernels, name, lambda *a: calls.append(1) or kernel(*a))
+    ids = torch.randint(5, 1000, (1, 6), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    with torch.inference_mode():
+        for fast in (True, False):
+            set_fast_kernels(model, fast)
+            cache = model.new_cache(1, 16)
+            model(ids[:, :5], cache=cache)
+            logits[fast] = model.decode(ids[:, 5:], cache).float()
+    assert calls, "the decode step did not reach the C kernel"
+    scale = float(logits[False].abs().max())
+    # both round to bf16 along the way (the portable path its dequantized weights): ~1% of the scale
+    torch.testing.assert_close(logits[True], logits[False], rtol=0.03, atol=0.03 * scale)
