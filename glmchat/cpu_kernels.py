@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "gemv.c"
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+INT4_MAX_ROWS = 4  # int4 takes up to this many rows of x (one pass over the weights; measured faster
+                   # than PyTorch's op up to here)
 enabled = os.environ.get("GLMCHAT_NO_KERNELS", "") in ("", "0")  # tests and users may switch it off
 
 _lib: ctypes.CDLL | None = None
@@ -40,7 +42,7 @@ _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
     "glm_gemv_bf16": (None, [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _int]),
     "glm_gemv_int8": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _int]),
-    "glm_gemv_int4": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
+    "glm_gemv_int4": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int]),
 }
 
 
@@ -139,9 +141,11 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _usable(x: torch.Tensor, k: int, *tensors: torch.Tensor | None) -> bool:
-    """Whether the kernels apply: one bf16 CPU row of k values, contiguous CPU operands."""
-    if not enabled or x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.numel() != k:
+def _usable(x: torch.Tensor, k: int, *tensors: torch.Tensor | None, max_rows: int = 1) -> bool:
+    """Whether the kernels apply: up to max_rows bf16 CPU rows of k values, contiguous CPU operands."""
+    if not enabled or x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.shape[-1] != k:
+        return False
+    if x.numel() > k * max_rows:
         return False
     if x.requires_grad and torch.is_grad_enabled():
         return False
@@ -189,15 +193,16 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 
 def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
               bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """One bf16 row x [K] times packed int4 codes [N, K/2] with bf16 scales_zeros [K/group, N, 2]
-    (+ bias): [N] bf16, or None."""
+    """bf16 x [..., K] of M ≤ INT4_MAX_ROWS rows times packed int4 codes [N, K/2] with bf16
+    scales_zeros [K/group, N, 2] (+ bias): [..., N] bf16, or None."""
     N, K = qweight.shape[0], qweight.shape[1] * 2
-    if not (_usable(x, K, qweight, scales_zeros, bias) and qweight.dtype == torch.uint8
+    if not (_usable(x, K, qweight, scales_zeros, bias, max_rows=INT4_MAX_ROWS) and qweight.dtype == torch.uint8
             and scales_zeros.dtype == torch.bfloat16 and _bf16_or_none(bias)
             and N % 64 == 0 and group_size in (16, 32, 64, 128) and K % group_size == 0):
         return None
-    y = torch.empty(N, dtype=torch.bfloat16)
+    rows = x.numel() // K
+    y = torch.empty(*x.shape[:-1], N, dtype=torch.bfloat16)
     x = _row(x)
     rc = _lib.glm_gemv_int4(x.data_ptr(), qweight.data_ptr(), scales_zeros.data_ptr(), _addr(bias), y.data_ptr(),
-                            N, K, group_size, torch.get_num_threads())
+                            rows, N, K, group_size, torch.get_num_threads())
     return y if rc == 0 else None

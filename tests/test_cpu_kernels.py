@@ -86,6 +86,21 @@ def test_int4_kernel_equals_portable_path(group, n, k_groups, bias):
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows", [2, 3, cpu_kernels.INT4_MAX_ROWS])
+def test_int4_kernel_takes_a_few_rows(rows):
+    layer = _layer("int4", 192, 256, group=64)
+    x = _randn(rows, 256, seed=9).bfloat16()
+    y = cpu_kernels.int4_gemv(x, layer.qweight, layer.scales_zeros, 64, layer.bias)
+    assert y is not None and y.shape == (rows, 192)
+    _assert_bf16_close(y, _portable_reference(layer, x))
+    assert torch.equal(layer(x), y)
+    for i in range(rows):  # each row as computed alone
+        assert torch.equal(y[i], cpu_kernels.int4_gemv(x[i], layer.qweight, layer.scales_zeros, 64, layer.bias))
+    more = _randn(cpu_kernels.INT4_MAX_ROWS + 1, 256).bfloat16()
+    assert cpu_kernels.int4_gemv(more, layer.qweight, layer.scales_zeros, 64) is None
+
+
+@needs_kernels
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_non_contiguous_input(method):
     layer = _layer(method, 128, 256, group=64)

@@ -252,84 +252,116 @@ int glm_gemv_int8(const uint16_t *x, const int8_t *q, const uint16_t *scales, co
  * per step: their 128 bytes hold 4 codes per row; vpermt2b gathers each row's 4 bytes into one
  * lane. Lanes multiply whole bytes b = 16 hi + lo and low nibbles lo, which gives the high
  * nibbles' sums as (sum b - sum lo) / 16 without shifting or masking them out.
- * Per group: y += scale * xscale * sum x16 (q - 8) + zero * xscale * sum x16. */
+ * Per group: y += scale * xscale * sum x16 (q - 8) + zero * xscale * sum x16.
+ * Takes a few rows of x (M, small): two at a time per block, reading the weights from memory once. */
+
+#define PAIR 2 /* x rows per pass over a block: their accumulators fill the 32 vector registers */
+
+typedef struct {
+    const int8_t *xh, *xl;       /* [M, K] */
+    const float *xscale;         /* [M, K / G] */
+    const int32_t *xsum;         /* [M, K / G]: sum of x16 per group */
+    const uint16_t *sz, *bias;
+    uint16_t *y;                 /* [M, N] */
+    int64_t N, K, G;
+    __m512i idx[2];              /* vpermt2b indices: lane j of rows 16i+j, columns k..k+3 */
+} int4_args;
+
+/* Rows m0..m0+R-1 of x times the 64-row block b. */
+INLINE void int4_block(const int4_args *A, const uint8_t *p, int64_t b, int64_t m0, int R)
+{
+    const int64_t N = A->N, K = A->K, G = A->G, groups = K / G;
+    const __m512i low4 = _mm512_set1_epi8(15), hi_mask = _mm512_set1_epi32((int)0xffff0000u);
+    __m512 out[PAIR][4];
+    for (int m = 0; m < R; m++)
+        for (int r = 0; r < 4; r++)
+            out[m][r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < groups; g++) {
+        /* [m][i]: x row m, rows 16i..16i+15 (whole bytes B*, low nibbles L*) times xh (*h) or xl (*l) */
+        __m512i Bh[PAIR][2], Bl[PAIR][2], Lh[PAIR][2], Ll[PAIR][2];
+        for (int m = 0; m < R; m++)
+            for (int i = 0; i < 2; i++)
+                Bh[m][i] = Bl[m][i] = Lh[m][i] = Ll[m][i] = _mm512_setzero_si512();
+        for (int64_t k = g * G; k < (g + 1) * G; k += 4) {
+            __m512i v0 = _mm512_loadu_si512(p + k * 32), v1 = _mm512_loadu_si512(p + (k + 2) * 32);
+            PREFETCH(p + k * 32);
+            PREFETCH(p + k * 32 + 64);
+            __m512i bytes[2], lo[2];
+            for (int i = 0; i < 2; i++) {
+                bytes[i] = _mm512_permutex2var_epi8(v0, A->idx[i], v1);
+                lo[i] = _mm512_and_si512(bytes[i], low4);
+            }
+            for (int m = 0; m < R; m++) {
+                __m512i h4 = _mm512_set1_epi32(*(const int32_t *)(A->xh + (m0 + m) * K + k));
+                __m512i l4 = _mm512_set1_epi32(*(const int32_t *)(A->xl + (m0 + m) * K + k));
+                for (int i = 0; i < 2; i++) {
+                    Bh[m][i] = _mm512_dpbusd_epi32(Bh[m][i], bytes[i], h4);
+                    Bl[m][i] = _mm512_dpbusd_epi32(Bl[m][i], bytes[i], l4);
+                    Lh[m][i] = _mm512_dpbusd_epi32(Lh[m][i], lo[i], h4);
+                    Ll[m][i] = _mm512_dpbusd_epi32(Ll[m][i], lo[i], l4);
+                }
+            }
+        }
+        for (int r = 0; r < 4; r++) { /* 16 rows of (scale, zero) bf16 pairs */
+            __m512i pair = _mm512_loadu_si512(A->sz + (g * N + b * 64 + 16 * r) * 2);
+            __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+            __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, hi_mask));
+            for (int m = 0; m < R; m++) {
+                int i = r % 2;
+                __m512i low = combine(Lh[m][i], Ll[m][i]); /* sum x16 * q of rows 16r.. */
+                __m512i dots = r < 2 ? low : _mm512_srai_epi32(_mm512_sub_epi32(combine(Bh[m][i], Bl[m][i]), low), 4);
+                float xs = A->xscale[(m0 + m) * groups + g];
+                int32_t sum = A->xsum[(m0 + m) * groups + g];
+                __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(dots, _mm512_set1_epi32(8 * sum)));
+                out[m][r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(scale, _mm512_set1_ps(xs)), out[m][r]);
+                out[m][r] = _mm512_fmadd_ps(zero, _mm512_set1_ps(xs * (float)sum), out[m][r]);
+            }
+        }
+    }
+    for (int m = 0; m < R; m++)
+        for (int r = 0; r < 4; r++) {
+            int64_t n0 = b * 64 + 16 * r;
+            __m512 v = out[m][r];
+            if (A->bias)
+                v = _mm512_add_ps(v, load16_bf16(A->bias + n0));
+            _mm256_storeu_si256((__m256i *)(A->y + (m0 + m) * N + n0), (__m256i)_mm512_cvtneps_pbh(v));
+        }
+}
 
 int glm_gemv_int4(const uint16_t *x, const uint8_t *packed, const uint16_t *sz, const uint16_t *bias,
-                  uint16_t *y, int64_t N, int64_t K, int64_t G, int nthreads)
+                  uint16_t *y, int64_t M, int64_t N, int64_t K, int64_t G, int nthreads)
 {
     if (G % 16 || G > 128 || K % G || N % 64) /* larger groups could overflow the int32 sums */
         return -2;
     int64_t groups = K / G;
-    int8_t *xq = malloc((size_t)(2 * K) + sizeof(float) * (size_t)groups + sizeof(int32_t) * (size_t)groups);
+    int8_t *xq = malloc((size_t)(M * (2 * K + 8 * groups)));
     if (!xq)
         return -1;
-    int8_t *xh = xq, *xl = xq + K;
-    float *xscale = (float *)(xq + 2 * K);
-    int32_t *xsum = (int32_t *)(xscale + groups);
-    if (fixed_point_x(x, K, G, xh, xl, xscale, xsum)) {
-        free(xq);
-        return -3;
-    }
-
-    uint8_t gather[2][64]; /* lane j of row half i: bytes of row 16i+j at columns k..k+3 */
+    int8_t *xh = xq, *xl = xq + M * K;
+    float *xscale = (float *)(xq + 2 * M * K);
+    int32_t *xsum = (int32_t *)(xscale + M * groups);
+    for (int64_t m = 0; m < M; m++)
+        if (fixed_point_x(x + m * K, K, G, xh + m * K, xl + m * K, xscale + m * groups, xsum + m * groups)) {
+            free(xq);
+            return -3;
+        }
+    uint8_t gather[2][64];
     for (int i = 0; i < 2; i++)
         for (int j = 0; j < 16; j++)
             for (int c = 0; c < 4; c++)
                 gather[i][4 * j + c] = (uint8_t)(32 * c + 16 * i + j);
-    const __m512i idx[2] = {_mm512_loadu_si512(gather[0]), _mm512_loadu_si512(gather[1])};
-    const __m512i low4 = _mm512_set1_epi8(15), hi_mask = _mm512_set1_epi32((int)0xffff0000u);
-    int64_t blocks = N / 64;
+    const int4_args A = {.xh = xh, .xl = xl, .xscale = xscale, .xsum = xsum, .sz = sz, .bias = bias, .y = y,
+                         .N = N, .K = K, .G = G,
+                         .idx = {_mm512_loadu_si512(gather[0]), _mm512_loadu_si512(gather[1])}};
 
 #pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        const uint8_t *p = packed + b * K * 32;
-        __m512 out[4];
-        for (int r = 0; r < 4; r++)
-            out[r] = _mm512_setzero_ps();
-        for (int64_t g = 0; g < groups; g++) {
-            /* [i]: rows 16i..16i+15 (whole bytes B*, low nibbles L*) times xh (*h) or xl (*l) */
-            __m512i Bh[2], Bl[2], Lh[2], Ll[2];
-            for (int i = 0; i < 2; i++)
-                Bh[i] = Bl[i] = Lh[i] = Ll[i] = _mm512_setzero_si512();
-            for (int64_t k = g * G; k < (g + 1) * G; k += 4) {
-                __m512i v0 = _mm512_loadu_si512(p + k * 32), v1 = _mm512_loadu_si512(p + (k + 2) * 32);
-                PREFETCH(p + k * 32);
-                PREFETCH(p + k * 32 + 64);
-                __m512i h4 = _mm512_set1_epi32(*(const int32_t *)(xh + k));
-                __m512i l4 = _mm512_set1_epi32(*(const int32_t *)(xl + k));
-                for (int i = 0; i < 2; i++) {
-                    __m512i bytes = _mm512_permutex2var_epi8(v0, idx[i], v1);
-                    __m512i lo = _mm512_and_si512(bytes, low4);
-                    Bh[i] = _mm512_dpbusd_epi32(Bh[i], bytes, h4);
-                    Bl[i] = _mm512_dpbusd_epi32(Bl[i], bytes, l4);
-                    Lh[i] = _mm512_dpbusd_epi32(Lh[i], lo, h4);
-                    Ll[i] = _mm512_dpbusd_epi32(Ll[i], lo, l4);
-                }
-            }
-            __m512i dots[4]; /* sum x16 * q for rows 0-15, 16-31, 32-47, 48-63 */
-            for (int i = 0; i < 2; i++) {
-                dots[i] = combine(Lh[i], Ll[i]);
-                dots[2 + i] = _mm512_srai_epi32(_mm512_sub_epi32(combine(Bh[i], Bl[i]), dots[i]), 4);
-            }
-            const __m512i eight_sum = _mm512_set1_epi32(8 * xsum[g]);
-            const __m512 xs = _mm512_set1_ps(xscale[g]), zsum = _mm512_set1_ps(xscale[g] * (float)xsum[g]);
-            for (int r = 0; r < 4; r++) { /* 16 rows of (scale, zero) bf16 pairs */
-                __m512i pair = _mm512_loadu_si512(sz + (g * N + b * 64 + 16 * r) * 2);
-                __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
-                __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, hi_mask));
-                __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(dots[r], eight_sum));
-                out[r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(scale, xs), out[r]);
-                out[r] = _mm512_fmadd_ps(zero, zsum, out[r]);
-            }
+    for (int64_t b = 0; b < N / 64; b++) /* later pairs of x rows find the block in L2 */
+        for (int64_t m0 = 0; m0 < M; m0 += PAIR) {
+            if (M - m0 >= PAIR)
+                int4_block(&A, packed + b * K * 32, b, m0, PAIR);
+            else
+                int4_block(&A, packed + b * K * 32, b, m0, 1);
         }
-        for (int r = 0; r < 4; r++) {
-            int64_t n0 = b * 64 + 16 * r;
-            if (bias)
-                out[r] = _mm512_add_ps(out[r], _mm512_castsi512_ps(_mm512_slli_epi32(
-                             _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(bias + n0))), 16)));
-            _mm256_storeu_si256((__m256i *)(y + n0), (__m256i)_mm512_cvtneps_pbh(out[r]));
-        }
-    }
     free(xq);
     return 0;
 }
