@@ -31,8 +31,8 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "gemv.c"
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
-INT4_MAX_ROWS = 4  # int4 takes up to this many rows of x (one pass over the weights; measured faster
-                   # than PyTorch's op up to here)
+MAX_ROWS = 4  # int8/int4 take up to this many rows of x in one pass over the weights (measured
+             # faster than PyTorch's ops up to here)
 enabled = os.environ.get("GLMCHAT_NO_KERNELS", "") in ("", "0")  # tests and users may switch it off
 
 _lib: ctypes.CDLL | None = None
@@ -41,7 +41,7 @@ _lock = threading.Lock()
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
     "glm_gemv_bf16": (None, [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _int]),
-    "glm_gemv_int8": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _int]),
+    "glm_gemv_int8": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
     "glm_gemv_int4": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int]),
 }
 
@@ -179,24 +179,25 @@ def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
 
 def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """One bf16 row x [K] times int8 codes [N, K] with bf16 scales [N] (+ bias): [N] bf16, or None."""
+    """bf16 x [..., K] of M ≤ MAX_ROWS rows times int8 codes [N, K] with bf16 scales [N] (+ bias):
+    [..., N] bf16, or None."""
     N, K = qweight.shape
-    if not (_usable(x, K, qweight, scales, bias) and qweight.dtype == torch.int8
+    if not (_usable(x, K, qweight, scales, bias, max_rows=MAX_ROWS) and qweight.dtype == torch.int8
             and scales.dtype == torch.bfloat16 and _bf16_or_none(bias)):
         return None
-    y = torch.empty(N, dtype=torch.bfloat16)
+    y = torch.empty(*x.shape[:-1], N, dtype=torch.bfloat16)
     x = _row(x)
     rc = _lib.glm_gemv_int8(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), _addr(bias), y.data_ptr(),
-                            N, K, torch.get_num_threads())
+                            x.numel() // K, N, K, torch.get_num_threads())
     return y if rc == 0 else None
 
 
 def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
               bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """bf16 x [..., K] of M ≤ INT4_MAX_ROWS rows times packed int4 codes [N, K/2] with bf16
+    """bf16 x [..., K] of M ≤ MAX_ROWS rows times packed int4 codes [N, K/2] with bf16
     scales_zeros [K/group, N, 2] (+ bias): [..., N] bf16, or None."""
     N, K = qweight.shape[0], qweight.shape[1] * 2
-    if not (_usable(x, K, qweight, scales_zeros, bias, max_rows=INT4_MAX_ROWS) and qweight.dtype == torch.uint8
+    if not (_usable(x, K, qweight, scales_zeros, bias, max_rows=MAX_ROWS) and qweight.dtype == torch.uint8
             and scales_zeros.dtype == torch.bfloat16 and _bf16_or_none(bias)
             and N % 64 == 0 and group_size in (16, 32, 64, 128) and K % group_size == 0):
         return None

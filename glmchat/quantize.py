@@ -164,7 +164,7 @@ class QuantizedLinear(nn.Module):
 class Int8Linear(QuantizedLinear):
     method = "int8"
     _buffer_names = ("qweight", "scales")
-    _native_max_rows = 1
+    _native_max_rows = cpu_kernels.MAX_ROWS
 
     def __init__(self, in_features, out_features, bias=False, dtype=None, device=None):
         super().__init__(in_features, out_features, bias, dtype, device)
@@ -199,7 +199,7 @@ class Int8Linear(QuantizedLinear):
 class Int4Linear(QuantizedLinear):
     method = "int4"
     _buffer_names = ("qweight", "scales_zeros")
-    _native_max_rows = cpu_kernels.INT4_MAX_ROWS
+    _native_max_rows = cpu_kernels.MAX_ROWS
 
     def __init__(self, in_features, out_features, bias=False, group_size=128, dtype=None, device=None):
         super().__init__(in_features, out_features, bias, dtype, device)

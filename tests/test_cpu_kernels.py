@@ -63,9 +63,9 @@ def test_int8_kernel_equals_portable_path(n, k, bias):
     layer = _layer("int8", n, k, bias=bias)
     x = _randn(1, k, seed=3).bfloat16()
     y = cpu_kernels.int8_gemv(x, layer.qweight, layer.scales, layer.bias)
-    assert y is not None
-    _assert_bf16_close(y[None], _portable_reference(layer, x))
-    assert torch.equal(layer(x), y[None])  # the layer takes this path for one bf16 row
+    assert y is not None and y.shape == (1, n)
+    _assert_bf16_close(y, _portable_reference(layer, x))
+    assert torch.equal(layer(x), y)  # the layer takes this path for one bf16 row
 
 
 @needs_kernels
@@ -86,18 +86,21 @@ def test_int4_kernel_equals_portable_path(group, n, k_groups, bias):
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [2, 3, cpu_kernels.INT4_MAX_ROWS])
-def test_int4_kernel_takes_a_few_rows(rows):
-    layer = _layer("int4", 192, 256, group=64)
-    x = _randn(rows, 256, seed=9).bfloat16()
-    y = cpu_kernels.int4_gemv(x, layer.qweight, layer.scales_zeros, 64, layer.bias)
-    assert y is not None and y.shape == (rows, 192)
+@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("rows", [2, 3, cpu_kernels.MAX_ROWS])
+def test_integer_kernels_take_a_few_rows(method, rows):
+    k = 320 if method == "int8" else 256  # int8: some columns past the last multiple of 64
+    layer = _layer(method, 198 if method == "int8" else 192, k, group=64)
+    kernel = (lambda x: cpu_kernels.int8_gemv(x, layer.qweight, layer.scales, layer.bias)) if method == "int8" else \
+        (lambda x: cpu_kernels.int4_gemv(x, layer.qweight, layer.scales_zeros, 64, layer.bias))
+    x = _randn(rows, k, seed=9).bfloat16()
+    y = kernel(x)
+    assert y is not None and y.shape == (rows, layer.out_features)
     _assert_bf16_close(y, _portable_reference(layer, x))
     assert torch.equal(layer(x), y)
     for i in range(rows):  # each row as computed alone
-        assert torch.equal(y[i], cpu_kernels.int4_gemv(x[i], layer.qweight, layer.scales_zeros, 64, layer.bias))
-    more = _randn(cpu_kernels.INT4_MAX_ROWS + 1, 256).bfloat16()
-    assert cpu_kernels.int4_gemv(more, layer.qweight, layer.scales_zeros, 64) is None
+        assert torch.equal(y[i], kernel(x[i]))
+    assert kernel(_randn(cpu_kernels.MAX_ROWS + 1, k).bfloat16()) is None
 
 
 @needs_kernels

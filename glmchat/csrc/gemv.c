@@ -153,92 +153,133 @@ INLINE __m512i combine(__m512i hi, __m512i lo) /* 128 * hi + lo */
 
 #define X8_GROUP 256 /* 16 columns per lane: sums stay far below 2^31 (16 * 255 * 127 * 128) */
 
-typedef struct {
-    const int8_t *xh, *xl;
-    const float *xscale, *xtail; /* xtail: x in float from column K64 on */
-    const __m512i *base;         /* per group: the lanes' sums for all-zero codes */
-    int64_t K, K64;
+#define PAIR 2 /* x rows per pass over the weights: their accumulators fill the vector registers */
+
+typedef struct {                 /* x prepared, per row m of M: */
+    const int8_t *xh, *xl;       /* [M, K64] */
+    const float *xscale;         /* [M, groups] */
+    const float *xtail;          /* [M, K - K64]: x in float from column K64 on */
+    const __m512i *base;         /* [M, groups]: the lanes' sums for all-zero codes */
+    int64_t K, K64, groups;
 } int8_x;
 
-INLINE void int8_tile(const int8_x *X, const int8_t *q, int rows, float *out)
+/* out[m][r] = x row m0+m . weight row r of the tile at q, for m < R, r < rows. */
+INLINE void int8_tile(const int8_x *X, const int8_t *q, int rows, int64_t m0, int R, float out[PAIR][TILE])
 {
-    const int64_t K = X->K, K64 = X->K64;
+    const int64_t K = X->K, K64 = X->K64, tail = K - K64;
     const __m512i flip = _mm512_set1_epi8((char)0x80);
-    __m512 acc[TILE];
-    for (int r = 0; r < rows; r++)
-        acc[r] = _mm512_setzero_ps();
+    __m512 acc[PAIR][TILE];
+    for (int m = 0; m < R; m++)
+        for (int r = 0; r < rows; r++)
+            acc[m][r] = _mm512_setzero_ps();
     for (int64_t g = 0, g0 = 0; g0 < K64; g++, g0 += X8_GROUP) {
         int64_t end = g0 + X8_GROUP < K64 ? g0 + X8_GROUP : K64;
-        __m512i hi[TILE], lo[TILE];
-        for (int r = 0; r < rows; r++)
-            hi[r] = lo[r] = _mm512_setzero_si512();
+        __m512i hi[PAIR][TILE], lo[PAIR][TILE];
+        for (int m = 0; m < R; m++)
+            for (int r = 0; r < rows; r++)
+                hi[m][r] = lo[m][r] = _mm512_setzero_si512();
         for (int64_t k = g0; k < end; k += 64) {
-            __m512i xh = _mm512_loadu_si512(X->xh + k), xl = _mm512_loadu_si512(X->xl + k);
+            __m512i w[TILE];
             for (int r = 0; r < rows; r++) {
                 PREFETCH(q + r * K + k);
-                __m512i w = _mm512_xor_si512(_mm512_loadu_si512(q + r * K + k), flip);
-                hi[r] = _mm512_dpbusd_epi32(hi[r], w, xh);
-                lo[r] = _mm512_dpbusd_epi32(lo[r], w, xl);
+                w[r] = _mm512_xor_si512(_mm512_loadu_si512(q + r * K + k), flip);
+            }
+            for (int m = 0; m < R; m++) {
+                __m512i xh = _mm512_loadu_si512(X->xh + (m0 + m) * K64 + k);
+                __m512i xl = _mm512_loadu_si512(X->xl + (m0 + m) * K64 + k);
+                for (int r = 0; r < rows; r++) {
+                    hi[m][r] = _mm512_dpbusd_epi32(hi[m][r], w[r], xh);
+                    lo[m][r] = _mm512_dpbusd_epi32(lo[m][r], w[r], xl);
+                }
             }
         }
-        const __m512 xs = _mm512_set1_ps(X->xscale[g]);
-        for (int r = 0; r < rows; r++) {
-            __m512i dot = _mm512_sub_epi32(combine(hi[r], lo[r]), X->base[g]);
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), xs, acc[r]);
+        for (int m = 0; m < R; m++) {
+            const __m512 xs = _mm512_set1_ps(X->xscale[(m0 + m) * X->groups + g]);
+            const __m512i base = X->base[(m0 + m) * X->groups + g];
+            for (int r = 0; r < rows; r++) {
+                __m512i dot = _mm512_sub_epi32(combine(hi[m][r], lo[m][r]), base);
+                acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), xs, acc[m][r]);
+            }
         }
     }
     for (int64_t k = K64; k < K; k += 16) {
-        __mmask16 m = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1);
-        __m512 xv = _mm512_maskz_loadu_ps(m, X->xtail + (k - K64));
+        __mmask16 mask = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1);
         for (int r = 0; r < rows; r++) {
-            __m512i c = _mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, q + r * K + k));
-            acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(c), xv, acc[r]);
+            __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, q + r * K + k)));
+            for (int m = 0; m < R; m++) {
+                __m512 xv = _mm512_maskz_loadu_ps(mask, X->xtail + (m0 + m) * tail + (k - K64));
+                acc[m][r] = _mm512_fmadd_ps(c, xv, acc[m][r]);
+            }
         }
     }
-    for (int r = 0; r < rows; r++)
-        out[r] = _mm512_reduce_add_ps(acc[r]);
+    for (int m = 0; m < R; m++)
+        for (int r = 0; r < rows; r++)
+            out[m][r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+
+/* x's rows in fixed point (see fixed_point_x) plus the per-group lane sums for all-zero codes. */
+static int prepare_int8_x(const uint16_t *x, int64_t M, int8_x *X, char *mem)
+{
+    const int64_t K = X->K, K64 = X->K64, groups = X->groups, tail = K - K64;
+    __m512i *base = (__m512i *)mem;
+    int8_t *xh = (int8_t *)(base + M * groups), *xl = xh + M * K64;
+    float *xscale = (float *)(xl + M * K64), *xtail = xscale + M * groups;
+    int32_t *xsum = (int32_t *)(xtail + M * tail); /* not needed here */
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    for (int64_t m = 0; m < M; m++) {
+        const uint16_t *xm = x + m * K;
+        if (groups && fixed_point_x(xm, K64, X8_GROUP, xh + m * K64, xl + m * K64, xscale + m * groups, xsum))
+            return -1;
+        for (int64_t k = K64; k < K; k++)
+            xtail[m * tail + k - K64] = bf16_to_f32(xm[k]);
+        for (int64_t g = 0; g < groups; g++) {
+            __m512i hi = _mm512_setzero_si512(), lo = _mm512_setzero_si512();
+            for (int64_t k = g * X8_GROUP; k < (g + 1) * X8_GROUP && k < K64; k += 64) {
+                hi = _mm512_dpbusd_epi32(hi, flip, _mm512_loadu_si512(xh + m * K64 + k));
+                lo = _mm512_dpbusd_epi32(lo, flip, _mm512_loadu_si512(xl + m * K64 + k));
+            }
+            base[m * groups + g] = combine(hi, lo);
+        }
+    }
+    X->xh = xh, X->xl = xl, X->xscale = xscale, X->xtail = xtail, X->base = base;
+    return 0;
 }
 
 int glm_gemv_int8(const uint16_t *x, const int8_t *q, const uint16_t *scales, const uint16_t *bias,
-                  uint16_t *y, int64_t N, int64_t K, int nthreads)
+                  uint16_t *y, int64_t M, int64_t N, int64_t K, int nthreads)
 {
-    int64_t K64 = K / 64 * 64, groups = (K64 + X8_GROUP - 1) / X8_GROUP;
-    size_t bytes = 64 * (size_t)groups + 2 * (size_t)K64 + 8 * (size_t)groups + 4 * (size_t)(K - K64);
+    int8_x X = {.K = K, .K64 = K / 64 * 64};
+    X.groups = (X.K64 + X8_GROUP - 1) / X8_GROUP;
+    size_t bytes = (size_t)M * (64 * X.groups + 2 * X.K64 + 8 * X.groups + 4 * (K - X.K64));
     char *mem = aligned_alloc(64, (bytes + 63) / 64 * 64);
     if (!mem)
         return -1;
-    __m512i *base = (__m512i *)mem;
-    int8_t *xh = (int8_t *)(base + groups), *xl = xh + K64;
-    float *xscale = (float *)(xl + K64), *xtail = xscale + groups;
-    int32_t *xsum = (int32_t *)(xtail + (K - K64)); /* not needed here */
-    if (groups && fixed_point_x(x, K64, X8_GROUP, xh, xl, xscale, xsum)) {
+    if (prepare_int8_x(x, M, &X, mem)) {
         free(mem);
         return -3;
     }
-    for (int64_t k = K64; k < K; k++)
-        xtail[k - K64] = bf16_to_f32(x[k]);
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-    for (int64_t g = 0; g < groups; g++) {
-        __m512i hi = _mm512_setzero_si512(), lo = _mm512_setzero_si512();
-        for (int64_t k = g * X8_GROUP; k < (g + 1) * X8_GROUP && k < K64; k += 64) {
-            hi = _mm512_dpbusd_epi32(hi, flip, _mm512_loadu_si512(xh + k));
-            lo = _mm512_dpbusd_epi32(lo, flip, _mm512_loadu_si512(xl + k));
-        }
-        base[g] = combine(hi, lo);
-    }
-    const int8_x X = {.xh = xh, .xl = xl, .xscale = xscale, .xtail = xtail, .base = base, .K = K, .K64 = K64};
     int64_t tiles = (N + TILE - 1) / TILE;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
-        int64_t n0 = t * TILE;
-        float out[TILE];
-        if (n0 + TILE <= N)
-            int8_tile(&X, q + n0 * K, TILE, out);
-        else
-            for (int64_t n = n0; n < N; n++)
-                int8_tile(&X, q + n * K, 1, out + (n - n0));
-        for (int64_t n = n0; n < N && n < n0 + TILE; n++)
-            store(y, bias, n, out[n - n0] * bf16_to_f32(scales[n]));
+        int64_t n0 = t * TILE, rows = N - n0 < TILE ? N - n0 : TILE;
+        for (int64_t m0 = 0; m0 < M; m0 += PAIR) { /* later pairs find the tile in L1/L2 */
+            float out[PAIR][TILE];
+            int R = M - m0 >= PAIR ? PAIR : 1;
+            if (rows == TILE && R == PAIR)
+                int8_tile(&X, q + n0 * K, TILE, m0, PAIR, out);
+            else if (rows == TILE)
+                int8_tile(&X, q + n0 * K, TILE, m0, 1, out);
+            else
+                for (int r = 0; r < rows; r++) {
+                    float one[PAIR][TILE];
+                    int8_tile(&X, q + (n0 + r) * K, 1, m0, R, one);
+                    for (int m = 0; m < R; m++)
+                        out[m][r] = one[m][0];
+                }
+            for (int m = 0; m < R; m++)
+                for (int r = 0; r < rows; r++)
+                    store(y + (m0 + m) * N, bias, n0 + r, out[m][r] * bf16_to_f32(scales[n0 + r]));
+        }
     }
     free(mem);
     return 0;
@@ -254,8 +295,6 @@ int glm_gemv_int8(const uint16_t *x, const int8_t *q, const uint16_t *scales, co
  * nibbles' sums as (sum b - sum lo) / 16 without shifting or masking them out.
  * Per group: y += scale * xscale * sum x16 (q - 8) + zero * xscale * sum x16.
  * Takes a few rows of x (M, small): two at a time per block, reading the weights from memory once. */
-
-#define PAIR 2 /* x rows per pass over a block: their accumulators fill the 32 vector registers */
 
 typedef struct {
     const int8_t *xh, *xl;       /* [M, K] */
