@@ -7,7 +7,7 @@ last-level cache, as in a real decode step. The machine's bandwidth drifts on sh
 each row also re-measures B (a float32 sum over 1 GB) interleaved with its timings, and ×B is
 relative to that row's B.
 
-    flock /tmp/glmchat-cpu.lock python3 benchmarks/gemv_kernels.py [--groups 32 64 128] [--threads 2]
+    flock /tmp/glmchat-cpu.lock python3 benchmarks/gemv_kernels.py [--groups 32 64 128] [--threads 2] [--rows 1]
 """
 
 from __future__ import annotations
@@ -55,13 +55,14 @@ def per_call(jobs: list, passes: int = 7) -> list[float]:
     return best
 
 
-def formats(n: int, k: int, groups: list[int]):
-    """(name, bytes read, make weight args, kernel fn, torch fn) per format."""
-    x = torch.randn(1, k).to(torch.bfloat16)
+def formats(n: int, k: int, groups: list[int], rows: int = 1):
+    """(name, bytes read, weight tensors, kernel fn, torch fn) per format, for x of `rows` rows."""
+    x = torch.randn(rows, k).to(torch.bfloat16)
     w = (torch.randn(n, k) * 0.02).to(torch.bfloat16)
-    yield ("bf16", n * k * 2, (w,),
-           lambda w: cpu_kernels.bf16_gemv(x, w),
-           lambda w: torch.mv(w, x[0]))
+    if rows == 1:  # the bf16 kernel takes one row
+        yield ("bf16", n * k * 2, (w,),
+               lambda w: cpu_kernels.bf16_gemv(x, w),
+               lambda w: torch.mv(w, x[0]))
     q, s = quantize_int8(w, torch.bfloat16)
     yield ("int8", n * k + n * 2, (q, s),
            lambda q, s: cpu_kernels.int8_gemv(x, q, s),
@@ -77,17 +78,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--groups", type=int, nargs="+", default=[128])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rows", type=int, default=1, help=f"rows of x (int8/int4 kernels: up to {cpu_kernels.MAX_ROWS})")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if not cpu_kernels.available():
         print(f"C kernels unavailable: {cpu_kernels.unavailable_reason()}")
     B = memory_bandwidth()  # best of 5 here; weights were timed the same way, interleaved
-    print(f"threads={args.threads}  B = {B / 1e9:.1f} GB/s (float32 sum over 4 GB, best of 5)\n")
+    print(f"threads={args.threads}  rows of x={args.rows}  B = {B / 1e9:.1f} GB/s (float32 sum over 4 GB, best of 5)\n")
     probe = torch.ones(COPY_BYTES // 4, dtype=torch.float32)
     print(f"{'shape':>13} {'format':>9} {'B':>5} | {'kernel ms':>9} {'GB/s':>6} {'×B':>5} | {'torch ms':>8} {'GB/s':>6} {'×B':>5} | speed-up")
     for n, k in SHAPES:
-        for name, nbytes, weight, kernel, reference in formats(n, k, args.groups):
+        for name, nbytes, weight, kernel, reference in formats(n, k, args.groups, args.rows):
             copies = [weight] + [tuple(t.clone() for t in weight) for _ in range(max(1, math.ceil(COPY_BYTES / nbytes)) - 1)]
             have_kernel = cpu_kernels.available()
             jobs = [(probe.sum, [()]), (reference, copies)] + ([(kernel, copies)] if have_kernel else [])

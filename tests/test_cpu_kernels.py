@@ -183,8 +183,17 @@ def test_env_switch_disables_kernels():
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
 
 
-def test_failing_compiler_means_silent_fallback(tmp_path):
-    result = _python(_FALLBACK_CHECK, CC="false", PATH=str(tmp_path), XDG_CACHE_HOME=str(tmp_path))
+@pytest.mark.parametrize("compiler", ["fails", "missing"])
+def test_no_working_compiler_means_silent_fallback(tmp_path, compiler):
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    if compiler == "fails":
+        cc = tmp_path / "cc"
+        cc.write_text("#!/bin/sh\necho broken >&2\nexit 1\n")
+        cc.chmod(0o755)
+        env["CC"] = str(cc)
+    else:
+        env.update(CC="", PATH=str(tmp_path))
+    result = _python(_FALLBACK_CHECK, **env)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
     assert result.stderr == ""
 
