@@ -166,12 +166,12 @@ def _bf16_or_none(t: torch.Tensor | None) -> bool:
 
 
 def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """x [K] (or [1, K]) · weight[N, K]ᵀ + bias, all bf16, as a [N] bf16 tensor; None when the kernel
-    does not apply (unavailable, other dtypes, several rows): then use F.linear."""
+    """x [..., K] holding one row · weight[N, K]ᵀ + bias, all bf16, as a [..., N] bf16 tensor; None
+    when the kernel does not apply (unavailable, other dtypes, several rows): then use F.linear."""
     N, K = weight.shape
     if not (_usable(x, K, weight, bias) and weight.dtype == torch.bfloat16 and _bf16_or_none(bias)):
         return None
-    y = torch.empty(N, dtype=torch.bfloat16)
+    y = torch.empty(*x.shape[:-1], N, dtype=torch.bfloat16)
     x = _row(x)
     _lib.glm_gemv_bf16(x.data_ptr(), weight.data_ptr(), _addr(bias), y.data_ptr(), N, K, torch.get_num_threads())
     return y
