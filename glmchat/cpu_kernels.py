@@ -43,6 +43,7 @@ _SIGNATURES = {
     "glm_gemv_bf16": (None, [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _int]),
     "glm_gemv_int8": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
     "glm_gemv_int4": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int]),
+    "glm_dequant_int4_t": (None, [_ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
 }
 
 
@@ -207,3 +208,19 @@ def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor
     rc = _lib.glm_gemv_int4(x.data_ptr(), qweight.data_ptr(), scales_zeros.data_ptr(), _addr(bias), y.data_ptr(),
                             rows, N, K, group_size, torch.get_num_threads())
     return y if rc == 0 else None
+
+
+def int4_dequantize_t(qweight: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
+                      out: torch.Tensor) -> torch.Tensor | None:
+    """The int4 weight [N, K] dequantized into out, a contiguous bf16 [K, N] (its transpose, the
+    layout the packed codes unpack into contiguously); returns out, or None when the kernel does not
+    apply (then dequantize with PyTorch)."""
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    if not (enabled and qweight.device.type == "cpu" and qweight.dtype == torch.uint8 and qweight.is_contiguous()
+            and scales_zeros.dtype == torch.bfloat16 and scales_zeros.is_contiguous()
+            and out.dtype == torch.bfloat16 and out.is_contiguous() and tuple(out.shape) == (K, N)
+            and N % 64 == 0 and K % group_size == 0 and _load() is not None):
+        return None
+    _lib.glm_dequant_int4_t(qweight.data_ptr(), scales_zeros.data_ptr(), out.data_ptr(), N, K, group_size,
+                            torch.get_num_threads())
+    return out

@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 import torch
 from tqdm.auto import tqdm
 
+from . import cpu_kernels
 from .config import ConfigError, GLMConfig
 from .model import GLMTransformer
 from .quantize import QuantizedLinear, check_method, quantize_model
@@ -533,6 +534,8 @@ def load_model(
         init_random_weights(model, seed)
     else:
         load_weights(model, files, progress=progress)
+    if device.type == "cpu":
+        cpu_kernels.available()  # compiles them on first use (seconds), here rather than in the first answer
     nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     return model, LoadInfo(os.fspath(path_or_id), time.perf_counter() - start, nbytes, random_weights, quantization)
 

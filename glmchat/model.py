@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
 from .config import GLMConfig
 
 
@@ -25,8 +26,9 @@ class ContextLengthError(ValueError):
 class Linear(nn.Linear):
     """nn.Linear with faster CPU kernels for the few-row products of decoding, in bfloat16.
 
-    Measured at ChatGLM3-6B's shapes on AVX-512/AMX CPUs: one row through torch.mv runs ~1.5×
-    F.linear's speed, and 2-128 rows as W @ x^T 1.2-1.9× (batched decode steps, short prefills);
+    Measured at ChatGLM3-6B's shapes on AVX-512/AMX CPUs: one row through glmchat's C kernel
+    (cpu_kernels.bf16_gemv, where it compiles) or else torch.mv runs ~1.5× F.linear's speed, and
+    2-128 rows as W @ x^T 1.2-1.9× (batched decode steps, short prefills);
     from ~256 rows on F.linear is as fast or faster (0.7× at 512 rows for the MLP's up projection).
     float16 is the other way round (its mv is slower), so it keeps F.linear.
     """
@@ -45,6 +47,9 @@ def _cpu_bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     out_features, in_features = weight.shape
     rows = x.numel() // in_features
     if rows == 1:
+        y = cpu_kernels.bf16_gemv(x, weight, bias)
+        if y is not None:
+            return y
         y = torch.mv(weight, x.reshape(-1))
     else:
         y = (weight @ x.reshape(rows, in_features).t()).t()

@@ -222,6 +222,8 @@ class Int4Linear(QuantizedLinear):
         N, K, g = self.out_features, self.in_features, self.group_size
         device = self.qweight.device
         wt = _workspace((K, N), dtype, device) if reuse_buffer else torch.empty(K, N, dtype=dtype, device=device)
+        if self.use_fast_kernel and cpu_kernels.int4_dequantize_t(self.qweight, self.scales_zeros, g, wt) is not None:
+            return wt.t()
         packed = self.qweight.view(N // _ROW_BLOCK, K, _ROW_BLOCK // 2)
         halves = wt.view(K, N // _ROW_BLOCK, 2, _ROW_BLOCK // 2)
         for half, codes in enumerate((packed & 15, packed >> 4)):

@@ -86,6 +86,18 @@ def test_int4_kernel_equals_portable_path(group, n, k_groups, bias):
 
 
 @needs_kernels
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_prefill_dequantization_kernel_equals_pytorchs(group):
+    layer = _layer("int4", 192, 4 * group, group=group, bias=False)
+    fast = layer.dequantize(torch.bfloat16).clone()
+    layer.use_fast_kernel = False
+    assert torch.equal(fast, layer.dequantize(torch.bfloat16))  # same float32 math, rounded once
+    x = _randn(2, 40, 4 * group, seed=3).to(torch.bfloat16)  # prefill-sized: the dequantize + GEMM path
+    layer.use_fast_kernel = True
+    torch.testing.assert_close(layer(x).float(), _portable_reference(layer, x), atol=3e-2, rtol=3e-2)
+
+
+@needs_kernels
 @pytest.mark.parametrize("method", ["int8", "int4"])
 @pytest.mark.parametrize("rows", [2, 3, cpu_kernels.MAX_ROWS])
 def test_integer_kernels_take_a_few_rows(method, rows):

@@ -404,3 +404,40 @@ int glm_gemv_int4(const uint16_t *x, const uint8_t *packed, const uint16_t *sz, 
     free(xq);
     return 0;
 }
+
+/* ------------------------------------------------------------------------------------------ */
+/* int4 dequantization for prefill (many rows: dequantize once, then a bf16 GEMM).
+ * Writes W transposed, wt[K, N] bf16: for one column k, block b's 32 bytes hold rows 64b..64b+63,
+ * which land contiguously in wt[k, 64b..64b+63]. wt[k, n] = (q - 8) * scale + zero, rounded once
+ * from float32 like torch.addcmul. Threads take contiguous ranges of 64-row blocks. */
+
+void glm_dequant_int4_t(const uint8_t *packed, const uint16_t *sz, uint16_t *wt, int64_t N, int64_t K,
+                        int64_t G, int nthreads)
+{
+    int64_t blocks = N / 64;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t b = 0; b < blocks; b++) {
+        float scale[64], zero[64];
+        for (int64_t k = 0; k < K; k++) {
+            if (k % G == 0) {
+                const uint16_t *g = sz + ((k / G) * N + 64 * b) * 2;
+                for (int j = 0; j < 64; j++) {
+                    scale[j] = bf16_to_f32(g[2 * j]);
+                    zero[j] = bf16_to_f32(g[2 * j + 1]);
+                }
+            }
+            const uint8_t *p = packed + (b * K + k) * 32;
+            uint16_t *out = wt + k * N + 64 * b;
+            for (int j = 0; j < 32; j += 16) {
+                __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + j)));
+                __m512i lo = _mm512_sub_epi32(_mm512_and_si512(codes, _mm512_set1_epi32(15)), _mm512_set1_epi32(8));
+                __m512i hi = _mm512_sub_epi32(_mm512_srli_epi32(codes, 4), _mm512_set1_epi32(8));
+                __m512 wlo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_loadu_ps(scale + j), _mm512_loadu_ps(zero + j));
+                __m512 whi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_loadu_ps(scale + 32 + j),
+                                             _mm512_loadu_ps(zero + 32 + j));
+                _mm256_storeu_si256((__m256i *)(out + j), (__m256i)_mm512_cvtneps_pbh(wlo));
+                _mm256_storeu_si256((__m256i *)(out + 32 + j), (__m256i)_mm512_cvtneps_pbh(whi));
+            }
+        }
+    }
+}
