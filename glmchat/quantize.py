@@ -318,6 +318,8 @@ def save_quantized(src, dst, method: str, group_size: int = 128, dtype=None, pro
     from .loader import load_model, official_name, resolve_checkpoint, save_safetensors
 
     src_dir, dst = resolve_checkpoint(src), Path(dst)
+    if dst.resolve() == src_dir.resolve():  # the loaded model reads the source files in place
+        raise QuantizationError(f"{dst} is the checkpoint being quantized; save the quantized copy to another directory")
     model, info = load_model(src_dir, dtype=dtype, quantize=method, group_size=group_size, progress=progress)
     dst.mkdir(parents=True, exist_ok=True)
     shards, current, size = [], {}, 0
@@ -340,6 +342,6 @@ def save_quantized(src, dst, method: str, group_size: int = 128, dtype=None, pro
     config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     (dst / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
     for name in _COPIED_FILES:
-        if (src_dir / name).exists() and src_dir.resolve() != dst.resolve():
+        if (src_dir / name).exists():
             shutil.copy(src_dir / name, dst / name)
     return dst

@@ -109,6 +109,8 @@ def test_saved_quantized_checkpoint_round_trip(tiny_ckpt, tmp_path, method, grou
         assert torch.equal(a[name], b[name]), name
     with pytest.raises(CheckpointError, match="already quantized"):
         load_model(out, quantize="int8" if method == "int4" else "int4", progress=False)
+    with pytest.raises(QuantizationError, match="another directory"):
+        save_quantized(out, out, method, group_size=group, progress=False)
 
 
 def test_bad_settings_are_refused(tiny_ckpt, tmp_path):
