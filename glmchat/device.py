@@ -41,8 +41,9 @@ def pick_device(name: str | torch.device = "auto") -> torch.device:
 def default_dtype(device: torch.device | str) -> torch.dtype:
     """The dtype "auto" means on a device.
 
-    CUDA/ROCm: bfloat16 where the GPU supports it, else float16. MPS: float16. CPU: bfloat16 for
-    now (half the memory of float32; fast on CPUs with AVX512-BF16/AMX).
+    CUDA/ROCm: bfloat16 where the GPU supports it, else float16. MPS: float16. CPU: bfloat16,
+    measured faster than float16 in both phases (decode 1.03 B against 0.42 B, prefill 4× on
+    AVX512-BF16/AMX; README, Performance) and half the memory of float32.
     """
     device = torch.device(device)
     if device.type == "cuda":
