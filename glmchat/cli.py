@@ -15,7 +15,7 @@ import sys
 from . import __version__
 from .chat import ChatModel, ToolCallParseError, load
 from .config import ConfigError
-from .device import DEVICES, DeviceError, pick_device
+from .device import DEVICES, DeviceError, default_dtype, pick_device
 from .loader import DEFAULT_MODEL, CheckpointError
 from .model import ContextLengthError
 from .families import NotAChatModelError
@@ -274,7 +274,8 @@ def cmd_quantize(args) -> int:
 
     method = {8: "int8", 4: "int4"}[args.bits]
     out = save_quantized(args.src, args.dst, method, args.group_size,
-                         dtype=None if args.dtype == "auto" else args.dtype, progress=sys.stderr.isatty())
+                         dtype=default_dtype(pick_device("auto")) if args.dtype == "auto" else args.dtype,
+                         progress=sys.stderr.isatty())
     _note(f"saved the {method} checkpoint to {out}")
     return 0
 
@@ -327,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--bits", type=int, choices=(8, 4), required=True)
     quant.add_argument("--group-size", type=int, choices=(32, 64, 128), default=128, help="int4 group size")
     quant.add_argument("--dtype", default="auto", choices=DTYPES,
-                       help="dtype of the scales and unquantized tensors (auto: the checkpoint's)")
+                       help="dtype of the scales and unquantized tensors (auto: what --dtype auto loads on this "
+                            "machine, so the saved files load in place: bfloat16 on CPU)")
     return parser
 
 

@@ -111,6 +111,8 @@ def test_bench_json_runs_the_seed_workload(tiny_ckpt):
 def test_quantized_checkpoint_saves_and_chats(tiny_ckpt, tmp_path):
     out = tmp_path / "int8"
     glmchat_cli("quantize", tiny_ckpt, out, "--bits", "8")
-    assert json.loads((out / "config.json").read_text())["quantization"]["method"] == "int8"
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"]["method"] == "int8"
+    assert config["torch_dtype"] == "bfloat16"  # --dtype auto: what this (CPU) machine loads, so it loads in place
     data = json.loads(glmchat_cli("run", "--model", out, *COMMON, "--json", "Hello").stdout)
     assert data["completion_tokens"] > 0
