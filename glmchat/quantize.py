@@ -135,7 +135,7 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, self.in_features)
-        if self.use_fast_kernel and x2.shape[0] <= self._native_max_rows and x2.device.type == "cpu":
+        if self.use_fast_kernel and x2.shape[0] <= cpu_kernels.MAX_ROWS and x2.device.type == "cpu":
             y = self._native(x2)  # glmchat's C kernel, bias included; None where it does not apply
             if y is not None:
                 return y.view(*x.shape[:-1], self.out_features)
@@ -164,7 +164,6 @@ class QuantizedLinear(nn.Module):
 class Int8Linear(QuantizedLinear):
     method = "int8"
     _buffer_names = ("qweight", "scales")
-    _native_max_rows = cpu_kernels.MAX_ROWS
 
     def __init__(self, in_features, out_features, bias=False, dtype=None, device=None):
         super().__init__(in_features, out_features, bias, dtype, device)
@@ -199,7 +198,6 @@ class Int8Linear(QuantizedLinear):
 class Int4Linear(QuantizedLinear):
     method = "int4"
     _buffer_names = ("qweight", "scales_zeros")
-    _native_max_rows = cpu_kernels.MAX_ROWS
 
     def __init__(self, in_features, out_features, bias=False, group_size=128, dtype=None, device=None):
         super().__init__(in_features, out_features, bias, dtype, device)
