@@ -19,24 +19,11 @@ import time
 import torch
 
 from glmchat import cpu_kernels
+from glmchat.bench import memory_bandwidth
 from glmchat.quantize import quantize_int4, quantize_int8
 
 SHAPES = [(4608, 4096), (4096, 4096), (27392, 4096), (4096, 13696), (65024, 4096)]
 COPY_BYTES = 1 << 30
-
-
-def memory_bandwidth(gigabytes: float = 4.0, repeats: int = 5) -> float:
-    """B: bytes/s of torch's float32 sum over a buffer far larger than the caches (best of `repeats`)."""
-    buf = torch.ones(int(gigabytes * (1 << 30)) // 4, dtype=torch.float32)
-    best = min(_seconds(buf.sum) for _ in range(repeats))
-    del buf
-    return gigabytes * (1 << 30) / best
-
-
-def _seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def per_call(jobs: list, passes: int = 7) -> list[float]:

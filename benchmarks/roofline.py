@@ -17,22 +17,11 @@ import time
 
 import torch
 
-from glmchat.bench import random_prompt, time_generation
+from glmchat.bench import memory_bandwidth, random_prompt, time_generation
 from glmchat.config import GLMConfig
 from glmchat.loader import DEFAULT_MODEL, KNOWN_CONFIGS, empty_model, init_random_weights
 
 FORMATS = ["bf16", "fp16", "int8", "int4", "bf16-compile", "int4-compile", "transformers-bf16"]
-
-
-def bandwidth(gb: float = 4.0, passes: int = 5) -> float:
-    """Best-of-`passes` read bandwidth in bytes/s of a float32 sum over a `gb` GB buffer."""
-    buf = torch.ones(int(gb * 1e9) // 4)
-    best = float("inf")
-    for _ in range(passes):
-        start = time.perf_counter()
-        buf.sum()
-        best = min(best, time.perf_counter() - start)
-    return buf.numel() * 4 / best
 
 
 def bytes_per_token(model) -> int:
@@ -110,7 +99,7 @@ def run_format(config, fmt, args) -> dict:
         if r:
             prefill.append(args.prefill_tokens / ttft)
             decode.append(tok_s)
-    B = bandwidth()
+    B = memory_bandwidth()
     del model
     gc.collect()
     best_decode = max(decode)
@@ -134,7 +123,7 @@ def main():
     warnings.filterwarnings("ignore", category=FutureWarning)
     raw = dict(KNOWN_CONFIGS[DEFAULT_MODEL], **({"num_layers": args.layers} if args.layers else {}))
     config = GLMConfig.from_dict(raw)
-    B0 = bandwidth()
+    B0 = memory_bandwidth()
     rows = [run_format(config, fmt, args) for fmt in args.formats]
     base = next((r["prefill_tok_s"] for r in rows if r["format"].startswith("transformers")), None)
     for r in rows:

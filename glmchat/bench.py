@@ -31,6 +31,18 @@ def bench_prompts() -> list[str]:
     return [p for en, zh in PROMPT_PAIRS for p in (en + SUFFIX_EN, zh + SUFFIX_ZH)]
 
 
+def memory_bandwidth(gigabytes: float = 4.0, passes: int = 5) -> float:
+    """B: this machine's memory read bandwidth in bytes/s, the best of `passes` float32 sums over a
+    buffer far larger than the caches (the yardstick the benchmarks state speeds against)."""
+    buf = torch.ones(int(gigabytes * 1e9) // 4)
+    best = float("inf")
+    for _ in range(passes):
+        start = time.perf_counter()
+        buf.sum()
+        best = min(best, time.perf_counter() - start)
+    return buf.nbytes / best
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident memory so far."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
