@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import re
 import socket
+import struct
 import time
 import zlib
 from dataclasses import dataclass
@@ -283,13 +285,61 @@ def iter_tensors(file: Path):
         yield from state.items()
 
 
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+_DTYPES_BY_NAME = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
+_ALIGN = 64
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file whose tensors start 64-byte aligned (those whose sizes are multiples
+    of 64 go first), so that loading can use them in place at full speed; the safetensors library's
+    own writer aligns to 8 bytes only."""
+    names = sorted(tensors, key=lambda n: (tensors[n].nbytes % _ALIGN != 0, n))
+    header: dict = {"__metadata__": metadata or {}}
+    offset = 0
+    for name in names:
+        t = tensors[name]
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-(8 + len(text)) % _ALIGN)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for name in names:
+            f.write(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+
+
+SHARD_BYTES = 2 * 1024**3
+
+
+def save_shards(tensors: dict[str, torch.Tensor], dst: Path, write=save_safetensors) -> None:
+    """Write tensors (official names) into dst as safetensors shards of ~2 GB each, in order, plus
+    model.safetensors.index.json, the layout the hub repositories use. write: the file writer."""
+    shards, current, size = [], {}, 0
+    for name, tensor in tensors.items():
+        if current and size + tensor.nbytes > SHARD_BYTES:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensor
+        size += tensor.nbytes
+    shards.append(current)
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        write(shard, dst / filename, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, filename))
+    total = sum(t.nbytes for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
 def _read_safetensors(file: Path):
     """(name, tensor) for each tensor of a safetensors file, each in its own private (copy-on-write)
     mapping of the file: no copy, and a tensor's pages leave this process's memory once it is
     dropped, so quantizing or converting a 2 GB shard never holds more than one tensor of it."""
-    import mmap
-    import struct
-
     def corrupt(why: str) -> CheckpointError:
         return CheckpointError(f"{file} is corrupt or truncated ({why}); download it again")
 
@@ -371,40 +421,11 @@ def load_weights(model: GLMTransformer, files: list[Path], progress: bool = True
         )
 
 
-_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                       torch.uint8: "U8", torch.bool: "BOOL"}
-_DTYPES_BY_NAME = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
-_ALIGN = 64
-
-
-def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file whose tensors start 64-byte aligned (those whose sizes are multiples
-    of 64 go first), so that loading can use them in place at full speed; the safetensors library's
-    own writer aligns to 8 bytes only."""
-    import struct
-
-    names = sorted(tensors, key=lambda n: (tensors[n].nbytes % _ALIGN != 0, n))
-    header: dict = {"__metadata__": metadata or {}}
-    offset = 0
-    for name in names:
-        t = tensors[name]
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-(8 + len(text)) % _ALIGN)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text)
-        for name in names:
-            f.write(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-
-
 def _can_adopt(tensor: torch.Tensor, param: torch.Tensor) -> bool:
     """Whether a checkpoint tensor can serve as the parameter itself: same dtype and device, and
     64-byte aligned (misaligned weights make CPU matrix-vector products ~15% slower)."""
     return (tensor.dtype == param.dtype and tensor.device == param.device and tensor.is_contiguous()
-            and tensor.data_ptr() % 64 == 0)
+            and tensor.data_ptr() % _ALIGN == 0)
 
 
 _CONVERT_CHUNK = 1 << 18

@@ -301,7 +301,6 @@ def set_fast_kernels(model: nn.Module, enabled: bool) -> None:
 # ---------------------------------------------------------------------------------------------
 # Saving
 
-SHARD_BYTES = 2 * 1024**3
 _COPIED_FILES = ("tokenizer.model", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json",
                  "generation_config.json")
 
@@ -313,28 +312,14 @@ def save_quantized(src, dst, method: str, group_size: int = 128, dtype=None, pro
     import shutil
     from pathlib import Path
 
-    from .loader import load_model, official_name, resolve_checkpoint, save_safetensors
+    from .loader import load_model, official_name, resolve_checkpoint, save_shards
 
     src_dir, dst = resolve_checkpoint(src), Path(dst)
     if dst.resolve() == src_dir.resolve():  # the loaded model reads the source files in place
         raise QuantizationError(f"{dst} is the checkpoint being quantized; save the quantized copy to another directory")
     model, info = load_model(src_dir, dtype=dtype, quantize=method, group_size=group_size, progress=progress)
     dst.mkdir(parents=True, exist_ok=True)
-    shards, current, size = [], {}, 0
-    for name, tensor in model.state_dict().items():
-        if current and size + tensor.nbytes > SHARD_BYTES:
-            shards.append(current)
-            current, size = {}, 0
-        current[official_name(name)] = tensor.contiguous()
-        size += tensor.nbytes
-    shards.append(current)
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_safetensors(shard, dst / filename, metadata={"format": "pt"})  # aligned: loads in place
-        weight_map.update(dict.fromkeys(shard, filename))
-    index = {"metadata": {"total_size": info.weight_bytes}, "weight_map": weight_map}
-    (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    save_shards({official_name(name): t for name, t in model.state_dict().items()}, dst)  # aligned: loads in place
     config = json.loads((src_dir / "config.json").read_text(encoding="utf-8"))
     config["quantization"] = info.quantization
     config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
