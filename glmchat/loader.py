@@ -555,7 +555,7 @@ def load_model(
         init_random_weights(model, seed)
     else:
         load_weights(model, files, progress=progress)
-    if device.type == "cpu":
+    if device.type == "cpu" and dtype == torch.bfloat16:  # the only dtype the kernels take
         cpu_kernels.available()  # compiles them on first use (seconds), here rather than in the first answer
     nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     return model, LoadInfo(os.fspath(path_or_id), time.perf_counter() - start, nbytes, random_weights, quantization)
