@@ -64,7 +64,7 @@ def main():
     print(f"{args.model} ({'weights' if args.weights else 'random weights'}), {chat_model.dtype}, {chat_model.device}, "
           f"{torch.get_num_threads()} threads, loaded in {chat_model.load_seconds:.0f} s; "
           f"load average before: {os.getloadavg()[0]:.2f}")
-    app = build_app(chat_model.model, tokenizer, model_id=args.model, max_batch=max(args.streams),
+    app = build_app(chat_model.model, tokenizer, chat_model.family, model_id=args.model, max_batch=max(args.streams),
                     vocab_limit=tokenizer.vocab_size if chat_model.standin_tokenizer else None)
     bias = {str(i): -100 for i in tokenizer.stop_token_ids}  # every stream runs to --tokens
     with BackgroundServer(app) as server:

@@ -1,222 +1,29 @@
-"""Chat on top of the transformer: prompts from messages, parsing replies, and the native API.
+"""The native API: `glmchat.load(path_or_id).chat(messages)` / `.stream(messages)`.
 
-A conversation is a list of messages `{"role", "content"}` with roles system (optionally with
-"tools"), user, assistant (optionally with "metadata": a tool name) and observation (a tool's
-result). The model answers after `<|assistant|>`; its reply can hold several segments separated by
-`<|assistant|>`, each `metadata\\n content`, where a non-blank metadata line makes it a tool call.
-See the spec's "chat and stream_chat" section.
+A conversation is a list of messages `{"role", "content"}` (see glmchat.families.base); the
+model's family decides the prompt, the stop ids and how the reply reads. Generation goes through
+glmchat.generate's core.
 """
 
 from __future__ import annotations
 
-import ast
-import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import torch
 
 from .device import default_dtype, pick_device
-from .families import CHATGLM3, Family, parse_json_tool_call, read_config
-from .generate import SamplingConfig, generate_tokens, vocab_limit
-from .loader import DEFAULT_MODEL, CheckpointError, config_and_family, load_model, resolve_checkpoint
+from .families import Family
+from .families.base import has_tools
+from .families.chatglm3 import TOKENIZER_FILE, ChatGLM3, ChatGLMTokenizer
+from .generate import SamplingConfig, TextStream, generate_tokens, stream_generate, vocab_limit
+from .loader import DEFAULT_MODEL, CheckpointError, config_and_family, load_model, read_config, resolve_checkpoint
 from .model import GLMTransformer, KVCache
 from .tiny import train_tokenizer
-from .tokenizer import ROLES, TOKENIZER_FILE, ChatGLMTokenizer
-
-ASSISTANT = "<|assistant|>"
-TRAINING_TIME = "[[训练时间]]"  # a placeholder the model was trained with; shown as "2023年"
-
-
-class ToolCallParseError(ValueError):
-    """A tool-call segment whose code is not `tool_call(name=literal, ...)`. It is never run."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Prompts
-
-
-def build_prompt_ids(tokenizer: ChatGLMTokenizer, messages: list[dict]) -> list[int]:
-    """`[gMASK] sop` + one block per message + `<|assistant|>`: the ids the model answers after.
-
-    Same layout as the reference's `build_chat_input(query, history)`, with the query as the last
-    message; a system message's "tools" are appended to its content as indented JSON.
-    """
-    if not messages:
-        raise ValueError("messages is empty: give at least one {'role': 'user', 'content': ...}")
-    ids = tokenizer.get_prefix_tokens()
-    for i, message in enumerate(messages):
-        role, content = _check_message(message, i)
-        if role == "system" and "tools" in message:
-            content = content + "\n" + _tools_json(message["tools"])
-        ids += tokenizer.build_single_message(role, message.get("metadata") or "", content)
-    ids.append(tokenizer.get_command(ASSISTANT))
-    return ids
-
-
-def _check_message(message: Any, index: int) -> tuple[str, str]:
-    if not isinstance(message, dict) or "role" not in message or "content" not in message:
-        raise ValueError(f"message {index} must be a dict with 'role' and 'content', got {message!r:.80}")
-    role, content = message["role"], message["content"]
-    if role not in ROLES:
-        raise ValueError(f"message {index} has role {role!r}; roles are {', '.join(ROLES)}")
-    if not isinstance(content, str):
-        raise ValueError(f"message {index} content must be a string, got {type(content).__name__}")
-    return role, content
-
-
-def _tools_json(tools) -> str:
-    return json.dumps(tools, indent=4, ensure_ascii=False)
-
-
-def has_tools(messages: list[dict]) -> bool:
-    """The reference parses tool-call parameters only when the first message is a system with tools."""
-    first = messages[0] if messages else None
-    return isinstance(first, dict) and first.get("role") == "system" and "tools" in first
-
-
-# ---------------------------------------------------------------------------------------------
-# Replies
-
-
-@dataclass
-class ParsedResponse:
-    content: str  # the plain-text segments, stripped, joined by a blank line; "[[训练时间]]" -> "2023年"
-    tool_call: dict | None  # the last segment's tool call, exactly as the reference returns it
-    messages: list[dict] = field(default_factory=list)  # one assistant history entry per segment
-
-
-def split_segments(text: str) -> list[tuple[str, str]]:
-    """(metadata, content) per `<|assistant|>`-separated segment; no newline: metadata is ""."""
-    segments = []
-    for segment in text.split(ASSISTANT):
-        metadata, content = segment.split("\n", 1) if "\n" in segment else ("", segment)
-        segments.append((metadata, content))
-    return segments
-
-
-def parse_response(text: str, tools_in_prompt: bool, family: Family = CHATGLM3) -> ParsedResponse:
-    """The reference's post-processing of a decoded reply, with tool calls parsed safely.
-
-    A segment whose metadata is blank is text: its history entry holds the stripped content. Any
-    other segment is a tool call named by the metadata: `{"name", "parameters"}` when the prompt
-    offered tools (the call is parsed: `parse_tool_call` for ChatGLM3, JSON for GLM-4), else
-    `{"name", "content"}`. ChatGLM2 has no segments: its reply is the stripped text.
-    """
-    if family.tool_calls is None:
-        content = text.strip()
-        return ParsedResponse(family.show(content), None, [{"role": "assistant", "content": content}])
-    parse_arguments = parse_json_tool_call if family.tool_calls == "json" else parse_tool_call
-    texts, messages, tool_call = [], [], None
-    for metadata, content in split_segments(text):
-        if not metadata.strip():
-            content = content.strip()
-            messages.append({"role": "assistant", "metadata": metadata, "content": content})
-            if content:
-                texts.append(content)
-            tool_call = None
-        else:
-            messages.append({"role": "assistant", "metadata": metadata, "content": content})
-            name = metadata.strip()
-            if tools_in_prompt:
-                tool_call = {"name": name, "parameters": parse_arguments(content)}
-            else:
-                tool_call = {"name": name, "content": content}
-    return ParsedResponse(family.show("\n\n".join(texts)), tool_call, messages)
-
-
-def parse_tool_call(content: str) -> dict:
-    """Keyword arguments of the `tool_call(...)` in a tool segment's content, read as literals.
-
-    Like the reference, the content's first and last lines (the code fence) are dropped and the
-    rest must be one call `tool_call(key=value, ...)`; the reference `eval`s it, here each value
-    must be a Python literal (str, number, bool, None, list, tuple, dict, set). Anything else
-    raises ToolCallParseError: model output is never executed.
-    """
-    code = "\n".join(content.split("\n")[1:-1]).lstrip(" \t")  # eval() ignores leading blanks too
-    try:
-        call = ast.parse(code, mode="eval").body
-    except SyntaxError as e:
-        raise ToolCallParseError(f"tool call is not valid Python ({e.msg}): {code!r:.200}") from None
-    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "tool_call"):
-        raise ToolCallParseError(f"expected tool_call(key=value, ...), got {code!r:.200}")
-    if call.args:
-        raise ToolCallParseError(f"tool_call takes keyword arguments only: {code!r:.200}")
-    kwargs: dict = {}
-    for keyword in call.keywords:
-        try:
-            value = ast.literal_eval(keyword.value)
-        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-            shown = ast.get_source_segment(code, keyword.value) or "?"
-            raise ToolCallParseError(f"tool_call argument is not a literal: {shown!r:.200}") from None
-        if keyword.arg is None:  # tool_call(**{...})
-            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-                raise ToolCallParseError(f"tool_call(**...) needs a dict with string keys: {code!r:.200}")
-            items = value.items()
-        else:
-            items = [(keyword.arg, value)]
-        for key, item in items:
-            if key in kwargs:
-                raise ToolCallParseError(f"tool_call got argument {key!r} twice")
-            kwargs[key] = item
-    return kwargs
-
-
-def visible_text(text: str, final: bool = True, family: Family = CHATGLM3) -> str:
-    """The part of a reply decoded so far that a reader may see: its plain-text segments.
-
-    Before the end (final=False) this only grows as text is added: a segment whose first line is
-    not complete yet is held back (that line may name a tool), and so are trailing blanks and a
-    tail that may still become "<|assistant|>" or "[[训练时间]]".
-    """
-    if family.tool_calls is None:  # ChatGLM2: all of it is text
-        shown = family.show(text.strip())
-    else:
-        if not final:
-            text = _without_partial(text, ASSISTANT)
-        segments = split_segments(text)
-        if not final and "\n" not in text.rsplit(ASSISTANT, 1)[-1]:
-            segments = segments[:-1]
-        shown = family.show("\n\n".join(c.strip() for m, c in segments if not m.strip() and c.strip()))
-    return shown if final else _without_partial(shown, TRAINING_TIME).rstrip()
-
-
-def _without_partial(text: str, marker: str) -> str:
-    """text without a tail that is the start of marker."""
-    for k in range(min(len(marker) - 1, len(text)), 0, -1):
-        if text.endswith(marker[:k]):
-            return text[:-k]
-    return text
-
-
-class StreamDetokenizer:
-    """The text of a growing list of token ids, never ending in half a UTF-8 character.
-
-    Decodes only a short window at each step (the tokens since the text last grew, with those of
-    the step before as context), so a long answer costs linear time, not quadratic.
-    """
-
-    def __init__(self, tokenizer: ChatGLMTokenizer):
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.text = ""
-        self._prefix = self._read = 0
-
-    def add(self, token_id: int) -> str:
-        """Append a token; return the text it completes ("" while a character is incomplete)."""
-        self.ids.append(token_id)
-        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
-        after = self.tokenizer.decode(self.ids[self._prefix:])
-        if len(after) <= len(before) or after.endswith("\ufffd"):
-            return ""
-        new = after[len(before):]
-        self._prefix, self._read = self._read, len(self.ids)
-        self.text += new
-        return new
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,7 +35,7 @@ class Reply:
     """A whole answer: its text, tool call, history entries, token counts and timing."""
 
     text: str  # the plain-text answer (what the stream showed)
-    tool_call: dict | None  # when the answer ends in a tool call (see parse_response)
+    tool_call: dict | None  # when the answer ends in a tool call (see Family.parse_reply)
     messages: list[dict]  # assistant entries to append to the conversation
     finish_reason: str  # "stop": the model ended it; "length": max_new_tokens or the context ran out
     prompt_tokens: int
@@ -260,9 +67,8 @@ class ChatModel:
     computed (in a chat, everything but the new turn). Not thread-safe: one call at a time.
     """
 
-    def __init__(self, model: GLMTransformer, tokenizer: ChatGLMTokenizer, *, load_seconds: float = 0.0,
-                 source: str = "", random_weights: bool = False, standin_tokenizer: bool = False, processors=(),
-                 family: Family = CHATGLM3):
+    def __init__(self, model: GLMTransformer, tokenizer, family: Family, *, load_seconds: float = 0.0,
+                 source: str = "", random_weights: bool = False, standin_tokenizer: bool = False, processors=()):
         self.model = model
         self.tokenizer = tokenizer
         self.family = family  # decides the prompt format, the stop tokens and how replies read
@@ -297,63 +103,43 @@ class ChatModel:
                 return chunk.reply
         raise AssertionError("stream ended without a reply")
 
-    def stream(self, messages: list[dict], *, max_new_tokens: int | None = None, temperature: float = 0.8,
-               top_p: float = 0.8, top_k: int = 50, repetition_penalty: float = 1.0, seed: int | None = None,
-               greedy: bool = False) -> Iterator[Chunk]:
+    def stream(self, messages: list[dict], *, max_new_tokens: int | None = None, greedy: bool = False,
+               **sampling) -> Iterator[Chunk]:
         """Chunks of the answer's text as it is generated; the last chunk carries the Reply.
 
-        Joined, the chunks' texts equal reply.text. Sampling defaults are the reference chat's;
-        greedy=True (or temperature=0) picks the most likely token. max_new_tokens None: until the
-        model stops or the context is full.
+        Joined, the chunks' texts equal reply.text. Sampling options (temperature, top_p, top_k,
+        repetition_penalty, seed) default to the reference chat's (`SamplingConfig`); greedy=True
+        (or temperature=0) picks the most likely token. max_new_tokens None: until the model
+        stops or the context is full.
         """
-        sampling = SamplingConfig(greedy=greedy, temperature=temperature, top_p=top_p, top_k=top_k,
-                                  repetition_penalty=repetition_penalty, seed=seed)
+        options = SamplingConfig(greedy=greedy, **sampling)
         prompt = self.family.prompt_ids(self.tokenizer, messages)
-        stop = set(self.family.stop_ids(self.tokenizer))
-        start = time.perf_counter()
-        first = None
-        detok = StreamDetokenizer(self.tokenizer)
-        shown, finish, count = "", "length", 0
-        for token in self.stream_ids(prompt, max_new_tokens=max_new_tokens, sampling=sampling, reuse_cache=True):
-            first = first or time.perf_counter()
-            count += 1
-            if token in stop:
-                finish = "stop"
-                continue
-            detok.add(token)
-            seen = visible_text(detok.text, final=False, family=self.family)
-            if len(seen) > len(shown) and seen.startswith(shown):
-                yield Chunk(seen[len(shown):])
-                shown = seen
-        end = time.perf_counter()
-        parsed = parse_response(self.tokenizer.decode(detok.ids), has_tools(messages), self.family)
-        reply = Reply(parsed.content, parsed.tool_call, parsed.messages, finish, len(prompt), count,
-                      (first or end) - start, end - start)
-        yield Chunk(parsed.content[len(shown):] if parsed.content.startswith(shown) else "", reply)
-
-    def stream_ids(self, prompt_ids: list[int], *, max_new_tokens: int | None = None,
-                   sampling: SamplingConfig | None = None, stop_ids=None, processors=(),
-                   cache: KVCache | None = None, reuse_cache: bool = False) -> Iterator[int]:
-        """Generated token ids, one at a time, the stop token included.
-
-        cache: continue after what it holds; or reuse_cache: keep one cache across calls and reuse
-        its longest prefix shared with prompt_ids.
-        """
-        stop_ids = self.family.stop_ids(self.tokenizer) if stop_ids is None else stop_ids
-        context = self.model.config.seq_length
-        max_new = context if max_new_tokens is None else max_new_tokens
-        ids, before = list(prompt_ids), None
-        if reuse_cache:
-            cache, reused = self._prefix_cache(ids, len(ids) + max_new)
-            self._cache_ids, self._cache_valid = ids, reused
-            ids, before = ids[reused:], ids[:reused]
-        tokens = generate_tokens(self.model, ids, max_new_tokens=max_new, stop_ids=stop_ids, sampling=sampling,
-                                 cache=cache, processors=[*self.processors, *processors], seen_before=before)
-        for token in tokens:
-            if reuse_cache:  # the cache now holds everything before this token
+        text = TextStream(self.tokenizer, self.family.visible_text, stop_ids=self.family.stop_ids(self.tokenizer))
+        max_new = self.model.config.seq_length if max_new_tokens is None else max_new_tokens
+        cache, reused = self._prefix_cache(prompt, len(prompt) + max_new)
+        self._cache_ids, self._cache_valid = list(prompt), reused
+        for record in stream_generate(self.model, text, prompt, max_new_tokens=max_new, sampling=options,
+                                      cache=cache, cached=reused, processors=self.processors):
+            if record.token is not None:  # the cache now holds everything before this token
                 self._cache_valid = len(self._cache_ids)
-                self._cache_ids.append(token)
-            yield token
+                self._cache_ids.append(record.token)
+            if record.finish_reason is None:
+                if record.text:
+                    yield Chunk(record.text)
+                continue
+            parsed = self.family.parse_reply(text.text, has_tools(messages))
+            reply = Reply(parsed.text, parsed.tool_call, parsed.messages, record.finish_reason, len(prompt),
+                          record.generation_tokens, record.time_to_first_token, record.elapsed)
+            yield Chunk(record.text, reply)
+
+    def generate_ids(self, prompt_ids: list[int], *, max_new_tokens: int, sampling: SamplingConfig | None = None,
+                     stop_ids=None, processors=(), cache: KVCache | None = None) -> Iterator[int]:
+        """Generated token ids after prompt_ids (or after what `cache` holds), the stop token included.
+
+        Defaults: greedy, stopping at the family's stop ids."""
+        stop_ids = self.family.stop_ids(self.tokenizer) if stop_ids is None else stop_ids
+        return generate_tokens(self.model, prompt_ids, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
+                               sampling=sampling, cache=cache, processors=[*self.processors, *processors])
 
     def _prefix_cache(self, prompt: list[int], needed: int) -> tuple[KVCache, int]:
         """The kept cache, cut to its longest prefix shared with prompt (at least one token left to run)."""
@@ -413,7 +199,7 @@ def load(path_or_id: str = DEFAULT_MODEL, *, device: str | torch.device = "auto"
         if directory is not None:
             tokenizer = family.load_tokenizer(directory)
         else:  # the stand-in speaks ChatGLM3's format
-            tokenizer, standin, family = standin_tokenizer(), True, CHATGLM3
+            tokenizer, standin, family = standin_tokenizer(), True, ChatGLM3()
             processors.append(vocab_limit(tokenizer.vocab_size))
     else:
         directory = resolve_checkpoint(path_or_id)
@@ -423,9 +209,9 @@ def load(path_or_id: str = DEFAULT_MODEL, *, device: str | torch.device = "auto"
         tokenizer = family.load_tokenizer(directory)
     if compile:
         model.compile_decode()
-    return ChatModel(model, tokenizer, load_seconds=time.perf_counter() - start, source=os.fspath(path_or_id),
-                     random_weights=random_weights, standin_tokenizer=standin, processors=processors,
-                     family=family)
+    return ChatModel(model, tokenizer, family, load_seconds=time.perf_counter() - start,
+                     source=os.fspath(path_or_id), random_weights=random_weights, standin_tokenizer=standin,
+                     processors=processors)
 
 
 def _tokenizer_directory(path_or_id) -> Path | None:

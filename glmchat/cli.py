@@ -13,15 +13,15 @@ import os
 import sys
 
 from . import __version__
-from .chat import ChatModel, ToolCallParseError, load
+from .chat import ChatModel, load
 from .config import ConfigError
 from .device import DEVICES, DeviceError, default_dtype, pick_device
+from .families import NotAChatModelError, TokenizerError, ToolCallParseError
+from .generate import SamplingConfig
 from .loader import DEFAULT_MODEL, CheckpointError
 from .model import ContextLengthError
-from .families import NotAChatModelError
 from .quantize import QuantizationError
 from .server import add_server_options
-from .tokenizer import TokenizerError
 
 # Mistakes a user can fix: reported as one line, never as a traceback (GLMCHAT_DEBUG=1 shows it).
 USER_ERRORS = (CheckpointError, ConfigError, TokenizerError, ContextLengthError, DeviceError, ToolCallParseError,
@@ -88,14 +88,15 @@ def add_model_options(parser) -> None:
 
 
 def add_sampling_options(parser) -> None:
+    d = SamplingConfig()  # the reference chat's defaults
     g = parser.add_argument_group("generation")
     g.add_argument("--max-new-tokens", type=_number(int, 1), default=1024, metavar="N",
                    help="stop an answer after N tokens (default 1024)")
-    g.add_argument("--temperature", type=_number(float, 0), default=0.8, metavar="T",
-                   help="sampling temperature, 0 = greedy (default 0.8)")
-    g.add_argument("--top-p", type=_number(float, 0, 1, low_open=True), default=0.8, metavar="P",
-                   help="nucleus sampling (default 0.8)")
-    g.add_argument("--top-k", type=_number(int, 0), default=50, metavar="K", help="0 = off (default 50)")
+    g.add_argument("--temperature", type=_number(float, 0), default=d.temperature, metavar="T",
+                   help=f"sampling temperature, 0 = greedy (default {d.temperature})")
+    g.add_argument("--top-p", type=_number(float, 0, 1, low_open=True), default=d.top_p, metavar="P",
+                   help=f"nucleus sampling (default {d.top_p})")
+    g.add_argument("--top-k", type=_number(int, 0), default=d.top_k, metavar="K", help=f"0 = off (default {d.top_k})")
     g.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable answers")
     g.add_argument("--greedy", action="store_true", help="always pick the most likely token")
     g.add_argument("--system", default=None, metavar="TEXT", help="a system prompt")

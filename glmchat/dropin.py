@@ -1,11 +1,8 @@
 """Drop-in `AutoTokenizer` / `AutoModel` for code written against the reference (trust_remote_code).
 
 `model.chat` and `model.stream_chat` give what the checkpoint family's reference gives, quirks
-included. ChatGLM3 and GLM-4 (see the spec's "chat and stream_chat"): the last generated token is
-dropped, the caller's history list is mutated, tool calls come back as dicts, streams lag one token.
-ChatGLM2: history is (query, response) pairs, returned as a new list, every token kept. All skip
-stream text ending in U+FFFD. They are thin adapters over `glmchat.chat` (prompt building,
-generation, reply parsing all live there).
+included: the family (glmchat.families) holds those quirks, this module turns transformers-style
+options into sampling settings and runs the generation core.
 """
 
 from __future__ import annotations
@@ -16,17 +13,16 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .chat import ChatModel, ToolCallParseError, has_tools, load, parse_response, resized_cache
-from .families import read_config
+from .chat import ChatModel, load, resized_cache
+from .families.base import Tokenizer
 from .generate import SamplingConfig, generate_batch
-from .loader import resolve_checkpoint
+from .loader import read_config, resolve_checkpoint
 from .model import KVCache
-from .tokenizer import ChatGLMTokenizer
 
 
 class AutoTokenizer:
     @staticmethod
-    def from_pretrained(path_or_id, *args, **kwargs) -> ChatGLMTokenizer:
+    def from_pretrained(path_or_id, *args, **kwargs) -> Tokenizer:
         """The tokenizer of a local directory or hub id, of the checkpoint's own family
         (ChatGLM2/3 SentencePiece, GLM-4 byte-level BPE); trust_remote_code etc. are ignored."""
         directory = resolve_checkpoint(path_or_id, weights=False)
@@ -183,25 +179,23 @@ class ChatGLMForConditionalGeneration(nn.Module):
     def chat(self, tokenizer, query: str, history: list | None = None, role: str = "user",
              max_length: int = 8192, num_beams: int = 1, do_sample: bool = True, top_p: float = 0.8,
              temperature: float = 0.8, logits_processor=None, **kwargs):
-        """(response, history) like the family's reference.
+        """(response, history) like the family's reference (glmchat.families: `Family.dropin_chat`).
 
         ChatGLM3 / GLM-4: `history` (a list of messages) gets the query appended in place, the
         last generated token is dropped. ChatGLM2: history is (query, response) pairs, the caller's
         list is left alone, every generated token is kept.
         """
         self.family.check_chat()
-        if self.family.name == "chatglm2":
-            history = list(history or [])
-            prompt = _chatglm2_prompt(tokenizer, query, history, role)
-            tokens = self._generate(tokenizer, prompt, max_length, num_beams, do_sample, top_p, temperature,
-                                    logits_processor, kwargs)
-            return _chatglm2_response(tokenizer.decode(tokens), query, history, self.family)
-        history = [] if history is None else history
-        prompt = tokenizer.build_chat_input(query, history=history, role=role).input_ids[0].tolist()
-        tokens = self._generate(tokenizer, prompt, max_length, num_beams, do_sample, top_p, temperature,
-                                logits_processor, kwargs)
-        history.append({"role": role, "content": query})
-        return _reference_response(tokenizer.decode(tokens[:-1]), history, self.family)
+
+        def generate(prompt):
+            sampling, max_new = _options(len(prompt), max_length, kwargs.pop("max_new_tokens", None), do_sample,
+                                         temperature, top_p, kwargs.pop("top_k", 50),
+                                         kwargs.pop("repetition_penalty", 1.0), num_beams, kwargs)
+            return self._engine.generate_ids(prompt, max_new_tokens=max_new, sampling=sampling,
+                                             stop_ids=self.family.stop_ids(tokenizer),
+                                             processors=list(logits_processor or []))
+
+        return self.family.dropin_chat(tokenizer, generate, query, history, role)
 
     @torch.inference_mode()
     def stream_chat(self, tokenizer, query: str, history: list | None = None, role: str = "user",
@@ -213,81 +207,25 @@ class ChatGLMForConditionalGeneration(nn.Module):
         With past_key_values (from an earlier call) the prompt holds only this turn. ChatGLM3 /
         GLM-4 lag one token (the newest is left out of each yield) and mutate `history` once;
         ChatGLM2 shows every token and returns `history + [(query, response)]`. Yields whose text
-        is empty or ends in U+FFFD are skipped. One deliberate difference: where the reference
-        would crash on a tool call still being written (it evals the incomplete code), that
-        partial step is skipped; a call still invalid at the end raises.
+        is empty or ends in U+FFFD are skipped (see `Family.dropin_stream_chat`).
         """
         self.family.check_chat()
-        if self.family.name == "chatglm2":
-            history = list(history or [])
-            turn_only = past_key_values is not None or return_past_key_values  # as the reference decides
-            prompt = _chatglm2_prompt(tokenizer, query, history, role, turn_only)
-        else:
-            history = [] if history is None else history
-            turn = tokenizer.build_chat_input(query, history=history if past_key_values is None else None, role=role)
-            prompt = turn.input_ids[0].tolist()
-            history.append({"role": role, "content": query})
-        sampling, max_new = _options(len(prompt), max_length, kwargs.pop("max_new_tokens", None), do_sample,
-                                     temperature, top_p, kwargs.pop("top_k", 50),
-                                     kwargs.pop("repetition_penalty", 1.0), 1, kwargs)
-        cache = self._cache_for(past_key_values, 1, len(prompt) + max_new)
-        chatglm2, tokens, failed = self.family.name == "chatglm2", [], None
-        for token in self._engine.stream_ids(prompt, max_new_tokens=max_new, sampling=sampling, cache=cache,
+        cache = None
+
+        def generate(prompt):
+            nonlocal cache
+            sampling, max_new = _options(len(prompt), max_length, kwargs.pop("max_new_tokens", None), do_sample,
+                                         temperature, top_p, kwargs.pop("top_k", 50),
+                                         kwargs.pop("repetition_penalty", 1.0), 1, kwargs)
+            cache = self._cache_for(past_key_values, 1, len(prompt) + max_new)
+            return self._engine.generate_ids(prompt, max_new_tokens=max_new, sampling=sampling, cache=cache,
                                              stop_ids=self.family.stop_ids(tokenizer),
-                                             processors=list(logits_processor or [])):
-            tokens.append(token)
-            text = tokenizer.decode(tokens if chatglm2 else tokens[:-1])
-            if not text or text[-1] == "\ufffd":
-                continue
-            try:
-                response, new_history = (_chatglm2_response(text, query, history, self.family) if chatglm2
-                                         else _reference_response(text, history, self.family))
-            except ToolCallParseError as e:  # the call is not complete yet
-                failed = e
-                continue
-            failed = None
+                                             processors=list(logits_processor or []))
+
+        for response, new_history in self.family.dropin_stream_chat(
+                tokenizer, generate, query, history, role, past_given=past_key_values is not None,
+                return_past=return_past_key_values):
             yield (response, new_history, PastKeyValues(cache)) if return_past_key_values else (response, new_history)
-        if failed is not None:
-            raise failed
-
-    def _generate(self, tokenizer, prompt, max_length, num_beams, do_sample, top_p, temperature, logits_processor,
-                  kwargs) -> list[int]:
-        """All generated ids for a chat() call, the stop token included."""
-        sampling, max_new = _options(len(prompt), max_length, kwargs.pop("max_new_tokens", None), do_sample,
-                                     temperature, top_p, kwargs.pop("top_k", 50),
-                                     kwargs.pop("repetition_penalty", 1.0), num_beams, kwargs)
-        return list(self._engine.stream_ids(prompt, max_new_tokens=max_new, sampling=sampling,
-                                            stop_ids=self.family.stop_ids(tokenizer),
-                                            processors=list(logits_processor or [])))
-
-
-def _chatglm2_prompt(tokenizer, query: str, history: list, role: str, turn_only: bool = False) -> list[int]:
-    """`[gMASK] sop` + the "[Round N]" rounds of history and query (the reference's build_inputs).
-
-    turn_only (the reference's build_stream_inputs, for a cached conversation): with a history,
-    only "\\n\\n[Round N]..." without `[gMASK] sop`, its first id (the dummy prefix) dropped.
-    """
-    if role != "user":
-        raise ValueError(f"ChatGLM2 has no {role!r} role; only user queries")
-    if not (turn_only and history):
-        return tokenizer.build_chat_input(query, history=history).input_ids[0].tolist()
-    text = f"\n\n[Round {len(history) + 1}]\n\n问：{query}\n\n答："
-    return tokenizer.encode(text, add_special_tokens=False)[1:]
-
-
-def _chatglm2_response(text: str, query: str, history: list, family):
-    """ChatGLM2's process_response (strip, the date placeholder) and its new history."""
-    response = family.show(text.strip())
-    return response, history + [(query, response)]
-
-
-def _reference_response(text: str, history: list[dict], family):
-    """The reference's process_response: the last segment's text (or tool-call dict) and a new history."""
-    parsed = parse_response(text, has_tools(history), family)
-    new_history = copy.deepcopy(history) + parsed.messages
-    if parsed.tool_call is not None:
-        return parsed.tool_call, new_history
-    return family.show(parsed.messages[-1]["content"]), new_history
 
 
 def _options(prompt_len, max_length, max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty,

@@ -1,12 +1,19 @@
-"""Token generation: sampling and the decode loop (prefill once, then one token per step)."""
+"""The one generation core: sampling, prefill, a decode step, the decode loop, and the typed record
+every consumer reads (the native API, the drop-in API, the CLI, bench and the server engine).
+
+`generate_batch` / `generate_tokens` yield token ids; `stream_generate` wraps them into
+`GenerationResponse` records whose text follows the one stream-visibility rule (`TextStream`).
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
+from .families.base import without_partial_tail
 from .model import ContextLengthError, GLMTransformer, KVCache
 
 Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -14,10 +21,14 @@ Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass
 class SamplingConfig:
+    """How to pick tokens. The defaults are the reference chat's (temperature and top_p 0.8, and
+    transformers' top_k 50 under them): the one set of defaults the native API, the CLI and the
+    server use when the caller says nothing."""
+
     greedy: bool = False
     temperature: float = 0.8
     top_p: float = 0.8
-    top_k: int = 0  # 0: off
+    top_k: int = 50  # 0: off
     repetition_penalty: float = 1.0
     seed: int | None = None
 
@@ -104,6 +115,16 @@ def vocab_limit(limit: int) -> Processor:
     return process
 
 
+def prefill(model: GLMTransformer, input_ids: torch.Tensor, cache, attention_mask=None, position_ids=None) -> torch.Tensor:
+    """Run a prompt [B, T] into the cache; the logits of its last position, [B, vocab]."""
+    return model(input_ids, cache=cache, attention_mask=attention_mask, position_ids=position_ids, last_only=True)[:, -1]
+
+
+def decode_step(model: GLMTransformer, tokens: torch.Tensor, cache, position_ids=None) -> torch.Tensor:
+    """One token per row [B] after what the cache holds; the next logits, [B, vocab]."""
+    return model.decode(tokens.view(-1, 1), cache, position_ids=position_ids)[:, -1]
+
+
 def generate_batch(
     model: GLMTransformer,
     input_ids: torch.Tensor,
@@ -148,20 +169,19 @@ def generate_batch(
     running = torch.ones(B, dtype=torch.bool, device=model.device)
 
     with torch.inference_mode():
-        logits = model(input_ids, cache=cache, attention_mask=attention_mask, position_ids=position_ids, last_only=True)
+        logits = prefill(model, input_ids, cache, attention_mask, position_ids)
         for i in range(max_new_tokens):
-            token = sampler(logits[:, -1], seen)
+            token = sampler(logits, seen)
             token = torch.where(running, token, torch.full_like(token, pad_id))
             running = running & ~torch.isin(token, stop)
             yield token
             if i == max_new_tokens - 1 or not bool(running.any()):
                 return
-            next_input = token.view(B, 1)
             if seen is not None:
-                seen = torch.cat((seen, next_input), dim=1)
+                seen = torch.cat((seen, token.view(B, 1)), dim=1)
             if position_ids is not None:
                 position_ids = position_ids[:, -1:] + 1
-            logits = model.decode(next_input, cache, position_ids=position_ids)
+            logits = decode_step(model, token, cache, position_ids)
 
 
 def generate_tokens(
@@ -184,3 +204,146 @@ def generate_tokens(
     for token in generate_batch(model, prompt, max_new_tokens=max_new_tokens, stop_ids=stop_ids,
                                 sampling=sampling, processors=processors, cache=cache, seen_before=before):
         yield int(token[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Text: what a reply being generated shows
+
+
+class StreamDetokenizer:
+    """The text of a growing list of token ids, never ending in half a UTF-8 character.
+
+    Decodes only a short window at each step (the tokens since the text last grew, with those of
+    the step before as context), so a long answer costs linear time, not quadratic.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self._prefix = self._read = 0
+
+    def add(self, token_id: int) -> str:
+        """Append a token; return the text it completes ("" while a character is incomplete)."""
+        self.ids.append(token_id)
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
+        after = self.tokenizer.decode(self.ids[self._prefix:])
+        if len(after) <= len(before) or after.endswith("\ufffd"):
+            return ""
+        new = after[len(before):]
+        self._prefix, self._read = self._read, len(self.ids)
+        self.text += new
+        return new
+
+
+Visible = Callable[[str, bool], str]  # (text so far, final) -> the part a reader may see
+
+
+class TextStream:
+    """The one stream-visibility rule: the text of a reply being generated as it may be shown.
+
+    Stop ids are not text. The text is cut at the first stop string (and a tail that may still
+    become one is held back); `visible` (a family's `visible_text`) decides the rest; and what is
+    shown only ever grows: `add` returns what a token adds, `finish` what the end adds. `stopped`
+    turns True once a stop string has been found: the caller ends the generation there.
+    """
+
+    def __init__(self, tokenizer, visible: Visible | None = None, stop_ids: Iterable[int] = (),
+                 stop_strings: Sequence[str] = ()):
+        self.tokenizer = tokenizer
+        self.visible = visible or (lambda text, final: text)
+        self.stop_ids = frozenset(stop_ids)
+        self.stop_strings = list(stop_strings)
+        self.detok = StreamDetokenizer(tokenizer)
+        self.shown = ""
+        self.stopped = False
+        self.text = ""  # at the end: the whole reply's text, cut at a stop string
+
+    @property
+    def ids(self) -> list[int]:
+        return self.detok.ids
+
+    def add(self, token: int) -> str:
+        if token in self.stop_ids or self.stopped:
+            return ""
+        self.detok.add(token)
+        return self._grow(self.detok.text, final=False)
+
+    def finish(self) -> str:
+        return self._grow(self.tokenizer.decode(self.detok.ids), final=True)
+
+    def _grow(self, text: str, final: bool) -> str:
+        cuts = [i for i in (text.find(s) for s in self.stop_strings) if i >= 0]
+        if cuts:
+            text, final, self.stopped = text[:min(cuts)], True, True
+        elif not final:
+            text = without_partial_tail(text, self.stop_strings)
+        if final:
+            self.text = text
+        seen = self.visible(text, final)
+        if len(seen) > len(self.shown) and seen.startswith(self.shown):
+            delta, self.shown = seen[len(self.shown):], seen
+            return delta
+        return ""
+
+
+@dataclass
+class GenerationResponse:
+    """One step of a generation, the record every consumer reads (mlx-lm's GenerationResponse)."""
+
+    text: str  # visible text this step added ("" while it is held back)
+    token: int | None  # the id generated this step, stop ids included (None: an error record)
+    finish_reason: str | None  # None while running; "stop", "length" (or "cancelled", "error" in the server)
+    prompt_tokens: int
+    generation_tokens: int  # ids generated so far, this one included
+    time_to_first_token: float  # seconds from the start to the first id (mostly the prefill)
+    elapsed: float  # seconds from the start to this record
+    error: str | None = None
+
+
+def stream_generate(
+    model: GLMTransformer,
+    text: TextStream,
+    prompt_ids: list[int],
+    *,
+    max_new_tokens: int,
+    sampling: SamplingConfig | None = None,
+    cache: KVCache | None = None,
+    cached: int = 0,
+    processors: Sequence[Processor] = (),
+) -> Iterator[GenerationResponse]:
+    """Generate after prompt_ids, one record per id; the last one has the finish reason.
+
+    cache: continue after what it holds; cached: how many of prompt_ids it already holds (the
+    rest is prefilled). Ends at a stop id of `text`, a stop string, or after max_new_tokens (fewer
+    when the context is full): "stop" or "length".
+    """
+    start = time.perf_counter()
+    first = None
+    past = cache.length if cache is not None else 0
+    max_new_tokens = min(max_new_tokens, model.config.seq_length - past - (len(prompt_ids) - cached))
+    tokens = generate_tokens(model, prompt_ids[cached:], max_new_tokens=max_new_tokens, stop_ids=text.stop_ids,
+                             sampling=sampling, cache=cache, processors=processors,
+                             seen_before=list(prompt_ids[:cached]))
+    count, finish = 0, None
+    try:
+        for token in tokens:
+            now = time.perf_counter()
+            first = first or now
+            count += 1
+            delta = text.add(token)
+            if token in text.stop_ids or text.stopped:
+                finish = "stop"
+            elif count == max_new_tokens:
+                finish = "length"
+            if finish:
+                delta += text.finish()
+            yield GenerationResponse(delta, token, finish, len(prompt_ids), count, first - start, now - start)
+            if finish:
+                return
+        # no room for a single new token
+        end = time.perf_counter()
+        yield GenerationResponse(text.finish(), None, "length", len(prompt_ids), count, (first or end) - start,
+                                 end - start)
+    finally:
+        tokens.close()

@@ -23,8 +23,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import cpu_kernels
-from .config import ConfigError, GLMConfig
+from .config import ConfigError, GLMConfig, read_config_json
+from .families import detect_family, family_config
 from .model import GLMTransformer
+from .names import official_tensors
 from .quantize import QuantizedLinear, check_method, quantize_model
 
 DEFAULT_MODEL = "THUDM/chatglm3-6b"
@@ -187,10 +189,12 @@ def weight_files(directory: Path) -> list[Path]:
     )
 
 
-def _family_read_config(directory: Path, name: str):
-    from .families import read_config
-
-    return read_config(directory, name=name)
+def read_config(directory: Path, name: str = "", family: str | None = None):
+    """The config and family of a checkpoint directory."""
+    path = Path(directory) / "config.json"
+    raw = read_config_json(path)
+    found = detect_family(directory, raw, name=name, family=family)
+    return family_config(raw, str(path), found), found
 
 
 def load_config(path_or_id: str | os.PathLike) -> GLMConfig:
@@ -200,8 +204,6 @@ def load_config(path_or_id: str | os.PathLike) -> GLMConfig:
 
 def config_and_family(path_or_id: str | os.PathLike):
     """(GLMConfig, Family) of a local directory, a known hub id (built in), or a hub download."""
-    from .families import detect_family, family_config, read_config
-
     text = os.fspath(path_or_id)
     if not Path(text).expanduser().exists() and text in KNOWN_CONFIGS:
         raw = KNOWN_CONFIGS[text]
@@ -378,8 +380,6 @@ def load_weights(model: GLMTransformer, files: list[Path], progress: bool = True
     """Copy each tensor into its place; float weights of quantized layers are quantized on the way."""
     params = model.state_dict(keep_vars=True)
     quantized = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
-    from .families import official_tensors
-
     loaded: set[str] = set()
     pending: dict = {}  # q/k/v of transformers-layout checkpoints, joined into query_key_value
     with tqdm(total=_file_bytes(files), unit="B", unit_scale=True, desc="Loading weights",
@@ -540,7 +540,7 @@ def load_model(
         files = []
     else:
         directory = resolve_checkpoint(path_or_id)
-        config = _family_read_config(directory, name=os.fspath(path_or_id))[0]
+        config = read_config(directory, name=os.fspath(path_or_id))[0]
         stored = stored_quantization(directory)
         files = weight_files(directory)
     requested = quantization_entry(quantize, group_size) if quantize else None

@@ -18,7 +18,7 @@ import sentencepiece as spm
 import torch
 from safetensors.torch import save_file
 
-from .tokenizer import SPECIAL_TOKENS, TOKENIZER_FILE
+from .families.chatglm3 import SPECIAL_TOKENS, TOKENIZER_FILE
 
 DEFAULT_VOCAB_SIZE = 1000  # smallest round size that covers the corpus' characters plus 256 bytes
 WEIGHT_FORMATS = ("safetensors", "safetensors-sharded", "bin")

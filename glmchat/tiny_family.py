@@ -19,7 +19,7 @@ from pathlib import Path
 import regex
 import torch
 
-from .glm4_tokenizer import PATTERN, SPECIAL_TOKENS, bytes_to_unicode
+from .families.glm4 import PATTERN, SPECIAL_TOKENS, bytes_to_unicode
 from .tiny import _corpus_lines, _random_weights, _write_weights, make_tiny_checkpoint
 
 

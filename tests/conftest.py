@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from glmchat.tiny import make_tiny_checkpoint, train_tokenizer
-from glmchat.tokenizer import ChatGLMTokenizer
+from glmchat.families.chatglm3 import ChatGLMTokenizer
 
 TINY_CONTEXT = 512
 

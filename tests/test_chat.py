@@ -20,7 +20,11 @@ import torch
 import glmchat
 from glmchat import AutoModel, AutoTokenizer
 from glmchat.model import rotary_table
-from glmchat.chat import ChatModel, StreamDetokenizer, ToolCallParseError, build_prompt_ids, parse_tool_call
+from glmchat.chat import ChatModel
+from glmchat.families import ToolCallParseError
+from glmchat.families.chatglm3 import ChatGLM3, parse_tool_call
+from glmchat.families.chatglm3 import chatglm3_prompt_ids as build_prompt_ids
+from glmchat.generate import StreamDetokenizer
 
 BLOG = [
     ("What is ChatGLM? What are some similarities and differences between ChatGLM and ChatGPT?",
@@ -296,7 +300,7 @@ def test_characters_split_over_byte_tokens_never_stream_half(model, tok):
     assert got[-1][0] == "你好，世界"
     assert not any("\ufffd" in r for r, _ in got)
 
-    native = ChatModel(model.transformer, tok, processors=[Script(script)])
+    native = ChatModel(model.transformer, tok, ChatGLM3(), processors=[Script(script)])
     chunks = list(native.stream([{"role": "user", "content": "q"}], greedy=True))
     assert not any("\ufffd" in c.text for c in chunks)
     assert "".join(c.text for c in chunks) == chunks[-1].reply.text == "你好，世界"
@@ -401,7 +405,7 @@ def test_native_stream_chunks_join_to_the_reply(native):
     tok = native.tokenizer
     answer = "\n二分查找 (binary search) 很快。"
     script = tok.encode(answer, add_special_tokens=False) + [tok.eos_token_id]
-    scripted = ChatModel(native.model, tok, processors=[Script(script)])
+    scripted = ChatModel(native.model, tok, ChatGLM3(), processors=[Script(script)])
     chunks = list(scripted.stream([{"role": "user", "content": QUERIES[5]}], greedy=True, max_new_tokens=NEW))
     assert "".join(c.text for c in chunks) == chunks[-1].reply.text == answer.strip()
     assert chunks[-1].reply.finish_reason == "stop" and len(chunks) > 3
@@ -422,7 +426,7 @@ def test_native_multi_turn_reuses_the_cache_without_changing_answers(native, tin
 def test_native_tool_call_and_stop_tokens(native):
     tok = native.tokenizer
     script = pieces(tok, "get_weather\n```python\ntool_call(city='Paris')\n```") + [tok.get_command("<|observation|>")]
-    scripted = ChatModel(native.model, tok, processors=[Script(script)])
+    scripted = ChatModel(native.model, tok, ChatGLM3(), processors=[Script(script)])
     messages = [{"role": "system", "content": "", "tools": TOOLS}, {"role": "user", "content": "weather?"}]
     chunks = list(scripted.stream(messages, greedy=True))
     reply = chunks[-1].reply
@@ -434,7 +438,7 @@ def test_native_tool_call_and_stop_tokens(native):
 def test_native_length_stop_keeps_the_last_token(native):
     tok = native.tokenizer
     script = pieces(tok, "\nabc def ghi")
-    reply = ChatModel(native.model, tok, processors=[Script(script)]).chat(
+    reply = ChatModel(native.model, tok, ChatGLM3(), processors=[Script(script)]).chat(
         [{"role": "user", "content": "q"}], greedy=True, max_new_tokens=len(script))
     assert reply.text == "abc def ghi" and reply.finish_reason == "length"
 
@@ -442,7 +446,7 @@ def test_native_length_stop_keeps_the_last_token(native):
 def test_native_training_time_never_streams_half(native):
     tok = native.tokenizer
     script = pieces(tok, "\n训练于[[训练时间]]，完") + [tok.eos_token_id]
-    chunks = list(ChatModel(native.model, tok, processors=[Script(script)]).stream(
+    chunks = list(ChatModel(native.model, tok, ChatGLM3(), processors=[Script(script)]).stream(
         [{"role": "user", "content": "q"}], greedy=True))
     shown = ""
     for chunk in chunks:
@@ -459,16 +463,24 @@ def test_native_sampling_seed_is_repeatable(native):
     assert others - {a}
 
 
-def test_build_prompt_ids_matches_build_chat_input(native):
+def test_prompt_ids_follow_the_spec_layout(native):
+    """The native API's prompt: the spec's build_chat_input layout, built here from SentencePiece directly."""
     tok = native.tokenizer
     history = [{"role": "system", "content": "sys", "tools": TOOLS}, {"role": "user", "content": "天气"},
                {"role": "assistant", "metadata": "get_weather", "content": "```python\ntool_call(city='x')\n```"},
                {"role": "observation", "content": '{"t": 1}'}, {"role": "assistant", "metadata": "", "content": "ok"}]
-    expected = tok.build_chat_input("next <|user|>", history=history).input_ids[0].tolist()
-    assert build_prompt_ids(tok, history + [{"role": "user", "content": "next <|user|>"}]) == expected
+    messages = history + [{"role": "user", "content": "next <|user|>"}]
+    sp = tok.sp.encode
+    expected = [tok.get_command("[gMASK]"), tok.get_command("sop")]
+    for m in messages:
+        content = m["content"] + ("\n" + json.dumps(TOOLS, indent=4, ensure_ascii=False) if "tools" in m else "")
+        expected += [tok.get_command(f"<|{m['role']}|>")] + sp(m.get("metadata", "") + "\n") + sp(content)
+    expected.append(tok.get_command("<|assistant|>"))
+    assert native.family.prompt_ids(tok, messages) == expected
+    assert tok.build_chat_input("next <|user|>", history=history).input_ids[0].tolist() == expected
     for bad in ([], [{"role": "robot", "content": "x"}], [{"role": "user"}], [{"role": "user", "content": 3}]):
         with pytest.raises(ValueError):
-            build_prompt_ids(tok, bad)
+            native.family.prompt_ids(tok, bad)
 
 
 def test_stream_detokenizer_equals_decoding_everything(native):
@@ -493,7 +505,7 @@ def test_random_weights_with_a_stand_in_tokenizer(tiny_ckpt, tmp_path, monkeypat
     m = glmchat.load(str(bare), device="cpu", dtype="float32", random_weights=True, progress=False)
     assert m.random_weights and m.standin_tokenizer
     assert (tmp_path / "cache" / "glmchat" / "standin-tokenizer" / "tokenizer.model").exists()
-    out = list(m.stream_ids(build_prompt_ids(m.tokenizer, [{"role": "user", "content": "hi"}]), max_new_tokens=60,
+    out = list(m.generate_ids(build_prompt_ids(m.tokenizer, [{"role": "user", "content": "hi"}]), max_new_tokens=60,
                             sampling=glmchat.generate.SamplingConfig(temperature=2.0, top_p=1.0, top_k=0, seed=0)))
     assert max(out) < m.tokenizer.vocab_size
 

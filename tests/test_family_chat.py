@@ -18,8 +18,9 @@ import glmchat
 from glmchat.families import NotAChatModelError
 from glmchat.loader import load_model
 from glmchat.server import BackgroundServer, build_app
-from glmchat.server.protocol import ChatRequest, Reply, to_glm_messages
-from glmchat.tokenizer import ChatGLMTokenizer
+from glmchat.generate import TextStream
+from glmchat.server.protocol import ChatRequest, reply_tool_calls, to_glm_messages
+from glmchat.families.chatglm3 import ChatGLMTokenizer
 from glmchat.tiny_family import (make_tiny_chatglm2_checkpoint, make_tiny_chatglm3_base_checkpoint,
                                  make_tiny_glm4_checkpoint, train_bpe_ranks)
 
@@ -221,11 +222,10 @@ def test_glm4_tool_calls_in_the_server_protocol(glm4):
     assert '"name": "get_weather"' in prompt  # the template's tool listing
     assert '<|assistant|>get_weather\n{"city": "Paris"}<|observation|>\n{"temperature": 21}<|assistant|>' in prompt
 
-    reply = Reply(tok, stop_ids=family.stop_ids(tok), stop_strings=[], tools=True, family=family)
-    for token in tok.encode('get_weather\n{"city": "北京"}', add_special_tokens=False):
-        reply.add(token)
-    assert reply.content(final=True) == ""
-    [call] = reply.tool_calls()
+    text = TextStream(tok, family.visible_text, stop_ids=family.stop_ids(tok))
+    shown = "".join(text.add(t) for t in tok.encode('get_weather\n{"city": "北京"}', add_special_tokens=False))
+    assert shown + text.finish() == ""
+    [call], unread = reply_tool_calls(family, text.text)
     assert call["function"]["name"] == "get_weather"
     assert json.loads(call["function"]["arguments"]) == {"city": "北京"}
 
@@ -239,7 +239,7 @@ def test_glm4_through_the_server_and_cli(glm4):
     native = glmchat.load(str(glm4), device="cpu", dtype="float32", progress=False)
     expected = native.chat([{"role": "user", "content": QUERY}], greedy=True, max_new_tokens=NEW)
     assert expected.text == glm4_text(text) and expected.completion_tokens == len(tokens)
-    app = build_app(native.model, native.tokenizer, model_id="glm-4", family=native.family)
+    app = build_app(native.model, native.tokenizer, native.family, model_id="glm-4")
     with BackgroundServer(app) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
         reply = client.chat.completions.create(model="glm-4", messages=[{"role": "user", "content": QUERY}],
@@ -314,26 +314,26 @@ def test_stop_tokens_per_family(glm4, chatglm2, chatglm3_base):
     model = glmchat.AutoModel.from_pretrained(str(glm4)).float()
     native = glmchat.load(str(glm4), device="cpu", dtype="float32", progress=False)
     for stop in (eos, user, observation):
-        out = list(native.stream_ids(prompt, max_new_tokens=NEW, sampling=None, processors=[force(stop, len(prompt) + 2)]))
+        out = list(native.generate_ids(prompt, max_new_tokens=NEW, sampling=None, processors=[force(stop, len(prompt) + 2)]))
         assert out == plain[:2] + [stop]
         response, _ = model.chat(tok, QUERY, do_sample=False, max_new_tokens=NEW,
                                  logits_processor=[force(stop, len(prompt) + 2)])
         assert response == glm4_post_process(tok.decode(plain[:2]))
-    out = list(native.stream_ids(prompt, max_new_tokens=4, processors=[force(assistant, len(prompt) + 1)]))
+    out = list(native.generate_ids(prompt, max_new_tokens=4, processors=[force(assistant, len(prompt) + 1)]))
     assert len(out) == 4 and out[1] == assistant
 
     tok2 = glmchat.AutoTokenizer.from_pretrained(str(chatglm2))
     assert tok2.eos_token_id == 2
     native2 = glmchat.load(str(chatglm2), device="cpu", dtype="float32", progress=False)
     prompt2 = tok2.encode("[Round 1]\n\n问：hi\n\n答：")
-    assert list(native2.stream_ids(prompt2, max_new_tokens=NEW, processors=[force(2, len(prompt2) + 1)]))[-1] == 2
+    assert list(native2.generate_ids(prompt2, max_new_tokens=NEW, processors=[force(2, len(prompt2) + 1)]))[-1] == 2
     user3 = ChatGLMTokenizer.from_pretrained(chatglm3_base).get_command("<|user|>")  # ChatGLM3's id: no stop here
-    assert len(list(native2.stream_ids(prompt2, max_new_tokens=4, processors=[force(user3, len(prompt2))]))) == 4
+    assert len(list(native2.generate_ids(prompt2, max_new_tokens=4, processors=[force(user3, len(prompt2))]))) == 4
 
     base = glmchat.load(str(chatglm3_base), device="cpu", dtype="float32", progress=False)
     text = base.tokenizer.encode("The capital of France is")
-    assert len(list(base.stream_ids(text, max_new_tokens=4, processors=[force(user3, len(text))]))) == 4
-    assert list(base.stream_ids(text, max_new_tokens=4, processors=[force(2, len(text))])) == [2]
+    assert len(list(base.generate_ids(text, max_new_tokens=4, processors=[force(user3, len(text))]))) == 4
+    assert list(base.generate_ids(text, max_new_tokens=4, processors=[force(2, len(text))])) == [2]
 
 
 def test_chatglm2_and_base_through_the_server_and_cli(chatglm2, chatglm3_base):
@@ -342,7 +342,7 @@ def test_chatglm2_and_base_through_the_server_and_cli(chatglm2, chatglm3_base):
     tokens = greedy(chatglm2, prompt, [tok.eos_token_id])
     generated = [t for t in tokens if t != tok.eos_token_id]
     native = glmchat.load(str(chatglm2), device="cpu", dtype="float32", progress=False)
-    app = build_app(native.model, native.tokenizer, model_id="chatglm2", family=native.family)
+    app = build_app(native.model, native.tokenizer, native.family, model_id="chatglm2")
     with BackgroundServer(app) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
         reply = client.chat.completions.create(model="chatglm2", messages=[{"role": "user", "content": QUERY}],
@@ -355,7 +355,7 @@ def test_chatglm2_and_base_through_the_server_and_cli(chatglm2, chatglm3_base):
             client.chat.completions.create(model="chatglm2", messages=[{"role": "system", "content": "be brief"},
                                                                        {"role": "user", "content": "hi"}])
     base = glmchat.load(str(chatglm3_base), device="cpu", progress=False)
-    with BackgroundServer(build_app(base.model, base.tokenizer, model_id="base", family=base.family)) as server:
+    with BackgroundServer(build_app(base.model, base.tokenizer, base.family, model_id="base")) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
         with pytest.raises(openai.BadRequestError, match="base model"):
             client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}])

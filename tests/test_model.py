@@ -8,7 +8,7 @@ import torch
 from glmchat.generate import generate_tokens
 from glmchat.loader import load_model
 from glmchat.model import ContextLengthError
-from glmchat.tokenizer import ChatGLMTokenizer
+from glmchat.families.chatglm3 import ChatGLMTokenizer
 from reference import reference_model
 
 PROMPTS = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
@@ -18,14 +19,15 @@ import openai
 import pytest
 import torch
 
-from glmchat.chat import build_prompt_ids, parse_tool_call
+from glmchat.families.chatglm3 import TOOLS_PROMPT, ChatGLM3, ChatGLMTokenizer, format_tool_call, parse_tool_call
+from glmchat.families.chatglm3 import chatglm3_prompt_ids as build_prompt_ids
 from glmchat.generate import generate_tokens
 from glmchat.loader import load_model
 from glmchat.server import BackgroundServer, build_app
 from glmchat.server.engine import Engine, SlotCache
-from glmchat.server.protocol import TOOLS_PROMPT, ChatRequest, Reply, format_tool_call, to_glm_messages
+from glmchat.generate import TextStream
+from glmchat.server.protocol import ChatRequest, reply_tool_calls, to_glm_messages
 from glmchat.tiny import make_tiny_checkpoint
-from glmchat.tokenizer import ChatGLMTokenizer
 
 CONTEXT = 4096  # long enough for a tools prompt and for a generation we can interrupt
 TEXTS = [
@@ -67,7 +69,7 @@ def tok(ckpt):
 
 @pytest.fixture(scope="module")
 def server(model, tok):
-    with BackgroundServer(build_app(model, tok, model_id="tiny-chatglm3")) as s:
+    with BackgroundServer(build_app(model, tok, ChatGLM3(), model_id="tiny-chatglm3")) as s:
         yield s
 
 
@@ -101,8 +103,8 @@ def collect(q: queue.Queue) -> tuple[list[int], str]:
         event = q.get(timeout=30)
         if event.token is not None:
             tokens.append(event.token)
-        if event.finish:
-            return tokens, event.finish
+        if event.finish_reason:
+            return tokens, event.finish_reason
 
 
 # ---- the engine ----------------------------------------------------------------------------
@@ -197,7 +199,7 @@ def test_openai_messages_become_chatglm3_turns():
             {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": OBSERVATION},
     ]})
-    assert to_glm_messages(request) == [
+    assert to_glm_messages(request, ChatGLM3()) == [
         {"role": "system", "content": TOOLS_PROMPT, "tools": [TOOLS[0]["function"]]},
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Weather in Paris?"},
@@ -212,42 +214,44 @@ def test_tool_call_text_round_trips_through_the_safe_parser():
     assert parse_tool_call(format_tool_call(arguments)) == arguments
 
 
-def feed(reply: Reply, ids: list[int]) -> list[str]:
-    """Stream ids into a reply the way the server does; returns the deltas shown."""
-    shown, deltas = "", []
+def feed(text: TextStream, ids: list[int]) -> list[str]:
+    """Stream ids into a reply's text the way the engine does; returns the deltas shown."""
+    deltas = []
     for i, token in enumerate(ids):
-        reply.add(token)
-        content = reply.content(final=i == len(ids) - 1)
-        assert content.startswith(shown)
-        if len(content) > len(shown):
-            deltas.append(content[len(shown):])
-            shown = content
-        if reply.stopped:
+        deltas.append(text.add(token))
+        if text.stopped:
             break
-    return deltas
+    deltas.append(text.finish())
+    return [d for d in deltas if d]
+
+
+def server_text(tok, tools: bool, stop_ids=(), stop_strings=()) -> TextStream:
+    return TextStream(tok, functools.partial(ChatGLM3().visible_text, tool_calls=tools), stop_ids, stop_strings)
 
 
 def test_streamed_reply_never_shows_half_a_character(tok):
     text = "\n 你好 🙂👍 ça va? [[训练时间]] ok"
     ids = tok.encode(text, add_special_tokens=False)
     assert len(ids) > len(text) / 2  # byte-fallback pieces: many characters take several ids
-    deltas = feed(Reply(tok, stop_ids=tok.stop_token_ids, stop_strings=[], tools=False), ids)
-    assert not any("\ufffd" in d for d in deltas)
+    deltas = feed(server_text(tok, False, tok.stop_token_ids), ids)
+    assert len(deltas) > 3 and not any("\ufffd" in d for d in deltas)
     assert "".join(deltas) == text.strip().replace("[[训练时间]]", "2023年")
 
 
 def test_reply_cuts_at_a_stop_string_and_reads_tool_calls(tok):
     ids = tok.encode("one two STOP three", add_special_tokens=False)
-    reply = Reply(tok, stop_ids=[], stop_strings=["STOP"], tools=False)
-    assert "".join(feed(reply, ids)) == "one two" and reply.stopped
+    text = server_text(tok, False, stop_strings=["STOP"])
+    assert "".join(feed(text, ids)) == "one two" and text.stopped
 
     ids = tok.encode("I will look it up.", add_special_tokens=False) + [tok.get_command("<|assistant|>")]
     ids += tok.encode("get_weather\n" + CALL, add_special_tokens=False)
-    reply = Reply(tok, stop_ids=[], stop_strings=[], tools=True)
-    assert "".join(feed(reply, ids)) == "I will look it up."
-    [call] = reply.tool_calls()
-    assert call["function"]["name"] == "get_weather"
+    text = server_text(tok, True)
+    assert "".join(feed(text, ids)) == "I will look it up."
+    [call], unread = reply_tool_calls(ChatGLM3(), text.text)
+    assert call["function"]["name"] == "get_weather" and unread == ""
     assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
+    assert reply_tool_calls(ChatGLM3(), "get_weather\n```python\nnot a call\n```") == (
+        [], "get_weather\n```python\nnot a call\n```")
 
 
 # ---- the HTTP server -------------------------------------------------------------------------
@@ -305,7 +309,7 @@ def test_seeded_sampling_repeats(server):
 
 
 def test_eight_concurrent_clients_get_what_they_get_alone(model, tok):
-    with BackgroundServer(build_app(model, tok, model_id="tiny", max_batch=8)) as s:
+    with BackgroundServer(build_app(model, tok, ChatGLM3(), model_id="tiny", max_batch=8)) as s:
         def ask(i):
             r = client(s.url).chat.completions.create(model="x", messages=user(TEXTS[i]), temperature=0, max_tokens=80 + 5 * i)
             return r.choices[0].message.content, r.usage.completion_tokens
@@ -393,7 +397,7 @@ def tool_server(ckpt, tok):
         (build_prompt_ids(tok, called), sp("\n") + sp(ANSWER) + [tok.eos_token_id]),
     ]
     model = _teach(load_model(ckpt, dtype=torch.float32, progress=False)[0], tok, examples)
-    with BackgroundServer(build_app(model, tok, model_id="tiny-tools")) as s:
+    with BackgroundServer(build_app(model, tok, ChatGLM3(), model_id="tiny-tools")) as s:
         yield s
 
 
@@ -466,7 +470,7 @@ def test_prompt_longer_than_the_context_says_by_how_much(server, tok):
 
 
 def test_api_key(model, tok):
-    with BackgroundServer(build_app(model, tok, model_id="tiny", api_key="s3cret")) as s:
+    with BackgroundServer(build_app(model, tok, ChatGLM3(), model_id="tiny", api_key="s3cret")) as s:
         with pytest.raises(openai.AuthenticationError):
             client(s.url, api_key="wrong").models.list()
         missing = httpx.post(s.url + "/v1/chat/completions", json={"messages": HI})
@@ -478,7 +482,7 @@ def test_api_key(model, tok):
 
 
 def test_full_queue_is_a_503_not_a_backlog(model, tok):
-    with BackgroundServer(build_app(model, tok, model_id="tiny", max_batch=1, max_queue=1)) as s:
+    with BackgroundServer(build_app(model, tok, ChatGLM3(), model_id="tiny", max_batch=1, max_queue=1)) as s:
         long = {"messages": user(TEXTS[5]), "temperature": 0, "max_tokens": 3000, "stream": True,
                 "logit_bias": never_stop(tok)}
         with httpx.Client(timeout=30) as a, httpx.Client(timeout=30) as b:

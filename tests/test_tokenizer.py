@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from glmchat.tiny import make_tiny_checkpoint, train_tokenizer
-from glmchat.tokenizer import ChatGLMTokenizer, TokenizerError
+from glmchat.families import TokenizerError
+from glmchat.families.chatglm3 import ChatGLMTokenizer
 
 SPEC_SPECIALS = [
     "[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"

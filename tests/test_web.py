@@ -11,7 +11,7 @@ import torch
 
 from glmchat.loader import load_model
 from glmchat.server import BackgroundServer, build_app
-from glmchat.tokenizer import ChatGLMTokenizer
+from glmchat.families.chatglm3 import ChatGLM3, ChatGLMTokenizer
 
 CHROMIUM = "/usr/bin/chromium"
 if not os.path.exists(CHROMIUM):
@@ -26,7 +26,7 @@ def server(tiny_ckpt):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model: one thread is faster and immune to busy cores
     model = load_model(tiny_ckpt, dtype=torch.float32, progress=False)[0]
-    with BackgroundServer(build_app(model, ChatGLMTokenizer.from_pretrained(tiny_ckpt), model_id="tiny-chatglm3")) as s:
+    with BackgroundServer(build_app(model, ChatGLMTokenizer.from_pretrained(tiny_ckpt), ChatGLM3(), model_id="tiny-chatglm3")) as s:
         yield s
     torch.set_num_threads(threads)
 

@@ -50,10 +50,9 @@ def add_server_options(parser) -> None:
 def serve(chat_model, args) -> None:
     """Serve a loaded glmchat.chat.ChatModel with the options of add_server_options, until Ctrl-C."""
     tokenizer = chat_model.tokenizer
-    app = build_app(chat_model.model, tokenizer, model_id=args.model, api_key=args.api_key,
+    app = build_app(chat_model.model, tokenizer, chat_model.family, model_id=args.model, api_key=args.api_key,
                     max_batch=args.max_batch, max_queue=args.max_queue,
-                    vocab_limit=tokenizer.vocab_size if chat_model.standin_tokenizer else None,
-                    family=chat_model.family)
+                    vocab_limit=tokenizer.vocab_size if chat_model.standin_tokenizer else None)
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"glmchat: warning: listening on {args.host} without --api-key: anyone who can reach it may use it",
               file=sys.stderr)
@@ -62,21 +61,18 @@ def serve(chat_model, args) -> None:
     run(app, host=args.host, port=args.port)
 
 
-def build_app(model, tokenizer, *, model_id: str, api_key: str | None = None, max_batch: int = 8,
-              max_queue: int = 64, vocab_limit: int | None = None, family=None):
+def build_app(model, tokenizer, family, *, model_id: str, api_key: str | None = None, max_batch: int = 8,
+              max_queue: int = 64, vocab_limit: int | None = None):
     """The FastAPI app serving `model`; its engine thread runs while the app does.
 
+    family: the model's family (glmchat.families), which decides prompts, stops and replies.
     vocab_limit: never generate ids >= this (e.g. a stand-in tokenizer's size with random weights).
-    family: the model's family (glmchat.families), which decides prompts, stops and replies;
-    ChatGLM3 when None.
     """
     from .app import create_app
     from .engine import Engine
 
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue, vocab_limit=vocab_limit)
-    from ..families import CHATGLM3
-
-    return create_app(engine, tokenizer, model_id=model_id, api_key=api_key, family=family or CHATGLM3)
+    return create_app(engine, tokenizer, family, model_id=model_id, api_key=api_key)
 
 
 def run(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:

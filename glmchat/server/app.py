@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import secrets
 import time
@@ -18,13 +19,12 @@ from starlette.background import BackgroundTask
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 
-from ..families import CHATGLM3, Family
-from ..generate import SamplingConfig
+from ..families import Family
+from ..generate import SamplingConfig, TextStream
 from .engine import Engine, QueueFullError
-from .protocol import BadRequest, ChatRequest, Reply, to_glm_messages
+from .protocol import BadRequest, ChatRequest, reply_tool_calls, to_glm_messages
 
 STATIC = resources.files("glmchat.server") / "static"
-DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 0.8, 0.8  # ChatGLM3's own defaults, used when a request omits them
 
 
 class APIError(Exception):
@@ -38,8 +38,7 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def create_app(engine: Engine, tokenizer, *, model_id: str, api_key: str | None = None,
-               family: Family = CHATGLM3) -> FastAPI:
+def create_app(engine: Engine, tokenizer, family: Family, *, model_id: str, api_key: str | None = None) -> FastAPI:
     """The app; it starts the engine's thread on startup and stops it on shutdown."""
 
     @asynccontextmanager
@@ -76,8 +75,8 @@ def create_app(engine: Engine, tokenizer, *, model_id: str, api_key: str | None 
             events = _stream(generation, reply_id, now, model_id, include_usage)
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
                                      background=BackgroundTask(generation.request.cancel))  # also if never iterated
-        content = "".join([delta async for delta in generation.deltas(http_request, incremental=False)])
-        calls = generation.reply.tool_calls()
+        content = "".join([delta async for delta in generation.deltas(http_request)])
+        calls = generation.tool_calls
         message = {"role": "assistant", "content": content if content or not calls else None}
         if calls:
             message["tool_calls"] = calls
@@ -112,24 +111,25 @@ class RequireKey:
 
 
 class Generation:
-    """One request in flight: engine events in, content deltas out (asyncio side)."""
+    """One request in flight: the engine's records in, content deltas out (asyncio side)."""
 
-    def __init__(self, engine: Engine, reply: Reply, prompt: list[int], max_new_tokens: int, sampling: SamplingConfig,
-                 logit_bias: dict[int, float] | None = None):
+    def __init__(self, engine: Engine, family: Family, text: TextStream, tools: bool, prompt: list[int],
+                 max_new_tokens: int, sampling: SamplingConfig, logit_bias: dict[int, float] | None = None):
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.reply = reply
+        self.family, self.text, self.tools = family, text, tools
         self.prompt_tokens = len(prompt)
         self.completion_tokens = 0
         self.finish_reason: str | None = None
+        self.tool_calls: list[dict] = []
         self._next_check = 0.0
         self.request = engine.submit(
-            prompt, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=reply.stop_ids, logit_bias=logit_bias,
-            emit=lambda event: loop.call_soon_threadsafe(self.queue.put_nowait, event),
+            prompt, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=text.stop_ids, logit_bias=logit_bias,
+            text=text, emit=lambda record: loop.call_soon_threadsafe(self.queue.put_nowait, record),
         )
 
-    async def _next_event(self, http_request: Request | None):
-        """The next engine event, or None once the client has gone (checked every half second)."""
+    async def _next_record(self, http_request: Request | None):
+        """The next engine record, or None once the client has gone (checked every half second)."""
         while True:
             if http_request is not None and time.monotonic() > self._next_check:
                 if await http_request.is_disconnected():
@@ -140,34 +140,32 @@ class Generation:
             except asyncio.TimeoutError:
                 pass
 
-    async def deltas(self, http_request: Request | None = None, incremental: bool = True):
-        """Yield new content text as tokens arrive (only at the end unless incremental); sets finish_reason.
+    async def deltas(self, http_request: Request | None = None):
+        """Yield new content text as tokens arrive; at the end, set finish_reason and tool_calls.
 
         Streaming answers come through the generator being cancelled when the client goes;
         pass http_request to watch for that instead. The engine's request is cancelled if this
-        ends early (client gone, stop string).
+        ends early.
         """
-        shown = ""
-        incremental = incremental or bool(self.reply.stop_strings)  # stop strings are looked for as text grows
+        shown = False
         try:
             while self.finish_reason is None:
-                event = await self._next_event(http_request)
-                if event is None:
+                record = await self._next_record(http_request)
+                if record is None:
                     return
-                if event.error is not None or event.finish == "cancelled":
-                    raise APIError(500, f"generation failed: {event.error or 'the server is shutting down'}", type="server_error")
-                self.completion_tokens += 1
-                self.reply.add(event.token)
-                final = event.finish is not None
-                if not (incremental or final):
-                    continue
-                content = self.reply.content(final)
-                if self.reply.stopped or final:
-                    self.finish_reason = "tool_calls" if self.reply.tool_calls() else (
-                        "stop" if self.reply.stopped else event.finish)
-                if len(content) > len(shown) and content.startswith(shown):
-                    yield content[len(shown):]
-                    shown = content
+                if record.error is not None or record.finish_reason == "cancelled":
+                    raise APIError(500, f"generation failed: {record.error or 'the server is shutting down'}",
+                                   type="server_error")
+                self.completion_tokens = record.generation_tokens
+                text = record.text
+                if record.finish_reason is not None:
+                    if self.tools:
+                        self.tool_calls, unread_call = reply_tool_calls(self.family, self.text.text)
+                        text += ("\n\n" if shown or text else "") + unread_call if unread_call else ""
+                    self.finish_reason = "tool_calls" if self.tool_calls else record.finish_reason
+                if text:
+                    shown = True
+                    yield text
         finally:
             self.request.cancel()  # a no-op once the engine has finished it
 
@@ -177,7 +175,7 @@ class Generation:
 
 
 def _start(engine: Engine, tokenizer, family: Family, body: ChatRequest) -> Generation:
-    if body.active_tools() and family.tool_calls is None:
+    if body.active_tools() and not family.supports_tools:
         raise APIError(400, f"{family.label} was not trained to call tools", param="tools")
     try:
         turns = to_glm_messages(body, family)
@@ -190,13 +188,15 @@ def _start(engine: Engine, tokenizer, family: Family, body: ChatRequest) -> Gene
     max_new = body.max_completion_tokens or body.max_tokens
     _check_context(len(prompt), max_new, engine.context_length)
     _check_logit_bias(body.logit_bias or {}, engine.model.config.padded_vocab_size)
-    temperature = DEFAULT_TEMPERATURE if body.temperature is None else body.temperature
-    top_p = DEFAULT_TOP_P if body.top_p is None else body.top_p
-    sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=body.seed)
-    reply = Reply(tokenizer, stop_ids=family.stop_ids(tokenizer), stop_strings=stop_strings,
-                  tools=bool(body.active_tools()), family=family)
+    defaults = SamplingConfig()
+    sampling = SamplingConfig(temperature=defaults.temperature if body.temperature is None else body.temperature,
+                              top_p=defaults.top_p if body.top_p is None else body.top_p, seed=body.seed)
+    tools = bool(body.active_tools())
+    visible = functools.partial(family.visible_text, tool_calls=tools)
+    text = TextStream(tokenizer, visible, stop_ids=family.stop_ids(tokenizer), stop_strings=stop_strings)
     try:
-        return Generation(engine, reply, prompt, max_new or engine.context_length - len(prompt), sampling, body.logit_bias)
+        return Generation(engine, family, text, tools, prompt, max_new or engine.context_length - len(prompt),
+                          sampling, body.logit_bias)
     except QueueFullError as e:
         raise APIError(503, f"server overloaded: {e}", type="server_error", code="queue_full") from None
 
@@ -238,7 +238,7 @@ async def _stream(generation: Generation, reply_id: str, created: int, model_id:
         yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'param': None, 'code': e.code}})}\n\n"
         yield "data: [DONE]\n\n"
         return
-    calls = generation.reply.tool_calls()
+    calls = generation.tool_calls
     if calls:
         yield chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
     yield chunk({}, generation.finish_reason)

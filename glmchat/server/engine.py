@@ -1,8 +1,10 @@
 """Continuous batching: one thread owns the model and advances every active request together.
 
 Each step: requests that arrived are prefilled (alone, batch 1) and copied into a free row of the
-SlotCache; then one batched forward decodes the next token of every active request; finished and
-cancelled requests leave. Rows are kept packed (0 .. active-1), so the batch is a view of the cache.
+SlotCache; then one batched decode step of the generation core (glmchat.generate) gives the next
+token of every active request; finished and cancelled requests leave. Rows are kept packed
+(0 .. active-1), so the batch is a view of the cache. Each request hears the core's
+`GenerationResponse` records, their text from the request's own `TextStream`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from ..generate import Sampler, SamplingConfig
+from ..generate import GenerationResponse, Sampler, SamplingConfig, TextStream, decode_step, prefill
 from ..model import ContextLengthError, GLMTransformer, KVCache, Step
 
 log = logging.getLogger("glmchat.server")
@@ -114,29 +116,29 @@ class SlotCache:
 
 
 @dataclass
-class Event:
-    """What a request hears from the engine: a token (and maybe the finish with it), or an error."""
-
-    token: int | None = None
-    finish: str | None = None  # "stop" (stop token), "length", "cancelled", "error"
-    error: str | None = None
-
-
-@dataclass
 class Request:
     prompt: list[int]
     max_new_tokens: int
     sampling: SamplingConfig
     stop_ids: frozenset[int]
-    emit: Callable[[Event], None]
+    emit: Callable[[GenerationResponse], None]
     logit_bias: torch.Tensor | None = None  # [vocab] added to the logits before sampling
+    text: TextStream | None = None  # the reply's visible text; None: records carry ids only
     tokens: list[int] = field(default_factory=list)
     cancelled: bool = False
     sampler: Sampler | None = None
+    submitted: float = field(default_factory=time.perf_counter)
+    first_token: float | None = None
 
     def cancel(self) -> None:
         """Ask the engine to stop this request at the next step boundary (thread-safe)."""
         self.cancelled = True
+
+    def record(self, text: str = "", token: int | None = None, finish: str | None = None,
+               error: str | None = None) -> GenerationResponse:
+        now = time.perf_counter()
+        return GenerationResponse(text, token, finish, len(self.prompt), len(self.tokens),
+                                  (self.first_token or now) - self.submitted, now - self.submitted, error)
 
 
 class Engine:
@@ -190,10 +192,11 @@ class Engine:
         prompt: list[int],
         *,
         max_new_tokens: int,
-        emit: Callable[[Event], None],
+        emit: Callable[[GenerationResponse], None],
         sampling: SamplingConfig | None = None,
         stop_ids=(),
         logit_bias: dict[int, float] | None = None,
+        text: TextStream | None = None,
     ) -> Request:
         room = self.context_length - len(prompt)
         if room <= 0:
@@ -205,7 +208,7 @@ class Engine:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         request = Request(
             list(prompt), min(max_new_tokens, room), sampling or SamplingConfig(greedy=True), frozenset(stop_ids), emit,
-            self._bias_vector(logit_bias or {}) if logit_bias or self.vocab_limit else None,
+            self._bias_vector(logit_bias or {}) if logit_bias or self.vocab_limit else None, text,
         )
         with self._cond:
             if len(self._pending) >= self.max_queue + max(0, self.cache.rows - len(self._active)):
@@ -242,24 +245,24 @@ class Engine:
                 if self._active:
                     self._decode_step()
         for request in [*self._active, *self._pending]:
-            self._send(request, Event(finish="cancelled"))
+            self._send(request, request.record(finish="cancelled"))
 
     def _admit(self, request: Request) -> None:
         if request.cancelled:
-            self._send(request, Event(finish="cancelled"))
+            self._send(request, request.record(finish="cancelled"))
             return
         try:
             request.sampler = Sampler(request.sampling, self.model.device)
             prompt = torch.tensor([request.prompt], dtype=torch.long, device=self.model.device)
             cache = self.model.new_cache(1, prompt.shape[1])
-            logits = self.model(prompt, cache=cache, last_only=True)[:, -1]
+            logits = prefill(self.model, prompt, cache)
             if request.logit_bias is not None:
                 logits = logits + request.logit_bias
             token = int(request.sampler(logits)[0])
             self.cache.add(cache)
         except Exception as e:  # this request fails; the others go on
             log.exception("prefill failed")
-            self._send(request, Event(finish="error", error=f"{type(e).__name__}: {e}"))
+            self._send(request, request.record(finish="error", error=f"{type(e).__name__}: {e}"))
             return
         self._active.append(request)
         if self._deliver(request, token):
@@ -268,14 +271,14 @@ class Engine:
     def _decode_step(self) -> None:
         batch = self._active
         start = time.perf_counter()
-        inputs = torch.tensor([[r.tokens[-1]] for r in batch], dtype=torch.long, device=self.model.device)
+        inputs = torch.tensor([r.tokens[-1] for r in batch], dtype=torch.long, device=self.model.device)
         try:
-            logits = self.model.decode(inputs, self.cache)[:, -1]
+            logits = decode_step(self.model, inputs, self.cache)
             tokens = self._sample(batch, logits)
         except Exception as e:  # cannot tell whose fault: end the batch, keep serving
             log.exception("decode step failed")
             for request in batch:
-                self._send(request, Event(finish="error", error=f"{type(e).__name__}: {e}"))
+                self._send(request, request.record(finish="error", error=f"{type(e).__name__}: {e}"))
             self._active = []
             self.cache.clear()
             return
@@ -298,20 +301,24 @@ class Engine:
         return picks.tolist()
 
     def _deliver(self, request: Request, token: int) -> bool:
-        """Send a token; True when the request is finished."""
+        """Send a token (and the text it adds); True when the request is finished."""
         request.tokens.append(token)
+        request.first_token = request.first_token or time.perf_counter()
+        text = request.text.add(token) if request.text is not None else ""
         finish = None
-        if token in request.stop_ids:
+        if token in request.stop_ids or (request.text is not None and request.text.stopped):
             finish = "stop"
         elif len(request.tokens) >= request.max_new_tokens:
             finish = "length"
-        if not self._send(request, Event(token=token, finish=finish)):
+        if finish and request.text is not None:
+            text += request.text.finish()
+        if not self._send(request, request.record(text, token, finish)):
             request.cancelled = True
         return finish is not None
 
-    def _send(self, request: Request, event: Event) -> bool:
+    def _send(self, request: Request, record: GenerationResponse) -> bool:
         try:
-            request.emit(event)
+            request.emit(record)
             return True
         except Exception:  # the listener is gone (e.g. its event loop closed)
             return False
@@ -327,4 +334,4 @@ class Engine:
             request = self._active[row]
             if request.cancelled:
                 self._release(row)
-                self._send(request, Event(finish="cancelled"))
+                self._send(request, request.record(finish="cancelled"))

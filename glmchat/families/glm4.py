@@ -1,11 +1,13 @@
-"""GLM-4 tokenizer: tiktoken-style byte-level BPE with GLM-4's specials, without transformers.
+"""GLM-4-9B (-chat, -chat-1m, -hf): tiktoken-style byte-level BPE with GLM-4's specials, the
+chat template's prompt (`[gMASK]<sop><|role|>\ncontent … <|assistant|>`), tool calls as a name
+line followed by JSON arguments.
 
-Facts from the reference ``tokenization_chatglm.py`` of THUDM/glm-4-9b-chat: ``tokenizer.model``
-is text, one ``base64(token bytes) rank`` per line; text is split by the pre-tokenizer regex
-``PATTERN`` and each piece is merged byte pair by byte pair, always the pair whose merged bytes
-have the lowest rank. The specials follow the ranks (``<|endoftext|>`` = number of ranks
-[151329]). Text that looks like a special is encoded as plain text. The "-hf" repos ship the same
-vocabulary as a ``tokenizer.json`` (GPT-2 byte-to-unicode strings); ids are the ranks.
+Tokenizer facts from the reference ``tokenization_chatglm.py`` of THUDM/glm-4-9b-chat:
+``tokenizer.model`` is text, one ``base64(token bytes) rank`` per line; text is split by the
+pre-tokenizer regex ``PATTERN`` and each piece is merged byte pair by byte pair, always the pair
+whose merged bytes have the lowest rank. The specials follow the ranks (``<|endoftext|>`` = number
+of ranks [151329]). Text that looks like a special is encoded as plain text. The "-hf" repos ship
+the same vocabulary as a ``tokenizer.json`` (GPT-2 byte-to-unicode strings); ids are the ranks.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ import base64
 import binascii
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import regex
 
-from .tokenizer import BatchEncoding, ChatGLMTokenizer, TokenizerError, TokenizerNotFoundError, _as_id_list
+from .base import (ROLES, BatchEncoding, Family, Tokenizer, TokenizerError, ToolCallParseError, as_id_list,
+                   find_file)
 
 PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -31,7 +34,6 @@ SPECIAL_TOKENS: tuple[str, ...] = (
     "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>",
     "<|begin_of_video|>", "<|end_of_video|>",
 )
-ROLES: tuple[str, ...] = ("system", "user", "assistant", "observation")
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -89,8 +91,8 @@ def _split_pattern(pre_tokenizer: dict | None) -> str | None:
     return None
 
 
-class GLM4Tokenizer(ChatGLMTokenizer):
-    """Tokenizer for GLM-4 checkpoints. Same interface as ChatGLMTokenizer (batching is shared)."""
+class GLM4Tokenizer(Tokenizer):
+    """Tokenizer for GLM-4 checkpoints."""
 
     def __init__(self, ranks: dict[bytes, int], pattern: str = PATTERN, source: str = "tokenizer.model") -> None:
         missing = [b for b in range(256) if bytes([b]) not in ranks]
@@ -113,16 +115,7 @@ class GLM4Tokenizer(ChatGLMTokenizer):
     @classmethod
     def from_pretrained(cls, path_or_dir: str | os.PathLike[str], **_ignored: Any) -> GLM4Tokenizer:
         """From a checkpoint directory: ``tokenizer.model`` (ranks) or else ``tokenizer.json``."""
-        path = Path(path_or_dir).expanduser()
-        if path.is_dir():
-            if (path / "tokenizer.model").exists():
-                path = path / "tokenizer.model"
-            elif (path / "tokenizer.json").exists():
-                path = path / "tokenizer.json"
-            else:
-                raise TokenizerNotFoundError(f"{path} has neither tokenizer.model nor tokenizer.json")
-        elif not path.exists():
-            raise TokenizerNotFoundError(f"tokenizer directory or file not found: {path}")
+        path = find_file(path_or_dir, ["tokenizer.model", "tokenizer.json"])
         if path.suffix == ".json":
             ranks, pattern, added = read_tokenizer_json(path)
             tokenizer = cls(ranks, pattern, source=str(path))
@@ -137,6 +130,11 @@ class GLM4Tokenizer(ChatGLMTokenizer):
 
     def get_prefix_tokens(self) -> list[int]:
         return [self.special_tokens["[gMASK]"], self.special_tokens["<sop>"]]
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Ids that end a chat reply; ``<|assistant|>`` is deliberately not one."""
+        return [self.eos_token_id, self.special_tokens["<|user|>"], self.special_tokens["<|observation|>"]]
 
     # ---- text <-> ids ---------------------------------------------------------------------
 
@@ -176,7 +174,7 @@ class GLM4Tokenizer(ChatGLMTokenizer):
 
     def convert_ids_to_tokens(self, ids: int | Iterable[int]) -> list[str | bytes]:
         """Specials by name (str), other tokens as bytes; ids outside the vocabulary as b""."""
-        return [self._special_names.get(i) or self.decoder.get(i, b"") for i in _as_id_list(ids)]
+        return [self._special_names.get(i) or self.decoder.get(i, b"") for i in as_id_list(ids)]
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """Bytes of consecutive tokens decode together (invalid UTF-8 -> U+FFFD); specials by name."""
@@ -203,6 +201,77 @@ class GLM4Tokenizer(ChatGLMTokenizer):
     def build_chat_input(
         self, query: str, history: Sequence[dict[str, Any]] | None = None, role: str = "user"
     ) -> BatchEncoding:
-        from .families import glm4_prompt_ids  # the template lives with the other chat formats
-
         return self.batch_encode([glm4_prompt_ids(self, [*(history or []), {"role": role, "content": query}])])
+
+
+# The system prompt GLM-4-9B-chat's chat template puts before function tools (tokenizer_config.json).
+GLM4_TOOLS_PREAMBLE = (
+    "你是一个名为 ChatGLM 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，"
+    "你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具"
+)
+GLM4_TOOL_FOOTER = "\n在调用上述函数时，请使用 Json 格式表示调用的参数。"
+
+
+def glm4_tools_text(tools: list[dict]) -> str:
+    """The text after ``<|system|>`` that lists function tools, as the chat template renders it."""
+    text = GLM4_TOOLS_PREAMBLE
+    for tool in tools:
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
+            raise ValueError(f"GLM-4 tools must be {{'type': 'function', 'function': {{...}}}}, got {tool!r:.80}")
+        # One newline before "##": transformers renders templates with trim_blocks, which eats the
+        # first of the two that follow the template's {% if %} tag.
+        text += f"\n## {function['name']}\n\n{json.dumps(function, indent=4, ensure_ascii=False)}{GLM4_TOOL_FOOTER}"
+    return text
+
+
+def glm4_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """GLM-4-9B-chat's chat template with add_generation_prompt, as ids.
+
+    `[gMASK]<sop>`, then per message: its tools block (`<|system|>` + preamble + each function as
+    indented JSON) if it has "tools", and `<|role|>{metadata}\\n{content}` if its content is not
+    empty; finally `<|assistant|>`. Text between specials is tokenized as one piece, like the
+    reference's rendered template; text in messages is never read as a special token.
+    """
+    ids = tokenizer.get_prefix_tokens()
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or not isinstance(message.get("content", ""), str):
+            raise ValueError(f"message {i} must be a dict with 'role' and string 'content', got {message!r:.80}")
+        if message.get("tools") is not None:
+            ids += [tokenizer.get_command("<|system|>")] + tokenizer._sp_encode("\n" + glm4_tools_text(message["tools"]))
+        if message.get("content"):
+            ids += tokenizer.build_single_message(message["role"], message.get("metadata") or "", message["content"])
+    ids.append(tokenizer.get_command("<|assistant|>"))
+    return ids
+
+
+def parse_json_tool_call(content: str) -> Any:
+    """GLM-4's tool arguments: the content after the name line is JSON."""
+    try:
+        return json.loads(content)
+    except json.JSONDecodeError as e:
+        raise ToolCallParseError(f"tool call arguments are not JSON ({e.msg}): {content!r:.200}") from None
+
+
+class GLM4(Family):
+    name = "glm4"
+    label = "GLM-4-9B-chat"
+    base_label = "GLM-4-9B (base)"
+    rope_scaling = "base"
+    training_time = "2024年"
+    tokenizer_files = ("tokenizer.model", "tokenizer.json")
+
+    def load_tokenizer(self, directory) -> GLM4Tokenizer:
+        return GLM4Tokenizer.from_pretrained(directory)
+
+    def _prompt_ids(self, tokenizer, messages):
+        return glm4_prompt_ids(tokenizer, messages)
+
+    def parse_tool_arguments(self, content: str) -> Any:
+        return parse_json_tool_call(content)
+
+    def tools_turn(self, functions: list[dict]) -> dict:
+        return {"role": "system", "content": "", "tools": [{"type": "function", "function": f} for f in functions]}
+
+    def tool_call_turn(self, name: str, arguments: dict) -> dict:
+        return {"role": "assistant", "metadata": name, "content": json.dumps(arguments, ensure_ascii=False)}

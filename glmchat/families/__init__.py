@@ -1,0 +1,27 @@
+"""The GLM model families: one file each, behind one contract (`base.Family`).
+
+| family   | file        | tokenizer                                | prompt                                          | stops                          | rope_ratio             |
+|----------|-------------|------------------------------------------|-------------------------------------------------|--------------------------------|------------------------|
+| chatglm2 | chatglm2.py | SentencePiece + 5 specials               | [gMASK]sop "[Round N]\\n\\n问：q\\n\\n答：r\\n\\n"   | eos                            | positions / rope_ratio |
+| chatglm3 | chatglm3.py | SentencePiece + 9 specials (role tokens) | [gMASK]sop <|role|>▁\\n content … <|assistant|>   | eos, <|user|>, <|observation|> | base · rope_ratio      |
+| glm4     | glm4.py     | byte-level BPE (tiktoken ranks) + 14     | [gMASK]<sop><|role|>\\ncontent … <|assistant|>    | eos, <|user|>, <|observation|> | base · rope_ratio      |
+
+One network (glmchat.model) runs them all; `detect.py` tells them apart from a checkpoint's files.
+Base (pretrained-only) models have no chat template: they generate, and chat refuses.
+"""
+
+from ..config import GLMConfig
+from .base import Family, NotAChatModelError, TokenizerError, ToolCallParseError
+from .detect import FAMILIES, detect_family
+
+
+def family_config(raw: dict, source: str, family: Family) -> GLMConfig:
+    """GLMConfig of a checkpoint, with rope_ratio read the way its family's reference reads it."""
+    config = GLMConfig.from_dict(raw, source=source)
+    config.rope_scaling = family.rope_scaling
+    config.validate(source)
+    return config
+
+
+__all__ = ["FAMILIES", "Family", "NotAChatModelError", "TokenizerError", "ToolCallParseError", "detect_family",
+           "family_config"]
