@@ -78,7 +78,7 @@ def as_id_list(ids: int | Iterable[int] | torch.Tensor) -> list[int]:
 
 class Tokenizer:
     """The interface of every family's tokenizer. Subclasses set `special_tokens` (name -> id),
-    `vocab_size`, `eos_token_id`, `pad_token_id`, `stop_token_ids`, and implement `_sp_encode`
+    `vocab_size`, `eos_token_id`, `pad_token_id`, and implement `_sp_encode`
     (text -> ids, specials never recognised in text), `decode`, `get_prefix_tokens` and
     `build_chat_input`."""
 
@@ -101,6 +101,12 @@ class Tokenizer:
         if aliases.get(name) is not None:
             return aliases[name]
         raise TokenizerError(f"{name!r} is not a special token; known: {', '.join([*self.special_tokens, *aliases])}")
+
+    @property
+    def stop_token_ids(self) -> list[int]:
+        """Ids that end a chat reply: eos and the roles that start the next turn; ``<|assistant|>``
+        is deliberately not one (a reply may hold several segments)."""
+        return [self.eos_token_id, self.special_tokens["<|user|>"], self.special_tokens["<|observation|>"]]
 
     def _sp_encode(self, text: str) -> list[int]:
         raise NotImplementedError

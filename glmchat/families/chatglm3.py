@@ -72,11 +72,6 @@ class ChatGLMTokenizer(Tokenizer):
     def get_prefix_tokens(self) -> list[int]:
         return [self.special_tokens["[gMASK]"], self.special_tokens["sop"]]
 
-    @property
-    def stop_token_ids(self) -> list[int]:
-        """Ids that end a chat reply; ``<|assistant|>`` is deliberately not one."""
-        return [self.eos_token_id, self.special_tokens["<|user|>"], self.special_tokens["<|observation|>"]]
-
     # ---- text <-> ids ---------------------------------------------------------------------
 
     def _sp_encode(self, text: str) -> list[int]:

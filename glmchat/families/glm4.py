@@ -131,11 +131,6 @@ class GLM4Tokenizer(Tokenizer):
     def get_prefix_tokens(self) -> list[int]:
         return [self.special_tokens["[gMASK]"], self.special_tokens["<sop>"]]
 
-    @property
-    def stop_token_ids(self) -> list[int]:
-        """Ids that end a chat reply; ``<|assistant|>`` is deliberately not one."""
-        return [self.eos_token_id, self.special_tokens["<|user|>"], self.special_tokens["<|observation|>"]]
-
     # ---- text <-> ids ---------------------------------------------------------------------
 
     def _bpe(self, piece: bytes) -> list[int]:
