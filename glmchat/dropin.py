@@ -7,14 +7,13 @@ options into sampling settings and runs the generation core.
 
 from __future__ import annotations
 
-import copy
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .chat import ChatModel, load, resized_cache
-from .families.base import Tokenizer
+from .families import Tokenizer
 from .generate import SamplingConfig, generate_batch
 from .loader import read_config, resolve_checkpoint
 from .model import KVCache

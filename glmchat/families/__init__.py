@@ -11,7 +11,8 @@ Base (pretrained-only) models have no chat template: they generate, and chat ref
 """
 
 from ..config import GLMConfig
-from .base import Family, NotAChatModelError, TokenizerError, ToolCallParseError
+from .base import Family, NotAChatModelError, ToolCallParseError
+from .tokenizer import Tokenizer, TokenizerError
 from .detect import FAMILIES, detect_family
 
 
@@ -23,5 +24,5 @@ def family_config(raw: dict, source: str, family: Family) -> GLMConfig:
     return config
 
 
-__all__ = ["FAMILIES", "Family", "NotAChatModelError", "TokenizerError", "ToolCallParseError", "detect_family",
+__all__ = ["FAMILIES", "Family", "NotAChatModelError", "Tokenizer", "TokenizerError", "ToolCallParseError", "detect_family",
            "family_config"]

@@ -3,7 +3,8 @@ role tokens, "[Round N]" prompts, no tools, and a drop-in chat with (query, resp
 
 from __future__ import annotations
 
-from .base import Family, ParsedReply, TokenizerError, as_id_list
+from .base import Family, ParsedReply
+from .tokenizer import TokenizerError, as_id_list
 from .chatglm3 import ChatGLMTokenizer
 
 

@@ -17,8 +17,8 @@ from typing import Any
 import sentencepiece as spm
 import torch
 
-from .base import (ROLES, BatchEncoding, Family, Tokenizer, TokenizerError, TokenizerNotFoundError,
-                   ToolCallParseError, as_id_list, check_message, find_file)
+from .base import ROLES, Family, ToolCallParseError, check_message
+from .tokenizer import BatchEncoding, Tokenizer, TokenizerError, TokenizerNotFoundError, as_id_list, find_file
 
 TOKENIZER_FILE = "tokenizer.model"
 # Order matters: special token i has id n_words + i.

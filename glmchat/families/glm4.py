@@ -16,14 +16,14 @@ import base64
 import binascii
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import regex
 
-from .base import (ROLES, BatchEncoding, Family, Tokenizer, TokenizerError, ToolCallParseError, as_id_list,
-                   find_file)
+from .base import ROLES, Family, ToolCallParseError
+from .tokenizer import BatchEncoding, Tokenizer, TokenizerError, as_id_list, find_file
 
 PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
