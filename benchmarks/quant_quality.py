@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from glmchat.bench import random_prompt
-from glmchat.loader import DEFAULT_MODEL, load_model
+from glmchat.hub import DEFAULT_MODEL
+from glmchat.loader import load_model
 from glmchat.quantize import quantized_layer
 from glmchat.tiny import make_tiny_checkpoint
 

@@ -19,7 +19,10 @@ import torch
 
 from glmchat.bench import memory_bandwidth, random_prompt, time_generation
 from glmchat.config import GLMConfig
-from glmchat.loader import DEFAULT_MODEL, KNOWN_CONFIGS, empty_model, init_random_weights
+from glmchat.hub import DEFAULT_MODEL
+from glmchat.loader import empty_model
+from glmchat.random_weights import init_random_weights
+from glmchat.registry import KNOWN_CONFIGS
 
 FORMATS = ["bf16", "fp16", "int8", "int4", "bf16-compile", "int4-compile", "transformers-bf16"]
 

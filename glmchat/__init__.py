@@ -5,10 +5,10 @@ Native: `glmchat.load(path_or_id).chat([{"role": "user", "content": "..."}])`.
 """
 
 from .chat import ChatModel, Chunk, Reply, ToolCallParseError, build_prompt_ids, load, parse_response, parse_tool_call
+from .checkpoint import CheckpointError
 from .config import ConfigError, GLMConfig
 from .device import DeviceError, default_dtype, pick_device
 from .dropin import AutoModel, AutoModelForCausalLM, AutoTokenizer, ChatGLMForConditionalGeneration
-from .loader import CheckpointError
 from .model import ContextLengthError
 from .tokenizer import ChatGLMTokenizer, TokenizerError
 

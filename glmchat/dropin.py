@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from .chat import ChatModel, ToolCallParseError, has_tools, load, parse_response, resized_cache
-from .families import read_config
 from .generate import SamplingConfig, generate_batch
-from .loader import resolve_checkpoint
+from .hub import resolve_checkpoint
+from .loader import read_config
 from .model import KVCache
 from .tokenizer import ChatGLMTokenizer
 

@@ -21,10 +21,10 @@ from glmchat.families import (
     detect_family,
     glm4_prompt_ids,
     parse_json_tool_call,
-    read_config,
 )
 from glmchat.glm4_tokenizer import SPECIAL_TOKENS, GLM4Tokenizer
-from glmchat.loader import KNOWN_CONFIGS, load_config, load_model
+from glmchat.loader import load_config, load_model, read_config
+from glmchat.registry import KNOWN_CONFIGS
 from glmchat.tiny import _corpus_lines
 from glmchat.tiny_family import (
     make_tiny_chatglm2_checkpoint,

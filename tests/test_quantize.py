@@ -8,7 +8,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from glmchat.loader import CheckpointError, load_model, quantization_entry
+from glmchat.checkpoint import CheckpointError
+from glmchat.export import save_quantized
+from glmchat.loader import load_model, quantization_entry
 from glmchat.quantize import (
     HAS_INT4_OP, HAS_INT8_OP, Int4Linear, Int8Linear, QuantizationError, QuantizedLinear, pack_int4,
     quantize_int4, quantize_int8, quantize_model, set_fast_kernels, unpack_int4,
@@ -94,8 +96,6 @@ def test_shard_by_shard_load_equals_quantizing_a_loaded_model(tiny_ckpt_bin, tin
 
 @pytest.mark.parametrize("method,group", [("int8", 128), ("int4", 32)])
 def test_saved_quantized_checkpoint_round_trip(tiny_ckpt, tmp_path, method, group):
-    from glmchat.quantize import save_quantized
-
     out = save_quantized(tiny_ckpt, tmp_path / "q", method, group_size=group, dtype="float32", progress=False)
     config = json.loads((out / "config.json").read_text())
     assert config["quantization"]["method"] == method
