@@ -19,6 +19,7 @@ from torch import nn
 from .chat import ChatModel, ToolCallParseError, has_tools, load, parse_response, resized_cache
 from .generate import SamplingConfig, generate_batch
 from .hub import resolve_checkpoint
+from .kernels import install
 from .loader import read_config
 from .model import KVCache
 from .tokenizer import ChatGLMTokenizer
@@ -116,6 +117,7 @@ class ChatGLMForConditionalGeneration(nn.Module):
         # Like the reference, which recomputes its rotary table in float32 and casts it to the
         # model's dtype: converting the table itself (.half().float()) would keep fp16 rounding.
         self.transformer.reset_rotary()
+        install(self.transformer)  # the fast paths that fit the new device and dtype
         self._engine._cache = None
         return self
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from . import cpu_kernels
+from . import kernels
 from .checkpoint import ALIGN, CheckpointError, iter_tensors, weight_files
 from .config import GLMConfig, read_config_json
 from .families import Family, detect_family, family_config
@@ -278,8 +278,7 @@ def _load(path_or_id, *, device, dtype, random_weights: bool, seed: int, quantiz
         init_random_weights(model, seed)
     else:
         load_weights(model, files, progress=progress)
-    if device.type == "cpu" and dtype == torch.bfloat16:  # the only dtype the kernels take
-        cpu_kernels.available()  # compiles them on first use (seconds), here rather than in the first answer
+    kernels.install(model)
     nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     info = LoadInfo(os.fspath(path_or_id), time.perf_counter() - start, nbytes, random_weights, quantization)
     return model, info, located

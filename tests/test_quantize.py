@@ -10,10 +10,12 @@ from safetensors.torch import save_file
 
 from glmchat.checkpoint import CheckpointError
 from glmchat.export import save_quantized
+from glmchat.kernels import install
+from glmchat.kernels.linear import HAS_INT4_OP, HAS_INT8_OP
 from glmchat.loader import load_model, quantization_entry
 from glmchat.quantize import (
-    HAS_INT4_OP, HAS_INT8_OP, Int4Linear, Int8Linear, QuantizationError, QuantizedLinear, pack_int4,
-    quantize_int4, quantize_int8, quantize_model, set_fast_kernels, unpack_int4,
+    Int4Linear, Int8Linear, QuantizationError, QuantizedLinear, pack_int4, quantize_int4, quantize_int8,
+    quantize_model, unpack_int4,
 )
 
 
@@ -57,9 +59,8 @@ def test_fast_kernel_equals_portable_path(method, group, dtype, rows):
     layer.set_weight(lin.weight)
     layer.bias.data.copy_(lin.bias)
     x = torch.randn(2, rows, 256, dtype=dtype, generator=torch.Generator().manual_seed(2)).to(dtype)
-    fast = layer(x)
-    layer.use_fast_kernel = False
-    portable = layer(x)
+    fast = install(layer)(x)
+    portable = install(layer, enabled=False)(x)
     ref = torch.nn.functional.linear(x.float(), layer.dequantize(torch.float32), layer.bias.float())
     tol = 1e-5 if dtype == torch.float32 else 3e-2  # 16-bit: one rounding of the output
     torch.testing.assert_close(fast.float(), ref, atol=tol, rtol=tol)
@@ -75,7 +76,7 @@ def test_quantized_model_logits_close_to_float(tiny_ckpt, method):
     ids = torch.randint(5, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ref, got = model(ids), qmodel(ids)
-        set_fast_kernels(qmodel, False)
+        install(qmodel, enabled=False)
         portable = qmodel(ids)
     scale = ref.abs().max()
     assert (got - ref).abs().max() < (0.02 if method == "int8" else 0.2) * scale
