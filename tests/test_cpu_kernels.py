@@ -1,4 +1,5 @@
-"""glmchat's C decode kernels (glmchat/kernels/) equal the portable path, and never break a run."""
+"""glmchat's C decode kernels (glmchat/kernels/) equal the documented formats' dequantization and the
+portable path, and never break a run."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import quant_reference
 from glmchat.kernels import cpu as cpu_kernels
 from glmchat.kernels import install
 from glmchat.kernels.linear import CpuBf16Linear, FastInt4Linear, FastInt8Linear
@@ -35,9 +37,8 @@ def _layer(method, n, k, group=128, bias=True, seed=0):
 
 
 def _portable_reference(layer, x):
-    """Dequantize, then F.linear in float32."""
-    bias = None if layer.bias is None else layer.bias.float()
-    return F.linear(x.float(), layer.dequantize(torch.float32), bias)
+    """The documented format's dequantization (written in the tests), then F.linear in float32."""
+    return quant_reference.linear(layer, x)
 
 
 def _assert_bf16_close(got, ref):
@@ -92,6 +93,7 @@ def test_int4_kernel_equals_portable_path(group, n, k_groups, bias):
 def test_int4_prefill_dequantization_kernel_equals_pytorchs(group):
     layer = _layer("int4", 192, 4 * group, group=group, bias=False)
     fast = layer.dequantize(torch.bfloat16).clone()
+    torch.testing.assert_close(fast.float(), quant_reference.weight(layer), rtol=8e-3, atol=1e-6)  # one bf16 rounding
     install(layer, enabled=False)
     assert torch.equal(fast, layer.dequantize(torch.bfloat16))  # same float32 math, rounded once
     x = _randn(2, 40, 4 * group, seed=3).to(torch.bfloat16)  # prefill-sized: the dequantize + GEMM path

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import quant_reference
 from glmchat.checkpoint import CheckpointError
 from glmchat.export import save_quantized
 from glmchat.kernels import install
@@ -32,6 +33,7 @@ def test_int4_packing_matches_pytorch_cpu_layout():
     q = torch.randint(0, 16, (192, 256), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
     packed = pack_int4(q.to(torch.uint8))
     assert torch.equal(unpack_int4(packed), q.to(torch.uint8))
+    assert torch.equal(quant_reference.int4_codes(packed), q)  # the documented layout
     if HAS_INT4_OP:
         assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
 
@@ -39,11 +41,13 @@ def test_int4_packing_matches_pytorch_cpu_layout():
 def test_quantize_dequantize_error_is_within_half_a_step():
     w = torch.randn(128, 256, generator=torch.Generator().manual_seed(1))
     q8, s8 = quantize_int8(w, torch.float32)
-    assert (q8.float() * s8[:, None] - w).abs().le(s8[:, None] / 2 + 1e-6).all()
+    assert (quant_reference.int8_weight(q8, s8) - w).abs().le(s8[:, None] / 2 + 1e-6).all()
     layer = Int4Linear(256, 128, group_size=64, dtype=torch.float32)
     layer.set_weight(w)
     step = layer.scales_zeros[..., 0].T.repeat_interleave(64, dim=1)  # [N, K]
-    assert (layer.dequantize(torch.float32) - w).abs().le(step / 2 + 1e-5).all()
+    reference = quant_reference.weight(layer)
+    assert (reference - w).abs().le(step / 2 + 1e-5).all()
+    torch.testing.assert_close(layer.dequantize(torch.float32), reference, atol=1e-6, rtol=1e-6)
     assert quantize_int4(w, 64, torch.float32)[0].shape == (128, 128)
 
 
@@ -61,7 +65,7 @@ def test_fast_kernel_equals_portable_path(method, group, dtype, rows):
     x = torch.randn(2, rows, 256, dtype=dtype, generator=torch.Generator().manual_seed(2)).to(dtype)
     fast = install(layer)(x)
     portable = install(layer, enabled=False)(x)
-    ref = torch.nn.functional.linear(x.float(), layer.dequantize(torch.float32), layer.bias.float())
+    ref = quant_reference.linear(layer, x)
     tol = 1e-5 if dtype == torch.float32 else 3e-2  # 16-bit: one rounding of the output
     torch.testing.assert_close(fast.float(), ref, atol=tol, rtol=tol)
     torch.testing.assert_close(portable.float(), ref, atol=tol, rtol=tol)
