@@ -17,7 +17,8 @@ import time
 import torch
 
 from glmchat.generate import generate_tokens
-from glmchat.loader import KNOWN_CONFIGS, load_model
+from glmchat.loader import load_model
+from glmchat.registry import KNOWN_CONFIGS
 
 DISTINCT = ["THUDM/chatglm3-6b", "THUDM/chatglm3-6b-128k", "THUDM/chatglm2-6b-32k", "THUDM/glm-4-9b-chat"]
 

@@ -1,4 +1,4 @@
-"""Batch-1 matrix-vector speed: glmchat's C kernels (glmchat/cpu_kernels.py) vs the PyTorch ops they
+"""Batch-1 matrix-vector speed: glmchat's C kernels (glmchat/kernels/cpu.py) vs the PyTorch ops they
 replace, per ChatGLM3-6B layer shape and weight format, as effective bandwidth (bytes of weights
 and scales read per second) and as a multiple of the machine's memory read bandwidth B.
 
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from glmchat import cpu_kernels
+from glmchat.kernels import cpu as cpu_kernels
 from glmchat.bench import memory_bandwidth
 from glmchat.quantize import quantize_int4, quantize_int8
 

@@ -11,7 +11,8 @@ import json
 import torch
 
 from glmchat.bench import peak_rss_bytes, random_prompt, time_generation
-from glmchat.loader import DEFAULT_MODEL, load_model
+from glmchat.hub import DEFAULT_MODEL
+from glmchat.loader import load_model
 
 GB = 1e9
 

@@ -14,7 +14,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from glmchat.loader import DEFAULT_MODEL, KNOWN_CONFIGS, load_model, official_name, save_shards
+from glmchat.checkpoint import save_shards
+from glmchat.hub import DEFAULT_MODEL
+from glmchat.loader import load_model
+from glmchat.names import official_name
+from glmchat.registry import KNOWN_CONFIGS
 
 
 def main():

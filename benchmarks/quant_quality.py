@@ -21,7 +21,9 @@ import torch
 from torch import nn
 
 from glmchat.bench import random_prompt
-from glmchat.loader import DEFAULT_MODEL, load_model
+from glmchat.hub import DEFAULT_MODEL
+from glmchat.kernels import install
+from glmchat.loader import load_model
 from glmchat.quantize import quantized_layer
 from glmchat.tiny import make_tiny_checkpoint
 
@@ -58,7 +60,7 @@ def quantized(model: nn.Module, method: str, group: int):
             setattr(parent, name, q)
             swaps.append((parent, name, child))
     try:
-        yield model
+        yield install(model)
     finally:
         for parent, name, child in swaps:
             setattr(parent, name, child)
@@ -82,7 +84,7 @@ def report_tiny(ckpt, prompts) -> None:
     model, _ = load_model(ckpt, dtype=torch.float32, progress=False)
     reference = logits_of(model, prompts)
     print_header("tiny checkpoint (hidden 128, 4 layers, random weights)", "float32", prompts)
-    print_row("bf16", compare(reference, logits_of(model.to(torch.bfloat16), prompts)))
+    print_row("bf16", compare(reference, logits_of(install(model.to(torch.bfloat16)), prompts)))
     model.float()
     for method, group in METHODS:
         with quantized(model, method, group) as q:

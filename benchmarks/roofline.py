@@ -19,7 +19,11 @@ import torch
 
 from glmchat.bench import memory_bandwidth, random_prompt, time_generation
 from glmchat.config import GLMConfig
-from glmchat.loader import DEFAULT_MODEL, KNOWN_CONFIGS, empty_model, init_random_weights
+from glmchat.hub import DEFAULT_MODEL
+from glmchat.kernels import install
+from glmchat.loader import empty_model
+from glmchat.random_weights import init_random_weights
+from glmchat.registry import KNOWN_CONFIGS
 
 FORMATS = ["bf16", "fp16", "int8", "int4", "bf16-compile", "int4-compile", "transformers-bf16"]
 
@@ -36,6 +40,7 @@ def glmchat_model(config: GLMConfig, fmt: str, group_size: int):
     quant = {"method": weights, "group_size": group_size} if weights in ("int8", "int4") else None
     model = empty_model(config, dtype, "cpu", quant)
     init_random_weights(model)
+    install(model)
     if fmt.endswith("-compile"):
         model.compile_decode()
     return model

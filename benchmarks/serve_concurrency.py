@@ -18,7 +18,7 @@ import openai
 import torch
 
 from glmchat.chat import load
-from glmchat.loader import DEFAULT_MODEL
+from glmchat.hub import DEFAULT_MODEL
 from glmchat.server import BackgroundServer, build_app
 
 QUESTIONS = ["Tell me about the Great Wall.", "How do I sort a list in Python?", "写一首关于春天的诗",

@@ -5,13 +5,13 @@ Native: `glmchat.load(path_or_id).chat([{"role": "user", "content": "..."}])`.
 """
 
 from .chat import ChatModel, Chunk, Reply, load
+from .checkpoint import CheckpointError
 from .config import ConfigError, GLMConfig
 from .device import DeviceError, default_dtype, pick_device
 from .dropin import AutoModel, AutoModelForCausalLM, AutoTokenizer, ChatGLMForConditionalGeneration
 from .families import Family, NotAChatModelError, TokenizerError, ToolCallParseError
 from .families.chatglm3 import ChatGLMTokenizer
 from .generate import GenerationResponse, SamplingConfig
-from .loader import CheckpointError
 from .model import ContextLengthError
 
 __version__ = "0.1.0"

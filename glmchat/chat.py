@@ -21,7 +21,8 @@ from .families import Family
 from .families.base import has_tools
 from .families.chatglm3 import TOKENIZER_FILE, ChatGLM3, ChatGLMTokenizer
 from .generate import SamplingConfig, TextStream, generate_tokens, stream_generate, vocab_limit
-from .loader import DEFAULT_MODEL, CheckpointError, config_and_family, load_model, read_config, resolve_checkpoint
+from .hub import DEFAULT_MODEL
+from .loader import load_checkpoint
 from .model import GLMTransformer, KVCache
 from .tiny import train_tokenizer
 
@@ -190,38 +191,18 @@ def load(path_or_id: str = DEFAULT_MODEL, *, device: str | torch.device = "auto"
     start = time.perf_counter()
     device = pick_device(device)
     dtype = default_dtype(device) if dtype == "auto" else dtype
-    processors, standin = [], False
-    if random_weights:
-        model, _ = load_model(path_or_id, device=device, dtype=dtype, random_weights=True, progress=progress,
-                              quantize=quantize, group_size=group_size)
-        family = config_and_family(path_or_id)[1]
-        directory = _tokenizer_directory(path_or_id)
-        if directory is not None:
-            tokenizer = family.load_tokenizer(directory)
-        else:  # the stand-in speaks ChatGLM3's format
-            tokenizer, standin, family = standin_tokenizer(), True, ChatGLM3()
-            processors.append(vocab_limit(tokenizer.vocab_size))
-    else:
-        directory = resolve_checkpoint(path_or_id)
-        model, _ = load_model(directory, device=device, dtype=dtype, progress=progress, quantize=quantize,
-                              group_size=group_size)
-        family = read_config(directory, name=os.fspath(path_or_id))[1]
-        tokenizer = family.load_tokenizer(directory)
+    loaded = load_checkpoint(path_or_id, device=device, dtype=dtype, random_weights=random_weights,
+                             quantize=quantize, group_size=group_size, progress=progress)
+    model, tokenizer, family = loaded.model, loaded.tokenizer, loaded.family
+    processors, standin = [], tokenizer is None
+    if standin:  # random weights, no tokenizer at hand: the stand-in speaks ChatGLM3's format
+        tokenizer, family = standin_tokenizer(), ChatGLM3()
+        processors.append(vocab_limit(tokenizer.vocab_size))
     if compile:
         model.compile_decode()
     return ChatModel(model, tokenizer, family, load_seconds=time.perf_counter() - start,
                      source=os.fspath(path_or_id), random_weights=random_weights, standin_tokenizer=standin,
                      processors=processors)
-
-
-def _tokenizer_directory(path_or_id) -> Path | None:
-    """The checkpoint directory when its tokenizer can be had without the weights, else None."""
-    try:
-        directory = resolve_checkpoint(path_or_id, weights=False)
-    except CheckpointError:
-        return None
-    has_tokenizer = (directory / TOKENIZER_FILE).exists() or (directory / "tokenizer.json").exists()
-    return directory if has_tokenizer else None
 
 
 def standin_tokenizer() -> ChatGLMTokenizer:

@@ -14,11 +14,12 @@ import sys
 
 from . import __version__
 from .chat import ChatModel, load
+from .checkpoint import CheckpointError
 from .config import ConfigError
 from .device import DEVICES, DeviceError, default_dtype, pick_device
 from .families import NotAChatModelError, TokenizerError, ToolCallParseError
 from .generate import SamplingConfig
-from .loader import DEFAULT_MODEL, CheckpointError
+from .hub import DEFAULT_MODEL
 from .model import ContextLengthError
 from .quantize import QuantizationError
 from .server import add_server_options
@@ -271,7 +272,7 @@ def cmd_bench(args) -> int:
 
 def cmd_quantize(args) -> int:
     """Save an int8/int4 copy of a checkpoint (safetensors + config.json) that loads directly."""
-    from .quantize import save_quantized
+    from .export import save_quantized
 
     method = {8: "int8", 4: "int4"}[args.bits]
     out = save_quantized(args.src, args.dst, method, args.group_size,

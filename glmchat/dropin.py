@@ -15,7 +15,9 @@ from torch import nn
 from .chat import ChatModel, load, resized_cache
 from .families import Tokenizer
 from .generate import SamplingConfig, generate_batch
-from .loader import read_config, resolve_checkpoint
+from .hub import resolve_checkpoint
+from .kernels import install
+from .loader import read_config
 from .model import KVCache
 
 
@@ -111,6 +113,7 @@ class ChatGLMForConditionalGeneration(nn.Module):
         # Like the reference, which recomputes its rotary table in float32 and casts it to the
         # model's dtype: converting the table itself (.half().float()) would keep fp16 rounding.
         self.transformer.reset_rotary()
+        install(self.transformer)  # the fast paths that fit the new device and dtype
         self._engine._cache = None
         return self
 

@@ -1,82 +1,37 @@
-"""Find a checkpoint (local directory or Hugging Face hub id), read its shards into a model.
+"""Loading a checkpoint into a model: config and family read once, weights placed, kernels installed.
 
 Weights go shard by shard, tensor by tensor, straight into preallocated parameters of the target
-dtype and device, so peak memory stays close to the model's own size.
+dtype and device, so peak memory stays close to the model's own size. Finding the checkpoint is
+glmchat.hub's, reading its files glmchat.checkpoint's, tensor names glmchat.names'.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import mmap
 import os
-import re
-import socket
-import struct
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from . import cpu_kernels
-from .config import ConfigError, GLMConfig, read_config_json
-from .families import detect_family, family_config
+from . import kernels
+from .checkpoint import ALIGN, CheckpointError, iter_tensors, weight_files
+from .config import GLMConfig, read_config_json
+from .families import Family, detect_family, family_config
+from .hub import DEFAULT_MODEL, TOKENIZER_MODELS, resolve_checkpoint
 from .model import GLMTransformer
-from .names import official_tensors
+from .names import official_name, sanitize
 from .quantize import QuantizedLinear, check_method, quantize_model
-
-DEFAULT_MODEL = "THUDM/chatglm3-6b"
-
-# config.json of known hub models, so that random weights of the real shapes need no download.
-KNOWN_CONFIGS = {
-    "THUDM/chatglm3-6b": {
-        "model_type": "chatglm", "hidden_size": 4096, "num_layers": 28, "num_attention_heads": 32,
-        "kv_channels": 128, "multi_query_attention": True, "multi_query_group_num": 2,
-        "ffn_hidden_size": 13696, "padded_vocab_size": 65024, "seq_length": 8192,
-        "layernorm_epsilon": 1e-5, "rmsnorm": True, "add_qkv_bias": True, "add_bias_linear": False,
-        "post_layer_norm": True, "apply_residual_connection_post_layernorm": False,
-        "tie_word_embeddings": False, "torch_dtype": "float16", "eos_token_id": 2, "pad_token_id": 0,
-    },
-}
-_CHATGLM_6B = KNOWN_CONFIGS["THUDM/chatglm3-6b"]
-_GLM4_9B = {
-    **_CHATGLM_6B, "num_layers": 40, "padded_vocab_size": 151552, "seq_length": 131072,
-    "layernorm_epsilon": 1.5625e-07, "rope_ratio": 500, "torch_dtype": "bfloat16",
-    "eos_token_id": [151329, 151336, 151338], "pad_token_id": 151329,
-}
-# Shapes of the rest of the family (random weights need no download; the family comes from the id).
-KNOWN_CONFIGS.update({
-    "THUDM/chatglm3-6b-base": {**_CHATGLM_6B, "seq_length": 32768},
-    "THUDM/chatglm3-6b-32k": {**_CHATGLM_6B, "seq_length": 32768, "rope_ratio": 50},
-    "THUDM/chatglm3-6b-128k": {**_CHATGLM_6B, "seq_length": 131072, "rope_ratio": 500},
-    "THUDM/chatglm2-6b": {**_CHATGLM_6B, "seq_length": 32768},
-    "THUDM/chatglm2-6b-32k": {**_CHATGLM_6B, "seq_length": 32768, "rope_ratio": 16},
-    "THUDM/codegeex2-6b": {**_CHATGLM_6B, "seq_length": 8192, "torch_dtype": "bfloat16"},
-    "THUDM/glm-4-9b-chat": _GLM4_9B,
-    "THUDM/glm-4-9b": {**_GLM4_9B, "seq_length": 8192},
-    "THUDM/glm-4-9b-chat-1m": {**_GLM4_9B, "seq_length": 1048576, "rope_ratio": 10000},
-    "THUDM/glm-4-9b-chat-hf": {
-        "model_type": "glm", "hidden_size": 4096, "num_hidden_layers": 40, "num_attention_heads": 32,
-        "num_key_value_heads": 2, "head_dim": 128, "intermediate_size": 13696, "vocab_size": 151552,
-        "max_position_embeddings": 131072, "rms_norm_eps": 1.5625e-07, "rope_theta": 5000000.0,
-        "partial_rotary_factor": 0.5, "attention_bias": True, "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16", "eos_token_id": [151329, 151336, 151338], "pad_token_id": 151329,
-    },
-})
+from .random_weights import init_random_weights
+from .registry import KNOWN_CONFIGS
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be found, downloaded or read. The message says what to do."""
 
 
 def parse_dtype(dtype) -> torch.dtype:
@@ -89,112 +44,19 @@ def parse_dtype(dtype) -> torch.dtype:
 
 
 # ---------------------------------------------------------------------------------------------
-# Finding the checkpoint
+# Config and family
 
-_WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-_WEIGHT_SINGLES = ("model.safetensors", "pytorch_model.bin")
-_TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "tokenizer.json")
-
-
-def resolve_checkpoint(path_or_id: str | os.PathLike, *, weights: bool = True, revision: str | None = None) -> Path:
-    """A local directory holding the checkpoint: the path itself, or a hub snapshot."""
-    text = os.fspath(path_or_id)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise CheckpointError(f"{text} is a file; pass the checkpoint directory that holds config.json")
-    if not _looks_like_hub_id(text):
-        raise CheckpointError(
-            f"no checkpoint directory at {text}; pass an existing directory with config.json "
-            f"or a Hugging Face repo id like {DEFAULT_MODEL}"
-        )
-    return _download(text, weights=weights, revision=revision)
-
-
-def _looks_like_hub_id(text: str) -> bool:
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", text)) and not text.startswith((".", "/", "~"))
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        return False
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _download(repo_id: str, *, weights: bool, revision: str | None) -> Path:
-    from huggingface_hub import HfApi, snapshot_download
-
-    if _hub_reachable():
-        try:
-            files = HfApi().list_repo_files(repo_id, revision=revision)
-            patterns = ["config.json", *_TOKENIZER_FILES]
-            if weights:
-                patterns += _weight_patterns(files, repo_id)
-            return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-        except CheckpointError:
-            raise
-        except Exception as e:  # the hub's errors vary by version; all mean "could not fetch"
-            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    else:
-        reason = "the hub cannot be reached (offline, or HF_HUB_OFFLINE is set)"
-    try:  # a snapshot downloaded earlier still works offline
-        cached = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
-        if (cached / "config.json").exists():
-            return cached
-    except Exception:
-        pass
-    raise CheckpointError(
-        f"could not download {repo_id!r} from the Hugging Face hub ({reason}). Download it where the "
-        f"hub is reachable (e.g. `hf download {repo_id} --local-dir ./{repo_id.split('/')[-1]}`) and pass "
-        "that directory instead of the id, or use --random-weights (random_weights=True in Python) to try "
-        "glmchat without it."
-    )
-
-
-def _weight_patterns(files: list[str], repo_id: str) -> list[str]:
-    """Only one weight format: safetensors when the repo has it, else .bin shards."""
-    if any(f.endswith(".safetensors") for f in files):
-        return ["*.safetensors", "model.safetensors.index.json"]
-    if any(f.endswith(".bin") for f in files):
-        return ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
-    raise CheckpointError(f"{repo_id} on the hub has no .safetensors or .bin weights")
-
-
-def weight_files(directory: Path) -> list[Path]:
-    """The checkpoint's weight files in load order; safetensors preferred over .bin."""
-    for index_name in _WEIGHT_INDEXES:
-        index = directory / index_name
-        if index.exists():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-                raise CheckpointError(f"{index} is not a valid weight index ({e!r})") from None
-            files = [directory / name for name in sorted(set(weight_map.values()))]
-            for f in files:
-                if not f.exists():
-                    raise CheckpointError(f"shard {f.name} listed in {index} is missing from {directory}")
-            return files
-    for name in _WEIGHT_SINGLES:
-        if (directory / name).exists():
-            return [directory / name]
-    raise CheckpointError(
-        f"{directory} has no weights: expected model.safetensors, model.safetensors.index.json "
-        "or pytorch_model.bin.index.json with its shards"
-    )
-
-
-def read_config(directory: Path, name: str = "", family: str | None = None):
+def read_config(directory: Path, name: str = "", family: str | None = None) -> tuple[GLMConfig, Family]:
     """The config and family of a checkpoint directory."""
+    return _read_directory(directory, name, family)[1:]
+
+
+def _read_directory(directory: Path, name: str = "", family: str | None = None) -> tuple[dict, GLMConfig, Family]:
+    """config.json parsed once: (its raw entries, GLMConfig, Family)."""
     path = Path(directory) / "config.json"
     raw = read_config_json(path)
     found = detect_family(directory, raw, name=name, family=family)
-    return family_config(raw, str(path), found), found
+    return raw, family_config(raw, str(path), found), found
 
 
 def load_config(path_or_id: str | os.PathLike) -> GLMConfig:
@@ -202,178 +64,36 @@ def load_config(path_or_id: str | os.PathLike) -> GLMConfig:
     return config_and_family(path_or_id)[0]
 
 
-def config_and_family(path_or_id: str | os.PathLike):
+def config_and_family(path_or_id: str | os.PathLike) -> tuple[GLMConfig, Family]:
     """(GLMConfig, Family) of a local directory, a known hub id (built in), or a hub download."""
+    return _locate(path_or_id, weights=False)[2:]
+
+
+def _locate(path_or_id, *, weights: bool) -> tuple[Path | None, dict, GLMConfig, Family]:
+    """(directory, raw config.json, GLMConfig, Family); without weights a known hub id needs no
+    download (directory None: its config is built in)."""
     text = os.fspath(path_or_id)
-    if not Path(text).expanduser().exists() and text in KNOWN_CONFIGS:
+    if not weights and not Path(text).expanduser().exists() and text in KNOWN_CONFIGS:
         raw = KNOWN_CONFIGS[text]
         family = detect_family(None, raw, name=text)
-        return family_config(raw, f"{text} (built-in config)", family), family
-    return read_config(resolve_checkpoint(text, weights=False), name=text)
+        return None, raw, family_config(raw, f"{text} (built-in config)", family), family
+    directory = resolve_checkpoint(text, weights=weights)
+    return directory, *_read_directory(directory, name=text)
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading tensors
+# Weights
 
-# official name -> our module name; {i} is the layer.
-_NAME_PATTERNS = [
-    (r"transformer\.embedding\.word_embeddings\.weight", "embed.weight"),
-    (r"transformer\.encoder\.layers\.(\d+)\.input_layernorm\.weight", "layers.{}.attn_norm.weight"),
-    (r"transformer\.encoder\.layers\.(\d+)\.self_attention\.query_key_value\.(weight|bias)", "layers.{}.attn.qkv.{}"),
-    (r"transformer\.encoder\.layers\.(\d+)\.self_attention\.dense\.weight", "layers.{}.attn.dense.weight"),
-    (r"transformer\.encoder\.layers\.(\d+)\.post_attention_layernorm\.weight", "layers.{}.mlp_norm.weight"),
-    (r"transformer\.encoder\.layers\.(\d+)\.mlp\.dense_h_to_4h\.weight", "layers.{}.mlp.gate_up.weight"),
-    (r"transformer\.encoder\.layers\.(\d+)\.mlp\.dense_4h_to_h\.weight", "layers.{}.mlp.down.weight"),
-    (r"transformer\.encoder\.final_layernorm\.weight", "norm.weight"),
-    (r"transformer\.output_layer\.weight", "output.weight"),
-]
-_NAME_PATTERNS = [(re.compile(p), target) for p, target in _NAME_PATTERNS]
-_IGNORED = re.compile(r"transformer\.rotary_pos_emb\.inv_freq")  # recomputed in float32
-
-
-_QUANTIZED_SUFFIXES = ("qweight", "scales", "scales_zeros")  # a quantized checkpoint's Linear buffers
-
-
-def native_name(official: str) -> str | None:
-    """Our parameter name for an official tensor name; None for tensors we recompute."""
-    if _IGNORED.fullmatch(official):
-        return None
-    base, _, suffix = official.rpartition(".")
-    if suffix in _QUANTIZED_SUFFIXES:
-        return native_name(base + ".weight").removesuffix("weight") + suffix
-    for pattern, target in _NAME_PATTERNS:
-        m = pattern.fullmatch(official)
-        if m:
-            return target.format(*m.groups())
-    raise KeyError(official)
-
-
-def _reversed(pattern: re.Pattern, target: str) -> tuple[re.Pattern, str]:
-    """(regex of our name, template of the official name) for one row of _NAME_PATTERNS."""
-    return re.compile(re.escape(target).replace(r"\{\}", r"(\w+)")), re.sub(r"\([^)]*\)", "{}", pattern.pattern).replace("\\.", ".")
-
-
-_OFFICIAL_NAMES = [_reversed(p, t) for p, t in _NAME_PATTERNS]
-
-
-def official_name(native: str) -> str:
-    """The checkpoint name of one of our tensors (the inverse of native_name)."""
-    base, _, suffix = native.rpartition(".")
-    if suffix in _QUANTIZED_SUFFIXES:
-        return official_name(base + ".weight").removesuffix("weight") + suffix
-    for pattern, template in _OFFICIAL_NAMES:
-        m = pattern.fullmatch(native)
-        if m:
-            return template.format(*m.groups())
-    raise KeyError(native)
-
-
-def iter_tensors(file: Path):
-    """(name, cpu tensor) for each tensor of a shard; corrupt or truncated files raise CheckpointError."""
-    if file.suffix == ".safetensors":
-        yield from _read_safetensors(file)
-    else:
-        try:
-            try:
-                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                state = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-        except Exception as e:
-            raise CheckpointError(f"{file} is corrupt or truncated ({type(e).__name__}: {e}); download it again") from None
-        if not isinstance(state, dict):
-            raise CheckpointError(f"{file} does not hold a state dict of tensors")
-        yield from state.items()
-
-
-_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
-                       torch.uint8: "U8", torch.bool: "BOOL"}
-_DTYPES_BY_NAME = {name: dtype for dtype, name in _SAFETENSORS_DTYPES.items()}
-_ALIGN = 64
-
-
-def save_safetensors(tensors: dict[str, torch.Tensor], path, metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file whose tensors start 64-byte aligned (those whose sizes are multiples
-    of 64 go first), so that loading can use them in place at full speed; the safetensors library's
-    own writer aligns to 8 bytes only."""
-    names = sorted(tensors, key=lambda n: (tensors[n].nbytes % _ALIGN != 0, n))
-    header: dict = {"__metadata__": metadata or {}}
-    offset = 0
-    for name in names:
-        t = tensors[name]
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-(8 + len(text)) % _ALIGN)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text)
-        for name in names:
-            f.write(tensors[name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
-
-
-SHARD_BYTES = 2 * 1024**3
-
-
-def save_shards(tensors: dict[str, torch.Tensor], dst: Path, write=save_safetensors) -> None:
-    """Write tensors (official names) into dst as safetensors shards of ~2 GB each, in order, plus
-    model.safetensors.index.json, the layout the hub repositories use. write: the file writer."""
-    shards, current, size = [], {}, 0
-    for name, tensor in tensors.items():
-        if current and size + tensor.nbytes > SHARD_BYTES:
-            shards.append(current)
-            current, size = {}, 0
-        current[name] = tensor
-        size += tensor.nbytes
-    shards.append(current)
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        filename = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        write(shard, dst / filename, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, filename))
-    total = sum(t.nbytes for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
-def _read_safetensors(file: Path):
-    """(name, tensor) for each tensor of a safetensors file, each in its own private (copy-on-write)
-    mapping of the file: no copy, and a tensor's pages leave this process's memory once it is
-    dropped, so quantizing or converting a 2 GB shard never holds more than one tensor of it."""
-    def corrupt(why: str) -> CheckpointError:
-        return CheckpointError(f"{file} is corrupt or truncated ({why}); download it again")
-
-    with open(file, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        try:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > size - 8:
-                raise ValueError(f"a header of {header_len} bytes in a file of {size}")
-            header = json.loads(f.read(header_len))
-            entries = [(name, _DTYPES_BY_NAME[e["dtype"]], list(e["shape"]), *e["data_offsets"])
-                       for name, e in header.items() if name != "__metadata__"]
-        except (struct.error, ValueError, KeyError, TypeError) as e:
-            raise corrupt(f"unreadable header: {type(e).__name__}: {e}") from None
-        base = 8 + header_len
-        for name, dtype, shape, begin, end in entries:
-            count = math.prod(shape)
-            if not 0 <= begin <= end or end - begin != count * dtype.itemsize:
-                raise corrupt(f"tensor {name!r} has offsets {begin}..{end} for shape {shape}")
-            if base + end > size:
-                raise corrupt(f"tensor {name!r} ends at byte {base + end} of a {size}-byte file")
-            if count == 0:
-                yield name, torch.empty(shape, dtype=dtype)
-                continue
-            start = base + begin
-            page = start - start % mmap.ALLOCATIONGRANULARITY
-            mapping = mmap.mmap(f.fileno(), base + end - page, offset=page, access=mmap.ACCESS_COPY)
-            yield name, torch.frombuffer(mapping, dtype=dtype, count=count, offset=start - page).view(shape)
-
-
-def _file_bytes(files: list[Path]) -> int:
-    return sum(f.stat().st_size for f in files)
+def empty_model(config: GLMConfig, dtype: torch.dtype, device, quantization: dict | None = None) -> GLMTransformer:
+    """A model whose parameters are allocated on `device` in `dtype` but not yet filled."""
+    with torch.device("meta"):
+        model = GLMTransformer(config)
+    model = model.to(dtype)
+    if quantization:
+        quantize_model(model, quantization["method"], quantization.get("group_size", 128))
+    model = model.to_empty(device=device)
+    model.reset_rotary()
+    return model.eval().requires_grad_(False)
 
 
 def load_weights(model: GLMTransformer, files: list[Path], progress: bool = True) -> None:
@@ -382,31 +102,21 @@ def load_weights(model: GLMTransformer, files: list[Path], progress: bool = True
     quantized = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     loaded: set[str] = set()
     pending: dict = {}  # q/k/v of transformers-layout checkpoints, joined into query_key_value
-    with tqdm(total=_file_bytes(files), unit="B", unit_scale=True, desc="Loading weights",
+    with tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc="Loading weights",
               disable=not progress, leave=False) as bar:
         for file in files:
-            for name, tensor in official_tensors(iter_tensors(file), pending):
+            for target, tensor in sanitize(iter_tensors(file), pending, source=file.name):
                 bar.update(tensor.numel() * tensor.element_size())
-                try:
-                    target = native_name(name)
-                except KeyError:
-                    raise CheckpointError(
-                        f"{file.name}: unexpected tensor {name!r}; this does not look like a ChatGLM2/3 checkpoint"
-                    ) from None
-                if target is None:
-                    continue
+                what = f"{file.name}: tensor {official_name(target)!r}"
                 if target in quantized:
-                    _quantize_into(quantized[target], tensor, f"{file.name}: tensor {name!r}")
+                    _quantize_into(quantized[target], tensor, what)
                     loaded.update(target.removesuffix("weight") + b for b in quantized[target]._buffer_names)
                     continue
                 param = params.get(target)
                 if param is None:
-                    raise CheckpointError(f"{file.name}: tensor {name!r} has no place in a model with this config.json")
+                    raise CheckpointError(f"{what} has no place in a model with this config.json")
                 if tuple(tensor.shape) != tuple(param.shape):
-                    raise CheckpointError(
-                        f"{file.name}: tensor {name!r} has shape {tuple(tensor.shape)}, "
-                        f"config.json implies {tuple(param.shape)}"
-                    )
+                    raise CheckpointError(f"{what} has shape {tuple(tensor.shape)}, config.json implies {tuple(param.shape)}")
                 with torch.no_grad():
                     if _can_adopt(tensor, param):
                         param.data = tensor  # no copy: the weights stay in the shard's (private) mapping
@@ -425,7 +135,7 @@ def _can_adopt(tensor: torch.Tensor, param: torch.Tensor) -> bool:
     """Whether a checkpoint tensor can serve as the parameter itself: same dtype and device, and
     64-byte aligned (misaligned weights make CPU matrix-vector products ~15% slower)."""
     return (tensor.dtype == param.dtype and tensor.device == param.device and tensor.is_contiguous()
-            and tensor.data_ptr() % _ALIGN == 0)
+            and tensor.data_ptr() % ALIGN == 0)
 
 
 _CONVERT_CHUNK = 1 << 18
@@ -453,46 +163,28 @@ def _quantize_into(layer: QuantizedLinear, tensor: torch.Tensor, what: str) -> N
         raise CheckpointError(f"{what}: {e}") from None
 
 
-_RANDOM_BLOCK = 1_048_573  # a prime: rows of any width start at different places in the tiled block
+# ---------------------------------------------------------------------------------------------
+# Quantization entries
+
+def quantization_entry(method: str, group_size: int = 128) -> dict:
+    """The config.json "quantization" entry for a method."""
+    return {"method": method, "group_size": group_size} if method == "int4" else {"method": method}
 
 
-def init_random_weights(model: GLMTransformer, seed: int = 0) -> None:
-    """Random weights of the real shapes (std 0.02, norms at 1): for speed work only.
-
-    Drawing 6 B normal numbers takes about a minute on 2 cores, so one block of ~1 M normal
-    numbers is drawn per seed and every weight is that block tiled from an offset (and sign) set by
-    the seed and the weight's name. A quantized layer gets the float weight the 16-bit model would
-    have, quantized at once (one layer in memory), so a quantized random model is the 16-bit one,
-    quantized.
-    """
-    block = torch.randn(_RANDOM_BLOCK, generator=torch.Generator().manual_seed(seed)).mul_(0.02)
-    blocks = (block.to(model.device), (-block).to(model.device))  # copy_ converts ~7× faster than mul(out=)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            else:
-                _fill_tiled(param, blocks, f"{name}:{seed}")
-        for name, layer in model.named_modules():
-            if isinstance(layer, QuantizedLinear):
-                w = torch.empty(layer.out_features, layer.in_features, dtype=model.dtype, device=model.device)
-                layer.set_weight(_fill_tiled(w, blocks, f"{name}.weight:{seed}"))
-
-
-def _fill_tiled(t: torch.Tensor, blocks: tuple[torch.Tensor, torch.Tensor], key: str) -> torch.Tensor:
-    """t (contiguous) := one of `blocks` (its sign), tiled from a start, both set by `key`."""
-    h = zlib.crc32(key.encode())
-    block = blocks[h >> 31]
-    start, flat, done = h % len(block), t.view(-1), 0
-    while done < flat.numel():
-        piece = block[start:start + flat.numel() - done]
-        flat[done:done + len(piece)].copy_(piece)
-        done, start = done + len(piece), 0
-    return t
+def _stored_quantization(raw: dict, source: str) -> dict | None:
+    """The "quantization" entry of a checkpoint saved by `glmchat quantize`, or None."""
+    entry = raw.get("quantization")
+    if entry is None:
+        return None
+    try:
+        check_method(entry.get("method"), entry.get("group_size", 128))
+    except (ValueError, AttributeError) as e:
+        raise CheckpointError(f"{source}: unsupported quantization entry {entry!r} ({e})") from None
+    return quantization_entry(entry["method"], entry.get("group_size", 128))
 
 
 # ---------------------------------------------------------------------------------------------
-# The entry point
+# The entry points
 
 @dataclass
 class LoadInfo:
@@ -503,16 +195,49 @@ class LoadInfo:
     quantization: dict | None = None  # {"method": "int4", "group_size": 128}, None for 16/32-bit
 
 
-def empty_model(config: GLMConfig, dtype: torch.dtype, device, quantization: dict | None = None) -> GLMTransformer:
-    """A model whose parameters are allocated on `device` in `dtype` but not yet filled."""
-    with torch.device("meta"):
-        model = GLMTransformer(config)
-    model = model.to(dtype)
-    if quantization:
-        quantize_model(model, quantization["method"], quantization.get("group_size", 128))
-    model = model.to_empty(device=device)
-    model.reset_rotary()
-    return model.eval().requires_grad_(False)
+@dataclass
+class Loaded:
+    """What load_checkpoint read: the model, its config and family, and its tokenizer."""
+
+    model: GLMTransformer
+    config: GLMConfig
+    family: Family
+    tokenizer: Any  # the family's tokenizer; None only for random weights without tokenizer files at hand
+    info: LoadInfo
+    directory: Path | None  # where the checkpoint (or, for random weights, its config/tokenizer) lies
+
+
+def load_checkpoint(
+    path_or_id: str | os.PathLike = DEFAULT_MODEL,
+    *,
+    device: str | torch.device = "cpu",
+    dtype=None,
+    random_weights: bool = False,
+    seed: int = 0,
+    quantize: str | None = None,
+    group_size: int = 128,
+    progress: bool = True,
+) -> Loaded:
+    """Load a GLM-family checkpoint (local directory or hub id) and its tokenizer; config.json is
+    read and the family detected once. dtype None keeps the checkpoint's stored dtype.
+
+    random_weights: the real shapes with random weights (seeded): no weight files needed, and for a
+    known hub id no download; the tokenizer then comes from the directory or the hub's tokenizer
+    files when they can be had, else it is None. quantize "int8" / "int4" (group_size 32/64/128)
+    quantizes the Linear weights tensor by tensor while loading; a checkpoint saved by
+    `glmchat quantize` loads in its own quantization.
+    """
+    model, info, (directory, _, config, family) = _load(
+        path_or_id, device=device, dtype=dtype, random_weights=random_weights, seed=seed, quantize=quantize,
+        group_size=group_size, progress=progress)
+    if random_weights and directory is None:
+        try:
+            directory = resolve_checkpoint(path_or_id, weights=False)  # the hub's config and tokenizer files
+        except CheckpointError:
+            pass
+    has_tokenizer = directory is not None and any((directory / f).exists() for f in TOKENIZER_MODELS)
+    tokenizer = family.load_tokenizer(directory) if has_tokenizer or not random_weights else None
+    return Loaded(model, config, family, tokenizer, info, directory)
 
 
 def load_model(
@@ -526,23 +251,21 @@ def load_model(
     quantize: str | None = None,
     group_size: int = 128,
 ) -> tuple[GLMTransformer, LoadInfo]:
-    """Load a ChatGLM checkpoint. dtype None keeps the checkpoint's stored dtype.
+    """The model alone (no tokenizer), as load_checkpoint loads it."""
+    return _load(path_or_id, device=device, dtype=dtype, random_weights=random_weights, seed=seed,
+                 quantize=quantize, group_size=group_size, progress=progress)[:2]
 
-    quantize "int8" / "int4" (group_size 32/64/128) quantizes the Linear weights tensor by tensor
-    while loading; a checkpoint saved by `glmchat quantize` loads in its own quantization.
-    """
+
+def _load(path_or_id, *, device, dtype, random_weights: bool, seed: int, quantize: str | None, group_size: int,
+          progress: bool) -> tuple[GLMTransformer, LoadInfo, tuple]:
+    """(model, LoadInfo, what _locate found)."""
     start = time.perf_counter()
     device = torch.device(device)
     check_method(quantize, group_size)
-    stored = None
-    if random_weights:
-        config = load_config(path_or_id)
-        files = []
-    else:
-        directory = resolve_checkpoint(path_or_id)
-        config = read_config(directory, name=os.fspath(path_or_id))[0]
-        stored = stored_quantization(directory)
-        files = weight_files(directory)
+    located = _locate(path_or_id, weights=not random_weights)
+    directory, raw, config, _ = located
+    stored = None if random_weights else _stored_quantization(raw, str(directory / "config.json"))
+    files = [] if random_weights else weight_files(directory)
     requested = quantization_entry(quantize, group_size) if quantize else None
     quantization = stored or requested
     if stored and requested and stored != requested:
@@ -555,30 +278,7 @@ def load_model(
         init_random_weights(model, seed)
     else:
         load_weights(model, files, progress=progress)
-    if device.type == "cpu" and dtype == torch.bfloat16:  # the only dtype the kernels take
-        cpu_kernels.available()  # compiles them on first use (seconds), here rather than in the first answer
+    kernels.install(model)
     nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    return model, LoadInfo(os.fspath(path_or_id), time.perf_counter() - start, nbytes, random_weights, quantization)
-
-
-def quantization_entry(method: str, group_size: int = 128) -> dict:
-    """The config.json "quantization" entry for a method."""
-    return {"method": method, "group_size": group_size} if method == "int4" else {"method": method}
-
-
-def stored_quantization(directory: Path) -> dict | None:
-    """The "quantization" entry of a checkpoint saved by `glmchat quantize`, or None."""
-    raw = json.loads((directory / "config.json").read_text(encoding="utf-8")).get("quantization")
-    if raw is None:
-        return None
-    try:
-        check_method(raw.get("method"), raw.get("group_size", 128))
-    except (ValueError, AttributeError) as e:
-        raise CheckpointError(f"{directory / 'config.json'}: unsupported quantization entry {raw!r} ({e})") from None
-    return quantization_entry(raw["method"], raw.get("group_size", 128))
-
-
-__all__ = [
-    "CheckpointError", "ConfigError", "DEFAULT_MODEL", "LoadInfo", "load_config", "load_model",
-    "parse_dtype", "resolve_checkpoint", "weight_files",
-]
+    info = LoadInfo(os.fspath(path_or_id), time.perf_counter() - start, nbytes, random_weights, quantization)
+    return model, info, located

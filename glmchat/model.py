@@ -15,47 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernels
 from .config import GLMConfig
 
 
 class ContextLengthError(ValueError):
     """The sequence would run past the model's context (seq_length) or the cache's size."""
-
-
-class Linear(nn.Linear):
-    """nn.Linear with faster CPU kernels for the few-row products of decoding, in bfloat16.
-
-    Measured at ChatGLM3-6B's shapes on AVX-512/AMX CPUs: one row through glmchat's C kernel
-    (cpu_kernels.bf16_gemv, where it compiles) or else torch.mv runs ~1.5× F.linear's speed, and
-    2-128 rows as W @ x^T 1.2-1.9× (batched decode steps, short prefills);
-    from ~256 rows on F.linear is as fast or faster (0.7× at 512 rows for the MLP's up projection).
-    float16 is the other way round (its mv is slower), so it keeps F.linear.
-    """
-
-    MAX_ROWS_TRANSPOSED = 128
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if x.device.type != "cpu" or x.dtype != torch.bfloat16 or rows > self.MAX_ROWS_TRANSPOSED:
-            return F.linear(x, self.weight, self.bias)
-        return _cpu_bf16_linear(x, self.weight, self.bias)
-
-
-@torch.compiler.disable  # under torch.compile, inductor's own matvec is ~2× slower than torch.mv
-def _cpu_bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    out_features, in_features = weight.shape
-    rows = x.numel() // in_features
-    if rows == 1:
-        y = cpu_kernels.bf16_gemv(x, weight, bias)
-        if y is not None:
-            return y
-        y = torch.mv(weight, x.reshape(-1))
-    else:
-        y = (weight @ x.reshape(rows, in_features).t()).t()
-    if bias is not None:
-        y = y + bias
-    return y.contiguous().view(*x.shape[:-1], out_features)
 
 
 class RMSNorm(nn.Module):
@@ -142,8 +106,8 @@ class Attention(nn.Module):
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
-        self.qkv = Linear(config.hidden_size, config.qkv_size, bias=config.add_qkv_bias)
-        self.dense = Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.qkv = nn.Linear(config.hidden_size, config.qkv_size, bias=config.add_qkv_bias)
+        self.dense = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(self, x, rope, step: Step, cache: KVCache | None):
         B, T, _ = x.shape
@@ -166,8 +130,8 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GLMConfig):
         super().__init__()
-        self.gate_up = Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=False)
-        self.down = Linear(config.ffn_hidden_size, config.hidden_size, bias=False)
+        self.gate_up = nn.Linear(config.hidden_size, 2 * config.ffn_hidden_size, bias=False)
+        self.down = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=False)
 
     def forward(self, x):
         gate, up = self.gate_up(x).chunk(2, dim=-1)
@@ -194,7 +158,7 @@ class GLMTransformer(nn.Module):
         self.embed = nn.Embedding(config.padded_vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
-        self.output = Linear(config.hidden_size, config.padded_vocab_size, bias=False)
+        self.output = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
         self.register_buffer("rope", rotary_table(config), persistent=False)
         self._compiled_decode = None
 

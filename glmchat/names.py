@@ -1,12 +1,76 @@
-"""transformers' GLM tensor names -> the official ChatGLM ones."""
+"""The one table of tensor names: every checkpoint layout glmchat reads, mapped to our modules.
+
+Official ChatGLM names (transformer.encoder.layers.N.self_attention.query_key_value.weight, ...)
+map to our module names (layers.N.attn.qkv.weight, ...) and back, quantized checkpoints' buffers
+(qweight, scales, scales_zeros) included. transformers' native GLM names ("-hf" repos:
+model.layers.N.self_attn.q_proj.weight, ...) map to the official ones, with q/k/v joined into
+query_key_value. `sanitize` applies all of it where tensors enter the loader.
+"""
 
 from __future__ import annotations
 
 import re
+from typing import Iterable, Iterator
 
 import torch
 
+from .checkpoint import CheckpointError
+
+# official name -> our module name; a group is the layer (and weight|bias).
+_NAME_PATTERNS = [
+    (r"transformer\.embedding\.word_embeddings\.weight", "embed.weight"),
+    (r"transformer\.encoder\.layers\.(\d+)\.input_layernorm\.weight", "layers.{}.attn_norm.weight"),
+    (r"transformer\.encoder\.layers\.(\d+)\.self_attention\.query_key_value\.(weight|bias)", "layers.{}.attn.qkv.{}"),
+    (r"transformer\.encoder\.layers\.(\d+)\.self_attention\.dense\.weight", "layers.{}.attn.dense.weight"),
+    (r"transformer\.encoder\.layers\.(\d+)\.post_attention_layernorm\.weight", "layers.{}.mlp_norm.weight"),
+    (r"transformer\.encoder\.layers\.(\d+)\.mlp\.dense_h_to_4h\.weight", "layers.{}.mlp.gate_up.weight"),
+    (r"transformer\.encoder\.layers\.(\d+)\.mlp\.dense_4h_to_h\.weight", "layers.{}.mlp.down.weight"),
+    (r"transformer\.encoder\.final_layernorm\.weight", "norm.weight"),
+    (r"transformer\.output_layer\.weight", "output.weight"),
+]
+_NAME_PATTERNS = [(re.compile(p), target) for p, target in _NAME_PATTERNS]
+_IGNORED = re.compile(r"transformer\.rotary_pos_emb\.inv_freq")  # recomputed in float32
+
+QUANTIZED_SUFFIXES = ("qweight", "scales", "scales_zeros")  # a quantized checkpoint's Linear buffers
+
+
+def native_name(official: str) -> str | None:
+    """Our parameter name for an official tensor name; None for tensors we recompute."""
+    if _IGNORED.fullmatch(official):
+        return None
+    base, _, suffix = official.rpartition(".")
+    if suffix in QUANTIZED_SUFFIXES:
+        return native_name(base + ".weight").removesuffix("weight") + suffix
+    for pattern, target in _NAME_PATTERNS:
+        m = pattern.fullmatch(official)
+        if m:
+            return target.format(*m.groups())
+    raise KeyError(official)
+
+
+def _reversed(pattern: re.Pattern, target: str) -> tuple[re.Pattern, str]:
+    """(regex of our name, template of the official name) for one row of _NAME_PATTERNS."""
+    return re.compile(re.escape(target).replace(r"\{\}", r"(\w+)")), re.sub(r"\([^)]*\)", "{}", pattern.pattern).replace("\\.", ".")
+
+
+_OFFICIAL_NAMES = [_reversed(p, t) for p, t in _NAME_PATTERNS]
+
+
+def official_name(native: str) -> str:
+    """The checkpoint name of one of our tensors (the inverse of native_name)."""
+    base, _, suffix = native.rpartition(".")
+    if suffix in QUANTIZED_SUFFIXES:
+        return official_name(base + ".weight").removesuffix("weight") + suffix
+    for pattern, template in _OFFICIAL_NAMES:
+        m = pattern.fullmatch(native)
+        if m:
+            return template.format(*m.groups())
+    raise KeyError(native)
+
+
+# transformers' native layout ("-hf" repos) -> official names
 _HF_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
+_HF_QKV = re.compile(r"self_attn\.([qkv])_proj\.(weight|bias)")
 _HF_SIMPLE = {
     "input_layernorm.weight": "input_layernorm.weight",
     "self_attn.o_proj.weight": "self_attention.dense.weight",
@@ -21,7 +85,7 @@ _HF_TOP = {
 }
 
 
-def official_tensors(tensors, pending: dict):
+def _official_tensors(tensors: Iterable[tuple[str, torch.Tensor]], pending: dict):
     """(name, tensor) with transformers' GLM names turned into ChatGLM's official ones.
 
     q_proj/k_proj/v_proj of a layer are held in `pending` (shared across shards, since a shard may
@@ -38,7 +102,7 @@ def official_tensors(tensors, pending: dict):
             continue
         layer, rest = m.groups()
         prefix = f"transformer.encoder.layers.{layer}."
-        qkv = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
+        qkv = _HF_QKV.fullmatch(rest)
         if qkv:
             part, kind = qkv.groups()
             parts = pending.setdefault((layer, kind), {})
@@ -50,3 +114,20 @@ def official_tensors(tensors, pending: dict):
             yield prefix + _HF_SIMPLE[rest], tensor
         else:
             yield name, tensor
+
+
+def sanitize(tensors: Iterable[tuple[str, torch.Tensor]], pending: dict, source: str = "") -> Iterator[tuple[str, torch.Tensor]]:
+    """(our module name, tensor) for checkpoint tensors of any layout; recomputed tensors are dropped.
+
+    pending: q/k/v of "-hf" checkpoints waiting for the rest of their layer (pass the same dict
+    for every shard of a checkpoint). A name of no known layout raises CheckpointError naming `source`.
+    """
+    for name, tensor in _official_tensors(tensors, pending):
+        try:
+            target = native_name(name)
+        except KeyError:
+            raise CheckpointError(
+                f"{source}: unexpected tensor {name!r}; this does not look like a ChatGLM2/3 checkpoint"
+            ) from None
+        if target is not None:
+            yield target, tensor

@@ -8,11 +8,9 @@ The int4 codes are stored in the layout PyTorch's CPU kernel reads, so one store
 both paths: output rows go in blocks of 64; byte (block, k, j) holds row 64·block + j in its low
 nibble and row 64·block + 32 + j in its high one. scales_zeros is [K / group, N, 2].
 
-Every layer computes through a portable path (dequantize, then F.linear: any device), and on CPU
-for inputs of few rows (decode) through faster kernels: for one bf16 row glmchat's own C kernels
-(glmchat.cpu_kernels, when they compile on this machine), else PyTorch's weight-only ops when they
-exist. Many rows (prefill) dequantize into a reused buffer and run the 16-bit GEMM, which is ~10×
-faster there.
+The layers here compute through the portable path on any device: dequantize into a reused buffer,
+then the 16-bit GEMM. The faster CPU paths for inputs of few rows (decode) live in glmchat.kernels,
+which swaps them into a model (`glmchat.kernels.install`).
 """
 
 from __future__ import annotations
@@ -21,16 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernels
-
 METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
-FAST_MAX_ROWS = 16  # above this many rows, dequantize + GEMM beats the weight-only ops (measured)
 _ROW_BLOCK = 64  # int4 rows are packed in blocks of 64
-
-_ops = torch.ops.aten
-HAS_INT8_OP = hasattr(_ops, "_weight_int8pack_mm")
-HAS_INT4_OP = hasattr(_ops, "_weight_int4pack_mm_for_cpu")
 
 
 class QuantizationError(ValueError):
@@ -126,7 +117,6 @@ class QuantizedLinear(nn.Module):
     """Base of the quantized layers: y = x Wᵀ + b with W stored as codes and scales (buffers)."""
 
     method: str
-    use_fast_kernel = True  # False forces the portable path (tests compare the two)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype=None, device=None):
         super().__init__()
@@ -134,18 +124,12 @@ class QuantizedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        if self.use_fast_kernel and x2.shape[0] <= cpu_kernels.MAX_ROWS and x2.device.type == "cpu":
-            y = self._native(x2)  # glmchat's C kernel, bias included; None where it does not apply
-            if y is not None:
-                return y.view(*x.shape[:-1], self.out_features)
-        if self.use_fast_kernel and x2.shape[0] <= FAST_MAX_ROWS and self._has_fast_kernel(x2):
-            y = self._fast(x2.contiguous())
-        else:
-            y = self._dequantized_linear(x2)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.view(*x.shape[:-1], self.out_features)
+        return self._matmul(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] -> x Wᵀ + b [M, N]."""
+        y = self._dequantized_linear(x)
+        return y if self.bias is None else y + self.bias
 
     def _dequantized_linear(self, x):
         return F.linear(x, self.dequantize(x.dtype, reuse_buffer=True))
@@ -185,15 +169,6 @@ class Int8Linear(QuantizedLinear):
         codes = _workspace(tuple(self.qweight.shape), x.dtype, x.device).copy_(self.qweight)
         return F.linear(x, codes).mul_(self.scales.to(x.dtype))
 
-    def _has_fast_kernel(self, x):
-        return HAS_INT8_OP and x.device.type == "cpu"
-
-    def _native(self, x):
-        return cpu_kernels.int8_gemv(x, self.qweight, self.scales, self.bias)
-
-    def _fast(self, x):
-        return _ops._weight_int8pack_mm(x, self.qweight, self.scales.to(x.dtype))
-
 
 class Int4Linear(QuantizedLinear):
     method = "int4"
@@ -217,27 +192,20 @@ class Int4Linear(QuantizedLinear):
         """The [N, K] weight as a transposed view of a [K, N] buffer: the packed layout unpacks into
         that in contiguous runs of 32 (into [N, K] it needs an element-wise transpose), and the
         [K/group, N] scales broadcast over it with unit stride (~3× faster than either alternative)."""
-        N, K, g = self.out_features, self.in_features, self.group_size
-        device = self.qweight.device
+        N, K, device = self.out_features, self.in_features, self.qweight.device
         wt = _workspace((K, N), dtype, device) if reuse_buffer else torch.empty(K, N, dtype=dtype, device=device)
-        if self.use_fast_kernel and cpu_kernels.int4_dequantize_t(self.qweight, self.scales_zeros, g, wt) is not None:
-            return wt.t()
+        return self._dequantize_into(wt).t()
+
+    def _dequantize_into(self, wt: torch.Tensor) -> torch.Tensor:
+        """The weight's transpose [K, N] written into wt."""
+        N, K, g = self.out_features, self.in_features, self.group_size
         packed = self.qweight.view(N // _ROW_BLOCK, K, _ROW_BLOCK // 2)
         halves = wt.view(K, N // _ROW_BLOCK, 2, _ROW_BLOCK // 2)
         for half, codes in enumerate((packed & 15, packed >> 4)):
             halves[:, :, half].copy_(codes.view(torch.int8).sub_(8).transpose(0, 1))  # q - 8, exact
-        scales, zeros = (t.contiguous()[:, None] for t in self.scales_zeros.to(dtype).unbind(-1))  # [K/g, 1, N]
+        scales, zeros = (t.contiguous()[:, None] for t in self.scales_zeros.to(wt.dtype).unbind(-1))  # [K/g, 1, N]
         groups = wt.view(K // g, g, N)
-        return torch.addcmul(zeros, groups, scales, out=groups).view(K, N).t()
-
-    def _has_fast_kernel(self, x):
-        return HAS_INT4_OP and x.device.type == "cpu"
-
-    def _native(self, x):
-        return cpu_kernels.int4_gemv(x, self.qweight, self.scales_zeros, self.group_size, self.bias)
-
-    def _fast(self, x):
-        return _ops._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, self.scales_zeros.to(x.dtype))
+        return torch.addcmul(zeros, groups, scales, out=groups).view(K, N)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}"
@@ -289,42 +257,3 @@ def quantization_of(model: nn.Module) -> dict | None:
     if isinstance(layers[0], Int4Linear):
         entry["group_size"] = layers[0].group_size
     return entry
-
-
-def set_fast_kernels(model: nn.Module, enabled: bool) -> None:
-    """Use (True) or bypass (False) the device-specific kernels in every quantized layer."""
-    for m in model.modules():
-        if isinstance(m, QuantizedLinear):
-            m.use_fast_kernel = enabled
-
-
-# ---------------------------------------------------------------------------------------------
-# Saving
-
-_COPIED_FILES = ("tokenizer.model", "tokenizer_config.json", "tokenizer.json", "special_tokens_map.json",
-                 "generation_config.json")
-
-
-def save_quantized(src, dst, method: str, group_size: int = 128, dtype=None, progress: bool = True):
-    """Quantize checkpoint `src` (shard by shard) and save it to directory `dst` as safetensors
-    shards, config.json (with a "quantization" entry) and the tokenizer files. Returns dst."""
-    import json
-    import shutil
-    from pathlib import Path
-
-    from .loader import load_model, official_name, resolve_checkpoint, save_shards
-
-    src_dir, dst = resolve_checkpoint(src), Path(dst)
-    if dst.resolve() == src_dir.resolve():  # the loaded model reads the source files in place
-        raise QuantizationError(f"{dst} is the checkpoint being quantized; save the quantized copy to another directory")
-    model, info = load_model(src_dir, dtype=dtype, quantize=method, group_size=group_size, progress=progress)
-    dst.mkdir(parents=True, exist_ok=True)
-    save_shards({official_name(name): t for name, t in model.state_dict().items()}, dst)  # aligned: loads in place
-    config = json.loads((src_dir / "config.json").read_text(encoding="utf-8"))
-    config["quantization"] = info.quantization
-    config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
-    (dst / "config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False))
-    for name in _COPIED_FILES:
-        if (src_dir / name).exists():
-            shutil.copy(src_dir / name, dst / name)
-    return dst

@@ -1,4 +1,5 @@
-"""glmchat's C decode kernels (glmchat/cpu_kernels.py) equal the portable path, and never break a run."""
+"""glmchat's C decode kernels (glmchat/kernels/) equal the documented formats' dequantization and the
+portable path, and never break a run."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from glmchat import cpu_kernels
+import quant_reference
+from glmchat.kernels import cpu as cpu_kernels
+from glmchat.kernels import install
+from glmchat.kernels.linear import CpuBf16Linear, FastInt4Linear, FastInt8Linear
 from glmchat.quantize import Int4Linear, Int8Linear
 
 REASON = cpu_kernels.unavailable_reason() if cpu_kernels.enabled else None
@@ -29,13 +33,12 @@ def _layer(method, n, k, group=128, bias=True, seed=0):
     layer.set_weight(_randn(n, k, seed=seed, scale=0.05))
     if bias:
         layer.bias.data.copy_(_randn(n, seed=seed + 1, scale=0.05))
-    return layer
+    return install(layer)  # the fast paths, as a loaded model has them
 
 
 def _portable_reference(layer, x):
-    """Dequantize, then F.linear in float32."""
-    bias = None if layer.bias is None else layer.bias.float()
-    return F.linear(x.float(), layer.dequantize(torch.float32), bias)
+    """The documented format's dequantization (written in the tests), then F.linear in float32."""
+    return quant_reference.linear(layer, x)
 
 
 def _assert_bf16_close(got, ref):
@@ -81,7 +84,7 @@ def test_int4_kernel_equals_portable_path(group, n, k_groups, bias):
     ref = _portable_reference(layer, x)
     _assert_bf16_close(y.view(1, 1, n), ref)
     assert torch.equal(layer(x), y.view(1, 1, n))
-    layer.use_fast_kernel = False  # the portable path rounds the dequantized weight to bf16 too
+    install(layer, enabled=False)  # the portable path rounds the dequantized weight to bf16 too
     torch.testing.assert_close(layer(x).float(), ref, rtol=3e-2, atol=3e-2)
 
 
@@ -90,10 +93,11 @@ def test_int4_kernel_equals_portable_path(group, n, k_groups, bias):
 def test_int4_prefill_dequantization_kernel_equals_pytorchs(group):
     layer = _layer("int4", 192, 4 * group, group=group, bias=False)
     fast = layer.dequantize(torch.bfloat16).clone()
-    layer.use_fast_kernel = False
+    torch.testing.assert_close(fast.float(), quant_reference.weight(layer), rtol=8e-3, atol=1e-6)  # one bf16 rounding
+    install(layer, enabled=False)
     assert torch.equal(fast, layer.dequantize(torch.bfloat16))  # same float32 math, rounded once
     x = _randn(2, 40, 4 * group, seed=3).to(torch.bfloat16)  # prefill-sized: the dequantize + GEMM path
-    layer.use_fast_kernel = True
+    install(layer)
     torch.testing.assert_close(layer(x).float(), _portable_reference(layer, x), atol=3e-2, rtol=3e-2)
 
 
@@ -179,10 +183,10 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
 
 _FALLBACK_CHECK = """
     import torch
-    from glmchat import cpu_kernels
+    from glmchat.kernels import cpu, install
     from glmchat.quantize import Int4Linear
-    assert not cpu_kernels.available(), "kernels should be unavailable"
-    layer = Int4Linear(128, 64, group_size=32, dtype=torch.bfloat16)
+    assert not cpu.available(), "kernels should be unavailable"
+    layer = install(Int4Linear(128, 64, group_size=32, dtype=torch.bfloat16))
     layer.set_weight(torch.randn(64, 128))
     y = layer(torch.randn(1, 128).bfloat16())
     assert y.shape == (1, 64) and torch.isfinite(y.float()).all()
@@ -214,7 +218,7 @@ def test_no_working_compiler_means_silent_fallback(tmp_path, compiler):
 def test_kernels_and_torch_ops_alternate_without_deadlock_on_torchs_openmp_runtime():
     code = """
         import torch
-        from glmchat import cpu_kernels
+        from glmchat.kernels import cpu as cpu_kernels
 
         def runtimes():
             return {line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line}
@@ -238,7 +242,6 @@ def test_kernels_and_torch_ops_alternate_without_deadlock_on_torchs_openmp_runti
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_bf16_decode_step_uses_kernels_and_matches_the_portable_path(tiny_ckpt, monkeypatch, method):
     from glmchat.loader import load_model
-    from glmchat.quantize import set_fast_kernels
 
     model, _ = load_model(tiny_ckpt, dtype="bfloat16", quantize=method, group_size=32, progress=False)
     calls = []
@@ -249,7 +252,7 @@ def test_bf16_decode_step_uses_kernels_and_matches_the_portable_path(tiny_ckpt, 
     logits = {}
     with torch.inference_mode():
         for fast in (True, False):
-            set_fast_kernels(model, fast)
+            install(model, enabled=fast)
             cache = model.new_cache(1, 16)
             model(ids[:, :5], cache=cache)
             logits[fast] = model.decode(ids[:, 5:], cache).float()
@@ -257,3 +260,26 @@ def test_bf16_decode_step_uses_kernels_and_matches_the_portable_path(tiny_ckpt, 
     scale = float(logits[False].abs().max())
     # both round to bf16 along the way (the portable path its dequantized weights): ~1% of the scale
     torch.testing.assert_close(logits[True], logits[False], rtol=0.03, atol=0.03 * scale)
+
+
+def test_install_swaps_the_fast_paths_in_where_they_apply_and_back(tiny_ckpt):
+    """The loader installs them for the model's device and dtype; enabled=False restores the portable
+    classes; the parameters and the state dict stay the same objects either way."""
+    from glmchat.loader import load_model
+
+    bf16, _ = load_model(tiny_ckpt, dtype="bfloat16", progress=False)
+    fp32, _ = load_model(tiny_ckpt, dtype="float32", progress=False)
+    int4, _ = load_model(tiny_ckpt, dtype="float32", quantize="int4", group_size=32, progress=False)
+    int8, _ = load_model(tiny_ckpt, dtype="bfloat16", quantize="int8", progress=False)
+    assert type(bf16.layers[0].attn.qkv) is CpuBf16Linear and type(bf16.output) is CpuBf16Linear
+    assert type(fp32.layers[0].mlp.down) is torch.nn.Linear  # float32 and float16 keep F.linear
+    assert type(int4.layers[0].mlp.gate_up) is FastInt4Linear and type(int8.output) is FastInt8Linear
+    weight, keys = bf16.output.weight, list(bf16.state_dict())
+    install(bf16, enabled=False)
+    install(int8, enabled=False)
+    assert type(bf16.output) is torch.nn.Linear and type(int8.output) is Int8Linear
+    assert bf16.output.weight is weight and list(bf16.state_dict()) == keys
+    install(bf16.half())  # moved to another dtype: the fast path no longer applies
+    assert type(bf16.output) is torch.nn.Linear
+    install(bf16.bfloat16())
+    assert type(bf16.output) is CpuBf16Linear

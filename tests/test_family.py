@@ -17,7 +17,8 @@ import torch
 from glmchat.families import NotAChatModelError, detect_family
 from glmchat.families.chatglm2 import ChatGLM2Tokenizer, chatglm2_pairs
 from glmchat.families.glm4 import SPECIAL_TOKENS, GLM4Tokenizer, glm4_prompt_ids, parse_json_tool_call
-from glmchat.loader import KNOWN_CONFIGS, load_config, load_model, read_config
+from glmchat.loader import load_config, load_model, read_config
+from glmchat.registry import KNOWN_CONFIGS
 from glmchat.tiny import _corpus_lines
 from glmchat.tiny_family import (
     make_tiny_chatglm2_checkpoint,

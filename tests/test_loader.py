@@ -13,7 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from glmchat.config import ConfigError, GLMConfig
-from glmchat.loader import KNOWN_CONFIGS, CheckpointError, load_model, resolve_checkpoint, weight_files
+from glmchat.checkpoint import CheckpointError, weight_files
+from glmchat.hub import resolve_checkpoint
+from glmchat.loader import load_model
+from glmchat.registry import KNOWN_CONFIGS
 from glmchat.tiny import make_tiny_checkpoint
 
 
@@ -72,7 +75,7 @@ def test_chunked_16_bit_conversion_equals_pytorchs(src, dst):
 def test_aligned_safetensors_round_trip_and_load_in_place(tmp_path):
     from safetensors import safe_open
 
-    from glmchat.loader import save_safetensors
+    from glmchat.checkpoint import save_safetensors
 
     g = torch.Generator().manual_seed(0)
     tensors = {"odd": torch.randn(3, 5, generator=g).to(torch.bfloat16), "w": torch.randn(64, 32, generator=g),
@@ -90,7 +93,7 @@ def test_aligned_safetensors_round_trip_and_load_in_place(tmp_path):
 
 def test_aligned_checkpoint_in_the_loaded_dtype_is_used_in_place(tiny_ckpt, tmp_path):
     """No copy when the stored tensors can serve as the weights; the same model either way."""
-    from glmchat.loader import save_safetensors
+    from glmchat.checkpoint import save_safetensors
 
     ckpt = _copy(tiny_ckpt, tmp_path)
     tensors = {name: t.clone() for name, t in load_file(ckpt / "model.safetensors").items()}  # unmapped
@@ -267,3 +270,21 @@ def test_unexpected_tensor_is_named(tiny_ckpt, tmp_path):
     _rewrite(ckpt, lambda t: t.update({"transformer.prefix_encoder.embedding.weight": torch.zeros(2, 2)}))
     with pytest.raises(CheckpointError, match="unexpected tensor 'transformer.prefix_encoder"):
         _load(ckpt)
+
+
+def test_load_checkpoint_reads_config_json_once_and_returns_everything(tiny_ckpt, tmp_path, monkeypatch):
+    from glmchat import loader
+
+    reads = []
+    read = loader.read_config_json
+    monkeypatch.setattr(loader, "read_config_json", lambda path: reads.append(path) or read(path))
+    loaded = loader.load_checkpoint(tiny_ckpt, dtype=torch.float32, progress=False)
+    assert reads == [tiny_ckpt / "config.json"]
+    assert loaded.directory == tiny_ckpt and loaded.family.name == "chatglm3"
+    assert loaded.config == loaded.model.config == GLMConfig.from_file(tiny_ckpt / "config.json")
+    assert loaded.tokenizer.encode("你好") and not loaded.info.random_weights
+    config_only = tmp_path / "config_only"
+    config_only.mkdir()
+    shutil.copy(tiny_ckpt / "config.json", config_only)
+    random = loader.load_checkpoint(config_only, random_weights=True, progress=False)
+    assert random.tokenizer is None and random.info.random_weights and random.directory == config_only

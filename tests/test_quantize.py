@@ -8,10 +8,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from glmchat.loader import CheckpointError, load_model, quantization_entry
+import quant_reference
+from glmchat.checkpoint import CheckpointError
+from glmchat.export import save_quantized
+from glmchat.kernels import install
+from glmchat.kernels.linear import HAS_INT4_OP, HAS_INT8_OP
+from glmchat.loader import load_model, quantization_entry
 from glmchat.quantize import (
-    HAS_INT4_OP, HAS_INT8_OP, Int4Linear, Int8Linear, QuantizationError, QuantizedLinear, pack_int4,
-    quantize_int4, quantize_int8, quantize_model, set_fast_kernels, unpack_int4,
+    Int4Linear, Int8Linear, QuantizationError, QuantizedLinear, pack_int4, quantize_int4, quantize_int8,
+    quantize_model, unpack_int4,
 )
 
 
@@ -28,6 +33,7 @@ def test_int4_packing_matches_pytorch_cpu_layout():
     q = torch.randint(0, 16, (192, 256), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
     packed = pack_int4(q.to(torch.uint8))
     assert torch.equal(unpack_int4(packed), q.to(torch.uint8))
+    assert torch.equal(quant_reference.int4_codes(packed), q)  # the documented layout
     if HAS_INT4_OP:
         assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
 
@@ -35,11 +41,13 @@ def test_int4_packing_matches_pytorch_cpu_layout():
 def test_quantize_dequantize_error_is_within_half_a_step():
     w = torch.randn(128, 256, generator=torch.Generator().manual_seed(1))
     q8, s8 = quantize_int8(w, torch.float32)
-    assert (q8.float() * s8[:, None] - w).abs().le(s8[:, None] / 2 + 1e-6).all()
+    assert (quant_reference.int8_weight(q8, s8) - w).abs().le(s8[:, None] / 2 + 1e-6).all()
     layer = Int4Linear(256, 128, group_size=64, dtype=torch.float32)
     layer.set_weight(w)
     step = layer.scales_zeros[..., 0].T.repeat_interleave(64, dim=1)  # [N, K]
-    assert (layer.dequantize(torch.float32) - w).abs().le(step / 2 + 1e-5).all()
+    reference = quant_reference.weight(layer)
+    assert (reference - w).abs().le(step / 2 + 1e-5).all()
+    torch.testing.assert_close(layer.dequantize(torch.float32), reference, atol=1e-6, rtol=1e-6)
     assert quantize_int4(w, 64, torch.float32)[0].shape == (128, 128)
 
 
@@ -55,10 +63,9 @@ def test_fast_kernel_equals_portable_path(method, group, dtype, rows):
     layer.set_weight(lin.weight)
     layer.bias.data.copy_(lin.bias)
     x = torch.randn(2, rows, 256, dtype=dtype, generator=torch.Generator().manual_seed(2)).to(dtype)
-    fast = layer(x)
-    layer.use_fast_kernel = False
-    portable = layer(x)
-    ref = torch.nn.functional.linear(x.float(), layer.dequantize(torch.float32), layer.bias.float())
+    fast = install(layer)(x)
+    portable = install(layer, enabled=False)(x)
+    ref = quant_reference.linear(layer, x)
     tol = 1e-5 if dtype == torch.float32 else 3e-2  # 16-bit: one rounding of the output
     torch.testing.assert_close(fast.float(), ref, atol=tol, rtol=tol)
     torch.testing.assert_close(portable.float(), ref, atol=tol, rtol=tol)
@@ -73,7 +80,7 @@ def test_quantized_model_logits_close_to_float(tiny_ckpt, method):
     ids = torch.randint(5, 1000, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         ref, got = model(ids), qmodel(ids)
-        set_fast_kernels(qmodel, False)
+        install(qmodel, enabled=False)
         portable = qmodel(ids)
     scale = ref.abs().max()
     assert (got - ref).abs().max() < (0.02 if method == "int8" else 0.2) * scale
@@ -94,8 +101,6 @@ def test_shard_by_shard_load_equals_quantizing_a_loaded_model(tiny_ckpt_bin, tin
 
 @pytest.mark.parametrize("method,group", [("int8", 128), ("int4", 32)])
 def test_saved_quantized_checkpoint_round_trip(tiny_ckpt, tmp_path, method, group):
-    from glmchat.quantize import save_quantized
-
     out = save_quantized(tiny_ckpt, tmp_path / "q", method, group_size=group, dtype="float32", progress=False)
     config = json.loads((out / "config.json").read_text())
     assert config["quantization"]["method"] == method

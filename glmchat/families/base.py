@@ -99,7 +99,6 @@ class Family:
     rope_scaling: str  # how config.json's rope_ratio applies (GLMConfig.rope_scaling)
     training_time: str  # what the reply's "[[训练时间]]" placeholder becomes
     supports_tools: bool = True
-    tokenizer_files: tuple[str, ...] = ("tokenizer.model",)
 
     def __init__(self, chat: bool = True, label: str | None = None):
         self.chat = chat  # False for base models: generate only

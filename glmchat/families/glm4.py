@@ -254,7 +254,6 @@ class GLM4(Family):
     base_label = "GLM-4-9B (base)"
     rope_scaling = "base"
     training_time = "2024年"
-    tokenizer_files = ("tokenizer.model", "tokenizer.json")
 
     def load_tokenizer(self, directory) -> GLM4Tokenizer:
         return GLM4Tokenizer.from_pretrained(directory)

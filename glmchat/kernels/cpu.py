@@ -132,7 +132,7 @@ def available() -> bool:
 def unavailable_reason() -> str | None:
     """Why the kernels cannot be used here (None when they can)."""
     if not enabled:
-        return "disabled (GLMCHAT_NO_KERNELS or cpu_kernels.enabled = False)"
+        return "disabled (GLMCHAT_NO_KERNELS or glmchat.kernels.cpu.enabled = False)"
     if _load() is None:
         try:
             _build()

@@ -1,0 +1,41 @@
+"""Device-specific compute, swapped into a model from outside (the model itself is plain PyTorch).
+
+`install(model)` gives each Linear layer the fast-path class that fits its device and dtype
+(glmchat.kernels.linear: bf16 nn.Linear on CPU, int8/int4 layers on CPU) and the portable class
+everywhere else; `install(model, enabled=False)` puts the portable classes back (tests compare
+the two). The loader calls it once the weights are in place; call it again after moving a model
+to another device or dtype. glmchat.kernels.cpu builds and loads the C kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..quantize import Int4Linear, Int8Linear
+from . import cpu
+from .linear import CpuBf16Linear, FastInt4Linear, FastInt8Linear
+
+_FAST = {nn.Linear: CpuBf16Linear, Int8Linear: FastInt8Linear, Int4Linear: FastInt4Linear}
+_PORTABLE = {fast: portable for portable, fast in _FAST.items()}
+
+
+def install(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Swap the fast paths into `model`'s layers (in place: the same modules, parameters and
+    state dict, only their class changes) where they apply, the portable ones elsewhere."""
+    bf16_fast = False
+    for layer in model.modules():
+        portable = _PORTABLE.get(type(layer), type(layer))
+        fast = _FAST.get(portable)
+        if fast is None:
+            continue
+        use = enabled and fast.applies_to(layer)
+        layer.__class__ = fast if use else portable
+        bf16_fast |= use and _float_dtype(layer) == torch.bfloat16
+    if bf16_fast:  # the only dtype the C kernels take
+        cpu.available()  # compiles them on first use (seconds), here rather than in the first answer
+    return model
+
+
+def _float_dtype(layer: nn.Module) -> torch.dtype | None:
+    return next((t.dtype for t in (*layer.parameters(), *layer.buffers()) if t.is_floating_point()), None)
