@@ -12,7 +12,6 @@ from __future__ import annotations
 import ast
 import json
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,6 @@ from .families import CHATGLM3, Family, parse_json_tool_call, read_config
 from .generate import SamplingConfig, generate_tokens, vocab_limit
 from .loader import DEFAULT_MODEL, CheckpointError, config_and_family, load_model, resolve_checkpoint
 from .model import GLMTransformer, KVCache
-from .tiny import train_tokenizer
 from .tokenizer import ROLES, TOKENIZER_FILE, ChatGLMTokenizer
 
 ASSISTANT = "<|assistant|>"
@@ -439,11 +437,5 @@ def _tokenizer_directory(path_or_id) -> Path | None:
 
 
 def standin_tokenizer() -> ChatGLMTokenizer:
-    """A small bilingual tokenizer trained once into the user's cache (XDG_CACHE_HOME or ~/.cache)."""
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "glmchat" / "standin-tokenizer"
-    path = root / TOKENIZER_FILE
-    if not path.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=root) as tmp:  # another process may be training it too
-            os.replace(train_tokenizer(tmp), path)
-    return ChatGLMTokenizer.from_pretrained(path)
+    """A small bilingual SentencePiece tokenizer shipped with the package (glmchat/data)."""
+    return ChatGLMTokenizer.from_pretrained(Path(__file__).parent / "data" / "standin-tokenizer.model")

@@ -16,7 +16,9 @@ import sentencepiece as spm
 import torch
 from safetensors.torch import load_file
 
-from glmchat.tiny import make_tiny_checkpoint, train_tokenizer
+import glmchat
+from glmchat.chat import standin_tokenizer
+from glmchat.tiny import DEFAULT_VOCAB_SIZE, make_tiny_checkpoint, train_tokenizer
 from glmchat.tokenizer import ChatGLMTokenizer, TokenizerError
 
 SPEC_SPECIALS = [
@@ -315,6 +317,24 @@ def test_training_is_deterministic_and_chatglm_like(tmp_path, tiny_tokenizer_mod
     assert sp.encode("2024", out_type=str) == ["▁", "2", "0", "2", "4"]  # split_digits
     text = "a  b\n\nc  "  # identity normalization keeps spaces and newlines
     assert sp.decode(sp.encode(text)) == text
+
+
+def test_shipped_standin_tokenizer_is_what_training_gives_today(tiny_tokenizer_model):
+    """glmchat/data/standin-tokenizer.model was made by train_tokenizer(): it must not drift from it."""
+    shipped_path = Path(glmchat.__file__).parent / "data" / "standin-tokenizer.model"
+    assert 5_000 < shipped_path.stat().st_size < 100_000
+    shipped = spm.SentencePieceProcessor(model_file=str(shipped_path))
+    trained = spm.SentencePieceProcessor(model_file=str(tiny_tokenizer_model))
+    assert shipped.vocab_size() == trained.vocab_size() == DEFAULT_VOCAB_SIZE
+    assert [shipped.id_to_piece(i) for i in range(shipped.vocab_size())] == [
+        trained.id_to_piece(i) for i in range(trained.vocab_size())
+    ]
+    for text in ["你好，请介绍一下你自己", "Implement code for binary search in Python",
+                 "什么是ChatGLM？ .Provide answer in English 😀", "  2024年\n\n总结论文 'Attention Is All You Need'"]:
+        assert shipped.encode(text, out_type=str) == trained.encode(text, out_type=str), text
+    standin = standin_tokenizer()
+    assert standin.n_words == shipped.vocab_size() and standin.encode("你好") == ChatGLMTokenizer.from_file(
+        tiny_tokenizer_model).encode("你好")
 
 
 def test_missing_or_broken_tokenizer_model(tmp_path):
