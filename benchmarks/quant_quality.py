@@ -23,7 +23,7 @@ from torch import nn
 from glmchat.bench import random_prompt
 from glmchat.loader import DEFAULT_MODEL, load_model
 from glmchat.quantize import quantized_layer
-from glmchat.tiny import make_tiny_checkpoint
+from glmchat.testing import make_tiny_checkpoint
 
 METHODS = [("int8", 128), ("int4", 128), ("int4", 32)]
 

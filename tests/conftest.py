@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from glmchat.tiny import make_tiny_checkpoint, train_tokenizer
+from glmchat.testing import make_tiny_checkpoint, train_tokenizer
 from glmchat.tokenizer import ChatGLMTokenizer
 
 TINY_CONTEXT = 512

@@ -25,8 +25,8 @@ from glmchat.families import (
 )
 from glmchat.glm4_tokenizer import SPECIAL_TOKENS, GLM4Tokenizer
 from glmchat.loader import KNOWN_CONFIGS, load_config, load_model
-from glmchat.tiny import _corpus_lines
-from glmchat.tiny_family import (
+from glmchat.testing import (
+    corpus_lines,
     make_tiny_chatglm2_checkpoint,
     make_tiny_chatglm3_base_checkpoint,
     make_tiny_glm4_checkpoint,
@@ -165,7 +165,7 @@ def test_glm4_tokenizer_matches_huggingface_tokenizers(glm4, glm4_hf):
 
     ours, from_json = GLM4Tokenizer.from_pretrained(glm4), GLM4Tokenizer.from_pretrained(glm4_hf)
     rust = Tokenizer.from_file(str(glm4_hf / "tokenizer.json"))
-    for text in _corpus_lines() + TRICKY:
+    for text in corpus_lines() + TRICKY:
         expected = rust.encode(text, add_special_tokens=False).ids
         assert ours.encode(text, add_special_tokens=False) == expected, text
         assert from_json.encode(text, add_special_tokens=False) == expected, text

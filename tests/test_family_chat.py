@@ -20,8 +20,8 @@ from glmchat.loader import load_model
 from glmchat.server import BackgroundServer, build_app
 from glmchat.server.protocol import ChatRequest, Reply, to_glm_messages
 from glmchat.tokenizer import ChatGLMTokenizer
-from glmchat.tiny_family import (make_tiny_chatglm2_checkpoint, make_tiny_chatglm3_base_checkpoint,
-                                 make_tiny_glm4_checkpoint, train_bpe_ranks)
+from glmchat.testing import (make_tiny_chatglm2_checkpoint, make_tiny_chatglm3_base_checkpoint,
+                             make_tiny_glm4_checkpoint, train_bpe_ranks)
 
 NEW = 12
 QUERY = "什么是ChatGLM？ .Provide answer in English"

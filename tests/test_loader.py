@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from glmchat.config import ConfigError, GLMConfig
 from glmchat.loader import KNOWN_CONFIGS, CheckpointError, load_model, resolve_checkpoint, weight_files
-from glmchat.tiny import make_tiny_checkpoint
+from glmchat.testing import make_tiny_checkpoint
 
 
 def _load(path, **kw):

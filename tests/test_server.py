@@ -24,7 +24,7 @@ from glmchat.loader import load_model
 from glmchat.server import BackgroundServer, build_app
 from glmchat.server.engine import Engine, SlotCache
 from glmchat.server.protocol import TOOLS_PROMPT, ChatRequest, Reply, format_tool_call, to_glm_messages
-from glmchat.tiny import make_tiny_checkpoint
+from glmchat.testing import make_tiny_checkpoint
 from glmchat.tokenizer import ChatGLMTokenizer
 
 CONTEXT = 4096  # long enough for a tools prompt and for a generation we can interrupt

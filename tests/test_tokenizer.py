@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import glmchat
 from glmchat.chat import standin_tokenizer
-from glmchat.tiny import DEFAULT_VOCAB_SIZE, make_tiny_checkpoint, train_tokenizer
+from glmchat.testing import DEFAULT_VOCAB_SIZE, make_tiny_checkpoint, train_tokenizer
 from glmchat.tokenizer import ChatGLMTokenizer, TokenizerError
 
 SPEC_SPECIALS = [
