@@ -14,7 +14,6 @@ from safetensors.torch import load_file, save_file
 
 from glmchat.config import ConfigError, GLMConfig
 from glmchat.loader import KNOWN_CONFIGS, CheckpointError, load_model, resolve_checkpoint, weight_files
-from glmchat.testing import make_tiny_checkpoint
 
 
 def _load(path, **kw):
@@ -34,9 +33,8 @@ def _copy(src: Path, tmp_path: Path) -> Path:
     return dst
 
 
-def test_all_formats_give_identical_models(tiny_ckpt, tiny_ckpt_bin, tiny_tokenizer_model, tmp_path):
-    sharded = make_tiny_checkpoint(tmp_path / "sharded", weight_format="safetensors-sharded",
-                                   bin_shards=3, tokenizer_model=tiny_tokenizer_model)
+def test_all_formats_give_identical_models(tiny_ckpt, tiny_ckpt_bin, tiny_ckpt_sharded):
+    sharded = tiny_ckpt_sharded
     assert len(weight_files(sharded)) == 3 and len(weight_files(tiny_ckpt_bin)) == 2
     reference = _load(tiny_ckpt)
     _same_weights(reference, _load(tiny_ckpt_bin))
@@ -52,8 +50,8 @@ def test_weights_land_where_the_names_say(tiny_ckpt):
     assert not torch.equal(model.output.weight, model.embed.weight)
 
 
-def test_dtype_default_is_stored_dtype_and_conversion_on_load(tiny_tokenizer_model, tmp_path):
-    ckpt = make_tiny_checkpoint(tmp_path / "fp16", dtype=torch.float16, tokenizer_model=tiny_tokenizer_model)
+def test_dtype_default_is_stored_dtype_and_conversion_on_load(tiny_ckpt_fp16):
+    ckpt = tiny_ckpt_fp16
     assert _load(ckpt).dtype == torch.float16
     bf16 = _load(ckpt, dtype="bfloat16")
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 import glmchat
 from glmchat.chat import standin_tokenizer
-from glmchat.testing import DEFAULT_VOCAB_SIZE, make_tiny_checkpoint, train_tokenizer
+from glmchat.testing import DEFAULT_VOCAB_SIZE, train_tokenizer
 from glmchat.tokenizer import ChatGLMTokenizer, TokenizerError
 
 SPEC_SPECIALS = [
@@ -368,7 +368,7 @@ def test_tiny_checkpoint_files_match_tokenizer(tiny_ckpt, tiny_ckpt_b, tokenizer
     assert weights["transformer.rotary_pos_emb.inv_freq"].shape == (16 // 4,)
 
 
-def test_tiny_checkpoint_formats_hold_identical_tensors(tiny_ckpt, tiny_ckpt_bin, tmp_path, tiny_tokenizer_model):
+def test_tiny_checkpoint_formats_hold_identical_tensors(tiny_ckpt, tiny_ckpt_bin, tiny_ckpt_sharded):
     reference = load_file(tiny_ckpt / "model.safetensors")
     index = json.loads((tiny_ckpt_bin / "pytorch_model.bin.index.json").read_text())
     assert set(index["weight_map"]) == set(reference)
@@ -380,7 +380,7 @@ def test_tiny_checkpoint_formats_hold_identical_tensors(tiny_ckpt, tiny_ckpt_bin
     for shard in set(index["weight_map"].values()):
         from_bin.update(torch.load(tiny_ckpt_bin / shard, weights_only=True))
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in reference.values())
-    sharded = make_tiny_checkpoint(tmp_path, weight_format="safetensors-sharded", tokenizer_model=tiny_tokenizer_model)
+    sharded = tiny_ckpt_sharded
     st_index = json.loads((sharded / "model.safetensors.index.json").read_text())
     from_st: dict[str, torch.Tensor] = {}
     for shard in set(st_index["weight_map"].values()):
