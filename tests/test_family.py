@@ -72,7 +72,23 @@ def test_known_hub_configs_have_the_real_shapes():
     assert (c2.rope_base, c2.rope_position_divisor) == (10000.0, 16)
     c3 = load_config("THUDM/chatglm3-6b-32k")
     assert (c3.rope_base, c3.rope_position_divisor) == (500000.0, 1.0)
-    assert all(load_config(name) for name in KNOWN_CONFIGS)
+    # Every built-in id against the numbers in its hub config.json (rope_ratio / rope_theta turned
+    # into the rotary base and the position divisor by the spec's rules), written out here.
+    got = {name: (lambda c: (c.num_layers, c.hidden_size, c.padded_vocab_size, c.seq_length, c.layernorm_epsilon,
+                             c.rope_base, c.rope_position_divisor))(load_config(name)) for name in KNOWN_CONFIGS}
+    assert got == {
+        "THUDM/chatglm3-6b": (28, 4096, 65024, 8192, 1e-5, 10000.0, 1.0),
+        "THUDM/chatglm3-6b-base": (28, 4096, 65024, 32768, 1e-5, 10000.0, 1.0),
+        "THUDM/chatglm3-6b-32k": (28, 4096, 65024, 32768, 1e-5, 500_000.0, 1.0),
+        "THUDM/chatglm3-6b-128k": (28, 4096, 65024, 131072, 1e-5, 5_000_000.0, 1.0),
+        "THUDM/chatglm2-6b": (28, 4096, 65024, 32768, 1e-5, 10000.0, 1.0),
+        "THUDM/chatglm2-6b-32k": (28, 4096, 65024, 32768, 1e-5, 10000.0, 16.0),
+        "THUDM/codegeex2-6b": (28, 4096, 65024, 8192, 1e-5, 10000.0, 1.0),
+        "THUDM/glm-4-9b-chat": (40, 4096, 151552, 131072, 1.5625e-07, 5_000_000.0, 1.0),
+        "THUDM/glm-4-9b": (40, 4096, 151552, 8192, 1.5625e-07, 5_000_000.0, 1.0),
+        "THUDM/glm-4-9b-chat-1m": (40, 4096, 151552, 1048576, 1.5625e-07, 100_000_000.0, 1.0),
+        "THUDM/glm-4-9b-chat-hf": (40, 4096, 151552, 131072, 1.5625e-07, 5_000_000.0, 1.0),
+    }
 
 
 # ---------------------------------------------------------------------------------------------

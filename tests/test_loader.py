@@ -116,6 +116,11 @@ def test_random_weights_need_no_weight_files(tiny_ckpt, tmp_path):
     model, info = load_model(config_only, random_weights=True, dtype=torch.float32, progress=False)
     assert info.random_weights
     assert model.config == GLMConfig.from_file(tiny_ckpt / "config.json")
+    c = model.config  # the fixture's shape, not just the same parse twice
+    assert (c.hidden_size, c.num_layers, c.num_attention_heads, c.kv_channels, c.multi_query_group_num,
+            c.ffn_hidden_size, c.seq_length) == (64, 2, 4, 16, 2, 96, 512)
+    assert model.embed.weight.shape == (c.padded_vocab_size, 64)
+    assert model.layers[0].attn.qkv.weight.shape == ((4 + 2 * 2) * 16, 64)  # (heads + 2 groups) * kv_channels
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
 
 
