@@ -25,7 +25,7 @@ from glmchat.hub import DEFAULT_MODEL
 from glmchat.kernels import install
 from glmchat.loader import load_model
 from glmchat.quantize import quantized_layer
-from glmchat.tiny import make_tiny_checkpoint
+from glmchat.testing import make_tiny_checkpoint
 
 METHODS = [("int8", 128), ("int4", 128), ("int4", 32)]
 

@@ -8,7 +8,6 @@ glmchat.generate's core.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +18,11 @@ import torch
 from .device import default_dtype, pick_device
 from .families import Family
 from .families.base import has_tools
-from .families.chatglm3 import TOKENIZER_FILE, ChatGLM3, ChatGLMTokenizer
+from .families.chatglm3 import ChatGLM3, ChatGLMTokenizer
 from .generate import SamplingConfig, TextStream, generate_tokens, stream_generate, vocab_limit
 from .hub import DEFAULT_MODEL
 from .loader import load_checkpoint
 from .model import GLMTransformer, KVCache
-from .tiny import train_tokenizer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,11 +204,5 @@ def load(path_or_id: str = DEFAULT_MODEL, *, device: str | torch.device = "auto"
 
 
 def standin_tokenizer() -> ChatGLMTokenizer:
-    """A small bilingual tokenizer trained once into the user's cache (XDG_CACHE_HOME or ~/.cache)."""
-    root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "glmchat" / "standin-tokenizer"
-    path = root / TOKENIZER_FILE
-    if not path.exists():
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=root) as tmp:  # another process may be training it too
-            os.replace(train_tokenizer(tmp), path)
-    return ChatGLMTokenizer.from_pretrained(path)
+    """A small bilingual SentencePiece tokenizer shipped with the package (glmchat/data)."""
+    return ChatGLMTokenizer.from_pretrained(Path(__file__).parent / "data" / "standin-tokenizer.model")

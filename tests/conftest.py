@@ -1,15 +1,45 @@
-"""Shared fixtures: tiny random ChatGLM3 checkpoints in the official layout (built once per session)."""
+"""Shared fixtures: one tiny random checkpoint per model family and layout, each built once per session.
+
+ChatGLM3 keeps its historic names (``tiny_ckpt`` and its variants ``tiny_ckpt_*``); the other
+families are ``<family>_ckpt``. Every test file uses these: a test that changes files copies the
+checkpoint first (``shutil.copytree``), and the session fails if one of them was changed.
+"""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
-from glmchat.tiny import make_tiny_checkpoint, train_tokenizer
 from glmchat.families.chatglm3 import ChatGLMTokenizer
+from glmchat.testing import (
+    make_tiny_chatglm2_checkpoint,
+    make_tiny_chatglm3_base_checkpoint,
+    make_tiny_checkpoint,
+    make_tiny_glm4_checkpoint,
+    train_bpe_ranks,
+    train_tokenizer,
+)
 
 TINY_CONTEXT = 512
+
+
+def _digest(path: Path) -> dict[str, str]:
+    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(path.rglob("*")) if f.is_file()}
+
+
+def _shared(path: Path) -> Iterator[Path]:
+    """Yield a session checkpoint; at the end of the session, fail if any test changed its files."""
+    before = _digest(path)
+    yield path
+    assert _digest(path) == before, f"a test changed the shared checkpoint {path}: copy it first"
+
+
+# ---- tokenizers --------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -19,27 +49,66 @@ def tiny_tokenizer_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_model: Path) -> Path:
+def tokenizer(tiny_ckpt: Path) -> ChatGLMTokenizer:
+    return ChatGLMTokenizer.from_pretrained(tiny_ckpt)
+
+
+@pytest.fixture(scope="session")
+def glm4_ranks() -> dict[bytes, int]:
+    """GLM-4's byte-level BPE ranks, learned once from the bundled corpus."""
+    return train_bpe_ranks()
+
+
+# ---- ChatGLM3 ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_model: Path) -> Iterator[Path]:
     """Default tiny shape (hidden 64, 2 layers, 4 heads, 2 KV groups), seed 0, model.safetensors.
 
     The context (512) leaves room for a prompt with a tools JSON plus a tool-call reply."""
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_ckpt"), seq_length=TINY_CONTEXT,
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_ckpt"), seq_length=TINY_CONTEXT,
                                 tokenizer_model=tiny_tokenizer_model)
+    yield from _shared(path)
 
 
 @pytest.fixture(scope="session")
-def tiny_ckpt_bin(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_model: Path) -> Path:
-    """Same seed and shape as ``tiny_ckpt``, stored as pytorch_model-*.bin shards + index."""
-    return make_tiny_checkpoint(
-        tmp_path_factory.mktemp("tiny_ckpt_bin"), weight_format="bin", seq_length=TINY_CONTEXT,
-        tokenizer_model=tiny_tokenizer_model,
-    )
+def tiny_ckpt_bin(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_model: Path) -> Iterator[Path]:
+    """Same seed and shape as ``tiny_ckpt``, stored as 2 pytorch_model-*.bin shards + index."""
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_ckpt_bin"), weight_format="bin",
+                                seq_length=TINY_CONTEXT, tokenizer_model=tiny_tokenizer_model)
+    yield from _shared(path)
 
 
 @pytest.fixture(scope="session")
-def tiny_ckpt_b(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_model: Path) -> Path:
+def tiny_ckpt_sharded(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_model: Path) -> Iterator[Path]:
+    """Same seed and shape as ``tiny_ckpt``, stored as 3 model-*.safetensors shards + index."""
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_ckpt_sharded"), weight_format="safetensors-sharded",
+                                bin_shards=3, seq_length=TINY_CONTEXT, tokenizer_model=tiny_tokenizer_model)
+    yield from _shared(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_fp16(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_model: Path) -> Iterator[Path]:
+    """Same seed and shape as ``tiny_ckpt``, stored in float16 (like the real chatglm3-6b)."""
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_ckpt_fp16"), dtype=torch.float16,
+                                seq_length=TINY_CONTEXT, tokenizer_model=tiny_tokenizer_model)
+    yield from _shared(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_4k(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_model: Path) -> Iterator[Path]:
+    """Same seed and shape as ``tiny_ckpt``, context 4096: room for a tools prompt and for a
+    generation the server tests can interrupt."""
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_ckpt_4k"), seq_length=4096,
+                                tokenizer_model=tiny_tokenizer_model)
+    yield from _shared(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt_b(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_model: Path) -> Iterator[Path]:
     """Second shape: heads·kv_channels (96) != hidden (80), 4 KV groups, eps 1e-6, rope_ratio 2."""
-    return make_tiny_checkpoint(
+    path = make_tiny_checkpoint(
         tmp_path_factory.mktemp("tiny_ckpt_b"),
         seed=1,
         hidden_size=80,
@@ -50,8 +119,61 @@ def tiny_ckpt_b(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_model: 
         rope_ratio=2.0,
         tokenizer_model=tiny_tokenizer_model,
     )
+    yield from _shared(path)
 
 
 @pytest.fixture(scope="session")
-def tokenizer(tiny_ckpt: Path) -> ChatGLMTokenizer:
-    return ChatGLMTokenizer.from_pretrained(tiny_ckpt)
+def chatglm3_base_ckpt(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_model: Path) -> Iterator[Path]:
+    """ChatGLM3-6B-Base: the default shape under the base model's name (not a chat model)."""
+    path = make_tiny_chatglm3_base_checkpoint(tmp_path_factory.mktemp("chatglm3_base"),
+                                              tokenizer_model=tiny_tokenizer_model)
+    yield from _shared(path)
+
+
+# ---- ChatGLM2 / CodeGeeX2 ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def chatglm2_ckpt(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_model: Path) -> Iterator[Path]:
+    path = make_tiny_chatglm2_checkpoint(tmp_path_factory.mktemp("chatglm2"), tokenizer_model=tiny_tokenizer_model)
+    yield from _shared(path)
+
+
+@pytest.fixture(scope="session")
+def chatglm2_32k_ckpt(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_model: Path) -> Iterator[Path]:
+    """ChatGLM2-6B-32k: rope_ratio 4 (positions divided by it), seed 3."""
+    path = make_tiny_chatglm2_checkpoint(tmp_path_factory.mktemp("chatglm2_32k"), name="THUDM/chatglm2-6b-32k",
+                                         rope_ratio=4.0, tokenizer_model=tiny_tokenizer_model, seed=3)
+    yield from _shared(path)
+
+
+@pytest.fixture(scope="session")
+def codegeex2_ckpt(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_model: Path) -> Iterator[Path]:
+    path = make_tiny_chatglm2_checkpoint(tmp_path_factory.mktemp("codegeex2"), name="THUDM/codegeex2-6b",
+                                         tokenizer_model=tiny_tokenizer_model)
+    yield from _shared(path)
+
+
+# ---- GLM-4 -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def glm4_ckpt(tmp_path_factory: pytest.TempPathFactory, glm4_ranks: dict[bytes, int]) -> Iterator[Path]:
+    """GLM-4-9B-chat layout, seed 0; the context (512) leaves room for a tools prompt."""
+    path = make_tiny_glm4_checkpoint(tmp_path_factory.mktemp("glm4"), ranks=glm4_ranks, seq_length=TINY_CONTEXT)
+    yield from _shared(path)
+
+
+@pytest.fixture(scope="session")
+def glm4_hf_ckpt(tmp_path_factory: pytest.TempPathFactory, glm4_ranks: dict[bytes, int]) -> Iterator[Path]:
+    """GLM-4-9B-chat-hf (transformers-native names, tokenizer.json), the same seed as ``glm4_ckpt``."""
+    path = make_tiny_glm4_checkpoint(tmp_path_factory.mktemp("glm4_hf"), ranks=glm4_ranks, seq_length=TINY_CONTEXT,
+                                     layout="hf")
+    yield from _shared(path)
+
+
+@pytest.fixture(scope="session")
+def glm4_base_ckpt(tmp_path_factory: pytest.TempPathFactory, glm4_ranks: dict[bytes, int]) -> Iterator[Path]:
+    """GLM-4-9B (the base model: no chat template)."""
+    path = make_tiny_glm4_checkpoint(tmp_path_factory.mktemp("glm4_base"), ranks=glm4_ranks, chat=False)
+    yield from _shared(path)

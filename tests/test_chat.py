@@ -497,14 +497,14 @@ def test_stream_detokenizer_equals_decoding_everything(native):
 
 
 def test_random_weights_with_a_stand_in_tokenizer(tiny_ckpt, tmp_path, monkeypatch):
-    """No tokenizer next to the config: a stand-in is trained into the cache, sampling kept to its ids."""
+    """No tokenizer next to the config: the stand-in shipped in glmchat/data, sampling kept to its ids."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(tiny_ckpt / "config.json", bare / "config.json")
     m = glmchat.load(str(bare), device="cpu", dtype="float32", random_weights=True, progress=False)
     assert m.random_weights and m.standin_tokenizer
-    assert (tmp_path / "cache" / "glmchat" / "standin-tokenizer" / "tokenizer.model").exists()
+    assert not (tmp_path / "cache").exists()  # shipped, not trained into the user's cache
     out = list(m.generate_ids(build_prompt_ids(m.tokenizer, [{"role": "user", "content": "hi"}]), max_new_tokens=60,
                             sampling=glmchat.generate.SamplingConfig(temperature=2.0, top_p=1.0, top_k=0, seed=0)))
     assert max(out) < m.tokenizer.vocab_size

@@ -9,7 +9,6 @@ template rendering.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,44 +18,10 @@ from glmchat.families.chatglm2 import ChatGLM2Tokenizer, chatglm2_pairs
 from glmchat.families.glm4 import SPECIAL_TOKENS, GLM4Tokenizer, glm4_prompt_ids, parse_json_tool_call
 from glmchat.loader import load_config, load_model, read_config
 from glmchat.registry import KNOWN_CONFIGS
-from glmchat.tiny import _corpus_lines
-from glmchat.tiny_family import (
-    make_tiny_chatglm2_checkpoint,
-    make_tiny_chatglm3_base_checkpoint,
-    make_tiny_glm4_checkpoint,
-    train_bpe_ranks,
-)
+from glmchat.testing import corpus_lines
 from reference import reference_model
 
 TRICKY = ["  hello\n\n\tworld  ", "I'M don't we'll 12345 ３４", "emoji 😀👍🏽 ok", "<|user| >[gMASK ]", "a\r\nb\n", ""]
-
-
-@pytest.fixture(scope="module")
-def ranks():
-    return train_bpe_ranks()
-
-
-@pytest.fixture(scope="module")
-def glm4(tmp_path_factory, ranks) -> Path:
-    return make_tiny_glm4_checkpoint(tmp_path_factory.mktemp("glm4"), ranks=ranks)
-
-
-@pytest.fixture(scope="module")
-def glm4_hf(tmp_path_factory, ranks) -> Path:
-    return make_tiny_glm4_checkpoint(tmp_path_factory.mktemp("glm4_hf"), ranks=ranks, layout="hf")
-
-
-@pytest.fixture(scope="module")
-def chatglm2(tmp_path_factory, tiny_tokenizer_model) -> Path:
-    return make_tiny_chatglm2_checkpoint(tmp_path_factory.mktemp("chatglm2"), tokenizer_model=tiny_tokenizer_model)
-
-
-@pytest.fixture(scope="module")
-def chatglm2_32k(tmp_path_factory, tiny_tokenizer_model) -> Path:
-    return make_tiny_chatglm2_checkpoint(
-        tmp_path_factory.mktemp("chatglm2_32k"), name="THUDM/chatglm2-6b-32k", rope_ratio=4.0,
-        tokenizer_model=tiny_tokenizer_model, seed=3,
-    )
 
 
 def _ids(n: int, length: int = 24, seed: int = 0) -> torch.Tensor:
@@ -67,12 +32,11 @@ def _ids(n: int, length: int = 24, seed: int = 0) -> torch.Tensor:
 # Recognition
 
 
-def test_families_are_recognised_from_files(glm4, glm4_hf, chatglm2, chatglm2_32k, tiny_ckpt, tmp_path, tiny_tokenizer_model):
-    base = make_tiny_chatglm3_base_checkpoint(tmp_path / "base", tokenizer_model=tiny_tokenizer_model)
-    glm4_base = make_tiny_glm4_checkpoint(tmp_path / "glm4_base", chat=False)
-    codegeex = make_tiny_chatglm2_checkpoint(tmp_path / "codegeex", name="THUDM/codegeex2-6b", tokenizer_model=tiny_tokenizer_model)
+def test_families_are_recognised_from_files(glm4_ckpt, glm4_hf_ckpt, chatglm2_ckpt, chatglm2_32k_ckpt, tiny_ckpt,
+                                            chatglm3_base_ckpt, glm4_base_ckpt, codegeex2_ckpt):
+    base, glm4_base, codegeex = chatglm3_base_ckpt, glm4_base_ckpt, codegeex2_ckpt
     found = {name: read_config(path)[1] for name, path in [
-        ("glm4", glm4), ("glm4_hf", glm4_hf), ("chatglm2", chatglm2), ("chatglm2_32k", chatglm2_32k),
+        ("glm4", glm4_ckpt), ("glm4_hf", glm4_hf_ckpt), ("chatglm2", chatglm2_ckpt), ("chatglm2_32k", chatglm2_32k_ckpt),
         ("chatglm3", tiny_ckpt), ("base", base), ("glm4_base", glm4_base), ("codegeex", codegeex),
     ]}
     assert {k: (f.name, f.chat) for k, f in found.items()} == {
@@ -85,10 +49,10 @@ def test_families_are_recognised_from_files(glm4, glm4_hf, chatglm2, chatglm2_32
         found["base"].prompt_ids(found["base"].load_tokenizer(base), [{"role": "user", "content": "hi"}])
 
 
-def test_family_override_and_unknown_family(chatglm2):
-    assert read_config(chatglm2, family="chatglm3")[1].name == "chatglm3"
+def test_family_override_and_unknown_family(chatglm2_ckpt):
+    assert read_config(chatglm2_ckpt, family="chatglm3")[1].name == "chatglm3"
     with pytest.raises(ValueError, match="unknown family"):
-        read_config(chatglm2, family="llama")
+        read_config(chatglm2_ckpt, family="llama")
 
 
 def test_known_hub_configs_have_the_real_shapes():
@@ -101,7 +65,23 @@ def test_known_hub_configs_have_the_real_shapes():
     assert (c2.rope_base, c2.rope_position_divisor) == (10000.0, 16)
     c3 = load_config("THUDM/chatglm3-6b-32k")
     assert (c3.rope_base, c3.rope_position_divisor) == (500000.0, 1.0)
-    assert all(load_config(name) for name in KNOWN_CONFIGS)
+    # Every built-in id against the numbers in its hub config.json (rope_ratio / rope_theta turned
+    # into the rotary base and the position divisor by the spec's rules), written out here.
+    got = {name: (lambda c: (c.num_layers, c.hidden_size, c.padded_vocab_size, c.seq_length, c.layernorm_epsilon,
+                             c.rope_base, c.rope_position_divisor))(load_config(name)) for name in KNOWN_CONFIGS}
+    assert got == {
+        "THUDM/chatglm3-6b": (28, 4096, 65024, 8192, 1e-5, 10000.0, 1.0),
+        "THUDM/chatglm3-6b-base": (28, 4096, 65024, 32768, 1e-5, 10000.0, 1.0),
+        "THUDM/chatglm3-6b-32k": (28, 4096, 65024, 32768, 1e-5, 500_000.0, 1.0),
+        "THUDM/chatglm3-6b-128k": (28, 4096, 65024, 131072, 1e-5, 5_000_000.0, 1.0),
+        "THUDM/chatglm2-6b": (28, 4096, 65024, 32768, 1e-5, 10000.0, 1.0),
+        "THUDM/chatglm2-6b-32k": (28, 4096, 65024, 32768, 1e-5, 10000.0, 16.0),
+        "THUDM/codegeex2-6b": (28, 4096, 65024, 8192, 1e-5, 10000.0, 1.0),
+        "THUDM/glm-4-9b-chat": (40, 4096, 151552, 131072, 1.5625e-07, 5_000_000.0, 1.0),
+        "THUDM/glm-4-9b": (40, 4096, 151552, 8192, 1.5625e-07, 5_000_000.0, 1.0),
+        "THUDM/glm-4-9b-chat-1m": (40, 4096, 151552, 1048576, 1.5625e-07, 100_000_000.0, 1.0),
+        "THUDM/glm-4-9b-chat-hf": (40, 4096, 151552, 131072, 1.5625e-07, 5_000_000.0, 1.0),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,34 +96,34 @@ def _assert_parity(ours, ref, n_vocab):
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_glm4_logits_match_transformers(glm4):
-    model, _ = load_model(glm4, progress=False)
+def test_glm4_logits_match_transformers(glm4_ckpt):
+    model, _ = load_model(glm4_ckpt, progress=False)
     assert model.config.rope_base == 10000.0 * 500 and model.config.layernorm_epsilon == 1.5625e-07
-    _assert_parity(model, reference_model(glm4), model.config.padded_vocab_size)
+    _assert_parity(model, reference_model(glm4_ckpt), model.config.padded_vocab_size)
 
 
-def test_glm4_hf_layout_loads_natively_in_both(glm4, glm4_hf):
+def test_glm4_hf_layout_loads_natively_in_both(glm4_ckpt, glm4_hf_ckpt):
     """The -hf checkpoint is read by transformers' own from_pretrained and by glmchat: same logits,
     and the same as the chatglm-layout checkpoint made from the same seed."""
     from transformers import GlmForCausalLM
 
-    ref = GlmForCausalLM.from_pretrained(glm4_hf, attn_implementation="eager").eval()
-    model, _ = load_model(glm4_hf, progress=False)
+    ref = GlmForCausalLM.from_pretrained(glm4_hf_ckpt, attn_implementation="eager").eval()
+    model, _ = load_model(glm4_hf_ckpt, progress=False)
     _assert_parity(model, ref, model.config.padded_vocab_size)
-    other, _ = load_model(glm4, progress=False)
+    other, _ = load_model(glm4_ckpt, progress=False)
     ids = _ids(model.config.padded_vocab_size, seed=1)
     with torch.no_grad():
         torch.testing.assert_close(model(ids), other(ids))
 
 
-def test_chatglm2_32k_interpolates_positions(chatglm2_32k):
+def test_chatglm2_32k_interpolates_positions(chatglm2_32k_ckpt):
     """ChatGLM2-32k divides positions by rope_ratio (base stays 10000): transformers' linear rope scaling."""
-    model, _ = load_model(chatglm2_32k, progress=False)
+    model, _ = load_model(chatglm2_32k_ckpt, progress=False)
     assert (model.config.rope_base, model.config.rope_position_divisor) == (10000.0, 4.0)
     linear = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0, "partial_rotary_factor": 0.5}
-    _assert_parity(model, reference_model(chatglm2_32k, rope_parameters=linear), model.config.padded_vocab_size)
+    _assert_parity(model, reference_model(chatglm2_32k_ckpt, rope_parameters=linear), model.config.padded_vocab_size)
     # ... and it is not ChatGLM3's base scaling, which the same config means for ChatGLM3:
-    as_chatglm3 = reference_model(chatglm2_32k)
+    as_chatglm3 = reference_model(chatglm2_32k_ckpt)
     ids = _ids(model.config.padded_vocab_size)
     with torch.no_grad():
         assert (model(ids) - as_chatglm3(ids).logits).abs().max() > 1e-2
@@ -153,22 +133,22 @@ def test_chatglm2_32k_interpolates_positions(chatglm2_32k):
 # GLM-4 tokenizer
 
 
-def test_glm4_tokenizer_matches_huggingface_tokenizers(glm4, glm4_hf):
+def test_glm4_tokenizer_matches_huggingface_tokenizers(glm4_ckpt, glm4_hf_ckpt):
     """Our BPE against the Rust `tokenizers` implementation reading the same vocabulary."""
     from tokenizers import Tokenizer
 
-    ours, from_json = GLM4Tokenizer.from_pretrained(glm4), GLM4Tokenizer.from_pretrained(glm4_hf)
-    rust = Tokenizer.from_file(str(glm4_hf / "tokenizer.json"))
-    for text in _corpus_lines() + TRICKY:
+    ours, from_json = GLM4Tokenizer.from_pretrained(glm4_ckpt), GLM4Tokenizer.from_pretrained(glm4_hf_ckpt)
+    rust = Tokenizer.from_file(str(glm4_hf_ckpt / "tokenizer.json"))
+    for text in corpus_lines() + TRICKY:
         expected = rust.encode(text, add_special_tokens=False).ids
         assert ours.encode(text, add_special_tokens=False) == expected, text
         assert from_json.encode(text, add_special_tokens=False) == expected, text
         assert ours.decode(expected) == text
 
 
-def test_glm4_specials_follow_the_ranks(glm4, ranks):
-    tok = GLM4Tokenizer.from_pretrained(glm4)
-    n = len(ranks)
+def test_glm4_specials_follow_the_ranks(glm4_ckpt, glm4_ranks):
+    tok = GLM4Tokenizer.from_pretrained(glm4_ckpt)
+    n = len(glm4_ranks)
     assert [tok.get_command(s) for s in SPECIAL_TOKENS] == list(range(n, n + 14))
     assert (tok.eos_token_id, tok.pad_token_id, tok.vocab_size) == (n, n, n + 14)
     assert tok.encode("hi")[:2] == [n + 2, n + 4]  # [gMASK] <sop>
@@ -176,7 +156,7 @@ def test_glm4_specials_follow_the_ranks(glm4, ranks):
     assert tok.decode([n + 2, n + 4, n + 7]) == "[gMASK]<sop><|user|>"
     assert tok.decode([n + 7] + tok.encode("x", add_special_tokens=False), skip_special_tokens=True) == "x"
     half = "世".encode()[:2]
-    assert tok.decode([ranks[bytes([b])] for b in half]) == "\ufffd"
+    assert tok.decode([glm4_ranks[bytes([b])] for b in half]) == "\ufffd"
 
 
 def test_glm4_tokenizer_refuses_bad_files(tmp_path):
@@ -204,22 +184,22 @@ CONVERSATIONS = [
 
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)
-def test_glm4_prompt_matches_transformers_chat_template(glm4, glm4_hf, messages):
+def test_glm4_prompt_matches_transformers_chat_template(glm4_ckpt, glm4_hf_ckpt, messages):
     """transformers renders the checkpoint's chat template and tokenizes it with its Rust tokenizer."""
     from transformers import PreTrainedTokenizerFast
 
-    hf = PreTrainedTokenizerFast.from_pretrained(glm4_hf)
+    hf = PreTrainedTokenizerFast.from_pretrained(glm4_hf_ckpt)
     expected = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     expected = expected["input_ids"] if isinstance(expected, dict) or hasattr(expected, "keys") else expected
-    tok = GLM4Tokenizer.from_pretrained(glm4)
+    tok = GLM4Tokenizer.from_pretrained(glm4_ckpt)
     assert glm4_prompt_ids(tok, messages) == list(expected)
-    family = read_config(glm4)[1]
+    family = read_config(glm4_ckpt)[1]
     assert family.prompt_ids(tok, messages) == list(expected)
 
 
-def test_glm4_stops_are_the_configs_eos_ids(glm4):
-    config = json.loads((glm4 / "config.json").read_text())
-    family, tok = read_config(glm4)[1], GLM4Tokenizer.from_pretrained(glm4)
+def test_glm4_stops_are_the_configs_eos_ids(glm4_ckpt):
+    config = json.loads((glm4_ckpt / "config.json").read_text())
+    family, tok = read_config(glm4_ckpt)[1], GLM4Tokenizer.from_pretrained(glm4_ckpt)
     assert family.stop_ids(tok) == config["eos_token_id"]
     assert [tok.decode([i]) for i in family.stop_ids(tok)] == ["<|endoftext|>", "<|user|>", "<|observation|>"]
 
@@ -234,8 +214,8 @@ def test_glm4_tool_call_arguments_are_json():
 # ChatGLM2
 
 
-def test_chatglm2_tokenizer_has_five_specials_rendered_empty(chatglm2):
-    tok = read_config(chatglm2)[1].load_tokenizer(chatglm2)
+def test_chatglm2_tokenizer_has_five_specials_rendered_empty(chatglm2_ckpt):
+    tok = read_config(chatglm2_ckpt)[1].load_tokenizer(chatglm2_ckpt)
     assert isinstance(tok, ChatGLM2Tokenizer)
     n = tok.n_words
     assert (tok.get_command("[gMASK]"), tok.get_command("sop"), tok.vocab_size) == (n + 1, n + 3, n + 5)
@@ -243,11 +223,11 @@ def test_chatglm2_tokenizer_has_five_specials_rendered_empty(chatglm2):
         tok.get_command("<|user|>")
     ids = tok.encode("你好")
     assert ids[:2] == [n + 1, n + 3] and tok.decode(ids) == "你好"
-    assert tok.stop_token_ids == [tok.eos_token_id] == read_config(chatglm2)[1].stop_ids(tok)
+    assert tok.stop_token_ids == [tok.eos_token_id] == read_config(chatglm2_ckpt)[1].stop_ids(tok)
 
 
-def test_chatglm2_prompt_is_rounds_of_questions_and_answers(chatglm2):
-    tok = ChatGLM2Tokenizer.from_pretrained(chatglm2)
+def test_chatglm2_prompt_is_rounds_of_questions_and_answers(chatglm2_ckpt):
+    tok = ChatGLM2Tokenizer.from_pretrained(chatglm2_ckpt)
     history = [("你好", "你好！"), ("1+1?", "2")]
     assert tok.build_prompt("再见", history) == (
         "[Round 1]\n\n问：你好\n\n答：你好！\n\n[Round 2]\n\n问：1+1?\n\n答：2\n\n[Round 3]\n\n问：再见\n\n答："
@@ -256,7 +236,7 @@ def test_chatglm2_prompt_is_rounds_of_questions_and_answers(chatglm2):
                 {"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"},
                 {"role": "user", "content": "再见"}]
     assert chatglm2_pairs(messages) == ("再见", history)
-    ids = read_config(chatglm2)[1].prompt_ids(tok, messages)
+    ids = read_config(chatglm2_ckpt)[1].prompt_ids(tok, messages)
     assert ids == tok.get_prefix_tokens() + tok.sp.encode(tok.build_prompt("再见", history))
     assert tok.build_chat_input("再见", history).input_ids[0].tolist() == ids
     with pytest.raises(ValueError, match="only user and assistant"):

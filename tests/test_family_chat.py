@@ -21,8 +21,6 @@ from glmchat.server import BackgroundServer, build_app
 from glmchat.generate import TextStream
 from glmchat.server.protocol import ChatRequest, reply_tool_calls, to_glm_messages
 from glmchat.families.chatglm3 import ChatGLMTokenizer
-from glmchat.tiny_family import (make_tiny_chatglm2_checkpoint, make_tiny_chatglm3_base_checkpoint,
-                                 make_tiny_glm4_checkpoint, train_bpe_ranks)
 
 NEW = 12
 QUERY = "什么是ChatGLM？ .Provide answer in English"
@@ -35,32 +33,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def ranks():
-    return train_bpe_ranks()
-
-
-@pytest.fixture(scope="module")
-def glm4(tmp_path_factory, ranks):
-    return make_tiny_glm4_checkpoint(tmp_path_factory.mktemp("glm4_chat"), ranks=ranks, seq_length=512)
-
-
-@pytest.fixture(scope="module")
-def glm4_hf(tmp_path_factory, ranks):
-    return make_tiny_glm4_checkpoint(tmp_path_factory.mktemp("glm4_hf_chat"), ranks=ranks, seq_length=512, layout="hf",
-                                     seed=1)
-
-
-@pytest.fixture(scope="module")
-def chatglm3_base(tmp_path_factory, tiny_tokenizer_model):
-    return make_tiny_chatglm3_base_checkpoint(tmp_path_factory.mktemp("base_chat"), tokenizer_model=tiny_tokenizer_model)
-
-
-@pytest.fixture(scope="module")
-def chatglm2(tmp_path_factory, tiny_tokenizer_model):
-    return make_tiny_chatglm2_checkpoint(tmp_path_factory.mktemp("chatglm2_chat"), tokenizer_model=tiny_tokenizer_model)
 
 
 @functools.cache
@@ -139,35 +111,35 @@ def run_cli(*args) -> subprocess.CompletedProcess:
                           env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
-def test_each_checkpoint_gets_its_family(glm4, chatglm2, tiny_ckpt):
-    assert glmchat.load(str(glm4), device="cpu", progress=False).family.name == "glm4"
-    assert glmchat.load(str(chatglm2), device="cpu", progress=False).family.name == "chatglm2"
+def test_each_checkpoint_gets_its_family(glm4_ckpt, chatglm2_ckpt, tiny_ckpt):
+    assert glmchat.load(str(glm4_ckpt), device="cpu", progress=False).family.name == "glm4"
+    assert glmchat.load(str(chatglm2_ckpt), device="cpu", progress=False).family.name == "chatglm2"
     assert glmchat.load(str(tiny_ckpt), device="cpu", progress=False).family.name == "chatglm3"
 
 
-def test_glm4_native_and_dropin_chat(glm4):
-    tok = glmchat.AutoTokenizer.from_pretrained(str(glm4))
+def test_glm4_native_and_dropin_chat(glm4_ckpt):
+    tok = glmchat.AutoTokenizer.from_pretrained(str(glm4_ckpt))
     stops = [tok.eos_token_id, tok.get_command("<|user|>"), tok.get_command("<|observation|>")]
-    tokens = greedy(glm4, glm4_prompt(tok, QUERY), stops)
+    tokens = greedy(glm4_ckpt, glm4_prompt(tok, QUERY), stops)
 
-    native = glmchat.load(str(glm4), device="cpu", dtype="float32", progress=False)
+    native = glmchat.load(str(glm4_ckpt), device="cpu", dtype="float32", progress=False)
     reply = native.chat([{"role": "user", "content": QUERY}], greedy=True, max_new_tokens=NEW)
     assert reply.completion_tokens == len(tokens) and reply.prompt_tokens == len(glm4_prompt(tok, QUERY))
 
-    model = glmchat.AutoModel.from_pretrained(str(glm4)).float()
+    model = glmchat.AutoModel.from_pretrained(str(glm4_ckpt)).float()
     history = []
     response, new_history = model.chat(tok, QUERY, history=history, do_sample=False, max_new_tokens=NEW)
     assert response == glm4_post_process(tok.decode(tokens[:-1]))  # the reference drops the last token
     assert history == [{"role": "user", "content": QUERY}] and new_history[0] == history[0]
 
 
-def test_chatglm2_dropin_keeps_tuple_history_and_every_token(chatglm2):
-    tok = glmchat.AutoTokenizer.from_pretrained(str(chatglm2))
-    model = glmchat.AutoModel.from_pretrained(str(chatglm2)).float()
+def test_chatglm2_dropin_keeps_tuple_history_and_every_token(chatglm2_ckpt):
+    tok = glmchat.AutoTokenizer.from_pretrained(str(chatglm2_ckpt))
+    model = glmchat.AutoModel.from_pretrained(str(chatglm2_ckpt)).float()
     history = [("你好", "你好👋！我是人工智能助手 ChatGLM2-6B。")]
     caller = list(history)
     prompt_text = f"[Round 1]\n\n问：你好\n\n答：{history[0][1]}\n\n[Round 2]\n\n问：{QUERY}\n\n答："
-    tokens = greedy(chatglm2, tok.encode(prompt_text), [tok.eos_token_id])
+    tokens = greedy(chatglm2_ckpt, tok.encode(prompt_text), [tok.eos_token_id])
     expected = tok.decode(tokens).strip().replace("[[训练时间]]", "2023年")
 
     response, new_history = model.chat(tok, QUERY, history=history, do_sample=False, max_new_tokens=NEW)
@@ -179,7 +151,7 @@ def test_chatglm2_dropin_keeps_tuple_history_and_every_token(chatglm2):
     texts = [tok.decode(tokens[:k]) for k in range(1, len(tokens) + 1)]
     shown = [chatglm2_post_process(t) for t in texts if t and not t.endswith("\ufffd")]
     assert streamed == [(r, caller + [(QUERY, r)]) for r in shown] and history == caller
-    native = glmchat.load(str(chatglm2), device="cpu", dtype="float32", progress=False)
+    native = glmchat.load(str(chatglm2_ckpt), device="cpu", dtype="float32", progress=False)
     messages = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": history[0][1]},
                 {"role": "user", "content": QUERY}]
     reply = native.chat(messages, greedy=True, max_new_tokens=NEW)
@@ -188,8 +160,8 @@ def test_chatglm2_dropin_keeps_tuple_history_and_every_token(chatglm2):
         native.chat([{"role": "system", "content": "hi"}, {"role": "user", "content": "q"}], max_new_tokens=2)
 
 
-def test_base_model_refuses_chat(tmp_path, tiny_tokenizer_model):
-    base = make_tiny_chatglm3_base_checkpoint(tmp_path / "base", tokenizer_model=tiny_tokenizer_model)
+def test_base_model_refuses_chat(chatglm3_base_ckpt):
+    base = chatglm3_base_ckpt
     native = glmchat.load(str(base), device="cpu", progress=False)
     with pytest.raises(NotAChatModelError, match="base model"):
         native.chat([{"role": "user", "content": "hi"}])
@@ -208,10 +180,10 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "description":
                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
 
 
-def test_glm4_tool_calls_in_the_server_protocol(glm4):
+def test_glm4_tool_calls_in_the_server_protocol(glm4_ckpt):
     """GLM-4 writes a call as the tool's name on one line and JSON arguments on the next."""
-    tok = glmchat.AutoTokenizer.from_pretrained(str(glm4))
-    family = glmchat.load(str(glm4), device="cpu", progress=False).family
+    tok = glmchat.AutoTokenizer.from_pretrained(str(glm4_ckpt))
+    family = glmchat.load(str(glm4_ckpt), device="cpu", progress=False).family
     request = ChatRequest.model_validate({"tools": TOOLS, "messages": [
         {"role": "user", "content": "Weather in Paris?"},
         {"role": "assistant", "content": None, "tool_calls": [
@@ -230,13 +202,13 @@ def test_glm4_tool_calls_in_the_server_protocol(glm4):
     assert json.loads(call["function"]["arguments"]) == {"city": "北京"}
 
 
-def test_glm4_through_the_server_and_cli(glm4):
-    tok = glmchat.AutoTokenizer.from_pretrained(str(glm4))
+def test_glm4_through_the_server_and_cli(glm4_ckpt):
+    tok = glmchat.AutoTokenizer.from_pretrained(str(glm4_ckpt))
     prompt = glm4_prompt(tok, QUERY)
     stops = [tok.eos_token_id, tok.get_command("<|user|>"), tok.get_command("<|observation|>")]
-    tokens = greedy(glm4, prompt, stops)
+    tokens = greedy(glm4_ckpt, prompt, stops)
     text = tok.decode([t for t in tokens if t not in stops])
-    native = glmchat.load(str(glm4), device="cpu", dtype="float32", progress=False)
+    native = glmchat.load(str(glm4_ckpt), device="cpu", dtype="float32", progress=False)
     expected = native.chat([{"role": "user", "content": QUERY}], greedy=True, max_new_tokens=NEW)
     assert expected.text == glm4_text(text) and expected.completion_tokens == len(tokens)
     app = build_app(native.model, native.tokenizer, native.family, model_id="glm-4")
@@ -250,7 +222,7 @@ def test_glm4_through_the_server_and_cli(glm4):
                                                     tools=TOOLS, temperature=0, max_tokens=4)
         assert with_tools.usage.prompt_tokens > reply.usage.prompt_tokens  # the tools are in the prompt
 
-    result = run_cli("run", "--model", glm4, "--dtype", "float32", "--greedy", "--max-new-tokens", NEW, "--json",
+    result = run_cli("run", "--model", glm4_ckpt, "--dtype", "float32", "--greedy", "--max-new-tokens", NEW, "--json",
                      "--verbose", QUERY)
     assert result.returncode == 0, result.stderr
     assert "(GLM-4-9B-chat)" in result.stderr
@@ -258,10 +230,10 @@ def test_glm4_through_the_server_and_cli(glm4):
     assert data["text"] == glm4_text(text) and data["completion_tokens"] == len(tokens)
 
 
-def test_glm4_dropin_stream_chat_lags_one_token(glm4):
-    tok = glmchat.AutoTokenizer.from_pretrained(str(glm4))
-    tokens = greedy(glm4, glm4_prompt(tok, QUERY), glmchat.load(str(glm4), device="cpu", progress=False).family.stop_ids(tok))
-    model = glmchat.AutoModel.from_pretrained(str(glm4)).float()
+def test_glm4_dropin_stream_chat_lags_one_token(glm4_ckpt):
+    tok = glmchat.AutoTokenizer.from_pretrained(str(glm4_ckpt))
+    tokens = greedy(glm4_ckpt, glm4_prompt(tok, QUERY), glmchat.load(str(glm4_ckpt), device="cpu", progress=False).family.stop_ids(tok))
+    model = glmchat.AutoModel.from_pretrained(str(glm4_ckpt)).float()
     history = []
     streamed = list(model.stream_chat(tok, QUERY, history=history, do_sample=False, max_new_tokens=NEW))
     texts = [tok.decode(tokens[:k - 1]) for k in range(1, len(tokens) + 1)]
@@ -271,22 +243,22 @@ def test_glm4_dropin_stream_chat_lags_one_token(glm4):
     assert streamed[-1][1][:1] == history and streamed[-1][1][1]["role"] == "assistant"
 
 
-def test_glm4_hf_layout_chats_like_glm4(glm4_hf):
-    tok = glmchat.AutoTokenizer.from_pretrained(str(glm4_hf))
+def test_glm4_hf_layout_chats_like_glm4(glm4_hf_ckpt):
+    tok = glmchat.AutoTokenizer.from_pretrained(str(glm4_hf_ckpt))
     stops = [tok.eos_token_id, tok.get_command("<|user|>"), tok.get_command("<|observation|>")]
-    tokens = greedy(glm4_hf, glm4_prompt(tok, QUERY), stops)
-    model = glmchat.AutoModel.from_pretrained(str(glm4_hf)).float()
+    tokens = greedy(glm4_hf_ckpt, glm4_prompt(tok, QUERY), stops)
+    model = glmchat.AutoModel.from_pretrained(str(glm4_hf_ckpt)).float()
     assert model.family.name == "glm4" and model.family.chat
     response, _ = model.chat(tok, QUERY, do_sample=False, max_new_tokens=NEW)
     assert response == glm4_post_process(tok.decode(tokens[:-1]))
 
 
-def test_chatglm2_stream_chat_with_past_key_values(chatglm2):
+def test_chatglm2_stream_chat_with_past_key_values(chatglm2_ckpt):
     """cli_demo style: the second round continues the cache with "\\n\\n[Round 2]..." only."""
-    tok = glmchat.AutoTokenizer.from_pretrained(str(chatglm2))
-    model = glmchat.AutoModel.from_pretrained(str(chatglm2)).float()
+    tok = glmchat.AutoTokenizer.from_pretrained(str(chatglm2_ckpt))
+    model = glmchat.AutoModel.from_pretrained(str(chatglm2_ckpt)).float()
     first = tok.encode("[Round 1]\n\n问：你好\n\n答：")
-    tokens1 = greedy(chatglm2, first, [tok.eos_token_id])
+    tokens1 = greedy(chatglm2_ckpt, first, [tok.eos_token_id])
     *_, (response1, history, past) = model.stream_chat(tok, "你好", history=[], do_sample=False, max_new_tokens=NEW,
                                                        return_past_key_values=True)
     # the last yield is the last step whose text is shown; its cache holds the prompt and the
@@ -296,23 +268,23 @@ def test_chatglm2_stream_chat_with_past_key_values(chatglm2):
     assert past.get_seq_length() == len(first) + k - 1
 
     turn = tok.encode(f"\n\n[Round 2]\n\n问：{QUERY}\n\n答：", add_special_tokens=False)[1:]
-    tokens2 = greedy(chatglm2, first + tokens1[:k - 1] + turn, [tok.eos_token_id])
+    tokens2 = greedy(chatglm2_ckpt, first + tokens1[:k - 1] + turn, [tok.eos_token_id])
     *_, (response2, history2, _) = model.stream_chat(tok, QUERY, history=history, past_key_values=past,
                                                      do_sample=False, max_new_tokens=NEW, return_past_key_values=True)
     assert response2 == chatglm2_post_process(tok.decode(tokens2[:last_shown(tok, tokens2)]))
     assert history2 == history + [(QUERY, response2)]
 
 
-def test_stop_tokens_per_family(glm4, chatglm2, chatglm3_base):
+def test_stop_tokens_per_family(glm4_ckpt, chatglm2_ckpt, chatglm3_base_ckpt):
     """GLM-4 stops at <|user|> and <|observation|> but not <|assistant|>; ChatGLM2 and base models
     stop at eos only."""
-    tok = glmchat.AutoTokenizer.from_pretrained(str(glm4))
-    n = len((glm4 / "tokenizer.model").read_text().splitlines())  # specials follow the ranks
+    tok = glmchat.AutoTokenizer.from_pretrained(str(glm4_ckpt))
+    n = len((glm4_ckpt / "tokenizer.model").read_text().splitlines())  # specials follow the ranks
     eos, user, assistant, observation = n, n + 7, n + 8, n + 9
     prompt = glm4_prompt(tok, QUERY)
-    plain = greedy(glm4, prompt, [])
-    model = glmchat.AutoModel.from_pretrained(str(glm4)).float()
-    native = glmchat.load(str(glm4), device="cpu", dtype="float32", progress=False)
+    plain = greedy(glm4_ckpt, prompt, [])
+    model = glmchat.AutoModel.from_pretrained(str(glm4_ckpt)).float()
+    native = glmchat.load(str(glm4_ckpt), device="cpu", dtype="float32", progress=False)
     for stop in (eos, user, observation):
         out = list(native.generate_ids(prompt, max_new_tokens=NEW, sampling=None, processors=[force(stop, len(prompt) + 2)]))
         assert out == plain[:2] + [stop]
@@ -322,26 +294,26 @@ def test_stop_tokens_per_family(glm4, chatglm2, chatglm3_base):
     out = list(native.generate_ids(prompt, max_new_tokens=4, processors=[force(assistant, len(prompt) + 1)]))
     assert len(out) == 4 and out[1] == assistant
 
-    tok2 = glmchat.AutoTokenizer.from_pretrained(str(chatglm2))
+    tok2 = glmchat.AutoTokenizer.from_pretrained(str(chatglm2_ckpt))
     assert tok2.eos_token_id == 2
-    native2 = glmchat.load(str(chatglm2), device="cpu", dtype="float32", progress=False)
+    native2 = glmchat.load(str(chatglm2_ckpt), device="cpu", dtype="float32", progress=False)
     prompt2 = tok2.encode("[Round 1]\n\n问：hi\n\n答：")
     assert list(native2.generate_ids(prompt2, max_new_tokens=NEW, processors=[force(2, len(prompt2) + 1)]))[-1] == 2
-    user3 = ChatGLMTokenizer.from_pretrained(chatglm3_base).get_command("<|user|>")  # ChatGLM3's id: no stop here
+    user3 = ChatGLMTokenizer.from_pretrained(chatglm3_base_ckpt).get_command("<|user|>")  # ChatGLM3's id: no stop here
     assert len(list(native2.generate_ids(prompt2, max_new_tokens=4, processors=[force(user3, len(prompt2))]))) == 4
 
-    base = glmchat.load(str(chatglm3_base), device="cpu", dtype="float32", progress=False)
+    base = glmchat.load(str(chatglm3_base_ckpt), device="cpu", dtype="float32", progress=False)
     text = base.tokenizer.encode("The capital of France is")
     assert len(list(base.generate_ids(text, max_new_tokens=4, processors=[force(user3, len(text))]))) == 4
     assert list(base.generate_ids(text, max_new_tokens=4, processors=[force(2, len(text))])) == [2]
 
 
-def test_chatglm2_and_base_through_the_server_and_cli(chatglm2, chatglm3_base):
-    tok = glmchat.AutoTokenizer.from_pretrained(str(chatglm2))
+def test_chatglm2_and_base_through_the_server_and_cli(chatglm2_ckpt, chatglm3_base_ckpt):
+    tok = glmchat.AutoTokenizer.from_pretrained(str(chatglm2_ckpt))
     prompt = tok.encode(f"[Round 1]\n\n问：{QUERY}\n\n答：")
-    tokens = greedy(chatglm2, prompt, [tok.eos_token_id])
+    tokens = greedy(chatglm2_ckpt, prompt, [tok.eos_token_id])
     generated = [t for t in tokens if t != tok.eos_token_id]
-    native = glmchat.load(str(chatglm2), device="cpu", dtype="float32", progress=False)
+    native = glmchat.load(str(chatglm2_ckpt), device="cpu", dtype="float32", progress=False)
     app = build_app(native.model, native.tokenizer, native.family, model_id="chatglm2")
     with BackgroundServer(app) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
@@ -354,24 +326,24 @@ def test_chatglm2_and_base_through_the_server_and_cli(chatglm2, chatglm3_base):
         with pytest.raises(openai.BadRequestError, match="ChatGLM2"):
             client.chat.completions.create(model="chatglm2", messages=[{"role": "system", "content": "be brief"},
                                                                        {"role": "user", "content": "hi"}])
-    base = glmchat.load(str(chatglm3_base), device="cpu", progress=False)
+    base = glmchat.load(str(chatglm3_base_ckpt), device="cpu", progress=False)
     with BackgroundServer(build_app(base.model, base.tokenizer, base.family, model_id="base")) as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
         with pytest.raises(openai.BadRequestError, match="base model"):
             client.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi"}])
 
-    result = run_cli("run", "--model", chatglm2, "--dtype", "float32", "--greedy", "--max-new-tokens", 5, "--verbose",
+    result = run_cli("run", "--model", chatglm2_ckpt, "--dtype", "float32", "--greedy", "--max-new-tokens", 5, "--verbose",
                      QUERY)
     assert result.returncode == 0, result.stderr
     assert "(ChatGLM2-6B)" in result.stderr
-    assert result.stdout == chatglm2_post_process(tok.decode(greedy(chatglm2, prompt, [2], 5))) + "\n"
+    assert result.stdout == chatglm2_post_process(tok.decode(greedy(chatglm2_ckpt, prompt, [2], 5))) + "\n"
 
 
-def test_replies_are_post_processed_per_family(glm4, chatglm2):
+def test_replies_are_post_processed_per_family(glm4_ckpt, chatglm2_ckpt):
     """Forced replies: the date placeholder (2024年 for GLM-4, 2023年 for ChatGLM2), GLM-4's JSON tool
     call (name line, JSON line) read only when the history offers tools."""
-    tok = glmchat.AutoTokenizer.from_pretrained(str(glm4))
-    model = glmchat.AutoModel.from_pretrained(str(glm4)).float()
+    tok = glmchat.AutoTokenizer.from_pretrained(str(glm4_ckpt))
+    model = glmchat.AutoModel.from_pretrained(str(glm4_ckpt)).float()
     observation = tok.get_command("<|observation|>")
     tools = [{"role": "system", "content": "", "tools": TOOLS}]
     call = tok.encode('get_weather\n{"city": "Paris"}', add_special_tokens=False) + [observation]
@@ -390,8 +362,8 @@ def test_replies_are_post_processed_per_family(glm4, chatglm2):
                                        logits_processor=[force(date, start)])
     assert response == "今天是2024年" and new_history[-1]["content"] == "今天是[[训练时间]]"
 
-    tok2 = glmchat.AutoTokenizer.from_pretrained(str(chatglm2))
-    model2 = glmchat.AutoModel.from_pretrained(str(chatglm2)).float()
+    tok2 = glmchat.AutoTokenizer.from_pretrained(str(chatglm2_ckpt))
+    model2 = glmchat.AutoModel.from_pretrained(str(chatglm2_ckpt)).float()
     start = len(tok2.encode("[Round 1]\n\n问：几年?\n\n答："))
     date = tok2.encode("今天是[[训练时间]]\n", add_special_tokens=False) + [2]
     response, new_history = model2.chat(tok2, "几年?", do_sample=False, max_new_tokens=40,

@@ -17,7 +17,6 @@ from glmchat.checkpoint import CheckpointError, weight_files
 from glmchat.hub import resolve_checkpoint
 from glmchat.loader import load_model
 from glmchat.registry import KNOWN_CONFIGS
-from glmchat.tiny import make_tiny_checkpoint
 
 
 def _load(path, **kw):
@@ -37,9 +36,8 @@ def _copy(src: Path, tmp_path: Path) -> Path:
     return dst
 
 
-def test_all_formats_give_identical_models(tiny_ckpt, tiny_ckpt_bin, tiny_tokenizer_model, tmp_path):
-    sharded = make_tiny_checkpoint(tmp_path / "sharded", weight_format="safetensors-sharded",
-                                   bin_shards=3, tokenizer_model=tiny_tokenizer_model)
+def test_all_formats_give_identical_models(tiny_ckpt, tiny_ckpt_bin, tiny_ckpt_sharded):
+    sharded = tiny_ckpt_sharded
     assert len(weight_files(sharded)) == 3 and len(weight_files(tiny_ckpt_bin)) == 2
     reference = _load(tiny_ckpt)
     _same_weights(reference, _load(tiny_ckpt_bin))
@@ -55,8 +53,8 @@ def test_weights_land_where_the_names_say(tiny_ckpt):
     assert not torch.equal(model.output.weight, model.embed.weight)
 
 
-def test_dtype_default_is_stored_dtype_and_conversion_on_load(tiny_tokenizer_model, tmp_path):
-    ckpt = make_tiny_checkpoint(tmp_path / "fp16", dtype=torch.float16, tokenizer_model=tiny_tokenizer_model)
+def test_dtype_default_is_stored_dtype_and_conversion_on_load(tiny_ckpt_fp16):
+    ckpt = tiny_ckpt_fp16
     assert _load(ckpt).dtype == torch.float16
     bf16 = _load(ckpt, dtype="bfloat16")
     assert all(p.dtype == torch.bfloat16 for p in bf16.parameters())
@@ -121,6 +119,11 @@ def test_random_weights_need_no_weight_files(tiny_ckpt, tmp_path):
     model, info = load_model(config_only, random_weights=True, dtype=torch.float32, progress=False)
     assert info.random_weights
     assert model.config == GLMConfig.from_file(tiny_ckpt / "config.json")
+    c = model.config  # the fixture's shape, not just the same parse twice
+    assert (c.hidden_size, c.num_layers, c.num_attention_heads, c.kv_channels, c.multi_query_group_num,
+            c.ffn_hidden_size, c.seq_length) == (64, 2, 4, 16, 2, 96, 512)
+    assert model.embed.weight.shape == (c.padded_vocab_size, 64)
+    assert model.layers[0].attn.qkv.weight.shape == ((4 + 2 * 2) * 16, 64)  # (heads + 2 groups) * kv_channels
     assert torch.isfinite(model(torch.tensor([[1, 2, 3]]))).all()
 
 

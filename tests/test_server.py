@@ -27,9 +27,8 @@ from glmchat.server import BackgroundServer, build_app
 from glmchat.server.engine import Engine, SlotCache
 from glmchat.generate import TextStream
 from glmchat.server.protocol import ChatRequest, reply_tool_calls, to_glm_messages
-from glmchat.tiny import make_tiny_checkpoint
 
-CONTEXT = 4096  # long enough for a tools prompt and for a generation we can interrupt
+CONTEXT = 4096  # tiny_ckpt_4k's: long enough for a tools prompt and for a generation we can interrupt
 TEXTS = [
     "Hello", "你好，请介绍一下你自己", "Implement binary search in Python", "What is 2+2?",
     "解释自然语言处理领域的最近发展。", "Tell me a story about a dragon and a knight", "谢谢", "Why is the sky blue? 😀",
@@ -53,18 +52,13 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory, tiny_tokenizer_model):
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("serve_ckpt"), seq_length=CONTEXT, tokenizer_model=tiny_tokenizer_model)
+def model(tiny_ckpt_4k):
+    return load_model(tiny_ckpt_4k, dtype=torch.float32, progress=False)[0]
 
 
 @pytest.fixture(scope="module")
-def model(ckpt):
-    return load_model(ckpt, dtype=torch.float32, progress=False)[0]
-
-
-@pytest.fixture(scope="module")
-def tok(ckpt):
-    return ChatGLMTokenizer.from_pretrained(ckpt)
+def tok(tiny_ckpt_4k):
+    return ChatGLMTokenizer.from_pretrained(tiny_ckpt_4k)
 
 
 @pytest.fixture(scope="module")
@@ -385,7 +379,7 @@ def _teach(model, tok, examples, max_steps=300):
 
 
 @pytest.fixture(scope="module")
-def tool_server(ckpt, tok):
+def tool_server(tiny_ckpt_4k, tok):
     """A server whose model calls get_weather(city="Paris"), then reports the observation."""
     sp = lambda text: tok.encode(text, add_special_tokens=False)
     system = {"role": "system", "content": TOOLS_PROMPT, "tools": [TOOLS[0]["function"]]}  # the spec's format
@@ -396,7 +390,7 @@ def tool_server(ckpt, tok):
         (build_prompt_ids(tok, [system, *ask]), sp("get_weather\n") + sp(CALL) + [tok.get_command("<|observation|>")]),
         (build_prompt_ids(tok, called), sp("\n") + sp(ANSWER) + [tok.eos_token_id]),
     ]
-    model = _teach(load_model(ckpt, dtype=torch.float32, progress=False)[0], tok, examples)
+    model = _teach(load_model(tiny_ckpt_4k, dtype=torch.float32, progress=False)[0], tok, examples)
     with BackgroundServer(build_app(model, tok, ChatGLM3(), model_id="tiny-tools")) as s:
         yield s
 
@@ -512,11 +506,11 @@ def _glmchat(*args, code="from glmchat.cli import main; sys.exit(main(sys.argv[1
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
-def test_glmchat_serve_command(ckpt):
+def test_glmchat_serve_command(tiny_ckpt_4k):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = _glmchat("serve", "--model", str(ckpt), "--device", "cpu", "--dtype", "float32", "--port", str(port),
+    proc = _glmchat("serve", "--model", str(tiny_ckpt_4k), "--device", "cpu", "--dtype", "float32", "--port", str(port),
                     "--api-key", "k3y")
     url = f"http://127.0.0.1:{port}"
     try:
@@ -530,7 +524,7 @@ def test_glmchat_serve_command(ckpt):
             assert proc.poll() is None and time.monotonic() < deadline, "glmchat serve did not come up"
             time.sleep(0.1)
         r = client(url, api_key="k3y").chat.completions.create(model="x", messages=HI, max_tokens=4)
-        assert r.model == str(ckpt) and r.usage.completion_tokens >= 1
+        assert r.model == str(tiny_ckpt_4k) and r.usage.completion_tokens >= 1
         assert httpx.get(url + "/v1/models").status_code == 401
     finally:
         proc.send_signal(signal.SIGINT)
@@ -539,9 +533,9 @@ def test_glmchat_serve_command(ckpt):
     assert f"http://127.0.0.1:{port}/" in stderr
 
 
-def test_serve_without_fastapi_says_what_to_install(ckpt):
+def test_serve_without_fastapi_says_what_to_install(tiny_ckpt_4k):
     code = "sys.modules['fastapi'] = None; from glmchat.cli import main; sys.exit(main(sys.argv[1:]))"
-    proc = _glmchat("serve", "--model", str(ckpt), code=code)
+    proc = _glmchat("serve", "--model", str(tiny_ckpt_4k), code=code)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 1
     assert "pip install 'glmchat[server]'" in stderr and "Traceback" not in stderr

@@ -16,9 +16,11 @@ import sentencepiece as spm
 import torch
 from safetensors.torch import load_file
 
-from glmchat.tiny import make_tiny_checkpoint, train_tokenizer
+import glmchat
+from glmchat.chat import standin_tokenizer
 from glmchat.families import TokenizerError
 from glmchat.families.chatglm3 import ChatGLMTokenizer
+from glmchat.testing import DEFAULT_VOCAB_SIZE, train_tokenizer
 
 SPEC_SPECIALS = [
     "[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"
@@ -318,6 +320,24 @@ def test_training_is_deterministic_and_chatglm_like(tmp_path, tiny_tokenizer_mod
     assert sp.decode(sp.encode(text)) == text
 
 
+def test_shipped_standin_tokenizer_is_what_training_gives_today(tiny_tokenizer_model):
+    """glmchat/data/standin-tokenizer.model was made by train_tokenizer(): it must not drift from it."""
+    shipped_path = Path(glmchat.__file__).parent / "data" / "standin-tokenizer.model"
+    assert 5_000 < shipped_path.stat().st_size < 100_000
+    shipped = spm.SentencePieceProcessor(model_file=str(shipped_path))
+    trained = spm.SentencePieceProcessor(model_file=str(tiny_tokenizer_model))
+    assert shipped.vocab_size() == trained.vocab_size() == DEFAULT_VOCAB_SIZE
+    assert [shipped.id_to_piece(i) for i in range(shipped.vocab_size())] == [
+        trained.id_to_piece(i) for i in range(trained.vocab_size())
+    ]
+    for text in ["你好，请介绍一下你自己", "Implement code for binary search in Python",
+                 "什么是ChatGLM？ .Provide answer in English 😀", "  2024年\n\n总结论文 'Attention Is All You Need'"]:
+        assert shipped.encode(text, out_type=str) == trained.encode(text, out_type=str), text
+    standin = standin_tokenizer()
+    assert standin.n_words == shipped.vocab_size() and standin.encode("你好") == ChatGLMTokenizer.from_file(
+        tiny_tokenizer_model).encode("你好")
+
+
 def test_missing_or_broken_tokenizer_model(tmp_path):
     with pytest.raises(TokenizerError, match=re.escape(str(tmp_path / "tokenizer.model"))):
         ChatGLMTokenizer.from_pretrained(tmp_path)
@@ -349,7 +369,7 @@ def test_tiny_checkpoint_files_match_tokenizer(tiny_ckpt, tiny_ckpt_b, tokenizer
     assert weights["transformer.rotary_pos_emb.inv_freq"].shape == (16 // 4,)
 
 
-def test_tiny_checkpoint_formats_hold_identical_tensors(tiny_ckpt, tiny_ckpt_bin, tmp_path, tiny_tokenizer_model):
+def test_tiny_checkpoint_formats_hold_identical_tensors(tiny_ckpt, tiny_ckpt_bin, tiny_ckpt_sharded):
     reference = load_file(tiny_ckpt / "model.safetensors")
     index = json.loads((tiny_ckpt_bin / "pytorch_model.bin.index.json").read_text())
     assert set(index["weight_map"]) == set(reference)
@@ -361,7 +381,7 @@ def test_tiny_checkpoint_formats_hold_identical_tensors(tiny_ckpt, tiny_ckpt_bin
     for shard in set(index["weight_map"].values()):
         from_bin.update(torch.load(tiny_ckpt_bin / shard, weights_only=True))
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in reference.values())
-    sharded = make_tiny_checkpoint(tmp_path, weight_format="safetensors-sharded", tokenizer_model=tiny_tokenizer_model)
+    sharded = tiny_ckpt_sharded
     st_index = json.loads((sharded / "model.safetensors.index.json").read_text())
     from_st: dict[str, torch.Tensor] = {}
     for shard in set(st_index["weight_map"].values()):

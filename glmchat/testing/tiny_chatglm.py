@@ -1,7 +1,9 @@
 """Tiny random ChatGLM3 checkpoints in the official on-disk layout, for tests and demos.
 
 ``make_tiny_checkpoint(dir)`` writes ``config.json``, ``tokenizer.model``, ``tokenizer_config.json``
-and weights with the official tensor names, deterministically from a seed.
+and weights with the official tensor names, deterministically from a seed. The same layout retagged
+as ChatGLM2-6B / CodeGeeX2-6B (+ -32k) or ChatGLM3-6B-Base: ``make_tiny_chatglm2_checkpoint``,
+``make_tiny_chatglm3_base_checkpoint``.
 """
 
 from __future__ import annotations
@@ -18,13 +20,14 @@ import sentencepiece as spm
 import torch
 from safetensors.torch import save_file
 
-from .families.chatglm3 import SPECIAL_TOKENS, TOKENIZER_FILE
+from ..families.chatglm3 import SPECIAL_TOKENS, TOKENIZER_FILE
 
 DEFAULT_VOCAB_SIZE = 1000  # smallest round size that covers the corpus' characters plus 256 bytes
 WEIGHT_FORMATS = ("safetensors", "safetensors-sharded", "bin")
 
 
-def _corpus_lines() -> list[str]:
+def corpus_lines() -> list[str]:
+    """The lines of the bundled bilingual corpus (``glmchat/data/bilingual.txt``)."""
     text = resources.files("glmchat").joinpath("data", "bilingual.txt").read_text(encoding="utf-8")
     return text.splitlines()
 
@@ -36,7 +39,7 @@ def train_tokenizer(out_dir: str | os.PathLike[str], vocab_size: int = DEFAULT_V
     """
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_corpus_lines()),
+        sentence_iterator=iter(corpus_lines()),
         model_writer=buf,
         model_type="bpe",
         vocab_size=vocab_size,
@@ -61,7 +64,7 @@ def train_tokenizer(out_dir: str | os.PathLike[str], vocab_size: int = DEFAULT_V
     return path
 
 
-def _random_weights(
+def random_weights(
     generator: torch.Generator,
     *,
     vocab: int,
@@ -105,7 +108,8 @@ def _shards(names: list[str], count: int) -> list[list[str]]:
     return [names[i : i + size] for i in range(0, len(names), size)]
 
 
-def _write_weights(out: Path, tensors: dict[str, torch.Tensor], weight_format: str, shards: int) -> None:
+def write_weights(out: Path, tensors: dict[str, torch.Tensor], weight_format: str, shards: int) -> None:
+    """Write ``tensors`` into ``out`` as one of WEIGHT_FORMATS (the sharded ones in ``shards`` files + index)."""
     if weight_format == "safetensors":
         save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
         return
@@ -239,7 +243,7 @@ def make_tiny_checkpoint(
     padded_vocab_size = math.ceil((n_words + len(SPECIAL_TOKENS)) / 64) * 64
 
     generator = torch.Generator().manual_seed(seed)
-    weights = _random_weights(
+    weights = random_weights(
         generator,
         vocab=padded_vocab_size,
         hidden=hidden_size,
@@ -250,7 +254,7 @@ def make_tiny_checkpoint(
         ffn=ffn_hidden_size,
     )
     weights = {name: t.to(dtype).contiguous() for name, t in weights.items()}
-    _write_weights(out, weights, weight_format, bin_shards)
+    write_weights(out, weights, weight_format, bin_shards)
 
     config = _config(
         hidden_size=hidden_size,
@@ -267,4 +271,32 @@ def make_tiny_checkpoint(
     )
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     (out / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The same layout under other names: ChatGLM2-6B / CodeGeeX2-6B (+ -32k), ChatGLM3-6B-Base
+
+
+def _retag(out: Path, name: str, **config_updates) -> None:
+    config = json.loads((out / "config.json").read_text())
+    config.update({"_name_or_path": name, **config_updates})
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tok = json.loads((out / "tokenizer_config.json").read_text())
+    tok["name_or_path"] = name
+    (out / "tokenizer_config.json").write_text(json.dumps(tok, indent=2) + "\n")
+
+
+def make_tiny_chatglm2_checkpoint(path, *, name: str = "THUDM/chatglm2-6b", rope_ratio: float | None = None, **kw) -> Path:
+    """ChatGLM2-6B layout (CodeGeeX2 with name="THUDM/codegeex2-6b", 32k with a rope_ratio)."""
+    out = make_tiny_checkpoint(path, **kw)
+    updates = {"rope_ratio": rope_ratio} if rope_ratio is not None else {}
+    _retag(out, name, **updates)
+    return out
+
+
+def make_tiny_chatglm3_base_checkpoint(path, **kw) -> Path:
+    """ChatGLM3-6B-Base: the ChatGLM3 layout under the base model's name (not a chat model)."""
+    out = make_tiny_checkpoint(path, **kw)
+    _retag(out, "THUDM/chatglm3-6b-base")
     return out

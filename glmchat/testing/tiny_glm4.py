@@ -1,6 +1,5 @@
-"""Tiny random checkpoints of the other GLM-family models, in each model's official layout.
+"""Tiny random GLM-4 checkpoints, in each of the model's official layouts.
 
-- ChatGLM2-6B / CodeGeeX2-6B (+ -32k): ChatGLM3's tensor names, ChatGLM2's config/tokenizer_config.
 - GLM-4-9B-chat / -1m: tensor names as ChatGLM3, a tiktoken-style ``tokenizer.model`` (base64 ranks)
   trained here on the bundled corpus, GLM-4's specials after the ranks.
 - GLM-4-9B-chat-hf: transformers' native names (model.layers.N.self_attn.q_proj, ...), model_type
@@ -19,32 +18,8 @@ from pathlib import Path
 import regex
 import torch
 
-from .families.glm4 import PATTERN, SPECIAL_TOKENS, bytes_to_unicode
-from .tiny import _corpus_lines, _random_weights, _write_weights, make_tiny_checkpoint
-
-
-def _retag(out: Path, name: str, **config_updates) -> None:
-    config = json.loads((out / "config.json").read_text())
-    config.update({"_name_or_path": name, **config_updates})
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    tok = json.loads((out / "tokenizer_config.json").read_text())
-    tok["name_or_path"] = name
-    (out / "tokenizer_config.json").write_text(json.dumps(tok, indent=2) + "\n")
-
-
-def make_tiny_chatglm2_checkpoint(path, *, name: str = "THUDM/chatglm2-6b", rope_ratio: float | None = None, **kw) -> Path:
-    """ChatGLM2-6B layout (CodeGeeX2 with name="THUDM/codegeex2-6b", 32k with a rope_ratio)."""
-    out = make_tiny_checkpoint(path, **kw)
-    updates = {"rope_ratio": rope_ratio} if rope_ratio is not None else {}
-    _retag(out, name, **updates)
-    return out
-
-
-def make_tiny_chatglm3_base_checkpoint(path, **kw) -> Path:
-    out = make_tiny_checkpoint(path, **kw)
-    _retag(out, "THUDM/chatglm3-6b-base")
-    return out
-
+from ..families.glm4 import PATTERN, SPECIAL_TOKENS, bytes_to_unicode
+from .tiny_chatglm import corpus_lines, random_weights, write_weights
 
 # ---------------------------------------------------------------------------------------------
 # GLM-4 tokenizer
@@ -58,7 +33,7 @@ def train_bpe_ranks(merges: int = 400) -> dict[bytes, int]:
     """
     pattern = regex.compile(PATTERN)
     words = Counter()
-    for line in _corpus_lines():
+    for line in corpus_lines():
         for piece in pattern.findall(line + "\n"):
             words[tuple(bytes([b]) for b in piece.encode("utf-8"))] += 1
     ranks = {bytes([b]): b for b in range(256)}
@@ -253,7 +228,7 @@ def make_tiny_glm4_checkpoint(
     ranks = ranks or train_bpe_ranks()
     n = len(ranks)
     padded = math.ceil((n + len(SPECIAL_TOKENS)) / 64) * 64
-    tensors = _random_weights(
+    tensors = random_weights(
         torch.Generator().manual_seed(seed), vocab=padded, hidden=hidden_size, num_layers=num_layers,
         heads=num_attention_heads, kv_channels=kv_channels, groups=multi_query_group_num, ffn=ffn_hidden_size,
     )
@@ -264,7 +239,7 @@ def make_tiny_glm4_checkpoint(
         write_tokenizer_json(out, ranks)
     else:
         write_rank_file(out, ranks)
-    _write_weights(out, tensors, "safetensors", 1)
+    write_weights(out, tensors, "safetensors", 1)
     name = "THUDM/glm-4-9b" + ("-chat" if chat else "") + ("-hf" if hf else "")
     config = _glm4_config(name, n, padded, hidden_size, num_layers, num_attention_heads, kv_channels,
                           multi_query_group_num, ffn_hidden_size, layernorm_epsilon, seq_length, rope_ratio, dtype, hf)
