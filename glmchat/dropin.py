@@ -159,6 +159,18 @@ class ChatGLMForConditionalGeneration(nn.Module):
         ))
         return torch.cat([input_ids, torch.stack(new, dim=1)], dim=1) if new else input_ids
 
+    def _generate(self, tokenizer, prompt, max_length, num_beams, do_sample, top_p, temperature, logits_processor,
+                  kwargs, past_key_values=None):
+        """(generated ids, the cache they go into) for the reference's chat options."""
+        sampling, max_new = _options(len(prompt), max_length, kwargs.pop("max_new_tokens", None), do_sample,
+                                     temperature, top_p, kwargs.pop("top_k", 50),
+                                     kwargs.pop("repetition_penalty", 1.0), num_beams, kwargs)
+        cache = self._cache_for(past_key_values, 1, len(prompt) + max_new)
+        tokens = self._engine.generate_ids(prompt, max_new_tokens=max_new, sampling=sampling, cache=cache,
+                                           stop_ids=self.family.stop_ids(tokenizer),
+                                           processors=list(logits_processor or []))
+        return tokens, cache
+
     def _cache_for(self, past: PastKeyValues | None, batch: int, new_tokens: int) -> KVCache:
         """A cache holding `past` with room for new_tokens more (within the model's context)."""
         context = self.config.seq_length
@@ -188,14 +200,10 @@ class ChatGLMForConditionalGeneration(nn.Module):
         list is left alone, every generated token is kept.
         """
         self.family.check_chat()
+        options = (max_length, num_beams, do_sample, top_p, temperature, logits_processor, kwargs)
 
         def generate(prompt):
-            sampling, max_new = _options(len(prompt), max_length, kwargs.pop("max_new_tokens", None), do_sample,
-                                         temperature, top_p, kwargs.pop("top_k", 50),
-                                         kwargs.pop("repetition_penalty", 1.0), num_beams, kwargs)
-            return self._engine.generate_ids(prompt, max_new_tokens=max_new, sampling=sampling,
-                                             stop_ids=self.family.stop_ids(tokenizer),
-                                             processors=list(logits_processor or []))
+            return self._generate(tokenizer, prompt, *options)[0]
 
         return self.family.dropin_chat(tokenizer, generate, query, history, role)
 
@@ -212,17 +220,13 @@ class ChatGLMForConditionalGeneration(nn.Module):
         is empty or ends in U+FFFD are skipped (see `Family.dropin_stream_chat`).
         """
         self.family.check_chat()
+        options = (max_length, 1, do_sample, top_p, temperature, logits_processor, kwargs)
         cache = None
 
         def generate(prompt):
             nonlocal cache
-            sampling, max_new = _options(len(prompt), max_length, kwargs.pop("max_new_tokens", None), do_sample,
-                                         temperature, top_p, kwargs.pop("top_k", 50),
-                                         kwargs.pop("repetition_penalty", 1.0), 1, kwargs)
-            cache = self._cache_for(past_key_values, 1, len(prompt) + max_new)
-            return self._engine.generate_ids(prompt, max_new_tokens=max_new, sampling=sampling, cache=cache,
-                                             stop_ids=self.family.stop_ids(tokenizer),
-                                             processors=list(logits_processor or []))
+            tokens, cache = self._generate(tokenizer, prompt, *options, past_key_values=past_key_values)
+            return tokens
 
         for response, new_history in self.family.dropin_stream_chat(
                 tokenizer, generate, query, history, role, past_given=past_key_values is not None,
