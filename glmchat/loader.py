@@ -123,6 +123,9 @@ def load_weights(model: GLMTransformer, files: list[Path], progress: bool = True
                     else:
                         copy_converting(param, tensor)
                 loaded.add(target)
+    if model.config.tie_word_embeddings:  # the output layer is the embedding, whatever the files hold
+        model.tie_weights()
+        loaded.update(name for name in params if name.startswith("output."))
     missing = sorted(set(params) - loaded)
     if missing:
         raise CheckpointError(
@@ -276,9 +279,11 @@ def _load(path_or_id, *, device, dtype, random_weights: bool, seed: int, quantiz
     model = empty_model(config, dtype, device, quantization)
     if random_weights:
         init_random_weights(model, seed)
+        model.tie_weights()
     else:
         load_weights(model, files, progress=progress)
     kernels.install(model)
-    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    tensors = {t.data_ptr(): t for t in model.state_dict().values()}  # a tied output layer counts once
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     info = LoadInfo(os.fspath(path_or_id), time.perf_counter() - start, nbytes, random_weights, quantization)
     return model, info, located
