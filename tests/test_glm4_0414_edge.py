@@ -80,6 +80,30 @@ def test_configs_read_the_variants(glm4_0414_ckpt, glm_edge_ckpt, glm_edge_4b_ck
     assert (e4.rotary_dim, e4.tie_word_embeddings, e4.num_kv_heads) == (12, False, 3)
 
 
+def test_known_ids_give_the_variants_and_families():
+    """The built-in configs of the hub ids (no download): their network variant and family."""
+    from glmchat.loader import config_and_family
+
+    got = {name: (lambda c, f: (f.name, f.chat, c.sandwich_norms, c.rotary_dim, c.tie_word_embeddings, c.add_qkv_bias,
+                                c.num_kv_heads, c.ffn_hidden_size))(*config_and_family(name))
+           for name in ("THUDM/GLM-4-9B-0414", "THUDM/glm-edge-1.5b-chat", "THUDM/glm-edge-4b-chat")}
+    assert got == {
+        "THUDM/GLM-4-9B-0414": ("glm4-0414", True, True, 64, False, True, 2, 13696),
+        "THUDM/glm-edge-1.5b-chat": ("glm-edge", True, False, 128, True, False, 4, 6144),
+        "THUDM/glm-edge-4b-chat": ("glm-edge", True, False, 128, False, False, 6, 8192),
+    }
+
+
+def test_random_weights_keep_the_tie(glm_edge_ckpt):
+    model, info = load_model(glm_edge_ckpt, random_weights=True, progress=False)
+    assert info.random_weights and model.output.weight is model.embed.weight
+    int8, _ = load_model(glm_edge_ckpt, dtype=torch.float32, quantize="int8", progress=False)
+    ours, _ = load_model(glm_edge_ckpt, dtype=torch.float32, progress=False)
+    ids = _ids(ours.config.padded_vocab_size)
+    with torch.no_grad():  # the quantized output layer holds the (quantized) embedding
+        assert (int8(ids) - ours(ids)).abs().max() < 0.1 * ours(ids).abs().max()
+
+
 # ---------------------------------------------------------------------------------------------
 # Logits and greedy tokens against transformers' own classes
 
