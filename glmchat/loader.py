@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +208,7 @@ class Loaded:
     tokenizer: Any  # the family's tokenizer; None only for random weights without tokenizer files at hand
     info: LoadInfo
     directory: Path | None  # where the checkpoint (or, for random weights, its config/tokenizer) lies
+    raw_config: dict = field(default_factory=dict)  # config.json as read (every key, for the drop-in's model.config)
 
 
 def load_checkpoint(
@@ -230,7 +231,7 @@ def load_checkpoint(
     quantizes the Linear weights tensor by tensor while loading; a checkpoint saved by
     `glmchat quantize` loads in its own quantization.
     """
-    model, info, (directory, _, config, family) = _load(
+    model, info, (directory, raw, config, family) = _load(
         path_or_id, device=device, dtype=dtype, random_weights=random_weights, seed=seed, quantize=quantize,
         group_size=group_size, progress=progress)
     if random_weights and directory is None:
@@ -240,7 +241,7 @@ def load_checkpoint(
             pass
     has_tokenizer = directory is not None and any((directory / f).exists() for f in TOKENIZER_MODELS)
     tokenizer = family.load_tokenizer(directory) if has_tokenizer or not random_weights else None
-    return Loaded(model, config, family, tokenizer, info, directory)
+    return Loaded(model, config, family, tokenizer, info, directory, dict(raw))
 
 
 def load_model(

@@ -274,3 +274,26 @@ def test_chat_and_server_answer_like_transformers(request, fixture):
         else:
             with pytest.raises(openai.BadRequestError):
                 client.chat.completions.create(model="tiny", messages=messages, tools=TOOLS[:1], max_tokens=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# The drop-in model's config
+
+
+@pytest.mark.parametrize("fixture", ["tiny_ckpt", "chatglm2_ckpt", "glm4_ckpt", "glm4_hf_ckpt", "glm4_0414_ckpt",
+                                     "glm_edge_ckpt"])
+def test_dropin_config_carries_every_key_of_config_json(request, fixture):
+    ckpt = request.getfixturevalue(fixture)
+    raw = json.loads((ckpt / "config.json").read_text())
+    model = glmchat.AutoModel.from_pretrained(str(ckpt))
+    missing = {k: v for k, v in raw.items() if not hasattr(model.config, k)}
+    different = {k: (getattr(model.config, k), v) for k, v in raw.items() if hasattr(model.config, k)
+                 and getattr(model.config, k) != v}
+    assert not missing and not different
+    assert isinstance(model.config, glmchat.GLMConfig)
+    assert model.config.seq_length == model.transformer.config.seq_length  # GLMConfig's fields are there too
+    if raw.get("model_type") == "chatglm":  # what user code of the reference reads (rope_ratio: 1 when absent,
+        # the default of the reference's ChatGLMConfig)
+        assert (model.config.multi_query_attention, model.config.seq_length, model.config.rope_ratio) == (
+            raw["multi_query_attention"], raw["seq_length"], raw.get("rope_ratio", 1))
+    assert model.transformer.config is not model.config and isinstance(model.transformer.config.eos_token_id, int)
