@@ -56,3 +56,4 @@ KNOWN_CONFIGS.update({
         "intermediate_size": 8192, "tie_word_embeddings": False,
     },
 })
+KNOWN_CONFIGS["THUDM/GLM-Z1-9B-0414"] = KNOWN_CONFIGS["THUDM/GLM-4-9B-0414"]  # the same network; the id names the family

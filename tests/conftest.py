@@ -193,6 +193,14 @@ def glm4_0414_ckpt(tmp_path_factory: pytest.TempPathFactory, glm4_ranks: dict[by
 
 
 @pytest.fixture(scope="session")
+def glm_z1_ckpt(tmp_path_factory: pytest.TempPathFactory, glm4_ranks: dict[bytes, int]) -> Iterator[Path]:
+    """GLM-Z1-9B-0414 layout: GLM-4-0414's network (seed 5) with the reasoning template."""
+    path = make_tiny_glm4_0414_checkpoint(tmp_path_factory.mktemp("glm_z1"), ranks=glm4_ranks, seed=5,
+                                          seq_length=TINY_CONTEXT, reasoning=True)
+    yield from _shared(path)
+
+
+@pytest.fixture(scope="session")
 def glm_edge_ckpt(tmp_path_factory: pytest.TempPathFactory, glm4_ranks: dict[bytes, int]) -> Iterator[Path]:
     """GLM-Edge-1.5B-chat layout: full rotary, no attention bias, tied embeddings; seed 6."""
     path = make_tiny_glm_edge_checkpoint(tmp_path_factory.mktemp("glm_edge"), ranks=glm4_ranks, seed=6,

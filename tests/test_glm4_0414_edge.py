@@ -86,9 +86,11 @@ def test_known_ids_give_the_variants_and_families():
 
     got = {name: (lambda c, f: (f.name, f.chat, c.sandwich_norms, c.rotary_dim, c.tie_word_embeddings, c.add_qkv_bias,
                                 c.num_kv_heads, c.ffn_hidden_size))(*config_and_family(name))
-           for name in ("THUDM/GLM-4-9B-0414", "THUDM/glm-edge-1.5b-chat", "THUDM/glm-edge-4b-chat")}
+           for name in ("THUDM/GLM-4-9B-0414", "THUDM/GLM-Z1-9B-0414", "THUDM/glm-edge-1.5b-chat",
+                        "THUDM/glm-edge-4b-chat")}
     assert got == {
         "THUDM/GLM-4-9B-0414": ("glm4-0414", True, True, 64, False, True, 2, 13696),
+        "THUDM/GLM-Z1-9B-0414": ("glm-z1", True, True, 64, False, True, 2, 13696),
         "THUDM/glm-edge-1.5b-chat": ("glm-edge", True, False, 128, True, False, 4, 6144),
         "THUDM/glm-edge-4b-chat": ("glm-edge", True, False, 128, False, False, 6, 8192),
     }
@@ -297,3 +299,64 @@ def test_dropin_config_carries_every_key_of_config_json(request, fixture):
         assert (model.config.multi_query_attention, model.config.seq_length, model.config.rope_ratio) == (
             raw["multi_query_attention"], raw["seq_length"], raw.get("rope_ratio", 1))
     assert model.transformer.config is not model.config and isinstance(model.transformer.config.eos_token_id, int)
+
+
+# ---------------------------------------------------------------------------------------------
+# GLM-Z1-0414: GLM-4-0414's network with the reasoning template
+
+CONVERSATIONS_Z1 = [
+    [{"role": "user", "content": "你好"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+     {"role": "assistant", "content": "The user greets me.</think>\n\nHello!"}, {"role": "user", "content": " again? "}],
+    [{"role": "system", "content": "", "tools": TOOLS}, {"role": "user", "content": "北京天气?"},
+     {"role": "assistant", "metadata": "get_weather", "content": '{"city": "北京"}'},
+     {"role": "observation", "content": '{"temp": 20}'}],
+]
+
+
+def test_glm_z1_is_recognised_and_shares_the_network(glm_z1_ckpt, glm4_0414_ckpt):
+    family = read_config(glm_z1_ckpt)[1]
+    assert (family.name, family.chat, family.label) == ("glm-z1", True, "GLM-Z1-9B-0414")
+    assert read_config(glm_z1_ckpt)[0] == read_config(glm4_0414_ckpt)[0]
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS_Z1)
+def test_glm_z1_prompt_matches_its_chat_template(glm_z1_ckpt, messages):
+    turns, tools = _template_call(messages)
+    expected = _hf_ids(_hf_tokenizer(glm_z1_ckpt).apply_chat_template(turns, tools=tools, add_generation_prompt=True,
+                                                                       tokenize=True))
+    family = read_config(glm_z1_ckpt)[1]
+    tok = family.load_tokenizer(glm_z1_ckpt)
+    assert family.prompt_ids(tok, messages) == expected
+    assert tok.decode(expected).endswith("<|assistant|>\n<think>")
+    if messages[-1]["role"] == "user" and not tools:
+        *history, last = messages
+        assert tok.build_chat_input(last["content"], history=history).input_ids[0].tolist() == expected
+
+
+def test_glm_z1_replies_read_without_the_reasoning(glm_z1_ckpt):
+    family = read_config(glm_z1_ckpt)[1]
+    reply = family.parse_reply("The user greets me.\n</think>\n\nHello!", tools_in_prompt=False)
+    assert reply.text == "Hello!" and reply.tool_call is None
+    # the prompt opened a text segment: a tool call is a later one, as in GLM-4
+    call = family.parse_reply('Needs the weather.</think><|assistant|>get_weather\n{"city": "北京"}', tools_in_prompt=True)
+    assert call.tool_call == {"name": "get_weather", "parameters": {"city": "北京"}}
+    assert family.parse_reply('x</think>\nget_weather\n{}', tools_in_prompt=True).tool_call is None
+    assert family.parse_reply("still thinking", tools_in_prompt=False).text == ""  # cut off while reasoning
+    stream = ["Hmm", "Hmm, </thi", "Hmm, </think>", "Hmm, </think>\n\nHel", "Hmm, </think>\n\nHello"]
+    assert [family.visible_text(t, final=False) for t in stream] == ["", "", "", "Hel", "Hello"]
+
+
+def test_glm_z1_native_chat_prompts_and_generates_like_transformers(glm_z1_ckpt):
+    messages = [{"role": "user", "content": "什么是GLM？"}]
+    hf_tok, ref = _hf_tokenizer(glm_z1_ckpt), _hf_model(glm_z1_ckpt)
+    prompt = _hf_ids(hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    stops = json.loads((glm_z1_ckpt / "config.json").read_text())["eos_token_id"]
+    with torch.no_grad():
+        tokens = ref.generate(torch.tensor([prompt]), max_new_tokens=NEW, do_sample=False, eos_token_id=stops,
+                              pad_token_id=stops[0])[0, len(prompt):].tolist()
+    text = hf_tok.decode([t for t in tokens if t not in stops])
+    reply = glmchat.load(str(glm_z1_ckpt), device="cpu", dtype="float32", progress=False).chat(
+        messages, greedy=True, max_new_tokens=NEW)
+    assert (reply.prompt_tokens, reply.completion_tokens) == (len(prompt), len(tokens))
+    assert reply.text == (_plain_text("\n" + text.split("</think>", 1)[1]) if "</think>" in text else "")

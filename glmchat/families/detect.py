@@ -1,6 +1,8 @@
 """Which family a checkpoint holds, from its own files (config.json, tokenizer files, chat template).
 
-Structural facts first: GLM-4-0414 has model_type "glm4" (Glm4ForCausalLM: the sandwich norms);
+Structural facts first: GLM-4-0414 has model_type "glm4" (Glm4ForCausalLM: the sandwich norms),
+and GLM-Z1-0414 is the one whose template opens the reply with "<think>" (without a template:
+"glm-z1" in the name);
 GLM-4 has model_type "glm" (the -hf layout), a vocabulary over 100 K, a tiktoken-style rank file
 or its own tokenizer class, and among those GLM-Edge is the one whose chat template does not
 start with "[gMASK]" (without a template: "glm-edge" in the name); ChatGLM3 has role tokens in
@@ -23,8 +25,9 @@ from .chatglm3 import ChatGLM3
 from .glm4 import GLM4
 from .glm4_0414 import GLM4_0414
 from .glm_edge import GLMEdge
+from .glm_z1 import GLMZ1
 
-FAMILIES: dict[str, type[Family]] = {f.name: f for f in (ChatGLM2, ChatGLM3, GLM4, GLM4_0414, GLMEdge)}
+FAMILIES: dict[str, type[Family]] = {f.name: f for f in (ChatGLM2, ChatGLM3, GLM4, GLM4_0414, GLMZ1, GLMEdge)}
 
 # Labels of checkpoints whose family label is too general, by a hint in the id or path.
 _LABELS = {
@@ -33,6 +36,8 @@ _LABELS = {
     "glm-edge-4b": "GLM-Edge-4B-chat",
     "glm-4-9b-0414": "GLM-4-9B-0414",
     "glm-4-32b-0414": "GLM-4-32B-0414",
+    "glm-z1-9b-0414": "GLM-Z1-9B-0414",
+    "glm-z1-32b-0414": "GLM-Z1-32B-0414",
 }
 
 
@@ -56,7 +61,8 @@ def detect_family(directory: str | Path | None, raw: dict, name: str = "", famil
     template = _template_text(tok_config.get("chat_template")) or _read_text(directory, "chat_template.jinja")
     if raw.get("model_type") == "glm4":
         chat = "<|assistant|>" in template or (not template and not re.search(r"[-_]base\b", hints))
-        return _variant(GLM4_0414, chat=chat, hints=hints)
+        reasoning = "<think>" in template or (not template and "glm-z1" in hints)
+        return _variant(GLMZ1 if reasoning else GLM4_0414, chat=chat, hints=hints)
     is_glm4 = (
         raw.get("model_type") == "glm"
         or raw.get("padded_vocab_size", 0) > 100_000

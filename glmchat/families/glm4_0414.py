@@ -43,9 +43,10 @@ def glm4_0414_tools_text(tools: list[dict]) -> str:
     return text
 
 
-def glm4_0414_prompt_ids(tokenizer: GLM4Tokenizer, messages: list[dict]) -> list[int]:
+def glm4_0414_prompt_ids(tokenizer: GLM4Tokenizer, messages: list[dict], tools_text=glm4_0414_tools_text) -> list[int]:
     """GLM-4-0414's chat template with add_generation_prompt, as ids (text between specials is
-    tokenized as one piece, like the rendered template; text in messages is never a special)."""
+    tokenized as one piece, like the rendered template; text in messages is never a special).
+    tools_text: how the tools block reads (GLM-Z1's differs)."""
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or not isinstance(message.get("content", ""), str):
             raise TokenizerError(f"message {i} must be a dict with 'role' and string 'content', got {message!r:.80}")
@@ -53,7 +54,7 @@ def glm4_0414_prompt_ids(tokenizer: GLM4Tokenizer, messages: list[dict]) -> list
     ids = tokenizer.get_prefix_tokens()
     tools = [tool for m in messages for tool in (m.get("tools") or [])]
     if tools:
-        ids += [command("<|system|>")] + text(glm4_0414_tools_text(tools))
+        ids += [command("<|system|>")] + text(tools_text(tools))
     for m in messages:
         if m["role"] == "system" and (m.get("content") or not m.get("tools")):
             ids += [command("<|system|>")] + text("\n" + m.get("content", ""))
@@ -69,9 +70,11 @@ def glm4_0414_prompt_ids(tokenizer: GLM4Tokenizer, messages: list[dict]) -> list
 class GLM4_0414Tokenizer(GLM4Tokenizer):
     """GLM-4's tokenizer whose chat input is GLM-4-0414's template."""
 
+    prompt_ids = staticmethod(glm4_0414_prompt_ids)
+
     def build_chat_input(self, query: str, history: Sequence[dict[str, Any]] | None = None,
                          role: str = "user") -> BatchEncoding:
-        return self.batch_encode([glm4_0414_prompt_ids(self, [*(history or []), {"role": role, "content": query}])])
+        return self.batch_encode([self.prompt_ids(self, [*(history or []), {"role": role, "content": query}])])
 
 
 class GLM4_0414(GLM4):

@@ -302,6 +302,54 @@ GLM4_0414_CHAT_TEMPLATE = """[gMASK]<sop>
 {%- endfor %}
 {% if add_generation_prompt %}<|assistant|>{% endif %}"""
 
+# GLM-Z1-9B-0414's chat_template.jinja: as GLM-4-0414's, with the ChatGLM preamble before the tools,
+# earlier replies shown after their "</think>", and the reply opened with "<think>".
+GLM_Z1_CHAT_TEMPLATE = """[gMASK]<sop>
+{%- if tools -%}
+<|system|>
+你是一个名为 ChatGLM 的人工智能助手。你是基于智谱 AI 公司训练的语言模型 GLM-4 模型开发的，你的任务是针对用户的问题和要求提供适当的答复和支持。
+
+# 可用工具
+{%- for tool in tools %}
+    {%- set function = tool.function if tool.get("function") else tool %}
+
+## {{ function.name }}
+
+{{ function | tojson(indent=4, ensure_ascii=False) }}
+在调用上述函数时，请使用 Json 格式表示调用的参数。
+{%- endfor %}
+{%- endif -%}
+
+{%- for msg in messages %}
+    {%- if msg.role == 'system' %}
+<|system|>
+{{ msg.content }}
+    {%- endif %}
+{%- endfor %}
+
+{%- for message in messages if message.role != 'system' %}
+    {%- set role = message['role'] %}
+    {%- set content = message['content'] %}
+    {%- set visible = content.split('</think>')[-1].strip() %}
+    {%- set meta = message.get("metadata", "") %}
+
+    {%- if role == 'user' %}
+<|user|>
+{{ visible }}
+    {%- elif role == 'assistant' and not meta %}
+<|assistant|>
+{{ visible }}
+    {%- elif role == 'assistant' and meta %}
+<|assistant|>{{ meta }}
+{{ visible }}
+    {%- elif role == 'observation' %}
+<|observation|>
+{{ visible }}
+    {%- endif %}
+{%- endfor %}
+{% if add_generation_prompt %}<|assistant|>
+<think>{% endif %}"""
+
 # GLM-Edge-1.5B/4B-chat's template (tokenizer_config.json): no [gMASK]<sop>, no tools, and the
 # assistant turn is always opened.
 GLM_EDGE_CHAT_TEMPLATE = (
@@ -365,8 +413,10 @@ def make_tiny_glm4_0414_checkpoint(
     rope_theta: float = 10000.0,
     dtype: torch.dtype = torch.float32,
     ranks: dict[bytes, int] | None = None,
+    reasoning: bool = False,
 ) -> Path:
-    """A random THUDM/GLM-4-9B-0414-layout checkpoint (Glm4ForCausalLM, chat_template.jinja)."""
+    """A random THUDM/GLM-4-9B-0414-layout checkpoint (Glm4ForCausalLM, chat_template.jinja);
+    reasoning: THUDM/GLM-Z1-9B-0414's (the same network, the Z1 template)."""
     ranks = ranks or train_bpe_ranks()
     n = len(ranks)
     padded = math.ceil((n + len(SPECIAL_TOKENS)) / 64) * 64
@@ -383,8 +433,10 @@ def make_tiny_glm4_0414_checkpoint(
         "tie_word_embeddings": False, "torch_dtype": str(dtype).removeprefix("torch."),
         "transformers_version": "4.51.3", "use_cache": True, "vocab_size": padded,
     }
-    return _write_hf_checkpoint(Path(path), name="THUDM/GLM-4-9B-0414", config=config, tensors=tensors, ranks=ranks,
-                                tok_config=_hf_tokenizer_config(n, None), template_file=GLM4_0414_CHAT_TEMPLATE)
+    name = "THUDM/GLM-Z1-9B-0414" if reasoning else "THUDM/GLM-4-9B-0414"
+    template = GLM_Z1_CHAT_TEMPLATE if reasoning else GLM4_0414_CHAT_TEMPLATE
+    return _write_hf_checkpoint(Path(path), name=name, config=config, tensors=tensors, ranks=ranks,
+                                tok_config=_hf_tokenizer_config(n, None), template_file=template)
 
 
 def make_tiny_glm_edge_checkpoint(
