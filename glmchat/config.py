@@ -76,6 +76,10 @@ class GLMConfig:
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> "GLMConfig":
         model_type = raw.get("model_type")
+        if model_type == "chatglm" and raw.get("tie_word_embeddings", False) is not False:
+            # The reference's ChatGLM model never ties its output layer, whatever the key says.
+            raise ConfigError(f"{source}: tie_word_embeddings={raw['tie_word_embeddings']!r} selects a model variant "
+                              "glmchat does not support for model_type 'chatglm' (supported: tie_word_embeddings=False)")
         if model_type in ("glm", "glm4"):
             raw = _from_transformers_glm(raw, source)
         elif model_type != "chatglm":

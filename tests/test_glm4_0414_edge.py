@@ -360,3 +360,17 @@ def test_glm_z1_native_chat_prompts_and_generates_like_transformers(glm_z1_ckpt)
         messages, greedy=True, max_new_tokens=NEW)
     assert (reply.prompt_tokens, reply.completion_tokens) == (len(prompt), len(tokens))
     assert reply.text == (_plain_text("\n" + text.split("</think>", 1)[1]) if "</think>" in text else "")
+
+
+def test_tied_embeddings_only_where_the_reference_ties_them(tiny_ckpt):
+    """GlmForCausalLM ties on tie_word_embeddings; the reference's ChatGLM model never does, so a
+    chatglm config asking for it is refused rather than run as something else."""
+    from glmchat.config import ConfigError, GLMConfig
+
+    raw = json.loads((tiny_ckpt / "config.json").read_text())
+    with pytest.raises(ConfigError, match="tie_word_embeddings"):
+        GLMConfig.from_dict({**raw, "tie_word_embeddings": True})
+    with pytest.raises(ConfigError, match="partial_rotary_factor"):
+        GLMConfig.from_dict({**raw, "model_type": "glm", "num_hidden_layers": 2, "intermediate_size": 96,
+                             "vocab_size": 512, "max_position_embeddings": 64, "head_dim": 16,
+                             "partial_rotary_factor": 0.3})
