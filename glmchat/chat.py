@@ -67,8 +67,10 @@ class ChatModel:
     """
 
     def __init__(self, model: GLMTransformer, tokenizer, family: Family, *, load_seconds: float = 0.0,
-                 source: str = "", random_weights: bool = False, standin_tokenizer: bool = False, processors=()):
+                 source: str = "", random_weights: bool = False, standin_tokenizer: bool = False, processors=(),
+                 raw_config: dict | None = None):
         self.model = model
+        self.raw_config = dict(raw_config or {})  # the checkpoint's config.json, every key
         self.tokenizer = tokenizer
         self.family = family  # decides the prompt format, the stop tokens and how replies read
         self.load_seconds = load_seconds
@@ -200,7 +202,7 @@ def load(path_or_id: str = DEFAULT_MODEL, *, device: str | torch.device = "auto"
         model.compile_decode()
     return ChatModel(model, tokenizer, family, load_seconds=time.perf_counter() - start,
                      source=os.fspath(path_or_id), random_weights=random_weights, standin_tokenizer=standin,
-                     processors=processors)
+                     processors=processors, raw_config=loaded.raw_config)
 
 
 def standin_tokenizer() -> ChatGLMTokenizer:

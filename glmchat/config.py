@@ -19,7 +19,6 @@ _UNSUPPORTED_UNLESS = {
     "post_layer_norm": True,
     "apply_residual_connection_post_layernorm": False,
     "pre_seq_len": None,
-    "tie_word_embeddings": False,
 }
 
 
@@ -42,6 +41,12 @@ class GLMConfig:
     torch_dtype: str = "float16"
     eos_token_id: int = 2
     pad_token_id: int = 0
+    # The fraction of each head that rotary positions touch: 0.5 in ChatGLM2/3 and GLM-4, 1.0 in GLM-Edge.
+    partial_rotary_factor: float = 0.5
+    # GLM-4-0414 (model_type "glm4"): an RMSNorm on each sublayer's output before its residual add.
+    sandwich_norms: bool = False
+    # GLM-Edge-1.5B: the output layer is the token embedding (no lm_head tensor in the checkpoint).
+    tie_word_embeddings: bool = False
 
     @property
     def num_kv_heads(self) -> int:
@@ -60,18 +65,28 @@ class GLMConfig:
         return self.rope_ratio if self.rope_scaling == "position" else 1.0
 
     @property
+    def rotary_dim(self) -> int:
+        """How many channels of each head rotate (the first ones, in interleaved pairs)."""
+        return round(self.kv_channels * self.partial_rotary_factor)
+
+    @property
     def qkv_size(self) -> int:
         return (self.num_attention_heads + 2 * self.multi_query_group_num) * self.kv_channels
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> "GLMConfig":
         model_type = raw.get("model_type")
-        if model_type == "glm":
+        if model_type == "chatglm" and raw.get("tie_word_embeddings", False) is not False:
+            # The reference's ChatGLM model never ties its output layer, whatever the key says.
+            raise ConfigError(f"{source}: tie_word_embeddings={raw['tie_word_embeddings']!r} selects a model variant "
+                              "glmchat does not support for model_type 'chatglm' (supported: tie_word_embeddings=False)")
+        if model_type in ("glm", "glm4"):
             raw = _from_transformers_glm(raw, source)
         elif model_type != "chatglm":
             raise ConfigError(
                 f"{source}: model_type={model_type!r} is not supported; glmchat loads ChatGLM "
-                "checkpoints with model_type 'chatglm' (e.g. THUDM/chatglm3-6b) or 'glm' (e.g. THUDM/glm-4-9b-chat-hf)"
+                "checkpoints with model_type 'chatglm' (e.g. THUDM/chatglm3-6b), 'glm' (e.g. THUDM/glm-4-9b-chat-hf, "
+                "THUDM/glm-edge-1.5b-chat) or 'glm4' (e.g. THUDM/GLM-4-9B-0414)"
             )
         for key, accepted in _UNSUPPORTED_UNLESS.items():
             value = raw.get(key, accepted)
@@ -102,8 +117,12 @@ class GLMConfig:
             )
         if self.rope_scaling not in ("base", "position"):
             raise ConfigError(f"{source}: rope_scaling={self.rope_scaling!r} must be 'base' or 'position'")
-        if self.kv_channels % 4:
-            raise ConfigError(f"{source}: kv_channels={self.kv_channels} must be a multiple of 4 for the rotary layout")
+        rotary = self.kv_channels * self.partial_rotary_factor
+        if not 0 < rotary <= self.kv_channels or rotary != int(rotary) or int(rotary) % 2:
+            raise ConfigError(
+                f"{source}: kv_channels={self.kv_channels} with partial_rotary_factor={self.partial_rotary_factor} "
+                "does not give an even number of rotary channels"
+            )
         for name in ("hidden_size", "num_layers", "ffn_hidden_size", "padded_vocab_size", "seq_length"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{source}: {name}={getattr(self, name)} must be positive")
@@ -124,14 +143,17 @@ def read_config_json(path: str | Path) -> dict:
 
 
 def _from_transformers_glm(raw: dict, source: str) -> dict:
-    """transformers' native GLM config (model_type "glm", the "-hf" repos) in ChatGLM's key names.
+    """transformers' native GLM configs in ChatGLM's key names: model_type "glm" (GlmForCausalLM:
+    the "-hf" repos, GLM-Edge) and "glm4" (Glm4ForCausalLM: GLM-4-0414, the GLM block with
+    sandwich norms).
 
-    The network is the same; only the names differ. Rotary: rope_theta is the full base and only
-    partial_rotary_factor 0.5 of each head rotates, as in ChatGLM.
+    Rotary: rope_theta is the full base; partial_rotary_factor of each head rotates (0.5 as in
+    ChatGLM unless the config says otherwise; GLM-Edge: 1.0).
     """
     rope = {**raw, **(raw.get("rope_parameters") or {})}
-    if rope.get("partial_rotary_factor", 0.5) != 0.5:
-        raise ConfigError(f"{source}: partial_rotary_factor={rope['partial_rotary_factor']!r} is not supported (only 0.5)")
+    factor = rope.get("partial_rotary_factor", 0.5)
+    if not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+        raise ConfigError(f"{source}: partial_rotary_factor={factor!r} must be a number in (0, 1]")
     if rope.get("rope_type", "default") != "default" or raw.get("rope_scaling"):
         raise ConfigError(f"{source}: rope scaling {raw.get('rope_scaling') or rope.get('rope_type')!r} is not supported")
     if raw.get("hidden_act", "silu") != "silu":
@@ -152,10 +174,12 @@ def _from_transformers_glm(raw: dict, source: str) -> dict:
             "layernorm_epsilon": raw.get("rms_norm_eps", 1e-5),
             "add_qkv_bias": raw.get("attention_bias", True),
             "rope_ratio": rope.get("rope_theta", 10000.0) / 10000.0,
+            "partial_rotary_factor": float(factor),
+            "sandwich_norms": raw.get("model_type") == "glm4",
             "tie_word_embeddings": raw.get("tie_word_embeddings", False),
             "torch_dtype": raw.get("torch_dtype") or raw.get("dtype") or "bfloat16",
             "eos_token_id": raw.get("eos_token_id"),
             "pad_token_id": raw.get("pad_token_id"),
         }
     except KeyError as e:
-        raise ConfigError(f"{source}: model_type 'glm' config lacks {e.args[0]!r}") from None
+        raise ConfigError(f"{source}: model_type {raw.get('model_type')!r} config lacks {e.args[0]!r}") from None

@@ -7,12 +7,15 @@ options into sampling settings and runs the generation core.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .chat import ChatModel, load, resized_cache
+from .config import GLMConfig
 from .families import Tokenizer
 from .generate import SamplingConfig, generate_batch
 from .hub import resolve_checkpoint
@@ -62,6 +65,19 @@ def _device_from_map(device_map) -> str | None:
     return str(device_map)
 
 
+def dropin_config(config: GLMConfig, raw: dict) -> GLMConfig:
+    """The drop-in model's `config`: a copy of the network's GLMConfig with every key of the
+    checkpoint's config.json as an attribute, the file's value where both have one (as the
+    reference's config shows them: `multi_query_attention`, `seq_length`, `rope_ratio`, the
+    eos_token_id list, ...). The network keeps its own config. Keys that name one of GLMConfig's
+    computed properties (`head_dim` of the "-hf" configs) are read through the property."""
+    out = dataclasses.replace(config)
+    for key, value in raw.items():
+        if not isinstance(getattr(GLMConfig, key, None), property):
+            setattr(out, key, copy.deepcopy(value))
+    return out
+
+
 class CausalLMOutput(NamedTuple):
     logits: torch.Tensor
     past_key_values: PastKeyValues | None = None
@@ -95,7 +111,7 @@ class ChatGLMForConditionalGeneration(nn.Module):
     def __init__(self, chat_model: ChatModel):
         super().__init__()
         self.transformer = chat_model.model
-        self.config = chat_model.config
+        self.config = dropin_config(chat_model.config, chat_model.raw_config)
         self.family = chat_model.family
         self._engine = chat_model
         self.eval()

@@ -13,7 +13,7 @@ from .checkpoint import CheckpointError
 
 DEFAULT_MODEL = "THUDM/chatglm3-6b"
 TOKENIZER_MODELS = ("tokenizer.model", "tokenizer.json")  # what a tokenizer is built from (one of them)
-TOKENIZER_FILES = (*TOKENIZER_MODELS, "tokenizer_config.json")
+TOKENIZER_FILES = (*TOKENIZER_MODELS, "tokenizer_config.json", "chat_template.jinja")  # GLM-4-0414: the template file
 
 
 def resolve_checkpoint(path_or_id: str | os.PathLike, *, weights: bool = True, revision: str | None = None) -> Path:

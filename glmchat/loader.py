@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +123,9 @@ def load_weights(model: GLMTransformer, files: list[Path], progress: bool = True
                     else:
                         copy_converting(param, tensor)
                 loaded.add(target)
+    if model.config.tie_word_embeddings:  # the output layer is the embedding, whatever the files hold
+        model.tie_weights()
+        loaded.update(name for name in params if name.startswith("output."))
     missing = sorted(set(params) - loaded)
     if missing:
         raise CheckpointError(
@@ -205,6 +208,7 @@ class Loaded:
     tokenizer: Any  # the family's tokenizer; None only for random weights without tokenizer files at hand
     info: LoadInfo
     directory: Path | None  # where the checkpoint (or, for random weights, its config/tokenizer) lies
+    raw_config: dict = field(default_factory=dict)  # config.json as read (every key, for the drop-in's model.config)
 
 
 def load_checkpoint(
@@ -227,7 +231,7 @@ def load_checkpoint(
     quantizes the Linear weights tensor by tensor while loading; a checkpoint saved by
     `glmchat quantize` loads in its own quantization.
     """
-    model, info, (directory, _, config, family) = _load(
+    model, info, (directory, raw, config, family) = _load(
         path_or_id, device=device, dtype=dtype, random_weights=random_weights, seed=seed, quantize=quantize,
         group_size=group_size, progress=progress)
     if random_weights and directory is None:
@@ -237,7 +241,7 @@ def load_checkpoint(
             pass
     has_tokenizer = directory is not None and any((directory / f).exists() for f in TOKENIZER_MODELS)
     tokenizer = family.load_tokenizer(directory) if has_tokenizer or not random_weights else None
-    return Loaded(model, config, family, tokenizer, info, directory)
+    return Loaded(model, config, family, tokenizer, info, directory, dict(raw))
 
 
 def load_model(
@@ -276,9 +280,11 @@ def _load(path_or_id, *, device, dtype, random_weights: bool, seed: int, quantiz
     model = empty_model(config, dtype, device, quantization)
     if random_weights:
         init_random_weights(model, seed)
+        model.tie_weights()
     else:
         load_weights(model, files, progress=progress)
     kernels.install(model)
-    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    tensors = {t.data_ptr(): t for t in model.state_dict().values()}  # a tied output layer counts once
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     info = LoadInfo(os.fspath(path_or_id), time.perf_counter() - start, nbytes, random_weights, quantization)
     return model, info, located

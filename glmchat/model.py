@@ -2,8 +2,12 @@
 
 A pre-norm decoder: token embedding, `num_layers` blocks of
 `x + Attention(RMSNorm(x))` then `x + MLP(RMSNorm(x))`, a final RMSNorm and the output layer.
-Attention is grouped-query (multi_query_group_num KV heads), rotary positions touch only the
-first half of each head, in interleaved pairs. See ../shared/spec/chatglm3.md.
+Attention is grouped-query (multi_query_group_num KV heads), rotary positions touch the first
+`rotary_dim` channels of each head (half of it; all of it in GLM-Edge), in interleaved pairs.
+See ../shared/spec/chatglm3.md.
+
+Two variants, both set by the config: GLM-4-0414's sandwich norms (`x + RMSNorm(Attention(RMSNorm(x)))`,
+the same around the MLP) and GLM-Edge's tied embeddings (the output layer is the embedding).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ class RMSNorm(nn.Module):
 
 def rotary_table(config: GLMConfig, device=None) -> torch.Tensor:
     """cos/sin for every position: [seq_length, n/2, 2], computed in float32."""
-    n = config.head_dim // 2  # only the first half of each head rotates
+    n = config.rotary_dim  # only the first n channels of each head rotate
     theta = 1.0 / (config.rope_base ** (torch.arange(0, n, 2, dtype=torch.float32, device=device) / n))
     positions = torch.arange(config.seq_length, dtype=torch.float32, device=device) / config.rope_position_divisor
     angles = torch.outer(positions, theta)
@@ -141,14 +145,20 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: GLMConfig, layer_idx: int):
         super().__init__()
-        self.attn_norm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        eps = config.layernorm_epsilon
+        self.attn_norm = RMSNorm(config.hidden_size, eps)
         self.attn = Attention(config, layer_idx)
-        self.mlp_norm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.mlp_norm = RMSNorm(config.hidden_size, eps)
         self.mlp = MLP(config)
+        # GLM-4-0414's sandwich norms: each sublayer's output is normalized before its residual add.
+        self.post_attn_norm = RMSNorm(config.hidden_size, eps) if config.sandwich_norms else None
+        self.post_mlp_norm = RMSNorm(config.hidden_size, eps) if config.sandwich_norms else None
 
     def forward(self, x, rope, step, cache):
-        x = x + self.attn(self.attn_norm(x), rope, step, cache)
-        return x + self.mlp(self.mlp_norm(x))
+        h = self.attn(self.attn_norm(x), rope, step, cache)
+        x = x + (h if self.post_attn_norm is None else self.post_attn_norm(h))
+        h = self.mlp(self.mlp_norm(x))
+        return x + (h if self.post_mlp_norm is None else self.post_mlp_norm(h))
 
 
 class GLMTransformer(nn.Module):
@@ -161,6 +171,17 @@ class GLMTransformer(nn.Module):
         self.output = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
         self.register_buffer("rope", rotary_table(config), persistent=False)
         self._compiled_decode = None
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """With tie_word_embeddings, make the output layer the embedding (one tensor; a quantized
+        output layer gets the embedding quantized). Call again once the embedding is filled."""
+        if not self.config.tie_word_embeddings:
+            return
+        if isinstance(self.output, nn.Linear):
+            self.output.weight = self.embed.weight
+        elif self.embed.weight.device.type != "meta":
+            self.output.set_weight(self.embed.weight.detach())
 
     def reset_rotary(self) -> None:
         """Recompute the rotary table (after weights were materialized from the meta device)."""

@@ -4,7 +4,9 @@ Official ChatGLM names (transformer.encoder.layers.N.self_attention.query_key_va
 map to our module names (layers.N.attn.qkv.weight, ...) and back, quantized checkpoints' buffers
 (qweight, scales, scales_zeros) included. transformers' native GLM names ("-hf" repos:
 model.layers.N.self_attn.q_proj.weight, ...) map to the official ones, with q/k/v joined into
-query_key_value. `sanitize` applies all of it where tensors enter the loader.
+query_key_value. GLM-4-0414's sandwich norms (post_self_attn_layernorm, post_mlp_layernorm) exist
+only in transformers' layout; their "official" names here are the same words in ChatGLM's
+prefix. `sanitize` applies all of it where tensors enter the loader.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ _NAME_PATTERNS = [
     (r"transformer\.encoder\.layers\.(\d+)\.self_attention\.query_key_value\.(weight|bias)", "layers.{}.attn.qkv.{}"),
     (r"transformer\.encoder\.layers\.(\d+)\.self_attention\.dense\.weight", "layers.{}.attn.dense.weight"),
     (r"transformer\.encoder\.layers\.(\d+)\.post_attention_layernorm\.weight", "layers.{}.mlp_norm.weight"),
+    (r"transformer\.encoder\.layers\.(\d+)\.post_self_attn_layernorm\.weight", "layers.{}.post_attn_norm.weight"),
+    (r"transformer\.encoder\.layers\.(\d+)\.post_mlp_layernorm\.weight", "layers.{}.post_mlp_norm.weight"),
     (r"transformer\.encoder\.layers\.(\d+)\.mlp\.dense_h_to_4h\.weight", "layers.{}.mlp.gate_up.weight"),
     (r"transformer\.encoder\.layers\.(\d+)\.mlp\.dense_4h_to_h\.weight", "layers.{}.mlp.down.weight"),
     (r"transformer\.encoder\.final_layernorm\.weight", "norm.weight"),
@@ -75,6 +79,8 @@ _HF_SIMPLE = {
     "input_layernorm.weight": "input_layernorm.weight",
     "self_attn.o_proj.weight": "self_attention.dense.weight",
     "post_attention_layernorm.weight": "post_attention_layernorm.weight",
+    "post_self_attn_layernorm.weight": "post_self_attn_layernorm.weight",  # GLM-4-0414
+    "post_mlp_layernorm.weight": "post_mlp_layernorm.weight",  # GLM-4-0414
     "mlp.gate_up_proj.weight": "mlp.dense_h_to_4h.weight",
     "mlp.down_proj.weight": "mlp.dense_4h_to_h.weight",
 }

@@ -35,3 +35,25 @@ KNOWN_CONFIGS.update({
         "torch_dtype": "bfloat16", "eos_token_id": [151329, 151336, 151338], "pad_token_id": 151329,
     },
 })
+_GLM_EDGE = {  # GlmForCausalLM with full rotary, no attention bias
+    "model_type": "glm", "hidden_size": 2048, "num_hidden_layers": 28, "num_attention_heads": 16,
+    "num_key_value_heads": 4, "head_dim": 128, "intermediate_size": 6144, "vocab_size": 59264,
+    "max_position_embeddings": 8192, "rms_norm_eps": 1e-05, "rope_theta": 10000.0, "partial_rotary_factor": 1.0,
+    "attention_bias": False, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+    "eos_token_id": [59246, 59253, 59255], "pad_token_id": 59246,
+}
+KNOWN_CONFIGS.update({
+    "THUDM/GLM-4-9B-0414": {  # Glm4ForCausalLM: the GLM block with sandwich norms
+        "model_type": "glm4", "hidden_size": 4096, "num_hidden_layers": 40, "num_attention_heads": 32,
+        "num_key_value_heads": 2, "head_dim": 128, "intermediate_size": 13696, "vocab_size": 151552,
+        "max_position_embeddings": 32768, "rms_norm_eps": 1e-05, "rope_theta": 10000.0,
+        "partial_rotary_factor": 0.5, "attention_bias": True, "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16", "eos_token_id": [151329, 151336, 151338], "pad_token_id": 151329,
+    },
+    "THUDM/glm-edge-1.5b-chat": _GLM_EDGE,
+    "THUDM/glm-edge-4b-chat": {
+        **_GLM_EDGE, "hidden_size": 3072, "num_attention_heads": 24, "num_key_value_heads": 6,
+        "intermediate_size": 8192, "tie_word_embeddings": False,
+    },
+})
+KNOWN_CONFIGS["THUDM/GLM-Z1-9B-0414"] = KNOWN_CONFIGS["THUDM/GLM-4-9B-0414"]  # the same network; the id names the family

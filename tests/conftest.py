@@ -19,7 +19,9 @@ from glmchat.testing import (
     make_tiny_chatglm2_checkpoint,
     make_tiny_chatglm3_base_checkpoint,
     make_tiny_checkpoint,
+    make_tiny_glm4_0414_checkpoint,
     make_tiny_glm4_checkpoint,
+    make_tiny_glm_edge_checkpoint,
     train_bpe_ranks,
     train_tokenizer,
 )
@@ -176,4 +178,41 @@ def glm4_hf_ckpt(tmp_path_factory: pytest.TempPathFactory, glm4_ranks: dict[byte
 def glm4_base_ckpt(tmp_path_factory: pytest.TempPathFactory, glm4_ranks: dict[bytes, int]) -> Iterator[Path]:
     """GLM-4-9B (the base model: no chat template)."""
     path = make_tiny_glm4_checkpoint(tmp_path_factory.mktemp("glm4_base"), ranks=glm4_ranks, chat=False)
+    yield from _shared(path)
+
+
+# ---- GLM-4-0414 and GLM-Edge -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def glm4_0414_ckpt(tmp_path_factory: pytest.TempPathFactory, glm4_ranks: dict[bytes, int]) -> Iterator[Path]:
+    """GLM-4-9B-0414 layout (Glm4ForCausalLM: sandwich norms; chat_template.jinja), seed 5."""
+    path = make_tiny_glm4_0414_checkpoint(tmp_path_factory.mktemp("glm4_0414"), ranks=glm4_ranks, seed=5,
+                                          seq_length=TINY_CONTEXT)
+    yield from _shared(path)
+
+
+@pytest.fixture(scope="session")
+def glm_z1_ckpt(tmp_path_factory: pytest.TempPathFactory, glm4_ranks: dict[bytes, int]) -> Iterator[Path]:
+    """GLM-Z1-9B-0414 layout: GLM-4-0414's network (seed 5) with the reasoning template."""
+    path = make_tiny_glm4_0414_checkpoint(tmp_path_factory.mktemp("glm_z1"), ranks=glm4_ranks, seed=5,
+                                          seq_length=TINY_CONTEXT, reasoning=True)
+    yield from _shared(path)
+
+
+@pytest.fixture(scope="session")
+def glm_edge_ckpt(tmp_path_factory: pytest.TempPathFactory, glm4_ranks: dict[bytes, int]) -> Iterator[Path]:
+    """GLM-Edge-1.5B-chat layout: full rotary, no attention bias, tied embeddings; seed 6."""
+    path = make_tiny_glm_edge_checkpoint(tmp_path_factory.mktemp("glm_edge"), ranks=glm4_ranks, seed=6,
+                                         seq_length=TINY_CONTEXT)
+    yield from _shared(path)
+
+
+@pytest.fixture(scope="session")
+def glm_edge_4b_ckpt(tmp_path_factory: pytest.TempPathFactory, glm4_ranks: dict[bytes, int]) -> Iterator[Path]:
+    """GLM-Edge-4B-chat layout: like the 1.5B but an untied lm_head and a second shape (6 heads, 3 KV groups)."""
+    path = make_tiny_glm_edge_checkpoint(tmp_path_factory.mktemp("glm_edge_4b"), name="THUDM/glm-edge-4b-chat",
+                                         ranks=glm4_ranks, seed=7, hidden_size=72, num_attention_heads=6,
+                                         kv_channels=12, multi_query_group_num=3, tie_word_embeddings=False,
+                                         seq_length=TINY_CONTEXT)
     yield from _shared(path)

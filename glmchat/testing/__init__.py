@@ -17,7 +17,12 @@ from .tiny_chatglm import (
     train_tokenizer,
     write_weights,
 )
-from .tiny_glm4 import make_tiny_glm4_checkpoint, train_bpe_ranks
+from .tiny_glm4 import (
+    make_tiny_glm4_0414_checkpoint,
+    make_tiny_glm4_checkpoint,
+    make_tiny_glm_edge_checkpoint,
+    train_bpe_ranks,
+)
 
 __all__ = [
     "DEFAULT_VOCAB_SIZE",
@@ -26,7 +31,9 @@ __all__ = [
     "make_tiny_chatglm2_checkpoint",
     "make_tiny_chatglm3_base_checkpoint",
     "make_tiny_checkpoint",
+    "make_tiny_glm4_0414_checkpoint",
     "make_tiny_glm4_checkpoint",
+    "make_tiny_glm_edge_checkpoint",
     "random_weights",
     "train_bpe_ranks",
     "train_tokenizer",

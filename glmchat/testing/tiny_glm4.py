@@ -4,6 +4,12 @@
   trained here on the bundled corpus, GLM-4's specials after the ranks.
 - GLM-4-9B-chat-hf: transformers' native names (model.layers.N.self_attn.q_proj, ...), model_type
   "glm", and the same vocabulary as a byte-level BPE ``tokenizer.json``.
+- GLM-4-9B-0414 (``make_tiny_glm4_0414_checkpoint``): model_type "glm4" (Glm4ForCausalLM), the -hf
+  names plus each layer's sandwich norms (post_self_attn_layernorm, post_mlp_layernorm), a
+  ``tokenizer.json`` and the chat template in ``chat_template.jinja``.
+- GLM-Edge-1.5B-chat (``make_tiny_glm_edge_checkpoint``): model_type "glm" with full rotary
+  (partial_rotary_factor 1.0), no attention bias, tied embeddings (no lm_head tensor), a
+  ``tokenizer.json`` and its own template (no ``[gMASK]<sop>``) in ``tokenizer_config.json``.
 """
 
 from __future__ import annotations
@@ -247,3 +253,229 @@ def make_tiny_glm4_checkpoint(
     tok_config = {"name_or_path": name, **_glm4_tokenizer_config(n, chat, hf)}
     (out / "tokenizer_config.json").write_text(json.dumps(tok_config, indent=2, ensure_ascii=False) + "\n")
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# GLM-4-0414 and GLM-Edge: transformers-native layouts only
+
+# GLM-4-9B-0414's chat_template.jinja: tools come as apply_chat_template(tools=...), system
+# messages first, a tool call is an assistant message with "metadata" (the tool's name).
+GLM4_0414_CHAT_TEMPLATE = """[gMASK]<sop>
+{%- if tools -%}
+<|system|>
+# 可用工具
+{% for tool in tools %}
+    {%- set function = tool.function if tool.get("function") else tool %}
+
+## {{ function.name }}
+
+{{ function | tojson(indent=4, ensure_ascii=False) }}
+在调用上述函数时，请使用 Json 格式表示调用的参数。
+{%- endfor %}
+{%- endif -%}
+
+{%- for msg in messages %}
+    {%- if msg.role == 'system' %}
+<|system|>
+{{ msg.content }}
+    {%- endif %}
+{%- endfor %}
+
+{%- for message in messages if message.role != 'system' %}
+    {%- set role = message['role'] %}
+    {%- set content = message['content'] %}
+    {%- set meta = message.get("metadata", "") %}
+
+    {%- if role == 'user' %}
+<|user|>
+{{ content }}
+    {%- elif role == 'assistant' and not meta %}
+<|assistant|>
+{{ content }}
+    {%- elif role == 'assistant' and meta %}
+<|assistant|>{{ meta }}
+{{ content }}
+    {%- elif role == 'observation' %}
+<|observation|>
+{{ content }}
+    {%- endif %}
+{%- endfor %}
+{% if add_generation_prompt %}<|assistant|>{% endif %}"""
+
+# GLM-Z1-9B-0414's chat_template.jinja: as GLM-4-0414's, with the ChatGLM preamble before the tools,
+# earlier replies shown after their "</think>", and the reply opened with "<think>".
+GLM_Z1_CHAT_TEMPLATE = """[gMASK]<sop>
+{%- if tools -%}
+<|system|>
+你是一个名为 ChatGLM 的人工智能助手。你是基于智谱 AI 公司训练的语言模型 GLM-4 模型开发的，你的任务是针对用户的问题和要求提供适当的答复和支持。
+
+# 可用工具
+{%- for tool in tools %}
+    {%- set function = tool.function if tool.get("function") else tool %}
+
+## {{ function.name }}
+
+{{ function | tojson(indent=4, ensure_ascii=False) }}
+在调用上述函数时，请使用 Json 格式表示调用的参数。
+{%- endfor %}
+{%- endif -%}
+
+{%- for msg in messages %}
+    {%- if msg.role == 'system' %}
+<|system|>
+{{ msg.content }}
+    {%- endif %}
+{%- endfor %}
+
+{%- for message in messages if message.role != 'system' %}
+    {%- set role = message['role'] %}
+    {%- set content = message['content'] %}
+    {%- set visible = content.split('</think>')[-1].strip() %}
+    {%- set meta = message.get("metadata", "") %}
+
+    {%- if role == 'user' %}
+<|user|>
+{{ visible }}
+    {%- elif role == 'assistant' and not meta %}
+<|assistant|>
+{{ visible }}
+    {%- elif role == 'assistant' and meta %}
+<|assistant|>{{ meta }}
+{{ visible }}
+    {%- elif role == 'observation' %}
+<|observation|>
+{{ visible }}
+    {%- endif %}
+{%- endfor %}
+{% if add_generation_prompt %}<|assistant|>
+<think>{% endif %}"""
+
+# GLM-Edge-1.5B/4B-chat's template (tokenizer_config.json): no [gMASK]<sop>, no tools, and the
+# assistant turn is always opened.
+GLM_EDGE_CHAT_TEMPLATE = (
+    "{% for item in messages %}{% if item['role'] == 'system' %}<|system|>\n{{ item['content'] }}"
+    "{% elif item['role'] == 'user' %}<|user|>\n{{ item['content'] }}"
+    "{% elif item['role'] == 'assistant' %}<|assistant|>\n{{ item['content'] }}"
+    "{% endif %}{% endfor %}<|assistant|>"
+)
+
+
+def to_glm4_names(tensors: dict[str, torch.Tensor], generator: torch.Generator, hidden: int) -> dict[str, torch.Tensor]:
+    """GlmForCausalLM names plus Glm4ForCausalLM's two sandwich norms per layer (random, around 1)."""
+    out = dict(tensors)
+    layers = sorted({int(k.split(".")[2]) for k in tensors if k.startswith("model.layers.")})
+    for i in layers:
+        for norm in ("post_self_attn_layernorm", "post_mlp_layernorm"):
+            out[f"model.layers.{i}.{norm}.weight"] = torch.randn(hidden, generator=generator) * 0.1 + 1.0
+    return out
+
+
+def _hf_tokenizer_config(n: int, template: str | None) -> dict:
+    config = _glm4_tokenizer_config(n, chat=template is not None, hf=True)
+    config.pop("chat_template", None)
+    if template is not None:
+        config["chat_template"] = template
+    return config
+
+
+def _write_hf_checkpoint(out: Path, *, name: str, config: dict, tensors: dict, ranks: dict, tok_config: dict,
+                         template_file: str | None = None) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    write_tokenizer_json(out, ranks)
+    write_weights(out, {k: v.contiguous() for k, v in tensors.items()}, "safetensors", 1)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out / "tokenizer_config.json").write_text(
+        json.dumps({"name_or_path": name, **tok_config}, indent=2, ensure_ascii=False) + "\n")
+    if template_file is not None:
+        (out / "chat_template.jinja").write_text(template_file)
+    return out
+
+
+def _hf_base_tensors(seed, padded, hidden_size, num_layers, heads, kv_channels, groups, ffn):
+    generator = torch.Generator().manual_seed(seed)
+    tensors = random_weights(generator, vocab=padded, hidden=hidden_size, num_layers=num_layers, heads=heads,
+                             kv_channels=kv_channels, groups=groups, ffn=ffn)
+    return generator, to_hf_names(tensors, heads, groups, kv_channels)
+
+
+def make_tiny_glm4_0414_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_attention_heads: int = 4,
+    kv_channels: int = 16,
+    multi_query_group_num: int = 2,
+    ffn_hidden_size: int = 96,
+    layernorm_epsilon: float = 1e-5,
+    seq_length: int = 512,
+    rope_theta: float = 10000.0,
+    dtype: torch.dtype = torch.float32,
+    ranks: dict[bytes, int] | None = None,
+    reasoning: bool = False,
+) -> Path:
+    """A random THUDM/GLM-4-9B-0414-layout checkpoint (Glm4ForCausalLM, chat_template.jinja);
+    reasoning: THUDM/GLM-Z1-9B-0414's (the same network, the Z1 template)."""
+    ranks = ranks or train_bpe_ranks()
+    n = len(ranks)
+    padded = math.ceil((n + len(SPECIAL_TOKENS)) / 64) * 64
+    generator, tensors = _hf_base_tensors(seed, padded, hidden_size, num_layers, num_attention_heads, kv_channels,
+                                          multi_query_group_num, ffn_hidden_size)
+    tensors = {k: v.to(dtype) for k, v in to_glm4_names(tensors, generator, hidden_size).items()}
+    config = {
+        "architectures": ["Glm4ForCausalLM"], "model_type": "glm4", "attention_bias": True,
+        "attention_dropout": 0.0, "eos_token_id": [n, n + 7, n + 9], "head_dim": kv_channels, "hidden_act": "silu",
+        "hidden_size": hidden_size, "initializer_range": 0.02, "intermediate_size": ffn_hidden_size,
+        "max_position_embeddings": seq_length, "num_attention_heads": num_attention_heads,
+        "num_hidden_layers": num_layers, "num_key_value_heads": multi_query_group_num, "pad_token_id": n,
+        "partial_rotary_factor": 0.5, "rms_norm_eps": layernorm_epsilon, "rope_theta": rope_theta,
+        "tie_word_embeddings": False, "torch_dtype": str(dtype).removeprefix("torch."),
+        "transformers_version": "4.51.3", "use_cache": True, "vocab_size": padded,
+    }
+    name = "THUDM/GLM-Z1-9B-0414" if reasoning else "THUDM/GLM-4-9B-0414"
+    template = GLM_Z1_CHAT_TEMPLATE if reasoning else GLM4_0414_CHAT_TEMPLATE
+    return _write_hf_checkpoint(Path(path), name=name, config=config, tensors=tensors, ranks=ranks,
+                                tok_config=_hf_tokenizer_config(n, None), template_file=template)
+
+
+def make_tiny_glm_edge_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    name: str = "THUDM/glm-edge-1.5b-chat",
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_attention_heads: int = 4,
+    kv_channels: int = 16,
+    multi_query_group_num: int = 2,
+    ffn_hidden_size: int = 96,
+    layernorm_epsilon: float = 1e-5,
+    seq_length: int = 512,
+    rope_theta: float = 10000.0,
+    tie_word_embeddings: bool = True,
+    dtype: torch.dtype = torch.float32,
+    ranks: dict[bytes, int] | None = None,
+) -> Path:
+    """A random THUDM/glm-edge-*-chat-layout checkpoint: GlmForCausalLM with full rotary, no
+    attention bias and (1.5B) tied embeddings; its template in tokenizer_config.json."""
+    ranks = ranks or train_bpe_ranks()
+    n = len(ranks)
+    padded = math.ceil((n + len(SPECIAL_TOKENS)) / 64) * 64
+    _, tensors = _hf_base_tensors(seed, padded, hidden_size, num_layers, num_attention_heads, kv_channels,
+                                  multi_query_group_num, ffn_hidden_size)
+    tensors = {k: v.to(dtype) for k, v in tensors.items() if not k.endswith("_proj.bias")}
+    if tie_word_embeddings:
+        del tensors["lm_head.weight"]
+    config = {
+        "architectures": ["GlmForCausalLM"], "model_type": "glm", "attention_bias": False,
+        "attention_dropout": 0.0, "eos_token_id": [n, n + 7, n + 9], "head_dim": kv_channels, "hidden_act": "silu",
+        "hidden_size": hidden_size, "initializer_range": 0.02, "intermediate_size": ffn_hidden_size,
+        "max_position_embeddings": seq_length, "num_attention_heads": num_attention_heads,
+        "num_hidden_layers": num_layers, "num_key_value_heads": multi_query_group_num, "pad_token_id": n,
+        "partial_rotary_factor": 1.0, "rms_norm_eps": layernorm_epsilon, "rope_theta": rope_theta,
+        "tie_word_embeddings": tie_word_embeddings, "torch_dtype": str(dtype).removeprefix("torch."),
+        "transformers_version": "4.47.0.dev0", "use_cache": True, "vocab_size": padded,
+    }
+    return _write_hf_checkpoint(Path(path), name=name, config=config, tensors=tensors, ranks=ranks,
+                                tok_config=_hf_tokenizer_config(n, GLM_EDGE_CHAT_TEMPLATE))
