@@ -248,6 +248,21 @@ def test_reply_cuts_at_a_stop_string_and_reads_tool_calls(tok):
         [], "get_weather\n```python\nnot a call\n```")
 
 
+def test_stop_strings_are_matched_in_the_visible_text_not_in_special_token_names(tok):
+    """`<|assistant|>` separates segments (shown as a blank line): stop="a" must not cut inside it."""
+    ids = tok.encode("Hi", add_special_tokens=False) + [tok.get_command("<|assistant|>")]
+    ids += tok.encode("\nyes, a dog", add_special_tokens=False)
+    whole = "".join(feed(server_text(tok, False), ids))
+    assert whole == "Hi\n\nyes, a dog"
+    for stops, shown in ((["a", "e"], "Hi\n\ny"), (["a"], "Hi\n\nyes,"), (["|"], whole), (["<"], whole), (["dog"], "Hi\n\nyes, a"),
+                         ([", a"], "Hi\n\nyes")):
+        text = server_text(tok, False, stop_strings=stops)
+        deltas = "".join(feed(text, ids))
+        assert deltas == shown and whole.startswith(deltas) and "<|" not in deltas
+        assert text.stopped == (shown != whole)
+        assert reply_tool_calls(ChatGLM3(), text.text) == ([], "")  # a cut reply ends in text
+
+
 # ---- the HTTP server -------------------------------------------------------------------------
 
 def test_models_and_health(server):
@@ -291,6 +306,17 @@ def test_stop_string_cuts_the_reply(server, model, tok):
         model="x", messages=user(TEXTS[2]), temperature=0, max_tokens=60, stop=[stop])
     assert r.choices[0].message.content == full[: full.index(stop)].strip()
     assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < 60
+
+
+@pytest.mark.parametrize("text", TEXTS[:4])
+def test_greedy_answer_with_stop_strings_is_a_prefix_of_the_one_without(server, text):
+    def answer(**kw):
+        r = client(server.url).chat.completions.create(model="x", messages=user(text), temperature=0, max_tokens=60, **kw)
+        return r.choices[0].message.content
+    full = answer()
+    for stop in (["a", "e"], ["<", "|"], ["\n"], [" "], ["o", "t", "。", "，"]):
+        cut = answer(stop=stop)
+        assert full.startswith(cut) and not any(s in cut for s in stop) and "<|" not in cut, (stop, cut, full)
 
 
 def test_seeded_sampling_repeats(server):
@@ -433,9 +459,27 @@ HI = [{"role": "user", "content": "hi"}]
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
     ({"messages": [*HI, {"role": "assistant", "tool_calls": [{"type": "function", "function": {
         "name": "f", "arguments": "{not json"}}]}]}, "messages[1].tool_calls[0].function.arguments"),
+    # the fuzz run's 500s and silently accepted values (issue item 6)
+    ({"messages": [{"role": "user", "content": "\ud800 x \udfff"}]}, "messages[0].content"),
+    ({"messages": HI, "seed": 1180591620717411303424}, "seed"),
+    ({"messages": HI, "logprobs": True}, "logprobs"),
+    ({"messages": HI, "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": HI, "max_tokens": True}, "max_tokens"),
+    ({"messages": HI, "temperature": True}, "temperature"),
+    ({"messages": HI, "n": True}, "n"),
+    ({"messages": HI, "seed": True}, "seed"),
+    ({"messages": HI, "stream": "yes"}, "stream"),
+    ({"messages": HI, "top_k": "a"}, "top_k"),
+    ({"messages": HI, "top_k": -1}, "top_k"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content"),
+    ({"messages": [*HI, {"role": "assistant"}]}, "messages[1].content"),
+    ({"messages": HI, "presence_penalty": 0.5}, "presence_penalty"),
+    ({"messages": HI, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": HI, "stop": ["\udfff"]}, "stop[0]"),
 ])
 def test_bad_fields_are_named(server, body, param):
-    r = httpx.post(server.url + "/v1/chat/completions", json=body)
+    r = httpx.post(server.url + "/v1/chat/completions", content=json.dumps(body),  # ASCII, surrogates escaped
+                   headers={"content-type": "application/json"})
     assert r.status_code == 400
     error = r.json()["error"]
     assert error["param"] == param and error["message"].startswith(param)
@@ -472,7 +516,15 @@ def test_api_key(model, tok):
         garbage = httpx.post(s.url + "/v1/chat/completions", content="{oops", headers={"content-type": "application/json"})
         assert garbage.status_code == 401  # the key is checked before the body is read
         assert client(s.url, api_key="s3cret").chat.completions.create(model="x", messages=HI, max_tokens=2).choices
-        assert httpx.get(s.url + "/health").status_code == 200
+        # /health stays open as a liveness probe but tells only that; the details need the key
+        assert httpx.get(s.url + "/health").json() == {"status": "ok"}
+        assert httpx.get(s.url + "/health", headers={"Authorization": "Bearer wrong"}).json() == {"status": "ok"}
+        full = httpx.get(s.url + "/health", headers={"Authorization": "Bearer s3cret"}).json()
+        assert full["model"] == "tiny" and "running" in full
+        # the chat page is static, holds no data and asks for the key itself: open
+        page = httpx.get(s.url + "/")
+        assert page.status_code == 200 and 'id="api-key"' in page.text
+        assert httpx.get(s.url + "/static/app.js").status_code == 200
 
 
 def test_full_queue_is_a_503_not_a_backlog(model, tok):

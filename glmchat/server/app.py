@@ -34,6 +34,7 @@ class APIError(Exception):
 
 
 def error_response(status: int, message: str, type: str = "invalid_request_error", param=None, code=None, headers=None):
+    message, param = _printable(message), None if param is None else _printable(param)
     body = {"error": {"message": message, "type": type, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -55,7 +56,9 @@ def create_app(engine: Engine, tokenizer, family: Family, *, model_id: str, api_
         app.add_middleware(RequireKey, key=api_key)
 
     @app.get("/health")
-    def health():
+    def health(request: Request):
+        if api_key is not None and not key_matches(request.headers, api_key):
+            return {"status": "ok"}  # open as a liveness probe; the details need the key
         return {
             "status": "ok", "model": model_id, "running": engine.running, "queued": engine.queued,
             "max_batch": engine.cache.rows, "steps": engine.steps, "peak_batch": engine.peak_batch,
@@ -94,16 +97,32 @@ def create_app(engine: Engine, tokenizer, family: Family, *, model_id: str, api_
     return app
 
 
+def _printable(text: str) -> str:
+    """text that JSON-encodes as UTF-8: a lone surrogate a client sent becomes its escape."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def key_matches(headers: Headers, key: str) -> bool:
+    given = headers.get("authorization", "").removeprefix("Bearer ").strip()
+    return secrets.compare_digest(given.encode(), key.encode())
+
+
 class RequireKey:
-    """ASGI middleware: /v1/ needs `Authorization: Bearer KEY`, checked before the body is even read."""
+    """ASGI middleware: /v1/ needs `Authorization: Bearer KEY`, checked before the body is even read.
+
+    Open without it: `/` and `/static/` (the chat page holds no data and asks for the key itself)
+    and `/health`, which then only says `{"status": "ok"}` (a liveness probe; the model id and load
+    counters need the key).
+    """
 
     def __init__(self, app, key: str):
-        self.app, self.key = app, key.encode()
+        self.app, self.key = app, key
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            given = Headers(scope=scope).get("authorization", "").removeprefix("Bearer ").strip()
-            if not secrets.compare_digest(given.encode(), self.key):
+            headers = Headers(scope=scope)
+            if not key_matches(headers, self.key):
+                given = headers.get("authorization", "").removeprefix("Bearer ").strip()
                 what = "Missing API key" if not given else "Incorrect API key provided"
                 response = error_response(401, f"{what}: send it as 'Authorization: Bearer KEY'", code="invalid_api_key")
                 return await response(scope, receive, send)
@@ -190,7 +209,8 @@ def _start(engine: Engine, tokenizer, family: Family, body: ChatRequest) -> Gene
     _check_logit_bias(body.logit_bias or {}, engine.model.config.padded_vocab_size)
     defaults = SamplingConfig()
     sampling = SamplingConfig(temperature=defaults.temperature if body.temperature is None else body.temperature,
-                              top_p=defaults.top_p if body.top_p is None else body.top_p, seed=body.seed)
+                              top_p=defaults.top_p if body.top_p is None else body.top_p,
+                              top_k=defaults.top_k if body.top_k is None else body.top_k, seed=body.seed)
     tools = bool(body.active_tools())
     visible = functools.partial(family.visible_text, tool_calls=tools)
     text = TextStream(tokenizer, visible, stop_ids=family.stop_ids(tokenizer), stop_strings=stop_strings)
@@ -290,7 +310,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
-        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+        message = str(exc.detail)
+        if exc.status_code == 400 and message == "There was an error parsing the body":  # FastAPI's, for any reason
+            message = "the request body could not be read as JSON (invalid UTF-8, or nested too deeply)"
+        return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def unexpected(request, exc: Exception):
