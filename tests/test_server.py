@@ -491,6 +491,109 @@ def test_malformed_json_is_a_400(server, body):
     assert r.status_code == 400 and r.json()["error"]["message"]
 
 
+NAN, INF = float("nan"), float("inf")
+WRONG = {  # per kind of field: values of the wrong type, non-finite numbers, lone surrogates
+    "number": [True, False, "a", "1", [], {}, NAN, INF, -INF],
+    "int": [True, False, "a", "1", 1.5, [], {}, NAN, INF, -INF],
+    "bool": ["yes", "true", 1, 0, 1.5, [], {}, NAN],
+    "text": [5, 1.5, True, {}, NAN, "\ud800 x \udfff"],
+    "mapping": [5, 1.5, True, "a", [], NAN],
+}
+FIELDS = {  # field path -> (kind, more values of the right type that are still wrong)
+    "temperature": ("number", [-0.1, 2.5, 1e308 * 10]), "top_p": ("number", [0, 1.01, -1]),
+    "presence_penalty": ("number", [0.5]), "frequency_penalty": ("number", [-1]),
+    "max_tokens": ("int", [0, -5, 10**30]), "max_completion_tokens": ("int", [0, 10**30]),
+    "top_k": ("int", [-1]), "n": ("int", [0, 2]), "seed": ("int", [2**63, -(2**63) - 1, 1180591620717411303424]),
+    "top_logprobs": ("int", [0, 5]),
+    "stream": ("bool", []), "logprobs": ("bool", [True]), "stream_options.include_usage": ("bool", []),
+    "model": ("text", [[]]), "stop": ("text", [[5], [""], "", ["a"] * 5, ["\udfff"], {"a": 1}]),
+    "messages[0].content": ("text", [[{"type": "image_url", "image_url": {"url": "x"}}], [{"type": "text"}]]),
+    "messages[0].role": ("text", ["robot", ""]), "tools[0].function.name": ("text", ["", []]),
+    "tool_choice": ("text", ["required", {"type": "function"}]),
+    "logit_bias": ("mapping", [{"a": 1}, {"1": "a"}, {"1": True}, {"1": NAN}, {"1": 1000}, {"-1": 1}, {"99999999": 1}]),
+    "messages": ("text", [[], [5], [{}], [{"role": "user"}], [{"role": "tool"}], [{"role": "assistant"}], None]),
+    "tools": ("text", [[5], [{"type": "function"}], [{"type": "x", "function": {"name": "f"}}]]),
+    "response_format": ("text", [{"type": "json_object"}]), "functions": ("text", [[{"name": "f"}]]),
+}
+VALID = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+         "stream_options": {"include_usage": False}, "tools": [{"type": "function", "function": {"name": "f"}}]}
+
+
+def _set(body: dict, path: str, value) -> dict:
+    body = json.loads(json.dumps(body))
+    *parents, last = path.replace("[0]", ".0").split(".")
+    node = body
+    for key in parents:
+        node = node[int(key)] if key.isdigit() else node[key]
+    node[int(last) if last.isdigit() else last] = value
+    return body
+
+
+def fuzzed_bodies() -> list[tuple[bytes, str | None]]:
+    """(raw body, the param the 400 must name, or None for a body that is not an object at all)."""
+    cases = []
+    for path, (kind, more) in FIELDS.items():
+        for value in WRONG[kind] + more:
+            if value is None and path != "messages":
+                continue
+            body = _set(VALID, path, value)
+            if path.startswith("stream_options"):
+                body["stream"] = True
+            param = "messages" if value == 10**30 else path.split(".")[0].split("[")[0]  # context_length_exceeded
+            cases.append((json.dumps(body).encode(), param))
+    huge = json.dumps({"messages": [{"role": "user", "content": "hi " * 300_000}]}).encode()
+    many = json.dumps({"messages": [{"role": "user", "content": "hi"}] * 20_000}).encode()
+    deep_tool = {"type": "object"}
+    for _ in range(3000):
+        deep_tool = {"properties": deep_tool}
+    cases += [
+        (b"\xff\xfe{\"messages\": 1}", None), (b'{"messages": [{"role": "user", "content": "\xc3\x28"}]}', None),
+        (b"[" * 100_000, None), (b'{"a":' * 100_000, None), (b"", None), (b"null", None), (b"[]", None), (b"5", None),
+        (b'"hi"', None), (b"{}", "messages"), (b'{"messages": NaN}', "messages"), (b'{"messages": [' + b"[" * 5000, None),
+        (huge, "messages"), (many, "messages"),
+    ]
+    try:
+        cases.append((json.dumps({**VALID, "tools": [{"type": "function", "function": {
+            "name": "f", "parameters": deep_tool}}]}).encode(), None))
+    except RecursionError:
+        pass
+    return cases
+
+
+def test_fuzzed_bad_input_gets_a_named_400_and_changes_nothing(server):
+    """≥ 200 payloads of every field's wrong type, NaN/inf, huge bodies, deep nesting, invalid
+    UTF-8: each a 4xx in OpenAI's shape naming the field, and the next answer is the same."""
+    normal = {"messages": [{"role": "user", "content": TEXTS[2]}], "temperature": 0, "max_tokens": 12}
+    url = server.url + "/v1/chat/completions"
+    cases = fuzzed_bodies()
+    assert len(cases) >= 200
+    with httpx.Client(timeout=30, headers={"content-type": "application/json"}) as http:
+        before = http.post(url, json=normal).json()["choices"][0]["message"]["content"]
+        start = time.monotonic()
+        for body, param in cases:
+            r = http.post(url, content=body)
+            assert 400 <= r.status_code < 500, (body.decode(errors="replace")[-300:], r.status_code)
+            error = r.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["message"], body[:120]
+            if param is not None:
+                assert (error["param"] or "").startswith(param), (body[:120], error)
+        assert time.monotonic() - start < 30
+        assert http.post(url, json=normal).json()["choices"][0]["message"]["content"] == before
+    assert client(server.url).chat.completions.create(**normal, model="x").choices[0].message.content == before
+
+
+def test_openai_client_gets_bad_request_errors(server):
+    with pytest.raises(openai.BadRequestError) as e:
+        client(server.url).chat.completions.create(model="x", messages=HI, max_tokens=True)
+    assert e.value.param == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as e:
+        client(server.url).chat.completions.create(model="x", messages=HI, logprobs=True, top_logprobs=2)
+    assert e.value.param == "logprobs" and e.value.code == "unsupported_parameter"
+    r = client(server.url).chat.completions.create(model="x", messages=HI, max_tokens=3, user="someone", top_p=1,
+                                                   extra_body={"top_k": 1}, seed=2**63 - 1)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
 def test_prompt_longer_than_the_context_says_by_how_much(server, tok):
     messages = user("hello world " * 2000)
     n = len(build_prompt_ids(tok, messages))

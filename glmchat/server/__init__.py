@@ -88,7 +88,9 @@ class BackgroundServer:
     def __init__(self, app, log_level: str = "warning"):
         import uvicorn
 
-        self._sock = socket.socket()
+        # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on such sockets (and on the
+        # connections they accept); without it every small request waits ~40 ms for a delayed ACK
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
         self._server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))

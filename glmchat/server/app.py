@@ -201,7 +201,7 @@ def _start(engine: Engine, tokenizer, family: Family, body: ChatRequest) -> Gene
         stop_strings = body.stop_strings()
         prompt = family.prompt_ids(tokenizer, turns)
     except BadRequest as e:
-        raise APIError(400, str(e), param=e.param) from None
+        raise APIError(400, str(e), param=e.param, code=e.code) from None
     except ValueError as e:  # a role the family lacks, or a base model without a chat template
         raise APIError(400, str(e), param="messages") from None
     max_new = body.max_completion_tokens or body.max_tokens
