@@ -610,6 +610,19 @@ def test_prompt_longer_than_the_context_says_by_how_much(server, tok):
     assert client(server.url).chat.completions.create(model="x", messages=HI, max_tokens=3).usage.completion_tokens
 
 
+def test_demo_checkpoint_context_fits_a_tools_request(tiny_ckpt_b):
+    """make_tiny_checkpoint's default context holds its own tools prompt (it once did not: 256)."""
+    from glmchat.testing.tiny_chatglm import DEMO_CONTEXT
+
+    demo = load_model(tiny_ckpt_b, dtype=torch.float32, progress=False)[0]
+    assert demo.config.seq_length == DEMO_CONTEXT
+    demo_tok = ChatGLMTokenizer.from_pretrained(tiny_ckpt_b)
+    with BackgroundServer(build_app(demo, demo_tok, ChatGLM3(), model_id="demo")) as s:
+        r = client(s.url).chat.completions.create(model="x", messages=user("What is the weather in Paris?"),
+                                                  tools=TOOLS, max_tokens=256, temperature=0)
+    assert r.usage.prompt_tokens > 256 and r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
 def test_api_key(model, tok):
     with BackgroundServer(build_app(model, tok, ChatGLM3(), model_id="tiny", api_key="s3cret")) as s:
         with pytest.raises(openai.AuthenticationError):
