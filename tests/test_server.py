@@ -623,6 +623,21 @@ def test_demo_checkpoint_context_fits_a_tools_request(tiny_ckpt_b):
     assert r.usage.prompt_tokens > 256 and r.choices[0].finish_reason in ("stop", "length", "tool_calls")
 
 
+def test_top_k_is_honoured_and_bodies_over_the_limit_are_a_413(model, tok):
+    with BackgroundServer(build_app(model, tok, ChatGLM3(), model_id="tiny", max_body_bytes=4000)) as s:
+        def answer(**kw):
+            return client(s.url).chat.completions.create(model="x", messages=user(TEXTS[2]), max_tokens=20, **kw)
+        greedy = answer(temperature=0).choices[0].message.content
+        assert answer(temperature=1.5, top_p=1, seed=7, extra_body={"top_k": 1}).choices[0].message.content == greedy
+        url = s.url + "/v1/chat/completions"
+        big = json.dumps({"messages": user("x" * 5000)}).encode()
+        for r in (httpx.post(url, content=big, headers={"content-type": "application/json"}),
+                  httpx.post(url, content=iter([big[:3000], big[3000:]]), headers={"content-type": "application/json"})):
+            assert "content-length" in r.request.headers or r.request.headers["transfer-encoding"] == "chunked"
+            assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        assert answer(temperature=0).choices[0].message.content == greedy
+
+
 def test_api_key(model, tok):
     with BackgroundServer(build_app(model, tok, ChatGLM3(), model_id="tiny", api_key="s3cret")) as s:
         with pytest.raises(openai.AuthenticationError):

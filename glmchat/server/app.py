@@ -39,8 +39,16 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def create_app(engine: Engine, tokenizer, family: Family, *, model_id: str, api_key: str | None = None) -> FastAPI:
-    """The app; it starts the engine's thread on startup and stops it on shutdown."""
+MAX_BODY_BYTES = 64 * 2**20  # a 1M-token prompt, JSON-escaped, stays well under it
+
+
+def create_app(engine: Engine, tokenizer, family: Family, *, model_id: str, api_key: str | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The app; it starts the engine's thread on startup and stops it on shutdown.
+
+    max_body_bytes: a larger request body is a 413, refused before it is read (or as soon as a
+    chunked one passes the limit).
+    """
 
     @asynccontextmanager
     async def lifespan(app):
@@ -52,8 +60,9 @@ def create_app(engine: Engine, tokenizer, family: Family, *, model_id: str, api_
     created = int(time.time())
     _add_error_handlers(app)
 
+    app.add_middleware(LimitBody, limit=max_body_bytes)
     if api_key is not None:
-        app.add_middleware(RequireKey, key=api_key)
+        app.add_middleware(RequireKey, key=api_key)  # added last: runs first
 
     @app.get("/health")
     def health(request: Request):
@@ -127,6 +136,34 @@ class RequireKey:
                 response = error_response(401, f"{what}: send it as 'Authorization: Bearer KEY'", code="invalid_api_key")
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+class LimitBody:
+    """ASGI middleware: a request body over `limit` bytes is a 413 in OpenAI's shape, refused from
+    its Content-Length before it is read, or (chunked) as soon as it passes the limit."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = f"the request body is larger than this server accepts ({self.limit} bytes)"
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.limit:
+            return await error_response(413, message, code="request_too_large")(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            event = await receive()
+            if event["type"] == "http.request":
+                received += len(event.get("body", b""))
+                if received > self.limit:  # FastAPI passes an HTTPException on from reading the body
+                    raise HTTPException(413, message)
+            return event
+
+        await self.app(scope, limited_receive, send)
 
 
 class Generation:
@@ -313,7 +350,8 @@ def _add_error_handlers(app: FastAPI) -> None:
         message = str(exc.detail)
         if exc.status_code == 400 and message == "There was an error parsing the body":  # FastAPI's, for any reason
             message = "the request body could not be read as JSON (invalid UTF-8, or nested too deeply)"
-        return error_response(exc.status_code, message, headers=getattr(exc, "headers", None))
+        code = "request_too_large" if exc.status_code == 413 else None
+        return error_response(exc.status_code, message, code=code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def unexpected(request, exc: Exception):
