@@ -139,6 +139,21 @@ def sampling_from_args(args) -> dict:
                 top_k=args.top_k, seed=args.seed, greedy=args.greedy)
 
 
+def _is_text(text: str) -> bool:
+    """False for text holding bytes that were not UTF-8 (Python keeps them as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _checked_text(text: str | None, what: str) -> str | None:
+    if text is not None and not _is_text(text):
+        raise UsageError(f"{what} is not valid UTF-8 text")
+    return text
+
+
 def _note(text: str) -> None:
     print(f"glmchat: {text}", file=sys.stderr, flush=True)
 
@@ -159,7 +174,7 @@ def cmd_chat(args) -> int:
     if sys.stdin.isatty():
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing and history for input())
-    system = args.system
+    system = _checked_text(args.system, "--system")
     history: list[dict] = []
     print("Chat in English or 中文. /help lists commands; Ctrl-C stops an answer, Ctrl-D or /quit leaves.",
           flush=True)
@@ -173,6 +188,9 @@ def cmd_chat(args) -> int:
             print("\n(Ctrl-D or /quit leaves)")
             continue
         if not line:
+            continue
+        if not _is_text(line):
+            print("glmchat: that line is not valid UTF-8 text; type it again")
             continue
         if line.startswith("/"):
             command, _, rest = line.partition(" ")
@@ -237,6 +255,8 @@ def cmd_run(args) -> int:
         query = sys.stdin.read()
     if not query.strip():
         raise UsageError("the query is empty: pass it as arguments or on stdin")
+    _checked_text(query, "the query")
+    _checked_text(args.system, "--system")
     model = load_from_args(args, announce=args.verbose)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": query.strip()}]

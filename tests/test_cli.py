@@ -113,6 +113,18 @@ def test_damaged_checkpoints_get_one_line_and_nonzero_exit(tiny_ckpt, tiny_ckpt_
     assert "weights_only" not in line
 
 
+def test_input_that_is_not_utf8_gets_one_line(tiny_ckpt):
+    """Bytes that are not UTF-8 (kept by Python as lone surrogates) cannot be tokenized: say so."""
+    run = subprocess.run([GLMCHAT, "run", "--model", str(tiny_ckpt), *COMMON], input=b"hi \xff\n",
+                         capture_output=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 1 and run.stderr.decode().strip().splitlines() == [
+        "glmchat: error: the query is not valid UTF-8 text"]
+    chat = subprocess.run([GLMCHAT, "chat", "--model", str(tiny_ckpt), *COMMON], input=b"hi \xff\nhello\n",
+                          capture_output=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert chat.returncode == 0 and b"Traceback" not in chat.stderr
+    assert b"that line is not valid UTF-8 text" in chat.stdout and chat.stdout.count(b"tokens in") == 1
+
+
 def test_help_version_and_option_errors_do_not_import_torch():
     """Seconds saved: torch is imported by the commands that need it, not by the entry point."""
     code = ("import sys, runpy; sys.argv = ['glmchat', *sys.argv[1:]]\n"
