@@ -1,8 +1,9 @@
 """Checkpoint files on disk: which files hold the weights, reading their tensors, writing safetensors.
 
-Owns CheckpointError (the error every loading step raises for a checkpoint it cannot use), the
-weight-file discovery of a checkpoint directory, the readers (safetensors through private
+Owns the weight-file discovery of a checkpoint directory, the readers (safetensors through private
 copy-on-write mappings, `.bin` through torch.load with weights_only) and the aligned writers.
+CheckpointError (the error every loading step raises for a checkpoint it cannot use) lives in
+glmchat.errors, which needs no torch, and is re-exported here.
 """
 
 from __future__ import annotations
@@ -11,14 +12,15 @@ import json
 import math
 import mmap
 import os
+import pickle
+import re
 import struct
+import warnings
 from pathlib import Path
 
 import torch
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be found, downloaded or read. The message says what to do."""
+from .errors import CheckpointError  # noqa: F401  (re-exported: its historic home)
 
 
 _WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -55,14 +57,23 @@ def iter_tensors(file: Path):
         yield from _read_safetensors(file)
     else:
         try:
-            try:
-                state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:
-                if "mmap" not in str(e):
-                    raise
-                state = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+            with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says enough
+                warnings.simplefilter("ignore")
+                try:
+                    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as e:
+                    if "mmap" not in str(e):
+                        raise
+                    state = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        except pickle.UnpicklingError as e:
+            # Not torch's text: it advises weights_only=False, which would run the file's code.
+            found = re.search(r"GLOBAL ([\w.]+)", str(e))
+            refers = f"; this one refers to {found.group(1)}" if found else ""
+            raise CheckpointError(f"{file} is damaged or not a plain weights file (only a state dict of tensors "
+                                  f"loads{refers}; glmchat runs no code from a checkpoint): download it again") from None
         except Exception as e:
-            raise CheckpointError(f"{file} is corrupt or truncated ({type(e).__name__}: {e}); download it again") from None
+            reason = re.split(r"(?<=\.)\s", str(e).strip(), maxsplit=1)[0].rstrip(".")[:160]
+            raise CheckpointError(f"{file} is corrupt or truncated ({type(e).__name__}: {reason}); download it again") from None
         if not isinstance(state, dict):
             raise CheckpointError(f"{file} does not hold a state dict of tensors")
         yield from state.items()

@@ -11,22 +11,32 @@ import contextlib
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
+# Only torch-free modules at the top: --help, --version and option mistakes answer without
+# importing torch (seconds); each command imports what it needs when it runs.
 from . import __version__
-from .chat import ChatModel, load
-from .checkpoint import CheckpointError
-from .config import ConfigError
-from .device import DEVICES, DeviceError, default_dtype, pick_device
-from .families import NotAChatModelError, TokenizerError, ToolCallParseError
-from .generate import SamplingConfig
+from .device import DEVICES, DeviceError
 from .hub import DEFAULT_MODEL
-from .model import ContextLengthError
-from .quantize import QuantizationError
+from .sampling import SamplingConfig
 from .server import add_server_options
 
-# Mistakes a user can fix: reported as one line, never as a traceback (GLMCHAT_DEBUG=1 shows it).
-USER_ERRORS = (CheckpointError, ConfigError, TokenizerError, ContextLengthError, DeviceError, ToolCallParseError,
-               QuantizationError, NotAChatModelError, OSError)
+if TYPE_CHECKING:
+    from .chat import ChatModel
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Mistakes a user can fix: reported as one line, never as a traceback (GLMCHAT_DEBUG=1 shows it)."""
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .families import NotAChatModelError, TokenizerError, ToolCallParseError
+    from .model import ContextLengthError
+    from .quantize import QuantizationError
+
+    return (CheckpointError, ConfigError, TokenizerError, ContextLengthError, DeviceError, ToolCallParseError,
+            QuantizationError, NotAChatModelError, OSError)
+
+
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 HELP = """\
@@ -61,6 +71,8 @@ def _number(kind, low=None, high=None, low_open=False):
 
 
 def _device(text):
+    from .device import pick_device  # imports torch: only once the command line is parsed
+
     try:
         pick_device(text)  # fail at parse time, with the reason
     except DeviceError as e:
@@ -105,6 +117,8 @@ def add_sampling_options(parser) -> None:
 
 def load_from_args(args, announce: bool = True) -> ChatModel:
     """The model the options name, with notices on stderr."""
+    from .chat import load
+
     if args.random_weights:
         _note(f"--random-weights: {args.model}'s architecture with random weights; the text is meaningless "
               "(for trying glmchat and measuring speed)")
@@ -123,6 +137,21 @@ def load_from_args(args, announce: bool = True) -> ChatModel:
 def sampling_from_args(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                 top_k=args.top_k, seed=args.seed, greedy=args.greedy)
+
+
+def _is_text(text: str) -> bool:
+    """False for text holding bytes that were not UTF-8 (Python keeps them as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _checked_text(text: str | None, what: str) -> str | None:
+    if text is not None and not _is_text(text):
+        raise UsageError(f"{what} is not valid UTF-8 text")
+    return text
 
 
 def _note(text: str) -> None:
@@ -145,7 +174,7 @@ def cmd_chat(args) -> int:
     if sys.stdin.isatty():
         with contextlib.suppress(ImportError):
             import readline  # noqa: F401  (line editing and history for input())
-    system = args.system
+    system = _checked_text(args.system, "--system")
     history: list[dict] = []
     print("Chat in English or 中文. /help lists commands; Ctrl-C stops an answer, Ctrl-D or /quit leaves.",
           flush=True)
@@ -159,6 +188,9 @@ def cmd_chat(args) -> int:
             print("\n(Ctrl-D or /quit leaves)")
             continue
         if not line:
+            continue
+        if not _is_text(line):
+            print("glmchat: that line is not valid UTF-8 text; type it again")
             continue
         if line.startswith("/"):
             command, _, rest = line.partition(" ")
@@ -182,6 +214,9 @@ def cmd_chat(args) -> int:
 
 def _answer(model: ChatModel, messages: list[dict], args) -> list[dict]:
     """Stream one answer; return the assistant messages to keep (a stopped answer keeps its part)."""
+    from .families import NotAChatModelError
+    from .model import ContextLengthError
+
     shown = []
     stream = model.stream(messages, **sampling_from_args(args))
     try:
@@ -220,6 +255,8 @@ def cmd_run(args) -> int:
         query = sys.stdin.read()
     if not query.strip():
         raise UsageError("the query is empty: pass it as arguments or on stdin")
+    _checked_text(query, "the query")
+    _checked_text(args.system, "--system")
     model = load_from_args(args, announce=args.verbose)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": query.strip()}]
@@ -272,6 +309,7 @@ def cmd_bench(args) -> int:
 
 def cmd_quantize(args) -> int:
     """Save an int8/int4 copy of a checkpoint (safetensors + config.json) that loads directly."""
+    from .device import default_dtype, pick_device
     from .export import save_quantized
 
     method = {8: "int8", 4: "int4"}[args.bits]
@@ -340,20 +378,21 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(AttributeError, ValueError):
             stream.reconfigure(errors="replace")
     args = build_parser().parse_args(argv)
+    errors: tuple[type[BaseException], ...] = (UsageError,)
     try:
+        errors += user_errors()
         return args.func(args)
     except BrokenPipeError:  # `glmchat run ... | head`: the reader left
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except (*USER_ERRORS, UsageError) as e:
-        if os.environ.get("GLMCHAT_DEBUG"):
-            raise
-        print(f"glmchat: error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("\nglmchat: interrupted", file=sys.stderr)
         return 130
-
+    except Exception as e:
+        if not isinstance(e, errors) or os.environ.get("GLMCHAT_DEBUG"):
+            raise
+        print(f"glmchat: error: {e}", file=sys.stderr)
+        return 1
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -97,10 +97,11 @@ class GLMConfig:
                 )
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in raw.items() if k in known and v is not None}
-        if not raw.get("multi_query_attention", False):
-            values["multi_query_group_num"] = raw["num_attention_heads"]
-        if isinstance(values.get("eos_token_id"), list):
+        if isinstance(values.get("eos_token_id"), list) and values["eos_token_id"]:
             values["eos_token_id"] = values["eos_token_id"][0]
+        _check_types(values, source)
+        if not raw.get("multi_query_attention", False):
+            values["multi_query_group_num"] = values.get("num_attention_heads", cls.num_attention_heads)
         config = cls(**values)
         config.validate(source)
         return config
@@ -110,6 +111,14 @@ class GLMConfig:
         return cls.from_dict(read_config_json(path), source=str(path))
 
     def validate(self, source: str = "config") -> None:
+        _check_types({f.name: getattr(self, f.name) for f in fields(self)}, source)
+        for name in ("hidden_size", "num_layers", "num_attention_heads", "kv_channels", "multi_query_group_num",
+                     "ffn_hidden_size", "padded_vocab_size", "seq_length"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{source}: {name}={getattr(self, name)} must be positive")
+        for name in ("layernorm_epsilon", "rope_ratio"):
+            if not 0 < getattr(self, name) < float("inf"):
+                raise ConfigError(f"{source}: {name}={getattr(self, name)} must be a positive number")
         if self.num_attention_heads % self.multi_query_group_num:
             raise ConfigError(
                 f"{source}: num_attention_heads={self.num_attention_heads} is not a multiple of "
@@ -123,9 +132,24 @@ class GLMConfig:
                 f"{source}: kv_channels={self.kv_channels} with partial_rotary_factor={self.partial_rotary_factor} "
                 "does not give an even number of rotary channels"
             )
-        for name in ("hidden_size", "num_layers", "ffn_hidden_size", "padded_vocab_size", "seq_length"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{source}: {name}={getattr(self, name)} must be positive")
+
+
+_JSON_TYPES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
+
+
+def _check_types(values: dict, source: str) -> None:
+    """A ConfigError naming the first value whose JSON type is not its field's (`"hidden_size": "big"`).
+
+    An integer field takes no bool and no float; a number field takes an integer too.
+    """
+    kinds = {f.name: f.type for f in fields(GLMConfig)}
+    for name, value in values.items():
+        kind = kinds.get(name)
+        ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+              "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+              "bool": isinstance(value, bool), "str": isinstance(value, str)}.get(kind, True)
+        if not ok:
+            raise ConfigError(f"{source}: {name}={json.dumps(value)[:60]} must be {_JSON_TYPES[kind]}")
 
 
 def read_config_json(path: str | Path) -> dict:

@@ -1,8 +1,15 @@
-"""Which device and dtype to run on when the user says "auto"."""
+"""Which device and dtype to run on when the user says "auto".
+
+torch is imported when a function runs, not with the module: the command line builds its options
+(DEVICES) without it.
+"""
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 class DeviceError(ValueError):
@@ -14,6 +21,8 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 
 def pick_device(name: str | torch.device = "auto") -> torch.device:
     """"auto": CUDA (which is also how ROCm builds expose AMD GPUs), then Apple MPS, then CPU."""
+    import torch
+
     if isinstance(name, torch.device):
         name = str(name)
     if name == "auto":
@@ -45,6 +54,8 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
     measured faster than float16 in both phases (decode 1.03 B against 0.42 B, prefill 4× on
     AVX512-BF16/AMX; README, Performance) and half the memory of float32.
     """
+    import torch
+
     device = torch.device(device)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -54,5 +65,7 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 
 
 def _mps_available() -> bool:
+    import torch
+
     backend = getattr(torch.backends, "mps", None)
     return bool(backend and backend.is_available())

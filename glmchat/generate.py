@@ -14,35 +14,10 @@ from typing import Callable, Iterable, Iterator, Sequence
 import torch
 
 from .families.base import without_partial_tail
+from .sampling import SamplingConfig  # noqa: F401  (re-exported)
 from .model import ContextLengthError, GLMTransformer, KVCache
 
 Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@dataclass
-class SamplingConfig:
-    """How to pick tokens. The defaults are the reference chat's (temperature and top_p 0.8, and
-    transformers' top_k 50 under them): the one set of defaults the native API, the CLI and the
-    server use when the caller says nothing."""
-
-    greedy: bool = False
-    temperature: float = 0.8
-    top_p: float = 0.8
-    top_k: int = 50  # 0: off
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.temperature == 0:
-            self.greedy = True
 
 
 class Sampler:
@@ -242,10 +217,13 @@ Visible = Callable[[str, bool], str]  # (text so far, final) -> the part a reade
 class TextStream:
     """The one stream-visibility rule: the text of a reply being generated as it may be shown.
 
-    Stop ids are not text. The text is cut at the first stop string (and a tail that may still
-    become one is held back); `visible` (a family's `visible_text`) decides the rest; and what is
-    shown only ever grows: `add` returns what a token adds, `finish` what the end adds. `stopped`
-    turns True once a stop string has been found: the caller ends the generation there.
+    Stop ids are not text. `visible` (a family's `visible_text`) decides what a reader may see of
+    the decoded text (no special token's name, no tool-call segment); stop strings are matched in
+    that visible text, never in the raw decoding, so a stop string cannot cut inside a special
+    token and a reply with stop strings is a prefix of the one without. The visible text is cut at
+    the first stop string (and a tail that may still become one is held back), and what is shown
+    only ever grows: `add` returns what a token adds, `finish` what the end adds. `stopped` turns
+    True once a stop string has been found: the caller ends the generation there.
     """
 
     def __init__(self, tokenizer, visible: Visible | None = None, stop_ids: Iterable[int] = (),
@@ -253,11 +231,14 @@ class TextStream:
         self.tokenizer = tokenizer
         self.visible = visible or (lambda text, final: text)
         self.stop_ids = frozenset(stop_ids)
-        self.stop_strings = list(stop_strings)
+        self.stop_strings = [s for s in stop_strings if s]
         self.detok = StreamDetokenizer(tokenizer)
         self.shown = ""
         self.stopped = False
-        self.text = ""  # at the end: the whole reply's text, cut at a stop string
+        # At the end: the whole reply's decoded text (its segments, for reading a tool call). Cut at
+        # a stop string, it is the visible text up to the stop as one plain segment (blank metadata
+        # line): a reply cut in its visible text ends in text, never in a tool call.
+        self.text = ""
 
     @property
     def ids(self) -> list[int]:
@@ -270,17 +251,20 @@ class TextStream:
         return self._grow(self.detok.text, final=False)
 
     def finish(self) -> str:
+        if self.stopped:
+            return ""
         return self._grow(self.tokenizer.decode(self.detok.ids), final=True)
 
     def _grow(self, text: str, final: bool) -> str:
-        cuts = [i for i in (text.find(s) for s in self.stop_strings) if i >= 0]
-        if cuts:
-            text, final, self.stopped = text[:min(cuts)], True, True
-        elif not final:
-            text = without_partial_tail(text, self.stop_strings)
-        if final:
-            self.text = text
         seen = self.visible(text, final)
+        cuts = [i for i in (seen.find(s) for s in self.stop_strings) if i >= 0]
+        if cuts:
+            seen, self.stopped = seen[:min(cuts)].rstrip(), True
+            self.text = "\n" + seen
+        elif final:
+            self.text = text
+        elif self.stop_strings:  # hold back a tail that may become a stop (and blanks before it: cut, they go)
+            seen = without_partial_tail(seen, self.stop_strings).rstrip()
         if len(seen) > len(self.shown) and seen.startswith(self.shown):
             delta, self.shown = seen[len(self.shown):], seen
             return delta

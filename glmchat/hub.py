@@ -9,7 +9,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .checkpoint import CheckpointError
+from .errors import CheckpointError
 
 DEFAULT_MODEL = "THUDM/chatglm3-6b"
 TOKENIZER_MODELS = ("tokenizer.model", "tokenizer.json")  # what a tokenizer is built from (one of them)

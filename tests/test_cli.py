@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -90,6 +92,49 @@ def test_user_mistakes_get_one_line_and_nonzero_exit(tiny_ckpt, tmp_path):
     assert too_long.returncode != 0 and "context" in too_long.stderr
     for result in (missing, offline, bad_option, too_long):
         assert len(result.stderr.strip().splitlines()) <= 2, result.stderr
+
+
+def test_damaged_checkpoints_get_one_line_and_nonzero_exit(tiny_ckpt, tiny_ckpt_bin, tmp_path):
+    typed = tmp_path / "typed"
+    shutil.copytree(tiny_ckpt, typed)
+    config = json.loads((typed / "config.json").read_text())
+    (typed / "config.json").write_text(json.dumps({**config, "hidden_size": "big"}))
+    result = glmchat_cli("run", "--model", typed, *COMMON, "hi", check=False)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [
+        f'glmchat: error: {typed / "config.json"}: hidden_size="big" must be an integer']
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_ckpt_bin, damaged)
+    shard = sorted(damaged.glob("pytorch_model-*.bin"))[0]
+    shard.write_bytes(pickle.dumps({"transformer.embedding.word_embeddings.weight": len}))  # a pickle, no tensors
+    result = glmchat_cli("run", "--model", damaged, *COMMON, "hi", check=False)
+    [line] = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and f"{shard.name} is damaged or not a plain weights file" in line
+    assert "weights_only" not in line
+
+
+def test_input_that_is_not_utf8_gets_one_line(tiny_ckpt):
+    """Bytes that are not UTF-8 (kept by Python as lone surrogates) cannot be tokenized: say so."""
+    run = subprocess.run([GLMCHAT, "run", "--model", str(tiny_ckpt), *COMMON], input=b"hi \xff\n",
+                         capture_output=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 1 and run.stderr.decode().strip().splitlines() == [
+        "glmchat: error: the query is not valid UTF-8 text"]
+    chat = subprocess.run([GLMCHAT, "chat", "--model", str(tiny_ckpt), *COMMON], input=b"hi \xff\nhello\n",
+                          capture_output=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert chat.returncode == 0 and b"Traceback" not in chat.stderr
+    assert b"that line is not valid UTF-8 text" in chat.stdout and chat.stdout.count(b"tokens in") == 1
+
+
+def test_help_version_and_option_errors_do_not_import_torch():
+    """Seconds saved: torch is imported by the commands that need it, not by the entry point."""
+    code = ("import sys, runpy; sys.argv = ['glmchat', *sys.argv[1:]]\n"
+            "try:\n    from glmchat.cli import main; main()\n"
+            "finally:\n    print('torch' in sys.modules, file=sys.stderr)")
+    for args, status in ((["--help"], 0), (["--version"], 0), (["run", "--help"], 0), (["serve", "--help"], 0),
+                         (["run", "--top-p", "5", "hi"], 2), (["nope"], 2)):
+        result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+        assert result.returncode == status and result.stderr.splitlines()[-1] == "False", (args, result.stderr)
+    assert glmchat_cli("--version").stdout.strip() == f"glmchat {glmchat.__version__}"
 
 
 def test_random_weights_say_the_text_is_meaningless(tiny_ckpt):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -241,9 +242,33 @@ def test_bin_files_are_loaded_without_running_pickled_code(tiny_ckpt_bin, tmp_pa
     shard = weight_files(ckpt)[0]
     torch.save({"transformer.output_layer.weight": _Payload()}, shard)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(CheckpointError, match=shard.name):
+    with pytest.raises(CheckpointError, match=shard.name) as e:
         _load(ckpt)
     assert not (tmp_path / "PWNED").exists()
+    # one short line that says what the file is, never torch's advice to retry with weights_only=False
+    message = str(e.value)
+    assert "is damaged or not a plain weights file" in message and "refers to posix.system" in message
+    assert "weights_only" not in message and "\n" not in message and len(message) < 400
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"hidden_size": "big"}, 'hidden_size="big" must be an integer'),
+    ({"num_layers": True}, "num_layers=true must be an integer"),
+    ({"seq_length": 8192.5}, "seq_length=8192.5 must be an integer"),
+    ({"layernorm_epsilon": "1e-5"}, 'layernorm_epsilon="1e-5" must be a number'),
+    ({"add_qkv_bias": "yes"}, 'add_qkv_bias="yes" must be true or false'),
+    ({"torch_dtype": 16}, "torch_dtype=16 must be a string"),
+    ({"multi_query_group_num": 0}, "multi_query_group_num=0 must be positive"),
+    ({"num_attention_heads": None, "multi_query_attention": False}, None),  # null: the default
+    ({"rope_ratio": 500}, None),  # an integer is a number (GLM-4's config says 500)
+])
+def test_wrongly_typed_config_values_are_named(raw, message):
+    config = {"model_type": "chatglm", "multi_query_attention": True, **raw}
+    if message is None:
+        GLMConfig.from_dict(config)
+        return
+    with pytest.raises(ConfigError, match=re.escape(f"config.json: {message}")):
+        GLMConfig.from_dict(config)
 
 
 def _rewrite(ckpt: Path, edit) -> None:

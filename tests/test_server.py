@@ -248,6 +248,21 @@ def test_reply_cuts_at_a_stop_string_and_reads_tool_calls(tok):
         [], "get_weather\n```python\nnot a call\n```")
 
 
+def test_stop_strings_are_matched_in_the_visible_text_not_in_special_token_names(tok):
+    """`<|assistant|>` separates segments (shown as a blank line): stop="a" must not cut inside it."""
+    ids = tok.encode("Hi", add_special_tokens=False) + [tok.get_command("<|assistant|>")]
+    ids += tok.encode("\nyes, a dog", add_special_tokens=False)
+    whole = "".join(feed(server_text(tok, False), ids))
+    assert whole == "Hi\n\nyes, a dog"
+    for stops, shown in ((["a", "e"], "Hi\n\ny"), (["a"], "Hi\n\nyes,"), (["|"], whole), (["<"], whole), (["dog"], "Hi\n\nyes, a"),
+                         ([", a"], "Hi\n\nyes")):
+        text = server_text(tok, False, stop_strings=stops)
+        deltas = "".join(feed(text, ids))
+        assert deltas == shown and whole.startswith(deltas) and "<|" not in deltas
+        assert text.stopped == (shown != whole)
+        assert reply_tool_calls(ChatGLM3(), text.text) == ([], "")  # a cut reply ends in text
+
+
 # ---- the HTTP server -------------------------------------------------------------------------
 
 def test_models_and_health(server):
@@ -291,6 +306,17 @@ def test_stop_string_cuts_the_reply(server, model, tok):
         model="x", messages=user(TEXTS[2]), temperature=0, max_tokens=60, stop=[stop])
     assert r.choices[0].message.content == full[: full.index(stop)].strip()
     assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens < 60
+
+
+@pytest.mark.parametrize("text", TEXTS[:4])
+def test_greedy_answer_with_stop_strings_is_a_prefix_of_the_one_without(server, text):
+    def answer(**kw):
+        r = client(server.url).chat.completions.create(model="x", messages=user(text), temperature=0, max_tokens=60, **kw)
+        return r.choices[0].message.content
+    full = answer()
+    for stop in (["a", "e"], ["<", "|"], ["\n"], [" "], ["o", "t", "。", "，"]):
+        cut = answer(stop=stop)
+        assert full.startswith(cut) and not any(s in cut for s in stop) and "<|" not in cut, (stop, cut, full)
 
 
 def test_seeded_sampling_repeats(server):
@@ -433,9 +459,27 @@ HI = [{"role": "user", "content": "hi"}]
     ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
     ({"messages": [*HI, {"role": "assistant", "tool_calls": [{"type": "function", "function": {
         "name": "f", "arguments": "{not json"}}]}]}, "messages[1].tool_calls[0].function.arguments"),
+    # the fuzz run's 500s and silently accepted values (issue item 6)
+    ({"messages": [{"role": "user", "content": "\ud800 x \udfff"}]}, "messages[0].content"),
+    ({"messages": HI, "seed": 1180591620717411303424}, "seed"),
+    ({"messages": HI, "logprobs": True}, "logprobs"),
+    ({"messages": HI, "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": HI, "max_tokens": True}, "max_tokens"),
+    ({"messages": HI, "temperature": True}, "temperature"),
+    ({"messages": HI, "n": True}, "n"),
+    ({"messages": HI, "seed": True}, "seed"),
+    ({"messages": HI, "stream": "yes"}, "stream"),
+    ({"messages": HI, "top_k": "a"}, "top_k"),
+    ({"messages": HI, "top_k": -1}, "top_k"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content"),
+    ({"messages": [*HI, {"role": "assistant"}]}, "messages[1].content"),
+    ({"messages": HI, "presence_penalty": 0.5}, "presence_penalty"),
+    ({"messages": HI, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"messages": HI, "stop": ["\udfff"]}, "stop[0]"),
 ])
 def test_bad_fields_are_named(server, body, param):
-    r = httpx.post(server.url + "/v1/chat/completions", json=body)
+    r = httpx.post(server.url + "/v1/chat/completions", content=json.dumps(body),  # ASCII, surrogates escaped
+                   headers={"content-type": "application/json"})
     assert r.status_code == 400
     error = r.json()["error"]
     assert error["param"] == param and error["message"].startswith(param)
@@ -445,6 +489,109 @@ def test_bad_fields_are_named(server, body, param):
 def test_malformed_json_is_a_400(server, body):
     r = httpx.post(server.url + "/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["message"]
+
+
+NAN, INF = float("nan"), float("inf")
+WRONG = {  # per kind of field: values of the wrong type, non-finite numbers, lone surrogates
+    "number": [True, False, "a", "1", [], {}, NAN, INF, -INF],
+    "int": [True, False, "a", "1", 1.5, [], {}, NAN, INF, -INF],
+    "bool": ["yes", "true", 1, 0, 1.5, [], {}, NAN],
+    "text": [5, 1.5, True, {}, NAN, "\ud800 x \udfff"],
+    "mapping": [5, 1.5, True, "a", [], NAN],
+}
+FIELDS = {  # field path -> (kind, more values of the right type that are still wrong)
+    "temperature": ("number", [-0.1, 2.5, 1e308 * 10]), "top_p": ("number", [0, 1.01, -1]),
+    "presence_penalty": ("number", [0.5]), "frequency_penalty": ("number", [-1]),
+    "max_tokens": ("int", [0, -5, 10**30]), "max_completion_tokens": ("int", [0, 10**30]),
+    "top_k": ("int", [-1]), "n": ("int", [0, 2]), "seed": ("int", [2**63, -(2**63) - 1, 1180591620717411303424]),
+    "top_logprobs": ("int", [0, 5]),
+    "stream": ("bool", []), "logprobs": ("bool", [True]), "stream_options.include_usage": ("bool", []),
+    "model": ("text", [[]]), "stop": ("text", [[5], [""], "", ["a"] * 5, ["\udfff"], {"a": 1}]),
+    "messages[0].content": ("text", [[{"type": "image_url", "image_url": {"url": "x"}}], [{"type": "text"}]]),
+    "messages[0].role": ("text", ["robot", ""]), "tools[0].function.name": ("text", ["", []]),
+    "tool_choice": ("text", ["required", {"type": "function"}]),
+    "logit_bias": ("mapping", [{"a": 1}, {"1": "a"}, {"1": True}, {"1": NAN}, {"1": 1000}, {"-1": 1}, {"99999999": 1}]),
+    "messages": ("text", [[], [5], [{}], [{"role": "user"}], [{"role": "tool"}], [{"role": "assistant"}], None]),
+    "tools": ("text", [[5], [{"type": "function"}], [{"type": "x", "function": {"name": "f"}}]]),
+    "response_format": ("text", [{"type": "json_object"}]), "functions": ("text", [[{"name": "f"}]]),
+}
+VALID = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4,
+         "stream_options": {"include_usage": False}, "tools": [{"type": "function", "function": {"name": "f"}}]}
+
+
+def _set(body: dict, path: str, value) -> dict:
+    body = json.loads(json.dumps(body))
+    *parents, last = path.replace("[0]", ".0").split(".")
+    node = body
+    for key in parents:
+        node = node[int(key)] if key.isdigit() else node[key]
+    node[int(last) if last.isdigit() else last] = value
+    return body
+
+
+def fuzzed_bodies() -> list[tuple[bytes, str | None]]:
+    """(raw body, the param the 400 must name, or None for a body that is not an object at all)."""
+    cases = []
+    for path, (kind, more) in FIELDS.items():
+        for value in WRONG[kind] + more:
+            if value is None and path != "messages":
+                continue
+            body = _set(VALID, path, value)
+            if path.startswith("stream_options"):
+                body["stream"] = True
+            param = "messages" if value == 10**30 else path.split(".")[0].split("[")[0]  # context_length_exceeded
+            cases.append((json.dumps(body).encode(), param))
+    huge = json.dumps({"messages": [{"role": "user", "content": "hi " * 300_000}]}).encode()
+    many = json.dumps({"messages": [{"role": "user", "content": "hi"}] * 20_000}).encode()
+    deep_tool = {"type": "object"}
+    for _ in range(3000):
+        deep_tool = {"properties": deep_tool}
+    cases += [
+        (b"\xff\xfe{\"messages\": 1}", None), (b'{"messages": [{"role": "user", "content": "\xc3\x28"}]}', None),
+        (b"[" * 100_000, None), (b'{"a":' * 100_000, None), (b"", None), (b"null", None), (b"[]", None), (b"5", None),
+        (b'"hi"', None), (b"{}", "messages"), (b'{"messages": NaN}', "messages"), (b'{"messages": [' + b"[" * 5000, None),
+        (huge, "messages"), (many, "messages"),
+    ]
+    try:
+        cases.append((json.dumps({**VALID, "tools": [{"type": "function", "function": {
+            "name": "f", "parameters": deep_tool}}]}).encode(), None))
+    except RecursionError:
+        pass
+    return cases
+
+
+def test_fuzzed_bad_input_gets_a_named_400_and_changes_nothing(server):
+    """≥ 200 payloads of every field's wrong type, NaN/inf, huge bodies, deep nesting, invalid
+    UTF-8: each a 4xx in OpenAI's shape naming the field, and the next answer is the same."""
+    normal = {"messages": [{"role": "user", "content": TEXTS[2]}], "temperature": 0, "max_tokens": 12}
+    url = server.url + "/v1/chat/completions"
+    cases = fuzzed_bodies()
+    assert len(cases) >= 200
+    with httpx.Client(timeout=30, headers={"content-type": "application/json"}) as http:
+        before = http.post(url, json=normal).json()["choices"][0]["message"]["content"]
+        start = time.monotonic()
+        for body, param in cases:
+            r = http.post(url, content=body)
+            assert 400 <= r.status_code < 500, (body.decode(errors="replace")[-300:], r.status_code)
+            error = r.json()["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["message"], body[:120]
+            if param is not None:
+                assert (error["param"] or "").startswith(param), (body[:120], error)
+        assert time.monotonic() - start < 30
+        assert http.post(url, json=normal).json()["choices"][0]["message"]["content"] == before
+    assert client(server.url).chat.completions.create(**normal, model="x").choices[0].message.content == before
+
+
+def test_openai_client_gets_bad_request_errors(server):
+    with pytest.raises(openai.BadRequestError) as e:
+        client(server.url).chat.completions.create(model="x", messages=HI, max_tokens=True)
+    assert e.value.param == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as e:
+        client(server.url).chat.completions.create(model="x", messages=HI, logprobs=True, top_logprobs=2)
+    assert e.value.param == "logprobs" and e.value.code == "unsupported_parameter"
+    r = client(server.url).chat.completions.create(model="x", messages=HI, max_tokens=3, user="someone", top_p=1,
+                                                   extra_body={"top_k": 1}, seed=2**63 - 1)
+    assert r.choices[0].finish_reason in ("stop", "length")
 
 
 def test_prompt_longer_than_the_context_says_by_how_much(server, tok):
@@ -463,6 +610,34 @@ def test_prompt_longer_than_the_context_says_by_how_much(server, tok):
     assert client(server.url).chat.completions.create(model="x", messages=HI, max_tokens=3).usage.completion_tokens
 
 
+def test_demo_checkpoint_context_fits_a_tools_request(tiny_ckpt_b):
+    """make_tiny_checkpoint's default context holds its own tools prompt (it once did not: 256)."""
+    from glmchat.testing.tiny_chatglm import DEMO_CONTEXT
+
+    demo = load_model(tiny_ckpt_b, dtype=torch.float32, progress=False)[0]
+    assert demo.config.seq_length == DEMO_CONTEXT
+    demo_tok = ChatGLMTokenizer.from_pretrained(tiny_ckpt_b)
+    with BackgroundServer(build_app(demo, demo_tok, ChatGLM3(), model_id="demo")) as s:
+        r = client(s.url).chat.completions.create(model="x", messages=user("What is the weather in Paris?"),
+                                                  tools=TOOLS, max_tokens=256, temperature=0)
+    assert r.usage.prompt_tokens > 256 and r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_top_k_is_honoured_and_bodies_over_the_limit_are_a_413(model, tok):
+    with BackgroundServer(build_app(model, tok, ChatGLM3(), model_id="tiny", max_body_bytes=4000)) as s:
+        def answer(**kw):
+            return client(s.url).chat.completions.create(model="x", messages=user(TEXTS[2]), max_tokens=20, **kw)
+        greedy = answer(temperature=0).choices[0].message.content
+        assert answer(temperature=1.5, top_p=1, seed=7, extra_body={"top_k": 1}).choices[0].message.content == greedy
+        url = s.url + "/v1/chat/completions"
+        big = json.dumps({"messages": user("x" * 5000)}).encode()
+        for r in (httpx.post(url, content=big, headers={"content-type": "application/json"}),
+                  httpx.post(url, content=iter([big[:3000], big[3000:]]), headers={"content-type": "application/json"})):
+            assert "content-length" in r.request.headers or r.request.headers["transfer-encoding"] == "chunked"
+            assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        assert answer(temperature=0).choices[0].message.content == greedy
+
+
 def test_api_key(model, tok):
     with BackgroundServer(build_app(model, tok, ChatGLM3(), model_id="tiny", api_key="s3cret")) as s:
         with pytest.raises(openai.AuthenticationError):
@@ -472,7 +647,15 @@ def test_api_key(model, tok):
         garbage = httpx.post(s.url + "/v1/chat/completions", content="{oops", headers={"content-type": "application/json"})
         assert garbage.status_code == 401  # the key is checked before the body is read
         assert client(s.url, api_key="s3cret").chat.completions.create(model="x", messages=HI, max_tokens=2).choices
-        assert httpx.get(s.url + "/health").status_code == 200
+        # /health stays open as a liveness probe but tells only that; the details need the key
+        assert httpx.get(s.url + "/health").json() == {"status": "ok"}
+        assert httpx.get(s.url + "/health", headers={"Authorization": "Bearer wrong"}).json() == {"status": "ok"}
+        full = httpx.get(s.url + "/health", headers={"Authorization": "Bearer s3cret"}).json()
+        assert full["model"] == "tiny" and "running" in full
+        # the chat page is static, holds no data and asks for the key itself: open
+        page = httpx.get(s.url + "/")
+        assert page.status_code == 200 and 'id="api-key"' in page.text
+        assert httpx.get(s.url + "/static/app.js").status_code == 200
 
 
 def test_full_queue_is_a_503_not_a_backlog(model, tok):

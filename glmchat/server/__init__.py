@@ -62,17 +62,19 @@ def serve(chat_model, args) -> None:
 
 
 def build_app(model, tokenizer, family, *, model_id: str, api_key: str | None = None, max_batch: int = 8,
-              max_queue: int = 64, vocab_limit: int | None = None):
+              max_queue: int = 64, vocab_limit: int | None = None, max_body_bytes: int | None = None):
     """The FastAPI app serving `model`; its engine thread runs while the app does.
 
     family: the model's family (glmchat.families), which decides prompts, stops and replies.
     vocab_limit: never generate ids >= this (e.g. a stand-in tokenizer's size with random weights).
+    max_body_bytes: larger request bodies get a 413 (default glmchat.server.app.MAX_BODY_BYTES).
     """
     from .app import create_app
     from .engine import Engine
 
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue, vocab_limit=vocab_limit)
-    return create_app(engine, tokenizer, family, model_id=model_id, api_key=api_key)
+    limit = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
+    return create_app(engine, tokenizer, family, model_id=model_id, api_key=api_key, **limit)
 
 
 def run(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
@@ -88,7 +90,9 @@ class BackgroundServer:
     def __init__(self, app, log_level: str = "warning"):
         import uvicorn
 
-        self._sock = socket.socket()
+        # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on such sockets (and on the
+        # connections they accept); without it every small request waits ~40 ms for a delayed ACK
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self._sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
         self._server = uvicorn.Server(uvicorn.Config(app, log_level=log_level))

@@ -34,12 +34,21 @@ class APIError(Exception):
 
 
 def error_response(status: int, message: str, type: str = "invalid_request_error", param=None, code=None, headers=None):
+    message, param = _printable(message), None if param is None else _printable(param)
     body = {"error": {"message": message, "type": type, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def create_app(engine: Engine, tokenizer, family: Family, *, model_id: str, api_key: str | None = None) -> FastAPI:
-    """The app; it starts the engine's thread on startup and stops it on shutdown."""
+MAX_BODY_BYTES = 64 * 2**20  # a 1M-token prompt, JSON-escaped, stays well under it
+
+
+def create_app(engine: Engine, tokenizer, family: Family, *, model_id: str, api_key: str | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    """The app; it starts the engine's thread on startup and stops it on shutdown.
+
+    max_body_bytes: a larger request body is a 413, refused before it is read (or as soon as a
+    chunked one passes the limit).
+    """
 
     @asynccontextmanager
     async def lifespan(app):
@@ -51,11 +60,14 @@ def create_app(engine: Engine, tokenizer, family: Family, *, model_id: str, api_
     created = int(time.time())
     _add_error_handlers(app)
 
+    app.add_middleware(LimitBody, limit=max_body_bytes)
     if api_key is not None:
-        app.add_middleware(RequireKey, key=api_key)
+        app.add_middleware(RequireKey, key=api_key)  # added last: runs first
 
     @app.get("/health")
-    def health():
+    def health(request: Request):
+        if api_key is not None and not key_matches(request.headers, api_key):
+            return {"status": "ok"}  # open as a liveness probe; the details need the key
         return {
             "status": "ok", "model": model_id, "running": engine.running, "queued": engine.queued,
             "max_batch": engine.cache.rows, "steps": engine.steps, "peak_batch": engine.peak_batch,
@@ -94,20 +106,64 @@ def create_app(engine: Engine, tokenizer, family: Family, *, model_id: str, api_
     return app
 
 
+def _printable(text: str) -> str:
+    """text that JSON-encodes as UTF-8: a lone surrogate a client sent becomes its escape."""
+    return str(text).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def key_matches(headers: Headers, key: str) -> bool:
+    given = headers.get("authorization", "").removeprefix("Bearer ").strip()
+    return secrets.compare_digest(given.encode(), key.encode())
+
+
 class RequireKey:
-    """ASGI middleware: /v1/ needs `Authorization: Bearer KEY`, checked before the body is even read."""
+    """ASGI middleware: /v1/ needs `Authorization: Bearer KEY`, checked before the body is even read.
+
+    Open without it: `/` and `/static/` (the chat page holds no data and asks for the key itself)
+    and `/health`, which then only says `{"status": "ok"}` (a liveness probe; the model id and load
+    counters need the key).
+    """
 
     def __init__(self, app, key: str):
-        self.app, self.key = app, key.encode()
+        self.app, self.key = app, key
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            given = Headers(scope=scope).get("authorization", "").removeprefix("Bearer ").strip()
-            if not secrets.compare_digest(given.encode(), self.key):
+            headers = Headers(scope=scope)
+            if not key_matches(headers, self.key):
+                given = headers.get("authorization", "").removeprefix("Bearer ").strip()
                 what = "Missing API key" if not given else "Incorrect API key provided"
                 response = error_response(401, f"{what}: send it as 'Authorization: Bearer KEY'", code="invalid_api_key")
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+class LimitBody:
+    """ASGI middleware: a request body over `limit` bytes is a 413 in OpenAI's shape, refused from
+    its Content-Length before it is read, or (chunked) as soon as it passes the limit."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = f"the request body is larger than this server accepts ({self.limit} bytes)"
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.limit:
+            return await error_response(413, message, code="request_too_large")(scope, receive, send)
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            event = await receive()
+            if event["type"] == "http.request":
+                received += len(event.get("body", b""))
+                if received > self.limit:  # FastAPI passes an HTTPException on from reading the body
+                    raise HTTPException(413, message)
+            return event
+
+        await self.app(scope, limited_receive, send)
 
 
 class Generation:
@@ -182,7 +238,7 @@ def _start(engine: Engine, tokenizer, family: Family, body: ChatRequest) -> Gene
         stop_strings = body.stop_strings()
         prompt = family.prompt_ids(tokenizer, turns)
     except BadRequest as e:
-        raise APIError(400, str(e), param=e.param) from None
+        raise APIError(400, str(e), param=e.param, code=e.code) from None
     except ValueError as e:  # a role the family lacks, or a base model without a chat template
         raise APIError(400, str(e), param="messages") from None
     max_new = body.max_completion_tokens or body.max_tokens
@@ -190,7 +246,8 @@ def _start(engine: Engine, tokenizer, family: Family, body: ChatRequest) -> Gene
     _check_logit_bias(body.logit_bias or {}, engine.model.config.padded_vocab_size)
     defaults = SamplingConfig()
     sampling = SamplingConfig(temperature=defaults.temperature if body.temperature is None else body.temperature,
-                              top_p=defaults.top_p if body.top_p is None else body.top_p, seed=body.seed)
+                              top_p=defaults.top_p if body.top_p is None else body.top_p,
+                              top_k=defaults.top_k if body.top_k is None else body.top_k, seed=body.seed)
     tools = bool(body.active_tools())
     visible = functools.partial(family.visible_text, tool_calls=tools)
     text = TextStream(tokenizer, visible, stop_ids=family.stop_ids(tokenizer), stop_strings=stop_strings)
@@ -290,7 +347,11 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
-        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+        message = str(exc.detail)
+        if exc.status_code == 400 and message == "There was an error parsing the body":  # FastAPI's, for any reason
+            message = "the request body could not be read as JSON (invalid UTF-8, or nested too deeply)"
+        code = "request_too_large" if exc.status_code == 413 else None
+        return error_response(exc.status_code, message, code=code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def unexpected(request, exc: Exception):

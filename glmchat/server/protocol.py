@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -26,6 +26,14 @@ class BadRequest(ValueError):
 
 
 # ---- request schema ----------------------------------------------------------------------
+# Types are strict where JSON could slip a wrong one through: a bool is not an int or a number
+# (`"max_tokens": true`), a string is not a bool (`"stream": "yes"`), and numbers are finite.
+
+Int = Annotated[int, Field(strict=True)]
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Bool = Annotated[bool, Field(strict=True)]
+INT64 = 2**63
+
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -72,24 +80,63 @@ class Message(_Lenient):
 
 
 class StreamOptions(_Lenient):
-    include_usage: bool = False
+    include_usage: Bool = False
 
 
 class ChatRequest(_Lenient):
+    """OpenAI's chat-completions request. Unknown fields are ignored (`user`, `metadata`, ...);
+    known ones that would change the answer in a way glmchat does not implement get a 400 naming
+    them (`unsupported_fields`). `top_k` is not OpenAI's but honoured (0: off; default 50)."""
+
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: Number | None = Field(None, ge=0, le=2)
+    top_p: Number | None = Field(None, gt=0, le=1)
+    top_k: Int | None = Field(None, ge=0)
+    max_tokens: Int | None = Field(None, ge=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    logit_bias: dict[int, float] | None = None
-    n: int = 1
-    stream: bool = False
+    seed: Int | None = Field(None, ge=-INT64, lt=INT64)
+    logit_bias: dict[int, Number] | None = None
+    n: Int | None = None
+    stream: Bool | None = None
     stream_options: StreamOptions | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto"] | None = None
+    # accepted so that they can be refused by name (see unsupported_fields)
+    logprobs: Bool | None = None
+    top_logprobs: Int | None = None
+    presence_penalty: Number | None = None
+    frequency_penalty: Number | None = None
+    response_format: dict[str, Any] | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    audio: Any = None
+    modalities: list[str] | None = None
+    prediction: Any = None
+    web_search_options: Any = None
+
+    def unsupported_fields(self) -> None:
+        """A BadRequest naming the first field set to something glmchat cannot honour."""
+        refused = {
+            "n": self.n not in (None, 1),
+            "logprobs": bool(self.logprobs),
+            "top_logprobs": self.top_logprobs is not None,
+            "presence_penalty": self.presence_penalty not in (None, 0),
+            "frequency_penalty": self.frequency_penalty not in (None, 0),
+            "response_format": self.response_format not in (None, {"type": "text"}),
+            "functions": self.functions is not None,
+            "function_call": self.function_call is not None,
+            "audio": self.audio is not None,
+            "modalities": self.modalities not in (None, ["text"]),
+            "prediction": self.prediction is not None,
+            "web_search_options": self.web_search_options is not None,
+        }
+        for name, refuse in refused.items():
+            if refuse:
+                value = json.dumps(getattr(self, name), default=str)
+                detail = "only n=1 is supported" if name == "n" else "not supported by this server"
+                raise BadRequest(f"{name}: {detail}, got {value:.80}", name, code="unsupported_parameter")
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -103,12 +150,40 @@ class ChatRequest(_Lenient):
         return [tool.function.model_dump(exclude_none=True) for tool in self.tools]
 
 
+def unencodable_text(value: Any, path: str = "") -> str | None:
+    """The path of the first string in `value` that is not valid Unicode text (a lone UTF-16
+    surrogate, which JSON's \\ud800 escapes can carry but no tokenizer can encode), else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        for key in value:
+            if unencodable_text(key) is not None:
+                return path or "body"
+        items = ((f"{path}.{k}" if path else str(k), v) for k, v in value.items())
+    elif isinstance(value, (list, tuple)):
+        items = ((f"{path}[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for where, item in items:
+        found = unencodable_text(item, where)
+        if found is not None:
+            return found
+    return None
+
+
 # ---- OpenAI messages -> the family's turns -------------------------------------------------
 
 def to_glm_messages(request: ChatRequest, family: Family) -> list[dict]:
     """The conversation turns for a request: tools go first as a system turn (the family's way)."""
-    if request.n != 1:
-        raise BadRequest(f"n: only n=1 is supported, got {request.n}", "n")
+    request.unsupported_fields()
+    where = unencodable_text(request.model_dump(exclude_none=True))
+    if where is not None:
+        raise BadRequest(f"{where}: the text holds a lone UTF-16 surrogate (e.g. \\ud800), which is not "
+                         "valid Unicode", where)
     tools = request.active_tools()
     turns: list[dict] = []
     if tools:
@@ -117,6 +192,9 @@ def to_glm_messages(request: ChatRequest, family: Family) -> list[dict]:
         except ValueError as e:
             raise BadRequest(str(e), "tools") from None
     for i, message in enumerate(request.messages):
+        if message.content is None and not (message.role == "assistant" and message.tool_calls):
+            needs = "content or tool_calls" if message.role == "assistant" else "content"
+            raise BadRequest(f"messages[{i}].content: a {message.role} message needs {needs}", f"messages[{i}].content")
         text = message.text()
         if message.role in ("system", "developer"):
             turns.append({"role": "system", "content": text})

@@ -202,6 +202,12 @@ TOKENIZER_CONFIG = {
 }
 
 
+# The default context: room for the family's own tools prompt (about 370 tokens for one small
+# function with the tiny tokenizers), several tools and a reply, so tool calls work on a demo
+# checkpoint; it costs nothing until used (the cache grows with the conversation).
+DEMO_CONTEXT = 2048
+
+
 def make_tiny_checkpoint(
     path: str | os.PathLike[str],
     *,
@@ -213,7 +219,7 @@ def make_tiny_checkpoint(
     multi_query_group_num: int = 2,
     ffn_hidden_size: int = 96,
     layernorm_epsilon: float = 1e-5,
-    seq_length: int = 256,
+    seq_length: int = DEMO_CONTEXT,
     rope_ratio: float | None = None,
     weight_format: str = "safetensors",
     bin_shards: int = 2,

@@ -208,6 +208,12 @@ def to_hf_names(tensors: dict[str, torch.Tensor], heads: int, groups: int, kv_ch
     return out
 
 
+# The default context: room for the family's own tools prompt (about 370 tokens for one small
+# function with the tiny tokenizers), several tools and a reply, so tool calls work on a demo
+# checkpoint; it costs nothing until used (the cache grows with the conversation).
+DEMO_CONTEXT = 2048
+
+
 def make_tiny_glm4_checkpoint(
     path: str | os.PathLike[str],
     *,
@@ -221,7 +227,7 @@ def make_tiny_glm4_checkpoint(
     multi_query_group_num: int = 2,
     ffn_hidden_size: int = 96,
     layernorm_epsilon: float = 1.5625e-07,
-    seq_length: int = 256,
+    seq_length: int = DEMO_CONTEXT,
     rope_ratio: float = 500.0,
     dtype: torch.dtype = torch.float32,
     ranks: dict[bytes, int] | None = None,

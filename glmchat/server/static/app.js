@@ -140,5 +140,5 @@ $("clear").addEventListener("click", () => {
   $("stats").textContent = "";
 });
 
-fetch("/health").then((r) => r.json()).then((h) => { $("model").textContent = h.model; })
+fetch("/health").then((r) => r.json()).then((h) => { $("model").textContent = h.model || "API key needed"; })
   .catch(() => { $("model").textContent = "server not reachable"; });
