@@ -216,3 +216,13 @@ def glm_edge_4b_ckpt(tmp_path_factory: pytest.TempPathFactory, glm4_ranks: dict[
                                          kv_channels=12, multi_query_group_num=3, tie_word_embeddings=False,
                                          seq_length=TINY_CONTEXT)
     yield from _shared(path)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, and do not stall when other processes hold the cores
+    (modules ask for it with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
