@@ -235,9 +235,8 @@ class TextStream:
         self.detok = StreamDetokenizer(tokenizer)
         self.shown = ""
         self.stopped = False
-        # At the end: the whole reply's decoded text (its segments, for reading a tool call). Cut at
-        # a stop string, it is the visible text up to the stop as one plain segment (blank metadata
-        # line): a reply cut in its visible text ends in text, never in a tool call.
+        # At the end: the whole reply's decoded text (its segments, for reading a tool call); cut by
+        # a stop string (`stopped`), the visible text up to it, which holds no tool call.
         self.text = ""
 
     @property
@@ -260,7 +259,7 @@ class TextStream:
         cuts = [i for i in (seen.find(s) for s in self.stop_strings) if i >= 0]
         if cuts:
             seen, self.stopped = seen[:min(cuts)].rstrip(), True
-            self.text = "\n" + seen
+            self.text = seen
         elif final:
             self.text = text
         elif self.stop_strings:  # hold back a tail that may become a stop (and blanks before it: cut, they go)

@@ -237,6 +237,17 @@ def test_stops_are_the_configs_eos_ids(glm4_0414_ckpt, glm_edge_ckpt):
 # Native API and server
 
 
+def _reference_greedy(ckpt, messages) -> tuple[list[int], list[int], str]:
+    """transformers' prompt, greedy tokens and their text (stops left out) for a conversation."""
+    hf_tok, ref = _hf_tokenizer(ckpt), _hf_model(ckpt)
+    prompt = _hf_ids(hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    stops = json.loads((ckpt / "config.json").read_text())["eos_token_id"]
+    with torch.no_grad():
+        tokens = ref.generate(torch.tensor([prompt]), max_new_tokens=NEW, do_sample=False, eos_token_id=stops,
+                              pad_token_id=stops[0])[0, len(prompt):].tolist()
+    return prompt, tokens, hf_tok.decode([t for t in tokens if t not in stops])
+
+
 def _plain_text(text: str) -> str:
     parts = [s.split("\n", 1) if "\n" in s else ["", s] for s in text.split("<|assistant|>")]
     return "\n\n".join(c.strip() for m, c in parts if not m.strip() and c.strip())
@@ -246,13 +257,7 @@ def _plain_text(text: str) -> str:
 def test_chat_and_server_answer_like_transformers(request, fixture):
     ckpt = request.getfixturevalue(fixture)
     messages = [{"role": "user", "content": "什么是GLM？"}]
-    hf_tok, ref = _hf_tokenizer(ckpt), _hf_model(ckpt)
-    prompt = _hf_ids(hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-    stops = json.loads((ckpt / "config.json").read_text())["eos_token_id"]
-    with torch.no_grad():
-        tokens = ref.generate(torch.tensor([prompt]), max_new_tokens=NEW, do_sample=False, eos_token_id=stops,
-                              pad_token_id=stops[0])[0, len(prompt):].tolist()
-    text = hf_tok.decode([t for t in tokens if t not in stops])
+    prompt, tokens, text = _reference_greedy(ckpt, messages)
 
     native = glmchat.load(str(ckpt), device="cpu", dtype="float32", progress=False)
     reply = native.chat(messages, greedy=True, max_new_tokens=NEW)
@@ -344,13 +349,7 @@ def test_glm_z1_replies_read_without_the_reasoning(glm_z1_ckpt):
 
 def test_glm_z1_native_chat_prompts_and_generates_like_transformers(glm_z1_ckpt):
     messages = [{"role": "user", "content": "什么是GLM？"}]
-    hf_tok, ref = _hf_tokenizer(glm_z1_ckpt), _hf_model(glm_z1_ckpt)
-    prompt = _hf_ids(hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-    stops = json.loads((glm_z1_ckpt / "config.json").read_text())["eos_token_id"]
-    with torch.no_grad():
-        tokens = ref.generate(torch.tensor([prompt]), max_new_tokens=NEW, do_sample=False, eos_token_id=stops,
-                              pad_token_id=stops[0])[0, len(prompt):].tolist()
-    text = hf_tok.decode([t for t in tokens if t not in stops])
+    prompt, tokens, text = _reference_greedy(glm_z1_ckpt, messages)
     reply = glmchat.load(str(glm_z1_ckpt), device="cpu", dtype="float32", progress=False).chat(
         messages, greedy=True, max_new_tokens=NEW)
     assert (reply.prompt_tokens, reply.completion_tokens) == (len(prompt), len(tokens))

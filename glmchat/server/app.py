@@ -215,9 +215,10 @@ class Generation:
                 self.completion_tokens = record.generation_tokens
                 text = record.text
                 if record.finish_reason is not None:
-                    if self.tools:
+                    if self.tools and not self.text.stopped:  # a stop string leaves no call
                         self.tool_calls, unread_call = reply_tool_calls(self.family, self.text.text)
-                        text += ("\n\n" if shown or text else "") + unread_call if unread_call else ""
+                        if unread_call:  # arguments it cannot read: the segment shows as text
+                            text += ("\n\n" if shown or text else "") + unread_call
                     self.finish_reason = "tool_calls" if self.tool_calls else record.finish_reason
                 if text:
                     shown = True
