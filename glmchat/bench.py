@@ -44,7 +44,14 @@ def memory_bandwidth(gigabytes: float = 4.0, passes: int = 5) -> float:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory so far."""
+    """This process's peak resident memory so far. On Linux from VmHWM: getrusage's ru_maxrss of a
+    process started by a larger one reports the parent's peak (exec keeps it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
