@@ -4,7 +4,9 @@
 (glmchat.kernels.linear: bf16 nn.Linear on CPU, int8/int4 layers on CPU) and the portable class
 everywhere else; `install(model, enabled=False)` puts the portable classes back (tests compare
 the two). The loader calls it once the weights are in place; call it again after moving a model
-to another device or dtype. glmchat.kernels.cpu builds and loads the C kernels.
+to another device or dtype. On the CPU it also attaches glmchat.kernels.threads' governor, which
+runs the model on the cores other programs leave free. glmchat.kernels.cpu builds and loads the C
+kernels.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 from torch import nn
 
 from ..quantize import Int4Linear, Int8Linear
-from . import cpu
+from . import cpu, threads
 from .linear import CpuBf16Linear, FastInt4Linear, FastInt8Linear
 
 _FAST = {nn.Linear: CpuBf16Linear, Int8Linear: FastInt8Linear, Int4Linear: FastInt4Linear}
@@ -34,6 +36,7 @@ def install(model: nn.Module, enabled: bool = True) -> nn.Module:
         bf16_fast |= use and _float_dtype(layer) == torch.bfloat16
     if bf16_fast:  # the only dtype the C kernels take
         cpu.available()  # compiles them on first use (seconds), here rather than in the first answer
+    threads.govern(model, enabled)
     return model
 
 
