@@ -19,7 +19,8 @@ on this machine, in the same minutes. This script:
     python benchmarks/vs_llama_cpp.py  # full size: ~13 GB of RAM at a time, ~23 GB of disk, ~20 min
 
 --busy-core runs a busy loop on core 0 next to every run (a user's machine is never idle);
---layers N makes a quick run on N of the 28 layers.
+--context N adds decoding after an N-token prompt (a long conversation); --layers N makes a quick
+run on N of the 28 layers.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=2, help="threads for both engines (default 2)")
     ap.add_argument("--new-tokens", type=int, default=32, help="tokens generated after the 64-token prompt")
     ap.add_argument("--prefill-tokens", type=int, default=512, help="the long prompt's length")
+    ap.add_argument("--context", type=int, default=0,
+                    help="also measure decoding after a prompt of this many tokens (attention over a long cache)")
     ap.add_argument("--repeats", type=int, default=2, help="measured rounds per run (best taken)")
     ap.add_argument("--group-size", type=int, default=128, help="glmchat's int4 group size")
     ap.add_argument("--layers", type=int, help="fewer layers than the real 28, for a quick check")
@@ -108,7 +111,7 @@ class LlamaCppEngine:
         import llama_cpp
 
         self.llama_cpp = llama_cpp
-        context = max(args.prefill_tokens, 64 + args.new_tokens) + 8
+        context = max(args.prefill_tokens, args.context, 64) + args.new_tokens + 8
         self.llm = llama_cpp.Llama(model_path=args.file, n_ctx=context, n_batch=args.prefill_tokens,
                                    n_ubatch=args.prefill_tokens, n_threads=args.threads,
                                    n_threads_batch=args.threads, verbose=False)
@@ -147,6 +150,8 @@ def run_worker(args) -> dict:
     for r in range(args.repeats):
         long_ttft.append(engine.timed(random_prompt(args.prefill_tokens, vocab, seed=r), 1).ttft_s)
         short.append(engine.timed(random_prompt(64, vocab, seed=100 + r), args.new_tokens))
+    long_context = [engine.timed(random_prompt(args.context, vocab, seed=200 + r), args.new_tokens)
+                    for r in range(args.repeats)] if args.context else []
     if args.logits:
         np.save(args.logits, engine.logits(random_prompt(64, vocab, seed=100)))
     return {"engine": args.worker, "label": engine.label, "format": args.format,
@@ -155,6 +160,7 @@ def run_worker(args) -> dict:
             "ttft64_s": min(t.ttft_s for t in short),
             "prefill64_tok_s": max(t.prefill_tok_s for t in short),
             "prefill_long_tok_s": args.prefill_tokens / min(long_ttft),
+            "decode_after_context_tok_s": max((t.decode_tok_s for t in long_context), default=None),
             "peak_rss_bytes": peak_rss_bytes()}
 
 
@@ -185,7 +191,7 @@ def child(args, worker: str, fmt: str, file: str | None = None, logits: str | No
     """Run one worker process and return its JSON result."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--format", fmt,
            "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
-           "--prefill-tokens", str(args.prefill_tokens), "--repeats", str(args.repeats),
+           "--prefill-tokens", str(args.prefill_tokens), "--context", str(args.context), "--repeats", str(args.repeats),
            "--group-size", str(args.group_size)]
     cmd += (["--layers", str(args.layers)] if args.layers else []) + (["--file", file] if file else [])
     cmd += ["--logits", logits] if logits else []
@@ -309,16 +315,19 @@ def main(argv=None) -> None:
         ratio = {"decode": g["decode_tok_s"] / l["decode_tok_s"], "prefill64": g["prefill64_tok_s"] / l["prefill64_tok_s"],
                  "prefill_long": g["prefill_long_tok_s"] / l["prefill_long_tok_s"], "ttft64": l["ttft64_s"] / g["ttft64_s"],
                  "peak_rss": g["peak_rss_bytes"] / l["peak_rss_bytes"]}
+        if args.context:
+            ratio["decode_after_context"] = g["decode_after_context_tok_s"] / l["decode_after_context_tok_s"]
         pairs.append({"pair": pair, "glmchat": g, "llama.cpp": l, "ratio": ratio,
                       **({"logits_check": compare_logits(logits["glmchat"], logits["llama.cpp"])} if logits else {})})
     result = {"machine": info, "layers": args.layers or 28, "threads": args.threads, "busy_core": args.busy_core,
-              "new_tokens": args.new_tokens, "prefill_tokens": args.prefill_tokens, "repeats": args.repeats,
+              "new_tokens": args.new_tokens, "prefill_tokens": args.prefill_tokens, "context": args.context,
+              "repeats": args.repeats,
               "bandwidths": bws, "pairs": pairs}
     print(json.dumps(result, indent=2) if args.json else table(result))
 
 
 def table(result: dict) -> str:
-    m, n = result["machine"], result["prefill_tokens"]
+    m, n, c = result["machine"], result["prefill_tokens"], result.get("context")
     lines = [
         f"glmchat vs llama.cpp: ChatGLM3-6B shapes, {result['layers']} layers, the same random weights, batch 1, greedy, "
         f"{result['threads']} threads{', a busy loop on core 0' if result['busy_core'] else ''}",
@@ -329,16 +338,18 @@ def table(result: dict) -> str:
         f"best of {result['repeats']}",
         "",
         f"{'':22s} {'B GB/s':>6s} {'decode tok/s':>12s} {'× B':>5s} {'TTFT64 s':>8s} {'prefill64 tok/s':>15s} "
-        f"{'prefill' + str(n) + ' tok/s':>16s} {'peak RSS GB':>11s}",
+        f"{'prefill' + str(n) + ' tok/s':>16s} {'peak RSS GB':>11s}" + (f" {'decode@' + str(c) + ' tok/s':>16s}" if c else ""),
     ]
     for p in result["pairs"]:
         for engine in ("glmchat", "llama.cpp"):
             r = p[engine]
             lines.append(f"{r['label']:22s} {r['B'] / 1e9:6.1f} {r['decode_tok_s']:12.2f} {r['x_B']:5.2f} {r['ttft64_s']:8.2f} "
-                         f"{r['prefill64_tok_s']:15.1f} {r['prefill_long_tok_s']:16.1f} {r['peak_rss_bytes'] / 1e9:11.2f}")
+                         f"{r['prefill64_tok_s']:15.1f} {r['prefill_long_tok_s']:16.1f} {r['peak_rss_bytes'] / 1e9:11.2f}"
+                         + (f" {r['decode_after_context_tok_s']:16.2f}" if c else ""))
         q = p["ratio"]
         lines.append(f"{'  glmchat ÷ llama.cpp':22s} {'':6s} {q['decode']:11.2f}× {'':5s} {q['ttft64']:7.2f}× "
-                     f"{q['prefill64']:14.2f}× {q['prefill_long']:15.2f}× {q['peak_rss']:10.2f}×")
+                     f"{q['prefill64']:14.2f}× {q['prefill_long']:15.2f}× {q['peak_rss']:10.2f}×"
+                     + (f" {q['decode_after_context']:15.2f}×" if c else ""))
         if "logits_check" in p:
             c = p["logits_check"]
             lines.append(f"  same weights, same logits? correlation {c['correlation']:.4f}, max |Δ| {c['max_abs_diff']:.3f} "

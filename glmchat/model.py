@@ -123,12 +123,16 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
+        out = self.attend(q, k, v, step)
+        return self.dense(out.transpose(1, 2).reshape(B, T, q_size))
+
+    def attend(self, q, k, v, step: Step) -> torch.Tensor:
+        """softmax(q·kᵀ/√d)·v: q [B, heads, T, d], k and v [B, kv_heads, S, d]."""
         # enable_gqa repeats each KV head for adjacent query heads (head h reads group h // rep).
-        out = F.scaled_dot_product_attention(
+        return F.scaled_dot_product_attention(
             q, k, v, attn_mask=step.mask, is_causal=step.is_causal,
             scale=1.0 / math.sqrt(self.head_dim), enable_gqa=self.n_kv_heads != self.n_heads,
         )
-        return self.dense(out.transpose(1, 2).reshape(B, T, q_size))
 
 
 class MLP(nn.Module):

@@ -283,3 +283,53 @@ def test_install_swaps_the_fast_paths_in_where_they_apply_and_back(tiny_ckpt):
     assert type(bf16.output) is torch.nn.Linear
     install(bf16.bfloat16())
     assert type(bf16.output) is CpuBf16Linear
+
+
+# ---- attention's decode path (glmchat.kernels.attention) ----------------------------------------
+
+
+def _naive_attention(q, k, v, key_mask=None):
+    """softmax(q·kᵀ/√d)·v in float64, each KV head repeated for its adjacent query heads."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(rep, dim=1), v.double().repeat_interleave(rep, dim=1)
+    scores = q.double() @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("cached", [1, 7, 300])
+@pytest.mark.parametrize("padded", [False, True])
+def test_decode_attention_equals_naive_attention(dtype, tol, cached, padded):
+    from glmchat.config import GLMConfig
+    from glmchat.kernels.attention import CpuAttention
+    from glmchat.model import Attention, Step
+
+    config = GLMConfig(hidden_size=64, num_attention_heads=8, kv_channels=16, multi_query_group_num=2)
+    layer = install(Attention(config, 0).to(dtype))
+    assert isinstance(layer, CpuAttention)
+    B, S = 3, cached
+    q = _randn(B, 8, 1, 16, seed=1).to(dtype)
+    k, v = _randn(B, 2, S, 16, seed=2).to(dtype), _randn(B, 2, S, 16, seed=3).to(dtype)
+    key_mask = None
+    if padded:  # left padding: row 1 has 1 pad slot, row 2 has S // 2 (at least one real slot stays)
+        key_mask = torch.ones(B, S, dtype=torch.bool)
+        key_mask[1, :min(1, S - 1)] = False
+        key_mask[2, :S // 2] = False
+    step = Step(torch.zeros(B, 1, dtype=torch.long), None if key_mask is None else key_mask[:, None, None, :], False)
+    out = layer.attend(q, k, v, step)
+    assert out.dtype == dtype and out.shape == (B, 8, 1, 16)
+    torch.testing.assert_close(out.double(), _naive_attention(q, k, v, key_mask), atol=tol, rtol=tol)
+
+
+def test_prompt_attention_keeps_sdpa():
+    from glmchat.config import GLMConfig
+    from glmchat.model import Attention, Step
+
+    config = GLMConfig(hidden_size=64, num_attention_heads=8, kv_channels=16, multi_query_group_num=2)
+    layer = install(Attention(config, 0))
+    q, k, v = _randn(2, 8, 5, 16, seed=1), _randn(2, 2, 5, 16, seed=2), _randn(2, 2, 5, 16, seed=3)
+    out = layer.attend(q, k, v, Step(torch.arange(5)[None], None, True))
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(out, expected, atol=0, rtol=0)

@@ -7,7 +7,8 @@ for it: on 2 cores with one busy, int4 decode ran at 0.30× its quiet speed with
 at most every `interval` seconds, the governor reads how much CPU time other processes took since
 its last look (the busy time of this process's CPUs in /proc/stat, less this process's own CPU
 time) and sets PyTorch's thread count, which the C kernels follow too, to the cores left: at most
-the count it found (or the count a caller set since), at least one.
+the count it found (or the count a caller set since), at least one. A model whose decode step is
+compiled (--compile) is left alone: compiled code is built for one thread count.
 """
 
 from __future__ import annotations
@@ -60,7 +61,9 @@ class ThreadGovernor:
         self._last: tuple[float, float, float] | None = None
         self.others = 0.0  # cores other processes kept busy over the last interval
 
-    def __call__(self, *_hook_args) -> None:
+    def __call__(self, model=None, *_hook_args) -> None:
+        if getattr(model, "decode_is_compiled", False):  # code compiled for one thread count: leave it
+            return
         now = time.monotonic()
         if self._last is not None and now - self._last[0] < self.interval:
             return

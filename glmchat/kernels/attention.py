@@ -1,0 +1,36 @@
+"""Attention's fast path on CPU, a subclass of the model's Attention that `glmchat.kernels.install`
+swaps in.
+
+For a decode step (one new token per row) PyTorch's CPU scaled_dot_product_attention is slow:
+at ChatGLM3-6B's shapes (32 query heads over 2 KV heads, bf16, 2 threads) it took 0.39 ms per
+layer over 80 cached tokens, 3.2 ms over 600 and 9.5 ms over 2000 — over 28 layers, more than
+streaming the int4 weights. Two grouped matrix products in float32 (each KV head with its 16 query
+heads as rows) take 0.06, 0.15 and 0.6 ms. Prompts (several new tokens per row) keep SDPA.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+from ..model import Attention, Step
+
+
+class CpuAttention(Attention):
+    @staticmethod
+    def applies_to(layer: Attention) -> bool:
+        return next(itertools.chain(layer.parameters(), layer.buffers())).device.type == "cpu"
+
+    def attend(self, q, k, v, step: Step) -> torch.Tensor:
+        B, H, T, D = q.shape
+        if T != 1 or q.device.type != "cpu":
+            return super().attend(q, k, v, step)
+        G = k.shape[1]  # query heads h*rep..h*rep+rep-1 read KV head h
+        qg = q.reshape(B, G, H // G, D).float()
+        scores = torch.matmul(qg, k.float().transpose(-1, -2)).mul_(1.0 / math.sqrt(D))  # [B, G, rep, S]
+        if step.mask is not None:  # [B, 1, 1, S]: True = attend
+            scores.masked_fill_(~step.mask, float("-inf"))
+        out = torch.matmul(torch.softmax(scores, dim=-1), v.float())
+        return out.to(q.dtype).reshape(B, H, 1, D)
