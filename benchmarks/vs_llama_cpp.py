@@ -334,8 +334,8 @@ def table(result: dict) -> str:
         f"CPU {m['cpu']} ({m['cores']} cores; {' '.join(m['features']) or 'no AVX-512'}); torch {m['torch']}, "
         f"llama-cpp-python {m['llama_cpp_python']}",
         f"B (memory read bandwidth) measured around each run: {min(result['bandwidths']) / 1e9:.1f}–"
-        f"{max(result['bandwidths']) / 1e9:.1f} GB/s; decode after a 64-token prompt, {result['new_tokens']} new tokens; "
-        f"best of {result['repeats']}",
+        f"{max(result['bandwidths']) / 1e9:.1f} GB/s; decode after a 64-token prompt, {result['new_tokens']} new tokens"
+        f"{f' (and after a {c}-token prompt)' if c else ''}; best of {result['repeats']}",
         "",
         f"{'':22s} {'B GB/s':>6s} {'decode tok/s':>12s} {'× B':>5s} {'TTFT64 s':>8s} {'prefill64 tok/s':>15s} "
         f"{'prefill' + str(n) + ' tok/s':>16s} {'peak RSS GB':>11s}" + (f" {'decode@' + str(c) + ' tok/s':>16s}" if c else ""),
@@ -351,9 +351,10 @@ def table(result: dict) -> str:
                      f"{q['prefill64']:14.2f}× {q['prefill_long']:15.2f}× {q['peak_rss']:10.2f}×"
                      + (f" {q['decode_after_context']:15.2f}×" if c else ""))
         if "logits_check" in p:
-            c = p["logits_check"]
-            lines.append(f"  same weights, same logits? correlation {c['correlation']:.4f}, max |Δ| {c['max_abs_diff']:.3f} "
-                         f"(logit std {c['logit_std']:.3f}), same top token: {'yes' if c['same_top1'] else 'no'}")
+            check = p["logits_check"]
+            lines.append(f"  same weights, same logits? correlation {check['correlation']:.4f}, "
+                         f"max |Δ| {check['max_abs_diff']:.3f} (logit std {check['logit_std']:.3f}), "
+                         f"same top token: {'yes' if check['same_top1'] else 'no'}")
         lines.append("")
     lines.append("ratios are glmchat's speed over llama.cpp's (> 1: glmchat faster; TTFT as a speed too), "
                  "peak RSS glmchat's over llama.cpp's (< 1: glmchat smaller)")
