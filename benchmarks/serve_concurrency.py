@@ -4,7 +4,7 @@ The real HTTP server (uvicorn on a loopback port) with the batching engine, talk
 `openai` client: each stream asks for exactly --tokens tokens (stop tokens banned with logit_bias),
 greedy. Prints, per concurrency, generated tokens/s end to end (prefills included) and in the
 batched decode steps alone, each as a ratio to one stream. Full size (random weights of
-THUDM/chatglm3-6b's shape, bf16) needs ~13 GB: run it alone, e.g.
+THUDM/chatglm3-6b's shape, bf16; --quantize int8/int4) needs ~13 GB: run it alone, e.g.
     flock /tmp/glmchat-bigmem.lock python benchmarks/serve_concurrency.py
 """
 
@@ -52,6 +52,7 @@ def main():
     ap.add_argument("--weights", action="store_true", help="load the checkpoint's weights instead of random ones")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--quantize", choices=["int8", "int4"], help="weight-only quantization")
     ap.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     ap.add_argument("--tokens", type=int, default=32, help="tokens generated per stream")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -59,9 +60,11 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    chat_model = load(args.model, device=args.device, dtype=args.dtype, random_weights=not args.weights, progress=False)
+    chat_model = load(args.model, device=args.device, dtype=args.dtype, random_weights=not args.weights, progress=False,
+                      quantize=args.quantize)
     tokenizer = chat_model.tokenizer
-    print(f"{args.model} ({'weights' if args.weights else 'random weights'}), {chat_model.dtype}, {chat_model.device}, "
+    print(f"{args.model} ({'weights' if args.weights else 'random weights'}), {chat_model.dtype}"
+          f"{', ' + args.quantize if args.quantize else ''}, {chat_model.device}, "
           f"{torch.get_num_threads()} threads, loaded in {chat_model.load_seconds:.0f} s; "
           f"load average before: {os.getloadavg()[0]:.2f}")
     app = build_app(chat_model.model, tokenizer, chat_model.family, model_id=args.model, max_batch=max(args.streams),

@@ -2,8 +2,9 @@
 `glmchat.kernels.install` swaps into a model.
 
 bf16 nn.Linear: for the few-row products of decoding, glmchat's C kernel (one row) or torch.mv,
-and W @ xᵀ up to MAX_ROWS_TRANSPOSED rows. int8 / int4: glmchat's C kernels up to cpu.MAX_ROWS
-rows, PyTorch's weight-only ops up to FAST_MAX_ROWS, the portable dequantize + GEMM beyond
+and W @ xᵀ up to MAX_ROWS_TRANSPOSED rows. int8 / int4: glmchat's C kernels up to
+cpu.MAX_ROWS_INT8 / MAX_ROWS_INT4 rows (chosen by the CPU's kind), PyTorch's weight-only ops up to
+FAST_MAX_ROWS, the portable dequantize + GEMM beyond
 (int4 dequantizing through the C kernel). Each path checks its input and falls back to the
 portable one where it does not apply.
 """
@@ -66,13 +67,14 @@ class _FastQuantized:
     """The few-row paths of a quantized layer, before its portable dequantize + GEMM."""
 
     has_op: bool  # whether this PyTorch has the layer's CPU weight-only op
+    kernel_rows: int  # up to this many rows glmchat's C kernel takes the product
 
     @staticmethod
     def applies_to(layer) -> bool:
         return layer.qweight.device.type == "cpu"
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] <= cpu.MAX_ROWS and x.device.type == "cpu":
+        if x.shape[0] <= self.kernel_rows and x.device.type == "cpu":
             y = self._native(x)  # glmchat's C kernel, bias included; None where it does not apply
             if y is not None:
                 return y
@@ -84,6 +86,7 @@ class _FastQuantized:
 
 class FastInt8Linear(_FastQuantized, Int8Linear):
     has_op = HAS_INT8_OP
+    kernel_rows = cpu.MAX_ROWS_INT8
 
     def _native(self, x):
         return cpu.int8_gemv(x, self.qweight, self.scales, self.bias)
@@ -94,6 +97,7 @@ class FastInt8Linear(_FastQuantized, Int8Linear):
 
 class FastInt4Linear(_FastQuantized, Int4Linear):
     has_op = HAS_INT4_OP
+    kernel_rows = cpu.MAX_ROWS_INT4
 
     def _native(self, x):
         return cpu.int4_gemv(x, self.qweight, self.scales_zeros, self.group_size, self.bias)
