@@ -18,7 +18,9 @@ from torch import nn
 from ..quantize import Int4Linear, Int8Linear
 from . import cpu
 
-MAX_ROWS_TRANSPOSED = 128  # bf16: up to this many rows W @ xᵀ beats F.linear (measured)
+# bf16: up to this many rows W @ xᵀ beats F.linear. Measured with AMX (Xeon); without it (AMD EPYC,
+# 2 threads) F.linear was faster from 2 rows on (8 rows, one ChatGLM3-6B layer: ~27 ms against ~45).
+MAX_ROWS_TRANSPOSED = 128 if cpu.HAS_AMX else 1
 FAST_MAX_ROWS = 16  # above this many rows, dequantize + GEMM beats the weight-only ops (measured)
 
 _ops = torch.ops.aten
@@ -31,7 +33,7 @@ class CpuBf16Linear(nn.Linear):
 
     Measured at ChatGLM3-6B's shapes on AVX-512/AMX CPUs: one row through glmchat's C kernel
     (cpu.bf16_gemv, where it compiles) or else torch.mv runs ~1.5× F.linear's speed, and
-    2-128 rows as W @ x^T 1.2-1.9× (batched decode steps, short prefills);
+    2-128 rows as W @ x^T 1.2-1.9× (batched decode steps, short prefills; with AMX only);
     from ~256 rows on F.linear is as fast or faster (0.7× at 512 rows for the MLP's up projection).
     float16 is the other way round (its mv is slower), so it keeps F.linear.
     """

@@ -2,8 +2,8 @@
 
 Every matrix product is split evenly over the threads, and each waits for the slowest part. When
 another program holds a core, the thread that shares it gets half a core and every product waits
-for it: on 2 cores with one busy, int4 decode ran at 0.30× its quiet speed with 2 threads and at
-0.72× with 1 (measured with benchmarks/vs_llama_cpp.py --busy-core). So before a forward pass,
+for it: on 2 cores with a busy loop pinned to one, int4 decode (8 of ChatGLM3-6B's layers) ran at
+0.30× its quiet speed with 2 threads and at 0.72× with 1. So before a forward pass,
 at most every `interval` seconds, the governor reads how much CPU time other processes took since
 its last look (the busy time of this process's CPUs in /proc/stat, less this process's own CPU
 time) and sets PyTorch's thread count, which the C kernels follow too, to the cores left: at most
