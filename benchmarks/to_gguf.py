@@ -12,37 +12,32 @@ token ids), padded with unused pieces to the model's vocabulary.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-# our parameter name -> llama.cpp's tensor name
-_GGUF_NAMES = [
-    (r"embed\.weight", "token_embd.weight"),
-    (r"layers\.(\d+)\.attn_norm\.weight", "blk.{}.attn_norm.weight"),
-    (r"layers\.(\d+)\.attn\.qkv\.(weight|bias)", "blk.{}.attn_qkv.{}"),
-    (r"layers\.(\d+)\.attn\.dense\.weight", "blk.{}.attn_output.weight"),
-    (r"layers\.(\d+)\.mlp_norm\.weight", "blk.{}.ffn_norm.weight"),
-    (r"layers\.(\d+)\.mlp\.gate_up\.weight", "blk.{}.ffn_up.weight"),
-    (r"layers\.(\d+)\.mlp\.down\.weight", "blk.{}.ffn_down.weight"),
-    (r"norm\.weight", "output_norm.weight"),
-    (r"output\.weight", "output.weight"),
-]
+# our parameter names -> llama.cpp's tensor names (per layer: "layers.N.<key>" -> "blk.N.<value>")
+_TOP_NAMES = {"embed.weight": "token_embd.weight", "norm.weight": "output_norm.weight", "output.weight": "output.weight"}
+_LAYER_NAMES = {
+    "attn_norm.weight": "attn_norm.weight", "attn.qkv.weight": "attn_qkv.weight", "attn.qkv.bias": "attn_qkv.bias",
+    "attn.dense.weight": "attn_output.weight", "mlp_norm.weight": "ffn_norm.weight",
+    "mlp.gate_up.weight": "ffn_up.weight", "mlp.down.weight": "ffn_down.weight",
+}
 
 
 def gguf_name(name: str) -> str:
-    for pattern, target in _GGUF_NAMES:
-        m = re.fullmatch(pattern, name)
-        if m:
-            return target.format(*m.groups())
+    if name in _TOP_NAMES:
+        return _TOP_NAMES[name]
+    prefix, layer, rest = (name.split(".", 2) + ["", ""])[:3]
+    if prefix == "layers" and rest in _LAYER_NAMES:
+        return f"blk.{layer}.{_LAYER_NAMES[rest]}"
     raise KeyError(f"{name}: no llama.cpp chatglm tensor for it (only ChatGLM3-6B's layout is written)")
 
 
-def _as_numpy(t: torch.Tensor) -> np.ndarray:
-    dtype = torch.float16 if t.dim() == 2 else torch.float32
-    return t.detach().to("cpu", dtype).contiguous().numpy()
+def _file_dtype(t: torch.Tensor) -> tuple[torch.dtype, np.dtype]:
+    """Matrices in float16 (what llama.cpp quantizes from), norms and biases in float32."""
+    return (torch.float16, np.dtype(np.float16)) if t.dim() == 2 else (torch.float32, np.dtype(np.float32))
 
 
 def write_gguf(model, tokenizer_model: str | Path, path: str | Path, name: str = "glmchat random ChatGLM3-6B") -> Path:
@@ -73,13 +68,13 @@ def write_gguf(model, tokenizer_model: str | Path, path: str | Path, name: str =
 
     state = model.state_dict()
     for key, t in state.items():
-        dtype = np.float16 if t.dim() == 2 else np.float32
-        w.add_tensor_info(gguf_name(key), tuple(t.shape), np.dtype(dtype), t.numel() * np.dtype(dtype).itemsize)
+        _, dtype = _file_dtype(t)
+        w.add_tensor_info(gguf_name(key), tuple(t.shape), dtype, t.numel() * dtype.itemsize)
     w.write_header_to_file(path)
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     for t in state.values():
-        w.write_tensor_data(_as_numpy(t))
+        w.write_tensor_data(t.detach().to("cpu", _file_dtype(t)[0]).contiguous().numpy())
     w.close()
     return path
 

@@ -44,7 +44,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 # pair -> (glmchat format, llama.cpp format)
 PAIRS = {"int4": ("int4", "q4_0"), "int8": ("int8", "q8_0"), "bf16": ("bf16", "f16")}
-LLAMA_FTYPES = {"q4_0": 2, "q8_0": 7}  # llama.h: LLAMA_FTYPE_MOSTLY_Q4_0, LLAMA_FTYPE_MOSTLY_Q8_0
+QUANTIZED = ("q4_0", "q8_0")  # llama.cpp formats made from the f16 file by its quantizer
 WARMUP_TOKENS = 16
 
 
@@ -224,7 +224,7 @@ def gguf_files(args, workdir: Path) -> dict[str, Path]:
     key = zlib.crc32(b"".join(p.read_bytes() for p in (HERE / "to_gguf.py", HERE.parent / "glmchat" / "random_weights.py")))
     stem = f"chatglm3-6b-random-{args.layers or 28}L-{key:08x}"
     files = {"f16": workdir / f"{stem}-f16.gguf"}
-    files.update({fmt: workdir / f"{stem}-{fmt}.gguf" for fmt in LLAMA_FTYPES})
+    files.update({fmt: workdir / f"{stem}-{fmt}.gguf" for fmt in QUANTIZED})
     needed = {"f16"} | {PAIRS[p][1] for p in args.pairs}
     if not files["f16"].exists():
         _check_disk(workdir, 2.05 * (args.layers or 28) / 28 * 12.5e9)
@@ -233,7 +233,7 @@ def gguf_files(args, workdir: Path) -> dict[str, Path]:
     for fmt in sorted(needed - {"f16"}):
         if not files[fmt].exists():
             print(f"quantizing to {files[fmt].name} with llama.cpp ...", file=sys.stderr)
-            quantize_gguf(files["f16"], files[fmt], LLAMA_FTYPES[fmt], args.threads)
+            quantize_gguf(files["f16"], files[fmt], fmt, args.threads)
     return files
 
 
@@ -244,11 +244,11 @@ def _check_disk(workdir: Path, need: float) -> None:
                  f"free some space or pass --workdir")
 
 
-def quantize_gguf(src: Path, dst: Path, ftype: int, threads: int) -> None:
+def quantize_gguf(src: Path, dst: Path, fmt: str, threads: int) -> None:
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{fmt.upper()}")
     params.nthread = threads
     partial = dst.with_name(dst.name + ".partial")
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(partial).encode(), ctypes.byref(params))
