@@ -30,7 +30,9 @@ class AutoTokenizer:
         """The tokenizer of a local directory or hub id, of the checkpoint's own family
         (ChatGLM2/3 SentencePiece, GLM-4 byte-level BPE); trust_remote_code etc. are ignored."""
         directory = resolve_checkpoint(path_or_id, weights=False)
-        return read_config(directory, name=str(path_or_id))[1].load_tokenizer(directory)
+        tokenizer = read_config(directory, name=str(path_or_id))[1].load_tokenizer(directory)
+        tokenizer.name_or_path = str(path_or_id)  # like transformers: what the caller named, hub id or path
+        return tokenizer
 
 
 class AutoModel:
@@ -202,6 +204,21 @@ class ChatGLMForConditionalGeneration(nn.Module):
                 and cache.k.dtype == self.dtype):
             return cache
         return resized_cache(self.transformer, cache, length, max(needed, min(context, 2 * cache.max_len)))
+
+    # ---- the reference's helpers: their shapes are the family's ------------------------------
+
+    def process_response(self, *args, **kwargs):
+        """The reference's post-processing of a decoded reply: `(output, history)` -> (response,
+        history) for ChatGLM3 / GLM-4, `(response)` -> str for ChatGLM2 (Family.process_response)."""
+        return self.family.process_response(*args, **kwargs)
+
+    def build_inputs(self, tokenizer, query: str, history: list | None = None):
+        """ChatGLM2's prompt batch for query after history, on the model's device."""
+        return self.family.build_inputs(tokenizer, query, history).to(self.device)
+
+    def build_stream_inputs(self, tokenizer, query: str, history: list | None = None):
+        """ChatGLM2's prompt batch of this round alone when a history's KV cache is reused."""
+        return self.family.build_stream_inputs(tokenizer, query, history).to(self.device)
 
     # ---- chat ------------------------------------------------------------------------------
 

@@ -197,19 +197,38 @@ class Family:
         """The assistant turn of an earlier call of tool `name` with `arguments`, as the model writes it."""
         raise NotImplementedError
 
-    # ---- the drop-in API (the reference's chat / stream_chat) ------------------------------
+    # ---- the drop-in API (the reference's chat / stream_chat and the helpers it is built on) --
+
+    def process_response(self, output: str, history: list) -> tuple[Any, list]:
+        """The reference model's `process_response(output, history)`: (the last segment's text, or
+        its tool call as a dict, and a copy of history + one assistant entry per segment).
+
+        ChatGLM3 and GLM-4 read replies alike (modeling_chatglm.py of chatglm3-6b and of
+        glm-4-9b-chat): segments split at `<|assistant|>`, then at the first newline into metadata
+        and content (no newline: the metadata is empty); a text segment's content is stripped.
+        The tool-call arguments are parsed as `parse_tool_arguments` says, never evaluated.
+        """
+        parsed = self.parse_reply(output, has_tools(history))
+        new_history = copy.deepcopy(history) + parsed.messages
+        if parsed.tool_call is not None:
+            return parsed.tool_call, new_history
+        return self.show(parsed.messages[-1]["content"]), new_history
+
+    def build_inputs(self, tokenizer: Tokenizer, query: str, history: list | None = None):
+        raise AttributeError(f"{self.label}'s reference model has no build_inputs; "
+                             "use tokenizer.build_chat_input(query, history=history)")
+
+    def build_stream_inputs(self, tokenizer: Tokenizer, query: str, history: list | None = None):
+        raise AttributeError(f"{self.label}'s reference model has no build_stream_inputs; "
+                             "use tokenizer.build_chat_input(query, history=history)")
 
     def dropin_text(self, tokenizer: Tokenizer, tokens: list[int]) -> str:
         """What the reference decodes of the generated ids: it always drops the last one."""
         return tokenizer.decode(tokens[:-1])
 
     def dropin_response(self, text: str, query: str, history: list) -> tuple[Any, list]:
-        """The reference's process_response: the last segment's text (or tool-call dict) and a new history."""
-        parsed = self.parse_reply(text, has_tools(history))
-        new_history = copy.deepcopy(history) + parsed.messages
-        if parsed.tool_call is not None:
-            return parsed.tool_call, new_history
-        return self.show(parsed.messages[-1]["content"]), new_history
+        """(response, new history) of the reference's chat for the decoded reply to `query`."""
+        return self.process_response(text, history)
 
     def dropin_chat(self, tokenizer: Tokenizer, generate: Generate, query: str, history: list | None, role: str):
         """(response, history) of the reference's chat(): the caller's history list gets the query."""

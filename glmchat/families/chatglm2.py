@@ -16,6 +16,12 @@ class ChatGLM2Tokenizer(ChatGLMTokenizer):
 
     SPECIALS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop")
 
+    def __init__(self, vocab_file) -> None:
+        super().__init__(vocab_file)
+        # The reference spells these out; its unk_token_id is transformers' lookup of "<unk>".
+        self.eos_token, self.pad_token, self.unk_token = "</s>", "<unk>", "<unk>"
+        self.unk_token_id = self.sp.piece_to_id("<unk>")
+
     @property
     def stop_token_ids(self) -> list[int]:
         return [self.eos_token_id]
@@ -90,8 +96,20 @@ class ChatGLM2(Family):
     def dropin_text(self, tokenizer, tokens):
         return tokenizer.decode(tokens)
 
+    def process_response(self, response: str) -> str:
+        """ChatGLM2's `process_response(response)`: the reply stripped, the placeholder replaced."""
+        return self.show(response.strip())
+
+    def build_inputs(self, tokenizer, query, history=None):
+        """ChatGLM2's `build_inputs`: `[gMASK] sop` + the "[Round N]" prompt of history and query."""
+        return tokenizer.batch_encode([self._dropin_prompt(tokenizer, query, list(history or []), "user", False)])
+
+    def build_stream_inputs(self, tokenizer, query, history=None):
+        """ChatGLM2's `build_stream_inputs`: with a history, only this round (its cache holds the rest)."""
+        return tokenizer.batch_encode([self._dropin_prompt(tokenizer, query, list(history or []), "user", True)])
+
     def dropin_response(self, text, query, history):
-        response = self.show(text.strip())
+        response = self.process_response(text)
         return response, history + [(query, response)]
 
     def dropin_chat(self, tokenizer, generate, query, history, role):

@@ -18,7 +18,8 @@ import sentencepiece as spm
 import torch
 
 from .base import ROLES, Family, ToolCallParseError, check_message
-from .tokenizer import BatchEncoding, Tokenizer, TokenizerError, TokenizerNotFoundError, as_id_list, find_file
+from .tokenizer import (BatchEncoding, Tokenizer, TokenizerError, TokenizerNotFoundError, as_id_list, find_file,
+                        read_tokenizer_config)
 
 TOKENIZER_FILE = "tokenizer.model"
 # Order matters: special token i has id n_words + i.
@@ -49,10 +50,13 @@ class ChatGLMTokenizer(Tokenizer):
         self._special_names: dict[int, str] = {i: name for name, i in self.special_tokens.items()}
         self.vocab_size: int = self.n_words + len(self.SPECIALS)
         self.eos_token_id: int = self.sp.eos_id()
-        self.bos_token_id: int = self.sp.bos_id()  # never added to inputs
-        self.pad_token_id: int = self.sp.unk_id()  # pad = unk = 0 in ChatGLM3
+        self._bos_id: int = self.sp.bos_id()  # never added to inputs; the reference's bos_token is None
+        self.pad_token_id = self.unk_token_id = self.sp.unk_id()  # pad = unk = 0 in ChatGLM3
+        # The reference names the pieces of those ids ("</s>", "<unk>", "<unk>" in the released model).
+        self.eos_token, self.pad_token = self.sp.id_to_piece(self.eos_token_id), self.sp.id_to_piece(self.pad_token_id)
+        self.unk_token = self.sp.id_to_piece(self.unk_token_id)
         # The reference renders these as empty text in decode().
-        self._silent_ids = {self.eos_token_id, self.bos_token_id, self.pad_token_id}
+        self._silent_ids = {self.eos_token_id, self._bos_id, self.pad_token_id}
 
     @classmethod
     def from_file(cls, tokenizer_model_path: str | os.PathLike[str]):
@@ -64,7 +68,7 @@ class ChatGLMTokenizer(Tokenizer):
 
         Keyword arguments such as ``trust_remote_code=True`` are accepted and ignored.
         """
-        return cls(find_file(path_or_dir, [TOKENIZER_FILE]))
+        return cls(find_file(path_or_dir, [TOKENIZER_FILE])).configure(path_or_dir, read_tokenizer_config(path_or_dir))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_file={str(self.vocab_file)!r}, vocab_size={self.vocab_size})"

@@ -23,7 +23,8 @@ from typing import Any
 import regex
 
 from .base import ROLES, Family, ToolCallParseError
-from .tokenizer import BatchEncoding, Tokenizer, TokenizerError, as_id_list, find_file
+from .tokenizer import (BatchEncoding, Tokenizer, TokenizerError, as_id_list, find_file, read_tokenizer_config,
+                        token_text)
 
 PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -49,6 +50,9 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
+BYTE_OF_CHAR = {c: b for b, c in bytes_to_unicode().items()}
+
+
 def read_ranks(path: Path) -> dict[bytes, int]:
     """``base64 rank`` lines of a tiktoken-style ``tokenizer.model``."""
     ranks: dict[bytes, int] = {}
@@ -69,9 +73,8 @@ def read_tokenizer_json(path: Path) -> tuple[dict[bytes, int], str, dict[str, in
         vocab = data["model"]["vocab"]
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
         raise TokenizerError(f"{path} is not a BPE tokenizer.json ({e!r})") from None
-    byte_of = {c: b for b, c in bytes_to_unicode().items()}
     try:
-        ranks = {bytes(byte_of[c] for c in token): i for token, i in vocab.items()}
+        ranks = {bytes(BYTE_OF_CHAR[c] for c in token): i for token, i in vocab.items()}
     except KeyError:
         raise TokenizerError(f"{path}: vocabulary is not byte-level (GPT-2 byte-to-unicode) BPE") from None
     added = {t["content"]: t["id"] for t in data.get("added_tokens", [])}
@@ -109,7 +112,7 @@ class GLM4Tokenizer(Tokenizer):
         self._special_names = {i: name for name, i in self.special_tokens.items()}
         self.vocab_size = self.n_words + len(SPECIAL_TOKENS)
         self.eos_token_id = self.pad_token_id = self.special_tokens["<|endoftext|>"]
-        self.bos_token_id = None
+        self.named_by_unicode = False  # tokens named by GPT-2's byte-to-unicode text (a tokenizer.json)
         self._cache: dict[bytes, list[int]] = {}
 
     @classmethod
@@ -122,8 +125,50 @@ class GLM4Tokenizer(Tokenizer):
             wrong = {t: i for t, i in added.items() if t in tokenizer.special_tokens and tokenizer.special_tokens[t] != i}
             if wrong:
                 raise TokenizerError(f"{path}: special tokens at unexpected ids {wrong}")
-            return tokenizer
-        return cls(read_ranks(path), source=str(path))
+            tokenizer.named_by_unicode = True
+        else:
+            tokenizer = cls(read_ranks(path), source=str(path))
+        return tokenizer.configure(path_or_dir, read_tokenizer_config(path_or_dir))
+
+    def configure(self, name_or_path, config: dict) -> GLM4Tokenizer:
+        """The reference's token attributes from tokenizer_config.json.
+
+        GLM-4-9B-chat's remote tokenizer (ChatGLM4Tokenizer) fixes eos_token_id to <|endoftext|> and
+        takes eos_token / pad_token (and their ids) from the config; the "-hf" repos' transformers
+        tokenizer (a tokenizer.json) takes all of them from the config, and counts only the ranks in
+        vocab_size (the specials are added tokens). Neither has an unk token unless the config names one.
+        """
+        super().configure(name_or_path, config)
+        for name in ("eos_token", "pad_token", "unk_token"):
+            token = token_text(config.get(name))
+            if token is not None:
+                setattr(self, name, token)
+                setattr(self, f"{name}_id", self.token_to_id(token))
+        if not self.named_by_unicode:
+            self.eos_token_id = self.special_tokens["<|endoftext|>"]
+        else:
+            self.vocab_size = self.n_words
+        return self
+
+    def __len__(self) -> int:
+        return self.n_words + len(self.special_tokens)
+
+    def token_to_id(self, token: str) -> int:
+        """The id of a special's name or of a token's text (byte-to-unicode text for a tokenizer.json)."""
+        if token in self.special_tokens:
+            return self.special_tokens[token]
+        data = bytes(BYTE_OF_CHAR[c] for c in token) if self.named_by_unicode else token.encode("utf-8")
+        if data not in self.ranks:
+            raise TokenizerError(f"{self.vocab_file}: token {token!r} of tokenizer_config.json is not in the vocabulary")
+        return self.ranks[data]
+
+    def get_vocab(self) -> dict[bytes | str, int]:
+        """The reference's vocabulary: bytes -> rank and name -> special id (ChatGLM4Tokenizer), or for
+        a tokenizer.json byte-to-unicode text -> rank and the specials (transformers' fast tokenizer)."""
+        if not self.named_by_unicode:
+            return super().get_vocab()
+        to_char = bytes_to_unicode()
+        return {**{"".join(to_char[b] for b in t): r for t, r in self.ranks.items()}, **self.special_tokens}
 
     def __repr__(self) -> str:
         return f"GLM4Tokenizer(vocab_file={self.vocab_file!r}, vocab_size={self.vocab_size})"

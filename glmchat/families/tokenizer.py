@@ -1,13 +1,17 @@
 """What every family's tokenizer shares: specials by name, the chat stop ids, left-padded batches
-(the reference's `tokenizer(texts, padding=True)`), and the errors."""
+(the reference's `tokenizer(texts, padding=True)`), the attributes of a transformers tokenizer that
+scripts read (`eos_token`, `name_or_path`, `get_vocab()`, ...), and the errors."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+VERY_LARGE_INTEGER = int(1e30)  # transformers' model_max_length when tokenizer_config.json names none
 
 
 class TokenizerError(ValueError):
@@ -47,26 +51,56 @@ def as_id_list(ids: int | Iterable[int] | torch.Tensor) -> list[int]:
 
 class Tokenizer:
     """The interface of every family's tokenizer. Subclasses set `special_tokens` (name -> id),
-    `vocab_size`, `eos_token_id`, `pad_token_id`, and implement `_sp_encode`
-    (text -> ids, specials never recognised in text), `decode`, `get_prefix_tokens` and
-    `build_chat_input`."""
+    `vocab_size`, the reference's `eos_token`/`pad_token`/`unk_token` and their ids, and implement
+    `_sp_encode` (text -> ids, specials never recognised in text), `convert_ids_to_tokens`,
+    `decode`, `get_prefix_tokens` and `build_chat_input`.
 
-    padding_side = "left"
+    The attributes a transformers tokenizer has hold what the family's reference tokenizer gives:
+    `name_or_path` is what from_pretrained was given, `model_max_length` the tokenizer config's
+    (transformers' VERY_LARGE_INTEGER without one), `bos_token` None unless the reference sets one.
+    """
+
+    padding_side = "left"  # the reference tokenizers pad on the left only
     model_input_names = ("input_ids", "attention_mask", "position_ids")
+    name_or_path: str = ""
+    model_max_length: int = VERY_LARGE_INTEGER
     special_tokens: dict[str, int]
     vocab_size: int
+    eos_token: str | None = None
     eos_token_id: int
-    bos_token_id: int | None
+    pad_token: str | None = None
     pad_token_id: int
+    unk_token: str | None = None
+    unk_token_id: int | None = None
+    bos_token: str | None = None
+    bos_token_id: int | None = None
+    _bos_id: int | None = None  # what get_command("<bos>") answers (ChatGLM: the SentencePiece bos)
 
     def __len__(self) -> int:
         return self.vocab_size
 
+    def configure(self, name_or_path: str | Path, config: dict) -> Tokenizer:
+        """Take what transformers takes from a checkpoint's tokenizer_config.json; returns self."""
+        self.name_or_path = str(name_or_path)
+        if config.get("model_max_length") is not None:
+            self.model_max_length = int(config["model_max_length"])
+        return self
+
+    def get_vocab(self) -> dict[Any, int]:
+        """Token -> id for every id below vocab_size, built like the reference: token by token in
+        id order, so where the reference names several ids alike ("" for ChatGLM's bos/eos/pad)
+        the last one wins."""
+        return {token: i for i, token in enumerate(self.convert_ids_to_tokens(range(self.vocab_size)))}
+
+    def convert_ids_to_tokens(self, ids) -> list:
+        raise NotImplementedError
+
     def get_command(self, name: str) -> int:
-        """Id of a special token by name, or of ``<bos>``/``<eos>``/``<pad>``."""
+        """Id of a special token by name, or of ``<bos>``/``<eos>``/``<pad>``/``<unk>``."""
         if name in self.special_tokens:
             return self.special_tokens[name]
-        aliases = {"<bos>": self.bos_token_id, "<eos>": self.eos_token_id, "<pad>": self.pad_token_id}
+        aliases = {"<bos>": self._bos_id, "<eos>": self.eos_token_id, "<pad>": self.pad_token_id,
+                   "<unk>": self.unk_token_id}
         if aliases.get(name) is not None:
             return aliases[name]
         raise TokenizerError(f"{name!r} is not a special token; known: {', '.join([*self.special_tokens, *aliases])}")
@@ -129,6 +163,25 @@ class Tokenizer:
         if return_tensors is None and isinstance(text, str):
             return BatchEncoding({k: v[0] for k, v in out.items()})  # flat lists, like transformers
         return out
+
+
+def read_tokenizer_config(path_or_dir: str | Path) -> dict:
+    """The checkpoint directory's tokenizer_config.json ({} without one, or for a path to a file)."""
+    path = Path(path_or_dir).expanduser() / "tokenizer_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{path} is not valid JSON ({e}); restore it from the model repository") from None
+    if not isinstance(config, dict):
+        raise TokenizerError(f"{path} must hold a JSON object")
+    return config
+
+
+def token_text(value: Any) -> str | None:
+    """A special token as tokenizer_config.json gives it: a string or an AddedToken dict."""
+    return value.get("content") if isinstance(value, dict) else value
 
 
 def find_file(path_or_dir: str | Path, names: Sequence[str]) -> Path:
