@@ -65,6 +65,9 @@ class Step:
     positions: torch.Tensor  # [B, T] rotary positions of the new tokens
     mask: torch.Tensor | None  # [B, 1, T, S] bool (True = attend), or None
     is_causal: bool  # with mask None: plain causal attention over a fresh prompt
+    # Decode steps of rows at their own lengths (the server's slots): row b sees exactly its first
+    # key_lengths[b] keys, and is attended alone so that its result never depends on the other rows.
+    key_lengths: list[int] | None = None
 
 
 class KVCache:
@@ -128,9 +131,15 @@ class Attention(nn.Module):
 
     def attend(self, q, k, v, step: Step) -> torch.Tensor:
         """softmax(q·kᵀ/√d)·v: q [B, heads, T, d], k and v [B, kv_heads, S, d]."""
+        if step.key_lengths is None:
+            return self.attention(q, k, v, step.mask, step.is_causal)
+        return torch.cat([self.attention(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], None, False)
+                          for b, n in enumerate(step.key_lengths)])
+
+    def attention(self, q, k, v, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
         # enable_gqa repeats each KV head for adjacent query heads (head h reads group h // rep).
         return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=step.mask, is_causal=step.is_causal,
+            q, k, v, attn_mask=mask, is_causal=is_causal,
             scale=1.0 / math.sqrt(self.head_dim), enable_gqa=self.n_kv_heads != self.n_heads,
         )
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import quant_reference
 from glmchat.kernels import cpu as cpu_kernels
 from glmchat.kernels import install
-from glmchat.kernels.linear import CpuBf16Linear, FastInt4Linear, FastInt8Linear
+from glmchat.kernels.linear import CpuLinear, FastInt4Linear, FastInt8Linear
 from glmchat.quantize import Int4Linear, Int8Linear
 
 REASON = cpu_kernels.unavailable_reason() if cpu_kernels.enabled else None
@@ -134,11 +134,34 @@ def test_non_contiguous_input(method):
 
 
 @needs_kernels
-def test_other_dtypes_and_several_rows_fall_back():
+@pytest.mark.parametrize("n,k", [(5, 17), (130, 1000), (257, 4096)])
+def test_kernel_rows_are_computed_alone(n, k):
+    """Each row of x comes out bit for bit as when it is alone, whatever rows share the call (the
+    server's batch invariance rests on this), and the rows are right."""
+    w = _randn(n, k, scale=0.05).bfloat16()
+    int8, int4 = _layer("int8", 64 * (n // 64 + 1), k), _layer("int4", 64 * (n // 64 + 1), 64 * (k // 64 + 1), group=64)
+    kernels = {
+        "bf16": (lambda x: cpu_kernels.bf16_gemv(x, w), k, lambda x: F.linear(x.float(), w.float())),
+        "int8": (lambda x: cpu_kernels.int8_gemv(x, int8.qweight, int8.scales, int8.bias, max_rows=None), k,
+                 lambda x: _portable_reference(int8, x)),
+        "int4": (lambda x: cpu_kernels.int4_gemv(x, int4.qweight, int4.scales_zeros, 64, int4.bias, max_rows=None),
+                 int4.in_features, lambda x: _portable_reference(int4, x)),
+    }
+    for name, (kernel, width, reference) in kernels.items():
+        x = _randn(40, width, seed=11).bfloat16()
+        y = kernel(x)
+        _assert_bf16_close(y, reference(x))
+        for rows in (1, 2, 3, 5, 8, 13):
+            for start in (0, 7, 40 - rows):
+                assert torch.equal(kernel(x[start : start + rows]), y[start : start + rows]), (name, rows, start)
+
+
+@needs_kernels
+def test_other_dtypes_fall_back():
     layer = _layer("int8", 64, 128)
     w = _randn(64, 128).bfloat16()
     assert cpu_kernels.bf16_gemv(_randn(128).half(), w) is None
-    assert cpu_kernels.bf16_gemv(_randn(2, 128).bfloat16(), w) is None
+    assert cpu_kernels.bf16_gemv(_randn(2, 128), w.float()) is None
     assert cpu_kernels.int8_gemv(_randn(1, 128), layer.qweight, layer.scales) is None
     for x in (_randn(1, 128).half(), _randn(1, 128), _randn(3, 128).bfloat16()):
         torch.testing.assert_close(layer(x).float(), _portable_reference(layer, x), rtol=3e-2, atol=3e-2)
@@ -273,18 +296,44 @@ def test_install_swaps_the_fast_paths_in_where_they_apply_and_back(tiny_ckpt):
     fp32, _ = load_model(tiny_ckpt, dtype="float32", progress=False)
     int4, _ = load_model(tiny_ckpt, dtype="float32", quantize="int4", group_size=32, progress=False)
     int8, _ = load_model(tiny_ckpt, dtype="bfloat16", quantize="int8", progress=False)
-    assert type(bf16.layers[0].attn.qkv) is CpuBf16Linear and type(bf16.output) is CpuBf16Linear
-    assert type(fp32.layers[0].mlp.down) is torch.nn.Linear  # float32 and float16 keep F.linear
+    assert type(bf16.layers[0].attn.qkv) is CpuLinear and type(bf16.output) is CpuLinear
+    assert type(fp32.layers[0].mlp.down) is CpuLinear  # decode steps row by row in every dtype
     assert type(int4.layers[0].mlp.gate_up) is FastInt4Linear and type(int8.output) is FastInt8Linear
     weight, keys = bf16.output.weight, list(bf16.state_dict())
     install(bf16, enabled=False)
     install(int8, enabled=False)
     assert type(bf16.output) is torch.nn.Linear and type(int8.output) is Int8Linear
     assert bf16.output.weight is weight and list(bf16.state_dict()) == keys
-    install(bf16.half())  # moved to another dtype: the fast path no longer applies
+    install(bf16.to(torch.float64))  # moved to a dtype it does not take: the portable class
     assert type(bf16.output) is torch.nn.Linear
     install(bf16.bfloat16())
-    assert type(bf16.output) is CpuBf16Linear
+    assert type(bf16.output) is CpuLinear
+
+
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "no-kernels"])
+@pytest.mark.parametrize("kind", ["bfloat16", "float16", "float32", "int8", "int4"])
+def test_decode_steps_keep_rows_apart(monkeypatch, kind, kernels):
+    """A decode step's input [B, 1, K]: row b's output is bit for bit the layer's output for row b
+    alone, with glmchat's kernels or without them (then the rows go one at a time)."""
+    if kernels and not cpu_kernels.available():
+        pytest.skip(f"glmchat CPU kernels unavailable here: {REASON}")
+    monkeypatch.setattr(cpu_kernels, "enabled", kernels)
+    if kind in ("int8", "int4"):
+        layer = _layer(kind, 192, 256, group=64)
+        x = _randn(9, 1, 256, seed=12).bfloat16()
+        reference = _portable_reference(layer, x)
+    else:
+        dtype = getattr(torch, kind)
+        layer = install(torch.nn.Linear(256, 190, dtype=dtype))
+        assert type(layer) is CpuLinear
+        x = _randn(9, 1, 256, seed=12).to(dtype)
+        reference = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+    with torch.inference_mode():
+        y = layer(x)
+        _assert_bf16_close(y, reference)
+        for b in range(9):
+            assert torch.equal(layer(x[b : b + 1]), y[b : b + 1]), b
+            assert torch.equal(layer(x[b:]), y[b:]), b
 
 
 # ---- attention's decode path (glmchat.kernels.attention) ----------------------------------------

@@ -1,7 +1,7 @@
 """Device-specific compute, swapped into a model from outside (the model itself is plain PyTorch).
 
 `install(model)` gives each Linear layer the fast-path class that fits its device and dtype
-(glmchat.kernels.linear: bf16 nn.Linear on CPU, int8/int4 layers on CPU), each attention layer its
+(glmchat.kernels.linear: nn.Linear and the int8/int4 layers on CPU), each attention layer its
 CPU decode path (glmchat.kernels.attention), and the portable class
 everywhere else; `install(model, enabled=False)` puts the portable classes back (tests compare
 the two). The loader calls it once the weights are in place; call it again after moving a model
@@ -19,9 +19,9 @@ from ..model import Attention
 from ..quantize import Int4Linear, Int8Linear
 from . import cpu, threads
 from .attention import CpuAttention
-from .linear import CpuBf16Linear, FastInt4Linear, FastInt8Linear
+from .linear import CpuLinear, FastInt4Linear, FastInt8Linear
 
-_FAST = {nn.Linear: CpuBf16Linear, Int8Linear: FastInt8Linear, Int4Linear: FastInt4Linear, Attention: CpuAttention}
+_FAST = {nn.Linear: CpuLinear, Int8Linear: FastInt8Linear, Int4Linear: FastInt4Linear, Attention: CpuAttention}
 _PORTABLE = {fast: portable for portable, fast in _FAST.items()}
 
 

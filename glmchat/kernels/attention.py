@@ -1,5 +1,5 @@
 """Attention's fast path on CPU, a subclass of the model's Attention that `glmchat.kernels.install`
-swaps in.
+swaps in (its `attention`, the product for given keys and mask).
 
 For a decode step (one new token per row) PyTorch's CPU scaled_dot_product_attention is slow:
 at ChatGLM3-6B's shapes (32 query heads over 2 KV heads, bf16, 2 threads) it took 0.39 ms per
@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from ..model import Attention, Step
+from ..model import Attention
 
 
 class CpuAttention(Attention):
@@ -23,14 +23,14 @@ class CpuAttention(Attention):
     def applies_to(layer: Attention) -> bool:
         return next(itertools.chain(layer.parameters(), layer.buffers())).device.type == "cpu"
 
-    def attend(self, q, k, v, step: Step) -> torch.Tensor:
+    def attention(self, q, k, v, mask, is_causal) -> torch.Tensor:
         B, H, T, D = q.shape
         if T != 1 or q.device.type != "cpu":
-            return super().attend(q, k, v, step)
+            return super().attention(q, k, v, mask, is_causal)
         G = k.shape[1]  # query heads h*rep..h*rep+rep-1 read KV head h
         qg = q.reshape(B, G, H // G, D).float()
         scores = torch.matmul(qg, k.float().transpose(-1, -2)).mul_(1.0 / math.sqrt(D))  # [B, G, rep, S]
-        if step.mask is not None:  # [B, 1, 1, S]: True = attend
-            scores.masked_fill_(~step.mask, float("-inf"))
+        if mask is not None:  # [B, 1, 1, S]: True = attend
+            scores.masked_fill_(~mask, float("-inf"))
         out = torch.matmul(torch.softmax(scores, dim=-1), v.float())
         return out.to(q.dtype).reshape(B, H, 1, D)

@@ -1,5 +1,7 @@
-"""Optional C kernels for batch-1 decode on CPU: y = x·Wᵀ (+ b) for one bf16 row x, with W in bf16,
-int8 or int4 (the layouts of glmchat.quantize). See csrc/gemv.c for the data layouts. bf16 sums in float32;
+"""Optional C kernels for decode on CPU: y = x·Wᵀ (+ b) for a few bf16 rows x, with W in bf16,
+int8 or int4 (the layouts of glmchat.quantize). Each row of x goes through the same arithmetic
+whatever the other rows are, so a row's result does not depend on how many rows share the call
+(the server's batch invariance rests on this). See csrc/gemv.c for the data layouts. bf16 sums in float32;
 int8 and int4 sum exactly in int32 over x in 15-bit fixed point per group of columns (256 / the
 quantization group): exact for entries within 2^6 of the group's largest, otherwise off by at most
 2^-15 of it, far below the output's bf16 rounding.
@@ -38,7 +40,7 @@ _loaded = False
 _lock = threading.Lock()
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
-    "glm_gemv_bf16": (None, [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _int]),
+    "glm_gemv_bf16": (None, [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
     "glm_gemv_int8": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
     "glm_gemv_int4": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int]),
     "glm_dequant_int4_t": (None, [_ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
@@ -149,11 +151,12 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _usable(x: torch.Tensor, k: int, *tensors: torch.Tensor | None, max_rows: int = 1) -> bool:
-    """Whether the kernels apply: up to max_rows bf16 CPU rows of k values, contiguous CPU operands."""
+def _usable(x: torch.Tensor, k: int, *tensors: torch.Tensor | None, max_rows: int | None = None) -> bool:
+    """Whether the kernels apply: bf16 CPU rows of k values (up to max_rows; None: any number),
+    contiguous CPU operands."""
     if not enabled or x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.shape[-1] != k:
         return False
-    if x.numel() > k * max_rows:
+    if max_rows is not None and x.numel() > k * max_rows:
         return False
     if x.requires_grad and torch.is_grad_enabled():
         return False
@@ -174,23 +177,25 @@ def _bf16_or_none(t: torch.Tensor | None) -> bool:
 
 
 def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """x [..., K] holding one row · weight[N, K]ᵀ + bias, all bf16, as a [..., N] bf16 tensor; None
-    when the kernel does not apply (unavailable, other dtypes, several rows): then use F.linear."""
+    """x [..., K] · weight[N, K]ᵀ + bias, all bf16, as a [..., N] bf16 tensor; None when the kernel
+    does not apply (unavailable, other dtypes). The weights are read once for all rows of x, but each
+    row costs a pass over them from cache: for the few rows of decode steps, not for prompts."""
     N, K = weight.shape
     if not (_usable(x, K, weight, bias) and weight.dtype == torch.bfloat16 and _bf16_or_none(bias)):
         return None
     y = torch.empty(*x.shape[:-1], N, dtype=torch.bfloat16)
     x = _row(x)
-    _lib.glm_gemv_bf16(x.data_ptr(), weight.data_ptr(), _addr(bias), y.data_ptr(), N, K, torch.get_num_threads())
+    _lib.glm_gemv_bf16(x.data_ptr(), weight.data_ptr(), _addr(bias), y.data_ptr(), x.numel() // K, N, K,
+                       torch.get_num_threads())
     return y
 
 
-def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-              bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """bf16 x [..., K] of M ≤ MAX_ROWS_INT8 rows times int8 codes [N, K] with bf16 scales [N] (+ bias):
+def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
+              max_rows: int | None = MAX_ROWS_INT8) -> torch.Tensor | None:
+    """bf16 x [..., K] of M ≤ max_rows rows times int8 codes [N, K] with bf16 scales [N] (+ bias):
     [..., N] bf16, or None."""
     N, K = qweight.shape
-    if not (_usable(x, K, qweight, scales, bias, max_rows=MAX_ROWS_INT8) and qweight.dtype == torch.int8
+    if not (_usable(x, K, qweight, scales, bias, max_rows=max_rows) and qweight.dtype == torch.int8
             and scales.dtype == torch.bfloat16 and _bf16_or_none(bias)):
         return None
     y = torch.empty(*x.shape[:-1], N, dtype=torch.bfloat16)
@@ -201,11 +206,11 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 
 
 def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
-              bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """bf16 x [..., K] of M ≤ MAX_ROWS_INT4 rows times packed int4 codes [N, K/2] with bf16
+              bias: torch.Tensor | None = None, max_rows: int | None = MAX_ROWS_INT4) -> torch.Tensor | None:
+    """bf16 x [..., K] of M ≤ max_rows rows times packed int4 codes [N, K/2] with bf16
     scales_zeros [K/group, N, 2] (+ bias): [..., N] bf16, or None."""
     N, K = qweight.shape[0], qweight.shape[1] * 2
-    if not (_usable(x, K, qweight, scales_zeros, bias, max_rows=MAX_ROWS_INT4) and qweight.dtype == torch.uint8
+    if not (_usable(x, K, qweight, scales_zeros, bias, max_rows=max_rows) and qweight.dtype == torch.uint8
             and scales_zeros.dtype == torch.bfloat16 and _bf16_or_none(bias)
             and N % 64 == 0 and group_size in (16, 32, 64, 128) and K % group_size == 0):
         return None

@@ -1,12 +1,16 @@
 """The Linear layers' fast paths on CPU, as subclasses of the portable layers that
-`glmchat.kernels.install` swaps into a model.
+`glmchat.kernels.install` swaps in.
 
-bf16 nn.Linear: for the few-row products of decoding, glmchat's C kernel (one row) or torch.mv,
-and W @ xᵀ up to MAX_ROWS_TRANSPOSED rows. int8 / int4: glmchat's C kernels up to
-cpu.MAX_ROWS_INT8 / MAX_ROWS_INT4 rows (chosen by the CPU's kind), PyTorch's weight-only ops up to
-FAST_MAX_ROWS, the portable dequantize + GEMM beyond
-(int4 dequantizing through the C kernel). Each path checks its input and falls back to the
-portable one where it does not apply.
+Decode steps (one new token per row, x [B, 1, K]) keep each row's arithmetic apart: a row's result
+is bit for bit the same whatever the other rows are and however many there are, which is what makes
+the server's batched greedy answers equal the ones each request gets alone. glmchat's C kernels do
+this for any number of rows with the weights read once (glmchat.kernels.cpu); where they do not
+apply (no AVX-512 BF16, float16 / float32) the rows go one at a time.
+
+Prompts take the fastest product for their size. bf16: W @ xᵀ up to MAX_ROWS_TRANSPOSED rows,
+F.linear beyond. int8 / int4: glmchat's C kernels up to cpu.MAX_ROWS_INT8 / MAX_ROWS_INT4 rows
+(chosen by the CPU's kind), PyTorch's weight-only ops up to FAST_MAX_ROWS, the portable
+dequantize + GEMM beyond (int4 dequantizing through the C kernel).
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ from torch import nn
 from ..quantize import Int4Linear, Int8Linear
 from . import cpu
 
-# bf16: up to this many rows W @ xᵀ beats F.linear. Measured with AMX (Xeon); without it (AMD EPYC,
-# 2 threads, 8 rows) F.linear took 13.9 ms against 21.6 for the MLP's up projection and 2.7 against
-# 13.4 for qkv, W @ xᵀ won only the down projection (6.8 against 8.4): F.linear from 2 rows on.
+# bf16 prompts: up to this many rows W @ xᵀ beats F.linear. Measured with AMX (Xeon); without it (AMD
+# EPYC, 2 threads, 8 rows) F.linear took 13.9 ms against 21.6 for the MLP's up projection and 2.7
+# against 13.4 for qkv, W @ xᵀ won only the down projection (6.8 against 8.4): F.linear from 2 rows on.
 MAX_ROWS_TRANSPOSED = 128 if cpu.HAS_AMX else 1
 FAST_MAX_ROWS = 16  # above this many rows, dequantize + GEMM beats the weight-only ops (measured)
 
@@ -29,51 +33,83 @@ HAS_INT8_OP = hasattr(_ops, "_weight_int8pack_mm")
 HAS_INT4_OP = hasattr(_ops, "_weight_int4pack_mm_for_cpu")
 
 
-class CpuBf16Linear(nn.Linear):
-    """nn.Linear with faster CPU kernels for the few-row products of decoding, in bfloat16.
+def is_decode_step(x: torch.Tensor) -> bool:
+    """x [B, 1, K]: one new token per row (a decode step), or a single row."""
+    return x.dim() == 3 and x.shape[1] == 1 or x.numel() == x.shape[-1]
 
-    Measured at ChatGLM3-6B's shapes on AVX-512/AMX CPUs: one row through glmchat's C kernel
-    (cpu.bf16_gemv, where it compiles) or else torch.mv runs ~1.5× F.linear's speed, and
-    2-128 rows as W @ x^T 1.2-1.9× (batched decode steps, short prefills; with AMX only);
-    from ~256 rows on F.linear is as fast or faster (0.7× at 512 rows for the MLP's up projection).
-    float16 is the other way round (its mv is slower), so it keeps F.linear.
+
+def one_row_at_a_time(x2: torch.Tensor, product) -> torch.Tensor:
+    """product over the rows of x2 [M, K] one by one, each from its own fresh (aligned) copy, so
+    that no row's result depends on the others (the fallback where no kernel keeps rows apart)."""
+    if x2.shape[0] == 1:
+        return product(x2)
+    return torch.cat([product(x2[i : i + 1].clone()) for i in range(x2.shape[0])])
+
+
+class CpuLinear(nn.Linear):
+    """nn.Linear on the CPU (bf16, float16, float32): decode steps row by row, prompts by size.
+
+    Measured at ChatGLM3-6B's shapes on an AMD EPYC (AVX512-BF16, 2 threads): glmchat's bf16 kernel
+    takes 7.6 ms for the MLP's up projection with one row and 10.9 with eight (F.linear 16.3 / 15.2),
+    the weights being read once per step. torch.mv is the one-row fallback for bf16 (~1.5× F.linear).
     """
 
     @staticmethod
     def applies_to(layer: nn.Linear) -> bool:
-        return layer.weight.device.type == "cpu" and layer.weight.dtype == torch.bfloat16
+        return layer.weight.device.type == "cpu" and layer.weight.dtype in (torch.bfloat16, torch.float16, torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if x.device.type != "cpu" or x.dtype != torch.bfloat16 or rows > MAX_ROWS_TRANSPOSED:
+        if x.device.type != "cpu" or x.dtype != self.weight.dtype:
             return F.linear(x, self.weight, self.bias)
-        return _cpu_bf16_linear(x, self.weight, self.bias)
+        if is_decode_step(x):
+            return _rows_apart(x, self.weight, self.bias)
+        if x.dtype == torch.bfloat16 and x.numel() // self.in_features <= MAX_ROWS_TRANSPOSED:
+            return _transposed(x, self.weight, self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 @torch.compiler.disable  # under torch.compile, inductor's own matvec is ~2× slower than torch.mv
-def _cpu_bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _rows_apart(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     out_features, in_features = weight.shape
-    rows = x.numel() // in_features
-    if rows == 1:
-        y = cpu.bf16_gemv(x, weight, bias)
-        if y is not None:
-            return y
-        y = torch.mv(weight, x.reshape(-1))
+    y = cpu.bf16_gemv(x, weight, bias)
+    if y is not None:
+        return y
+    x2 = x.reshape(-1, in_features)
+    if x.dtype == torch.bfloat16:
+        y = one_row_at_a_time(x2, lambda row: torch.mv(weight, row[0])[None])
+        y = y if bias is None else y + bias
     else:
-        y = (weight @ x.reshape(rows, in_features).t()).t()
+        y = one_row_at_a_time(x2, lambda row: F.linear(row, weight, bias))
+    return y.view(*x.shape[:-1], out_features)
+
+
+@torch.compiler.disable
+def _transposed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out_features, in_features = weight.shape
+    y = (weight @ x.reshape(-1, in_features).t()).t()
     if bias is not None:
         y = y + bias
     return y.contiguous().view(*x.shape[:-1], out_features)
 
 
 class _FastQuantized:
-    """The few-row paths of a quantized layer, before its portable dequantize + GEMM."""
+    """The quantized layers' CPU paths: decode steps row by row (the C kernels take any number of
+    rows, each alone), prompts by size before the portable dequantize + GEMM."""
 
     has_op: bool  # whether this PyTorch has the layer's CPU weight-only op
 
     @staticmethod
     def applies_to(layer) -> bool:
         return layer.qweight.device.type == "cpu"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or not is_decode_step(x):
+            return super().forward(x)
+        x2 = x.reshape(-1, self.in_features)
+        y = self._native(x2, max_rows=None)
+        if y is None:
+            y = one_row_at_a_time(x2, self._matmul)
+        return y.view(*x.shape[:-1], self.out_features)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
@@ -89,8 +125,8 @@ class _FastQuantized:
 class FastInt8Linear(_FastQuantized, Int8Linear):
     has_op = HAS_INT8_OP
 
-    def _native(self, x):
-        return cpu.int8_gemv(x, self.qweight, self.scales, self.bias)
+    def _native(self, x, max_rows=cpu.MAX_ROWS_INT8):
+        return cpu.int8_gemv(x, self.qweight, self.scales, self.bias, max_rows)
 
     def _fast(self, x):
         return _ops._weight_int8pack_mm(x, self.qweight, self.scales.to(x.dtype))
@@ -99,8 +135,8 @@ class FastInt8Linear(_FastQuantized, Int8Linear):
 class FastInt4Linear(_FastQuantized, Int4Linear):
     has_op = HAS_INT4_OP
 
-    def _native(self, x):
-        return cpu.int4_gemv(x, self.qweight, self.scales_zeros, self.group_size, self.bias)
+    def _native(self, x, max_rows=cpu.MAX_ROWS_INT4):
+        return cpu.int4_gemv(x, self.qweight, self.scales_zeros, self.group_size, self.bias, max_rows)
 
     def _fast(self, x):
         return _ops._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, self.scales_zeros.to(x.dtype))

@@ -105,8 +105,8 @@ class SlotCache:
         self._span = span
         for b in range(B):
             self.lengths[b] += 1
-        mask = torch.arange(span, device=device)[None, :] <= self._pos[:, None]
-        return Step(self._pos[:, None], mask[:, None, None, :], is_causal=False)
+        # Each row attends over exactly its own keys, alone: batch invariance (Step.key_lengths).
+        return Step(self._pos[:, None], None, is_causal=False, key_lengths=self.lengths[:B])
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         self.k[layer][self._rows, :, self._pos] = k[:, :, 0]

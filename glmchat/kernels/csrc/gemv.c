@@ -55,44 +55,68 @@ INLINE void store(uint16_t *y, const uint16_t *bias, int64_t n, float v)
 /* ------------------------------------------------------------------------------------------ */
 /* bf16: vdpbf16ps multiplies 32 bf16 pairs into 16 float sums per instruction. */
 
-INLINE void bf16_tile(const uint16_t *x, const uint16_t *w, int64_t K, int rows, float *out)
+#define XROWS 4 /* bf16: rows of x per pass over a tile; each has its own accumulators */
+
+/* out[m][r] = x row m . weight row r, for m < R (<= XROWS) rows of x at x (stride K) and the
+ * `rows` weight rows at w. Each (m, r) sum takes the same instructions in the same order whatever
+ * R and rows are, so a row's result never depends on the rows computed beside it. */
+INLINE void bf16_tile(const uint16_t *x, int R, const uint16_t *w, int64_t K, int rows, float out[XROWS][TILE])
 {
-    __m512 acc[TILE];
-    for (int r = 0; r < rows; r++)
-        acc[r] = _mm512_setzero_ps();
+    __m512 acc[XROWS][TILE];
+    for (int m = 0; m < R; m++)
+        for (int r = 0; r < rows; r++)
+            acc[m][r] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
-        __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
+        __m512bh wv[TILE];
         for (int r = 0; r < rows; r++) {
             PREFETCH(w + r * K + k);
-            acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(w + r * K + k), xv);
+            wv[r] = (__m512bh)_mm512_loadu_si512(w + r * K + k);
+        }
+        for (int m = 0; m < R; m++) {
+            __m512bh xv = (__m512bh)_mm512_loadu_si512(x + m * K + k);
+            for (int r = 0; r < rows; r++)
+                acc[m][r] = _mm512_dpbf16_ps(acc[m][r], wv[r], xv);
         }
     }
     if (k < K) { /* masked loads read zeros past the end */
-        __mmask32 m = (__mmask32)((1ull << (K - k)) - 1);
-        __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, x + k);
-        for (int r = 0; r < rows; r++)
-            acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_maskz_loadu_epi16(m, w + r * K + k), xv);
+        __mmask32 mask = (__mmask32)((1ull << (K - k)) - 1);
+        for (int m = 0; m < R; m++) {
+            __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mask, x + m * K + k);
+            for (int r = 0; r < rows; r++)
+                acc[m][r] = _mm512_dpbf16_ps(acc[m][r], (__m512bh)_mm512_maskz_loadu_epi16(mask, w + r * K + k), xv);
+        }
     }
-    for (int r = 0; r < rows; r++)
-        out[r] = _mm512_reduce_add_ps(acc[r]);
+    for (int m = 0; m < R; m++)
+        for (int r = 0; r < rows; r++)
+            out[m][r] = _mm512_reduce_add_ps(acc[m][r]);
 }
 
+/* M rows of x, XROWS at a time per tile of weight rows: the weights are read from memory once,
+ * later passes find the tile in L1/L2. */
 void glm_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y,
-                   int64_t N, int64_t K, int nthreads)
+                   int64_t M, int64_t N, int64_t K, int nthreads)
 {
     int64_t tiles = (N + TILE - 1) / TILE;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
     for (int64_t t = 0; t < tiles; t++) {
-        int64_t n0 = t * TILE;
-        float out[TILE];
-        if (n0 + TILE <= N)
-            bf16_tile(x, w + n0 * K, K, TILE, out);
-        else
-            for (int64_t n = n0; n < N; n++)
-                bf16_tile(x, w + n * K, K, 1, out + (n - n0));
-        for (int64_t n = n0; n < N && n < n0 + TILE; n++)
-            store(y, bias, n, out[n - n0]);
+        int64_t n0 = t * TILE, rows = N - n0 < TILE ? N - n0 : TILE;
+        for (int64_t m0 = 0; m0 < M; m0 += XROWS) {
+            int R = M - m0 < XROWS ? (int)(M - m0) : XROWS;
+            float out[XROWS][TILE];
+            if (rows == TILE)
+                bf16_tile(x + m0 * K, R, w + n0 * K, K, TILE, out);
+            else
+                for (int r = 0; r < rows; r++) {
+                    float one[XROWS][TILE];
+                    bf16_tile(x + m0 * K, R, w + (n0 + r) * K, K, 1, one);
+                    for (int m = 0; m < R; m++)
+                        out[m][r] = one[m][0];
+                }
+            for (int m = 0; m < R; m++)
+                for (int r = 0; r < rows; r++)
+                    store(y + (m0 + m) * N, bias, n0 + r, out[m][r]);
+        }
     }
 }
 
