@@ -90,9 +90,25 @@ def vocab_limit(limit: int) -> Processor:
     return process
 
 
-def prefill(model: GLMTransformer, input_ids: torch.Tensor, cache, attention_mask=None, position_ids=None) -> torch.Tensor:
-    """Run a prompt [B, T] into the cache; the logits of its last position, [B, vocab]."""
-    return model(input_ids, cache=cache, attention_mask=attention_mask, position_ids=position_ids, last_only=True)[:, -1]
+def prefill(model: GLMTransformer, input_ids: torch.Tensor, cache, attention_mask=None, position_ids=None,
+            chunk: int | None = None) -> torch.Tensor:
+    """Run a prompt [B, T] into the cache; the logits of its last position, [B, vocab].
+
+    chunk: run it in pieces that end at multiples of `chunk` cache positions. A prompt then takes
+    the same computations in the same shapes whether the cache started empty or held a prefix of it
+    (the server's prefix cache): the same KV and logits, bit for bit.
+    """
+    if chunk is None:
+        return model(input_ids, cache=cache, attention_mask=attention_mask, position_ids=position_ids, last_only=True)[:, -1]
+    if attention_mask is not None or position_ids is not None:
+        raise ValueError("chunked prefill takes unpadded prompts with default positions")
+    start = 0
+    while True:
+        end = min(input_ids.shape[1], start + chunk - cache.length % chunk)
+        logits = model(input_ids[:, start:end], cache=cache, last_only=True)[:, -1]
+        if end == input_ids.shape[1]:
+            return logits
+        start = end
 
 
 def decode_step(model: GLMTransformer, tokens: torch.Tensor, cache, position_ids=None) -> torch.Tensor:

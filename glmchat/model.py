@@ -99,6 +99,17 @@ class KVCache:
         self._start, self.length = start, end
         return _step(self.key_mask, start, end, self.k.device)
 
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Put keys/values computed before, [layers, batch, kv_heads, n, head_dim], after the filled slots."""
+        start, end = self.length, self.length + k.shape[3]
+        if self.key_mask is not None:
+            raise ValueError("append() is for unpadded caches")
+        if end > self.max_len:
+            raise ContextLengthError(f"{end} positions exceed the KV cache's {self.max_len} slots")
+        self.k[:, :, :, start:end] = k
+        self.v[:, :, :, start:end] = v
+        self.length = end
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         start, end = self._start, self.length
         self.k[layer, :, :, start:end] = k

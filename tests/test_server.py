@@ -21,10 +21,11 @@ import torch
 
 from glmchat.families.chatglm3 import TOOLS_PROMPT, ChatGLM3, ChatGLMTokenizer, format_tool_call, parse_tool_call
 from glmchat.families.chatglm3 import chatglm3_prompt_ids as build_prompt_ids
-from glmchat.generate import generate_tokens
+from glmchat.generate import generate_tokens, prefill
 from glmchat.loader import load_model
 from glmchat.server import BackgroundServer, build_app
 from glmchat.server.engine import Engine, SlotCache
+from glmchat.server.prefix_cache import PrefixCache
 from glmchat.generate import TextStream
 from glmchat.server.protocol import ChatRequest, reply_tool_calls, to_glm_messages
 
@@ -130,6 +131,95 @@ def test_slot_cache_decode_steps_are_batch_invariant(tiny_ckpt_4k, tok, dtype):
             cache = model.new_cache(1, len(prompt) + 1)
             first = int(model(torch.tensor([prompt]), cache=cache)[0, -1].argmax())
             assert torch.equal(model(torch.tensor([[first]]), cache=cache)[0, -1], together[i][0])
+
+
+# ---- the prefix cache ----------------------------------------------------------------------------
+
+DOCUMENT = " ".join(TEXTS) * 6  # a long message: its prompt spans several 128-token blocks
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_prefill_after_a_cached_prefix_equals_prefill_from_scratch(tiny_ckpt_4k, tok, dtype):
+    """Chunked at block boundaries, a prompt's prefill is the same computation whether the cache held
+    a prefix of it or not: the same last logits and KV, bit for bit (caches of other sizes too)."""
+    model = tiny_model(tiny_ckpt_4k, dtype)
+    prompt = build_prompt_ids(tok, user(DOCUMENT))
+    assert len(prompt) > 300
+    with torch.inference_mode():
+        whole = model.new_cache(1, len(prompt))
+        logits = prefill(model, torch.tensor([prompt]), whole, chunk=16)
+        for hit in (16, 64, 160, (len(prompt) - 1) // 16 * 16):
+            cache = model.new_cache(1, len(prompt) + hit)
+            cache.append(whole.k[:, :, :, :hit].clone(), whole.v[:, :, :, :hit].clone())
+            assert torch.equal(prefill(model, torch.tensor([prompt[hit:]]), cache, chunk=16), logits), hit
+            assert torch.equal(cache.k[:, :, :, : len(prompt)], whole.k) and torch.equal(cache.v[:, :, :, : len(prompt)], whole.v)
+
+
+def test_prefix_cache_chains_blocks_and_evicts_the_least_recent_ends():
+    kv = torch.zeros(1, 1, 64, 2)  # [layers, kv heads, positions, head dim]
+    block_bytes = 2 * 4 * 2 * 4
+    cache = PrefixCache(max_bytes=3 * block_bytes, block=4)
+    a, b = list(range(12)), list(range(100, 108))
+    cache.store(a, kv, kv)
+    assert len(cache) == 3 and cache.bytes == 3 * block_bytes
+    assert len(cache.match(a + [7])) == 3 and len(cache.match(a)) == 2  # the last token is always computed
+    assert cache.match([99] + a[1:] + [7]) == []  # a block counts only after the same blocks before it
+    assert len(cache.match(a[:4] + b)) == 1
+    cache.store(b, kv, kv)  # over budget: a's last two blocks go (a chain's end before its start)
+    assert len(cache) == 3 and cache.bytes == 3 * block_bytes
+    assert len(cache.match(a + [7])) == 1 and len(cache.match(b + [7])) == 2
+    assert PrefixCache(max_bytes=0).store(a, kv, kv) is None and len(PrefixCache(0)) == 0
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_engine_prefix_cache_hits_answer_as_a_cold_engine_does(tiny_ckpt_4k, tok, dtype):
+    """A conversation resent turn after turn, several at once: the warm engine takes the earlier turns'
+    prompts from its prefix cache and answers exactly what an engine without a cache answers."""
+    model = tiny_model(tiny_ckpt_4k, dtype)
+    warm = Engine(model, max_batch=4, prefill_chunk=32).start()
+    cold = Engine(model, max_batch=4, prefill_chunk=32, cache_bytes=0).start()
+    try:
+        conversations = [[{"role": "system", "content": DOCUMENT}, {"role": "user", "content": TEXTS[i]}] for i in range(3)]
+        at_least = 0  # tokens the warm engine must take from its cache: the earlier turns' full blocks
+        for turn in range(3):
+            answers = {}
+            for name, engine in (("warm", warm), ("cold", cold)):
+                queues = [queue.Queue() for _ in conversations]
+                for messages, q in zip(conversations, queues):
+                    engine.submit(build_prompt_ids(tok, messages), max_new_tokens=12, emit=q.put,
+                                  stop_ids=tok.stop_token_ids)
+                answers[name] = [collect(q)[0] for q in queues]
+            assert answers["warm"] == answers["cold"]
+            for messages, tokens in zip(conversations, answers["warm"]):
+                at_least += len(build_prompt_ids(tok, messages)) // 32 * 32 if turn < 2 else 0
+                messages += [{"role": "assistant", "content": tok.decode(tokens[:-1])}, {"role": "user", "content": "继续"}]
+        assert warm.prefix.hit_tokens >= at_least > 0
+        assert cold.prefix.hit_tokens == 0 and len(cold.prefix) == 0
+    finally:
+        warm.stop()
+        cold.stop()
+
+
+def test_server_prefix_cache_gives_the_answers_of_a_server_without(tiny_ckpt_4k, tok):
+    """The official client resends a growing conversation: with the prefix cache (the default) the
+    server answers every turn exactly as a server started with --cache-gb 0, and says in /health how
+    much of the prompts it served from the cache."""
+    model = tiny_model(tiny_ckpt_4k, "bfloat16")
+    answers = {}
+    for cache_gb in (2.0, 0.0):
+        with BackgroundServer(build_app(model, tok, ChatGLM3(), model_id="tiny", cache_gb=cache_gb)) as s:
+            messages, answers[cache_gb] = [{"role": "system", "content": DOCUMENT}], []
+            for turn in range(4):
+                messages.append({"role": "user", "content": f"{TEXTS[turn]} {DOCUMENT[: 40 * turn]}"})
+                r = client(s.url).chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=20)
+                answers[cache_gb].append(r.choices[0].message.content)
+                messages.append({"role": "assistant", "content": r.choices[0].message.content})
+            stats = httpx.get(s.url + "/health").json()["prefix_cache"]
+        if cache_gb:
+            assert stats["blocks"] > 4 and stats["hit_tokens"] >= 3 * 128, stats
+        else:
+            assert stats["blocks"] == stats["hit_tokens"] == 0, stats
+    assert answers[2.0] == answers[0.0]
 
 
 def test_engine_batched_greedy_equals_generation_alone(model, tok):

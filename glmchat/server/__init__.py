@@ -35,6 +35,16 @@ def _integer(low: int, high: int | None = None):
     return parse
 
 
+def _gigabytes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of gigabytes, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def add_server_options(parser) -> None:
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
@@ -45,13 +55,15 @@ def add_server_options(parser) -> None:
                    help="requests generated together in one batch (default 8)")
     g.add_argument("--max-queue", type=_integer(0), default=64, metavar="N",
                    help="requests that may wait for a free batch slot; more get 503 (default 64)")
+    g.add_argument("--cache-gb", type=_gigabytes, default=2.0, metavar="GB",
+                   help="memory for the KV of prompt prefixes reused across requests (default 2; 0: off)")
 
 
 def serve(chat_model, args) -> None:
     """Serve a loaded glmchat.chat.ChatModel with the options of add_server_options, until Ctrl-C."""
     tokenizer = chat_model.tokenizer
     app = build_app(chat_model.model, tokenizer, chat_model.family, model_id=args.model, api_key=args.api_key,
-                    max_batch=args.max_batch, max_queue=args.max_queue,
+                    max_batch=args.max_batch, max_queue=args.max_queue, cache_gb=args.cache_gb,
                     vocab_limit=tokenizer.vocab_size if chat_model.standin_tokenizer else None)
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"glmchat: warning: listening on {args.host} without --api-key: anyone who can reach it may use it",
@@ -62,17 +74,20 @@ def serve(chat_model, args) -> None:
 
 
 def build_app(model, tokenizer, family, *, model_id: str, api_key: str | None = None, max_batch: int = 8,
-              max_queue: int = 64, vocab_limit: int | None = None, max_body_bytes: int | None = None):
+              max_queue: int = 64, vocab_limit: int | None = None, max_body_bytes: int | None = None,
+              cache_gb: float = 2.0):
     """The FastAPI app serving `model`; its engine thread runs while the app does.
 
     family: the model's family (glmchat.families), which decides prompts, stops and replies.
     vocab_limit: never generate ids >= this (e.g. a stand-in tokenizer's size with random weights).
     max_body_bytes: larger request bodies get a 413 (default glmchat.server.app.MAX_BODY_BYTES).
+    cache_gb: memory for the prefix cache (KV of prompt prefixes reused across requests; 0: off).
     """
     from .app import create_app
     from .engine import Engine
 
-    engine = Engine(model, max_batch=max_batch, max_queue=max_queue, vocab_limit=vocab_limit)
+    engine = Engine(model, max_batch=max_batch, max_queue=max_queue, vocab_limit=vocab_limit,
+                    cache_bytes=int(cache_gb * 2**30))
     limit = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
     return create_app(engine, tokenizer, family, model_id=model_id, api_key=api_key, **limit)
 

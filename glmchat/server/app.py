@@ -72,6 +72,8 @@ def create_app(engine: Engine, tokenizer, family: Family, *, model_id: str, api_
             "status": "ok", "model": model_id, "running": engine.running, "queued": engine.queued,
             "max_batch": engine.cache.rows, "steps": engine.steps, "peak_batch": engine.peak_batch,
             "decoded_tokens": engine.decoded_tokens, "decode_seconds": round(engine.decode_seconds, 4),
+            "prefix_cache": {"blocks": len(engine.prefix), "bytes": engine.prefix.bytes,
+                             "prompt_tokens": engine.prefix.prompt_tokens, "hit_tokens": engine.prefix.hit_tokens},
         }
 
     @app.get("/v1/models")

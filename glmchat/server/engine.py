@@ -1,10 +1,15 @@
 """Continuous batching: one thread owns the model and advances every active request together.
 
-Each step: requests that arrived are prefilled (alone, batch 1) and copied into a free row of the
+Each step: requests that arrived are prefilled (alone, batch 1, in chunks of the prefix cache's
+block size, after the blocks of their prompt it already holds) and copied into a free row of the
 SlotCache; then one batched decode step of the generation core (glmchat.generate) gives the next
 token of every active request; finished and cancelled requests leave. Rows are kept packed
 (0 .. active-1), so the batch is a view of the cache. Each request hears the core's
 `GenerationResponse` records, their text from the request's own `TextStream`.
+
+A request's tokens do not depend on the other requests: decode steps keep rows apart (see
+glmchat.kernels.linear and Step.key_lengths) and a prompt's prefill is the same computation
+whether its prefix came from the prefix cache or not.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 
 from ..generate import GenerationResponse, Sampler, SamplingConfig, TextStream, decode_step, prefill
 from ..model import ContextLengthError, GLMTransformer, KVCache, Step
+from .prefix_cache import BLOCK, PrefixCache
 
 log = logging.getLogger("glmchat.server")
 # A banned token's bias: the lowest finite float, since the sampler's NaN/inf guard would throw a row
@@ -144,11 +150,15 @@ class Request:
 class Engine:
     """Owns the model in a background thread; `submit` is safe from any thread."""
 
-    def __init__(self, model: GLMTransformer, *, max_batch: int = 8, max_queue: int = 64, vocab_limit: int | None = None):
-        """vocab_limit: never pick ids >= this (a tokenizer smaller than the model's vocabulary)."""
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+    def __init__(self, model: GLMTransformer, *, max_batch: int = 8, max_queue: int = 64, vocab_limit: int | None = None,
+                 cache_bytes: int = 2 << 30, prefill_chunk: int = BLOCK):
+        """vocab_limit: never pick ids >= this (a tokenizer smaller than the model's vocabulary).
+        cache_bytes: the prefix cache's budget (0: none). prefill_chunk: tokens per prefill chunk
+        and prefix-cache block."""
+        if max_batch < 1 or max_queue < 0 or cache_bytes < 0 or prefill_chunk < 1:
+            raise ValueError("max_batch and prefill_chunk must be >= 1, max_queue and cache_bytes >= 0")
         self.model = model
+        self.prefix = PrefixCache(cache_bytes, prefill_chunk)
         self.max_queue = max_queue
         self.vocab_limit = vocab_limit
         self.cache = SlotCache(model, max_batch)
@@ -253,9 +263,12 @@ class Engine:
             return
         try:
             request.sampler = Sampler(request.sampling, self.model.device)
-            prompt = torch.tensor([request.prompt], dtype=torch.long, device=self.model.device)
-            cache = self.model.new_cache(1, prompt.shape[1])
-            logits = prefill(self.model, prompt, cache)
+            cache = self.model.new_cache(1, len(request.prompt))
+            for block in self.prefix.match(request.prompt):
+                cache.append(block.k[:, None], block.v[:, None])
+            rest = torch.tensor([request.prompt[cache.length :]], dtype=torch.long, device=self.model.device)
+            logits = prefill(self.model, rest, cache, chunk=self.prefix.block)
+            self.prefix.store(request.prompt, cache.k[:, 0], cache.v[:, 0])
             if request.logit_bias is not None:
                 logits = logits + request.logit_bias
             token = int(request.sampler(logits)[0])

@@ -1,0 +1,87 @@
+"""Time to first token of a long conversation's sixth turn, with the server's prefix cache and without.
+
+A chat client resends the whole conversation every turn. Five turns, each a long user message
+(~400 tokens: a document pasted into the chat) and a 32-token greedy answer, build up ~2000
+tokens of history; the sixth turn asks a short question. The real HTTP server (uvicorn on a
+loopback port), the `openai` client. With the cache (the default) the sixth turn's prompt finds
+the earlier turns' prompts in it and prefills only what follows the last cached block; then a
+server without the cache (--cache-gb 0) on the same model answers the same sixth-turn request.
+Both must give the same greedy tokens. Time to first token: a request with max_tokens=1.
+Full size (random weights of THUDM/chatglm3-6b's shape, bf16) needs ~13 GB: run it alone, e.g.
+    flock /tmp/glmchat-bigmem.lock python benchmarks/prefix_cache.py
+"""
+
+import argparse
+import os
+import time
+
+import openai
+import torch
+
+from glmchat.chat import load
+from glmchat.hub import DEFAULT_MODEL
+from glmchat.server import BackgroundServer, build_app
+
+PARAGRAPH = ("The Great Wall of China is a series of fortifications built across the historical northern "
+             "borders of ancient Chinese states. 长城是中国古代的军事防御工程，修筑的历史可上溯到西周时期。 ")
+
+
+def ask(url: str, messages: list[dict], max_tokens: int, bias: dict) -> tuple[float, str, int, int]:
+    """(seconds, answer, prompt tokens, completion tokens) of one greedy request."""
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600)
+    start = time.perf_counter()
+    r = client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=max_tokens,
+                                       logit_bias=bias)
+    return time.perf_counter() - start, r.choices[0].message.content, r.usage.prompt_tokens, r.usage.completion_tokens
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=DEFAULT_MODEL, help="hub id or directory (default: random weights of its shape)")
+    ap.add_argument("--weights", action="store_true", help="load the checkpoint's weights instead of random ones")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--turns", type=int, default=6)
+    ap.add_argument("--paragraphs", type=int, default=6, help="paragraphs per long user message (~65 tokens each)")
+    ap.add_argument("--answer-tokens", type=int, default=32)
+    args = ap.parse_args()
+
+    chat_model = load(args.model, device="cpu", dtype=args.dtype, random_weights=not args.weights, progress=False)
+    tokenizer = chat_model.tokenizer
+    print(f"{args.model} ({'weights' if args.weights else 'random weights'}), {chat_model.dtype}, "
+          f"{torch.get_num_threads()} threads, loaded in {chat_model.load_seconds:.0f} s; "
+          f"load average before: {os.getloadavg()[0]:.2f}")
+    bias = {str(i): -100 for i in tokenizer.stop_token_ids}  # every answer runs to its max_tokens
+
+    def app(cache_gb: float):
+        return build_app(chat_model.model, tokenizer, chat_model.family, model_id=args.model, cache_gb=cache_gb,
+                         vocab_limit=tokenizer.vocab_size if chat_model.standin_tokenizer else None)
+
+    messages = []
+    with BackgroundServer(app(2.0)) as server:
+        for turn in range(1, args.turns):
+            messages.append({"role": "user", "content": f"Document {turn}: " + PARAGRAPH * args.paragraphs})
+            seconds, answer, prompt_tokens, _ = ask(server.url, messages, args.answer_tokens, bias)
+            print(f"  turn {turn}: {prompt_tokens} prompt tokens, answered in {seconds:.1f} s", flush=True)
+            messages.append({"role": "assistant", "content": answer})
+        messages.append({"role": "user", "content": "总结一下上面的文件。Summarize them briefly."})
+        warm_ttft, _, prompt_tokens, _ = ask(server.url, messages, 1, bias)
+        warm_answer = ask(server.url, messages, 8, bias)[1]
+        import httpx
+        stats = httpx.get(server.url + "/health").json()["prefix_cache"]
+    with BackgroundServer(app(0.0)) as server:
+        cold_ttft, _, _, _ = ask(server.url, messages, 1, bias)
+        cold_answer = ask(server.url, messages, 8, bias)[1]
+    print(f"\nturn {args.turns}: {prompt_tokens} prompt tokens; load average after: {os.getloadavg()[0]:.2f}")
+    print(f"prefix cache: {stats['blocks']} blocks, {stats['bytes'] / 2**20:.0f} MiB, "
+          f"{stats['hit_tokens']} of {stats['prompt_tokens']} prompt tokens served from it")
+    print("prefix cache | time to first token of the last turn")
+    print("-----------: | ----------------------------------:")
+    print(f"          on | {warm_ttft:8.2f} s")
+    print(f"         off | {cold_ttft:8.2f} s")
+    print(f"ratio off/on: {cold_ttft / warm_ttft:.1f}x; same greedy answer: {warm_answer == cold_answer}")
+    if warm_answer != cold_answer:
+        raise SystemExit("the answers differ: the prefix cache changed the result")
+
+
+if __name__ == "__main__":
+    main()
