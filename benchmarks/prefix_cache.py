@@ -1,12 +1,12 @@
 """Time to first token of a long conversation's sixth turn, with the server's prefix cache and without.
 
 A chat client resends the whole conversation every turn. Five turns, each a long user message
-(~400 tokens: a document pasted into the chat) and a 32-token greedy answer, build up ~2000
+(~380 tokens: a document pasted into the chat) and a 32-token greedy answer, build up ~2000
 tokens of history; the sixth turn asks a short question. The real HTTP server (uvicorn on a
 loopback port), the `openai` client. With the cache (the default) the sixth turn's prompt finds
 the earlier turns' prompts in it and prefills only what follows the last cached block; then a
 server without the cache (--cache-gb 0) on the same model answers the same sixth-turn request.
-Both must give the same greedy tokens. Time to first token: a request with max_tokens=1.
+Both must give the same greedy answer. Time to first token: until the first streamed text.
 Full size (random weights of THUDM/chatglm3-6b's shape, bf16) needs ~13 GB: run it alone, e.g.
     flock /tmp/glmchat-bigmem.lock python benchmarks/prefix_cache.py
 """
@@ -15,6 +15,7 @@ import argparse
 import os
 import time
 
+import httpx
 import openai
 import torch
 
@@ -26,13 +27,18 @@ PARAGRAPH = ("The Great Wall of China is a series of fortifications built across
              "borders of ancient Chinese states. 长城是中国古代的军事防御工程，修筑的历史可上溯到西周时期。 ")
 
 
-def ask(url: str, messages: list[dict], max_tokens: int, bias: dict) -> tuple[float, str, int, int]:
-    """(seconds, answer, prompt tokens, completion tokens) of one greedy request."""
+def ask(url: str, messages: list[dict], max_tokens: int, bias: dict) -> tuple[float, float, str, int]:
+    """(seconds to the first text, seconds in all, answer, prompt tokens) of one greedy streamed request."""
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600)
-    start = time.perf_counter()
-    r = client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=max_tokens,
-                                       logit_bias=bias)
-    return time.perf_counter() - start, r.choices[0].message.content, r.usage.prompt_tokens, r.usage.completion_tokens
+    start, first, text, usage = time.perf_counter(), None, [], None
+    for chunk in client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=max_tokens,
+                                                logit_bias=bias, stream=True, stream_options={"include_usage": True}):
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first or time.perf_counter()
+            text.append(chunk.choices[0].delta.content)
+        usage = chunk.usage or usage
+    end = time.perf_counter()
+    return (first or end) - start, end - start, "".join(text), usage.prompt_tokens
 
 
 def main():
@@ -41,7 +47,7 @@ def main():
     ap.add_argument("--weights", action="store_true", help="load the checkpoint's weights instead of random ones")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--turns", type=int, default=6)
-    ap.add_argument("--paragraphs", type=int, default=6, help="paragraphs per long user message (~65 tokens each)")
+    ap.add_argument("--paragraphs", type=int, default=3, help="paragraphs per long user message (~125 tokens each)")
     ap.add_argument("--answer-tokens", type=int, default=32)
     args = ap.parse_args()
 
@@ -60,17 +66,15 @@ def main():
     with BackgroundServer(app(2.0)) as server:
         for turn in range(1, args.turns):
             messages.append({"role": "user", "content": f"Document {turn}: " + PARAGRAPH * args.paragraphs})
-            seconds, answer, prompt_tokens, _ = ask(server.url, messages, args.answer_tokens, bias)
-            print(f"  turn {turn}: {prompt_tokens} prompt tokens, answered in {seconds:.1f} s", flush=True)
+            ttft, seconds, answer, prompt_tokens = ask(server.url, messages, args.answer_tokens, bias)
+            print(f"  turn {turn}: {prompt_tokens} prompt tokens, first text after {ttft:.1f} s, "
+                  f"answered in {seconds:.1f} s", flush=True)
             messages.append({"role": "assistant", "content": answer})
         messages.append({"role": "user", "content": "总结一下上面的文件。Summarize them briefly."})
-        warm_ttft, _, prompt_tokens, _ = ask(server.url, messages, 1, bias)
-        warm_answer = ask(server.url, messages, 8, bias)[1]
-        import httpx
+        warm_ttft, _, warm_answer, prompt_tokens = ask(server.url, messages, 8, bias)
         stats = httpx.get(server.url + "/health").json()["prefix_cache"]
     with BackgroundServer(app(0.0)) as server:
-        cold_ttft, _, _, _ = ask(server.url, messages, 1, bias)
-        cold_answer = ask(server.url, messages, 8, bias)[1]
+        cold_ttft, _, cold_answer, _ = ask(server.url, messages, 8, bias)
     print(f"\nturn {args.turns}: {prompt_tokens} prompt tokens; load average after: {os.getloadavg()[0]:.2f}")
     print(f"prefix cache: {stats['blocks']} blocks, {stats['bytes'] / 2**20:.0f} MiB, "
           f"{stats['hit_tokens']} of {stats['prompt_tokens']} prompt tokens served from it")

@@ -102,12 +102,19 @@ def prefill(model: GLMTransformer, input_ids: torch.Tensor, cache, attention_mas
         return model(input_ids, cache=cache, attention_mask=attention_mask, position_ids=position_ids, last_only=True)[:, -1]
     if attention_mask is not None or position_ids is not None:
         raise ValueError("chunked prefill takes unpadded prompts with default positions")
-    start = 0
-    while True:
-        end = min(input_ids.shape[1], start + chunk - cache.length % chunk)
+    for logits in prefill_chunks(model, input_ids, cache, chunk):
+        pass
+    return logits
+
+
+def prefill_chunks(model: GLMTransformer, input_ids: torch.Tensor, cache, chunk: int) -> Iterator[torch.Tensor | None]:
+    """`prefill(..., chunk=chunk)` one chunk per step, for a caller that does other work in between
+    (the server decodes its running requests): None after each chunk but the last, then the logits."""
+    start, T = 0, input_ids.shape[1]
+    while start < T:
+        end = min(T, start + chunk - cache.length % chunk)
         logits = model(input_ids[:, start:end], cache=cache, last_only=True)[:, -1]
-        if end == input_ids.shape[1]:
-            return logits
+        yield logits if end == T else None
         start = end
 
 

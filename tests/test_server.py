@@ -222,6 +222,73 @@ def test_server_prefix_cache_gives_the_answers_of_a_server_without(tiny_ckpt_4k,
     assert answers[2.0] == answers[0.0]
 
 
+def test_engine_prefills_a_long_prompt_between_decode_steps(tiny_ckpt_4k, tok):
+    """A long prompt that arrives while another request decodes is prefilled a chunk at a time with
+    decode steps in between (the running request keeps getting tokens), and both answers are what
+    each gets alone."""
+    model = tiny_model(tiny_ckpt_4k, "bfloat16")
+    engine = Engine(model, max_batch=4, prefill_chunk=16, cache_bytes=0).start()
+    try:
+        short, long = build_prompt_ids(tok, user(TEXTS[2])), build_prompt_ids(tok, user(DOCUMENT))
+        chunks = -(-len(long) // 16)
+        solo = {}
+        for name, prompt in (("short", short), ("long", long)):
+            q = queue.Queue()
+            engine.submit(prompt, max_new_tokens=chunks + 20, emit=q.put, logit_bias=never_stop_ids(tok))
+            solo[name] = collect(q)[0]
+        events = queue.Queue()
+        engine.submit(short, max_new_tokens=chunks + 20, emit=lambda e: events.put(("short", e)),
+                      logit_bias=never_stop_ids(tok))
+        while events.get(timeout=30)[1].token is None:
+            pass
+        engine.submit(long, max_new_tokens=chunks + 20, emit=lambda e: events.put(("long", e)),
+                      logit_bias=never_stop_ids(tok))
+        order, tokens = [], {"short": [solo["short"][0]], "long": []}
+        while len(order) < 2 * (chunks + 20) - 1:
+            name, event = events.get(timeout=30)
+            if event.token is not None:
+                order.append(name)
+                tokens[name].append(event.token)
+        assert tokens == solo
+        during = order[: order.index("long")].count("short")
+        assert during >= chunks - 2, (during, chunks)  # a decode step after (about) every chunk
+    finally:
+        engine.stop()
+
+
+def test_fixed_rows_keep_answers_batch_invariant_without_row_apart_kernels(tiny_ckpt_4k, tok):
+    """Where the products are not kept row-apart (GPU libraries choose kernels by the number of rows;
+    here: the portable classes, PyTorch's own products) every decode step runs all slot rows, free
+    ones as padding, always the same shape: concurrent answers stay those of each request alone."""
+    from glmchat.kernels import install, keeps_rows_apart
+
+    model = tiny_model(tiny_ckpt_4k, "float32")
+    assert keeps_rows_apart(model)
+    install(model, enabled=False)
+    try:
+        assert not keeps_rows_apart(model)
+        engine = Engine(model, max_batch=8, cache_bytes=0)
+        assert engine.cache.fixed_rows
+        engine.start()
+        prompts, lengths = [tok.encode(t) for t in TEXTS[:6]], (9, 30, 14, 22, 5, 17)
+
+        def answers(together: bool) -> list[list[int]]:
+            queues = [queue.Queue() for _ in prompts]
+            out = []
+            for prompt, n, q in zip(prompts, lengths, queues):
+                engine.submit(prompt, max_new_tokens=n, emit=q.put, logit_bias=never_stop_ids(tok))
+                if not together:
+                    out.append(collect(q)[0])
+            return [collect(q)[0] for q in queues] if together else out
+
+        alone, together = answers(False), answers(True)
+        assert together == alone and [len(a) for a in alone] == list(lengths)
+        assert engine.peak_batch >= 4
+        engine.stop()
+    finally:
+        install(model)
+
+
 def test_engine_batched_greedy_equals_generation_alone(model, tok):
     engine = Engine(model, max_batch=3).start()  # fewer slots than requests: they join and leave
     try:
@@ -447,6 +514,10 @@ def test_concurrent_clients_get_what_they_get_alone(tiny_ckpt_4k, tok, dtype, cl
             together = list(pool.map(ask, range(clients)))
         assert together == alone
         assert httpx.get(s.url + "/health").json()["peak_batch"] >= 4  # they really shared decode steps
+
+
+def never_stop_ids(tok) -> dict[int, float]:
+    return {i: -100 for i in tok.stop_token_ids}
 
 
 def never_stop(tok) -> dict:

@@ -43,5 +43,13 @@ def install(model: nn.Module, enabled: bool = True) -> nn.Module:
     return model
 
 
+def keeps_rows_apart(model: nn.Module) -> bool:
+    """Whether every product in `model` computes each row of a decode step as if it were alone (the
+    CPU paths of glmchat.kernels.linear). Elsewhere (cuBLAS / rocBLAS choose their kernels by the
+    number of rows) a caller that needs batch invariance runs its decode steps at a fixed number of rows."""
+    products = [m for m in model.modules() if isinstance(m, (nn.Linear, Int8Linear, Int4Linear))]
+    return all(type(m) in (CpuLinear, FastInt8Linear, FastInt4Linear) for m in products)
+
+
 def _float_dtype(layer: nn.Module) -> torch.dtype | None:
     return next((t.dtype for t in (*layer.parameters(), *layer.buffers()) if t.is_floating_point()), None)

@@ -75,19 +75,20 @@ def serve(chat_model, args) -> None:
 
 def build_app(model, tokenizer, family, *, model_id: str, api_key: str | None = None, max_batch: int = 8,
               max_queue: int = 64, vocab_limit: int | None = None, max_body_bytes: int | None = None,
-              cache_gb: float = 2.0):
+              cache_gb: float = 2.0, prefill_chunk: int | None = None):
     """The FastAPI app serving `model`; its engine thread runs while the app does.
 
     family: the model's family (glmchat.families), which decides prompts, stops and replies.
     vocab_limit: never generate ids >= this (e.g. a stand-in tokenizer's size with random weights).
     max_body_bytes: larger request bodies get a 413 (default glmchat.server.app.MAX_BODY_BYTES).
     cache_gb: memory for the prefix cache (KV of prompt prefixes reused across requests; 0: off).
+    prefill_chunk: tokens per prefill chunk and cache block (default glmchat.server.prefix_cache.BLOCK).
     """
     from .app import create_app
     from .engine import Engine
 
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue, vocab_limit=vocab_limit,
-                    cache_bytes=int(cache_gb * 2**30))
+                    cache_bytes=int(cache_gb * 2**30), **({"prefill_chunk": prefill_chunk} if prefill_chunk else {}))
     limit = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
     return create_app(engine, tokenizer, family, model_id=model_id, api_key=api_key, **limit)
 

@@ -1,11 +1,13 @@
 """Continuous batching: one thread owns the model and advances every active request together.
 
-Each step: requests that arrived are prefilled (alone, batch 1, in chunks of the prefix cache's
-block size, after the blocks of their prompt it already holds) and copied into a free row of the
-SlotCache; then one batched decode step of the generation core (glmchat.generate) gives the next
-token of every active request; finished and cancelled requests leave. Rows are kept packed
-(0 .. active-1), so the batch is a view of the cache. Each request hears the core's
-`GenerationResponse` records, their text from the request's own `TextStream`.
+Each step: waiting requests are prefilled (alone, batch 1, after the blocks of their prompt the
+prefix cache already holds) in chunks of the cache's block size, about one chunk's worth of tokens
+per step, so that a long prompt never stalls the running requests for longer than a chunk; a
+prefilled request is copied into a free row of the SlotCache. Then one batched decode step of the
+generation core (glmchat.generate) gives the next token of every active request; finished and
+cancelled requests leave. Rows are kept packed (0 .. active-1), so the batch is a view of the cache.
+Each request hears the core's `GenerationResponse` records, their text from the request's own
+`TextStream`.
 
 A request's tokens do not depend on the other requests: decode steps keep rows apart (see
 glmchat.kernels.linear and Step.key_lengths) and a prompt's prefill is the same computation
@@ -19,11 +21,12 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
-from ..generate import GenerationResponse, Sampler, SamplingConfig, TextStream, decode_step, prefill
+from ..generate import GenerationResponse, Sampler, SamplingConfig, TextStream, decode_step, prefill_chunks
+from ..kernels import keeps_rows_apart
 from ..model import ContextLengthError, GLMTransformer, KVCache, Step
 from .prefix_cache import BLOCK, PrefixCache
 
@@ -42,10 +45,14 @@ class SlotCache:
 
     Implements the model's cache protocol for decode steps (one token per active row): row b's new
     K/V goes to position lengths[b], its rotary position is lengths[b], and it sees slots <= that.
-    The time dimension grows on demand (doubling, up to the model's context).
+    The time dimension grows on demand (doubling, up to the model's context). With fixed_rows every
+    step takes all rows, the free ones as padding (position 0, their results unused), so that the
+    products always have the same shape: on devices whose libraries pick kernels by the number of
+    rows, a row's result then never depends on how many others are running.
     """
 
-    def __init__(self, model: GLMTransformer, rows: int, capacity: int = 256):
+    def __init__(self, model: GLMTransformer, rows: int, capacity: int = 256, fixed_rows: bool = False):
+        self.fixed_rows = fixed_rows
         c = model.config
         self.limit = c.seq_length
         capacity = min(capacity, self.limit)
@@ -102,22 +109,28 @@ class SlotCache:
     def begin(self, T: int, attention_mask: torch.Tensor | None) -> Step:
         if T != 1 or attention_mask is not None:
             raise ValueError("the slot cache decodes exactly one token per row; prefill with a KVCache")
-        B = self.active
-        span = max(self.lengths[:B]) + 1
+        B = self.step_rows
+        positions = self.lengths[: self.active] + [0] * (B - self.active)  # padding rows: position 0
+        span = max(positions) + 1
         self._ensure(span)
         device = self.k.device
         self._rows = torch.arange(B, device=device)
-        self._pos = torch.tensor(self.lengths[:B], device=device)
+        self._pos = torch.tensor(positions, device=device)
         self._span = span
-        for b in range(B):
+        for b in range(self.active):
             self.lengths[b] += 1
         # Each row attends over exactly its own keys, alone: batch invariance (Step.key_lengths).
-        return Step(self._pos[:, None], None, is_causal=False, key_lengths=self.lengths[:B])
+        return Step(self._pos[:, None], None, is_causal=False, key_lengths=[p + 1 for p in positions])
+
+    @property
+    def step_rows(self) -> int:
+        """Rows in a decode step: the active ones, or all of them with fixed_rows."""
+        return self.rows if self.fixed_rows else self.active
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         self.k[layer][self._rows, :, self._pos] = k[:, :, 0]
         self.v[layer][self._rows, :, self._pos] = v[:, :, 0]
-        B = self.active
+        B = self.step_rows
         return self.k[layer, :B, :, : self._span], self.v[layer, :B, :, : self._span]
 
 
@@ -133,6 +146,8 @@ class Request:
     tokens: list[int] = field(default_factory=list)
     cancelled: bool = False
     sampler: Sampler | None = None
+    kv: KVCache | None = None  # while its prompt is prefilled
+    chunks: Iterator[torch.Tensor | None] | None = None  # the prefill's remaining chunks
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
 
@@ -161,9 +176,10 @@ class Engine:
         self.prefix = PrefixCache(cache_bytes, prefill_chunk)
         self.max_queue = max_queue
         self.vocab_limit = vocab_limit
-        self.cache = SlotCache(model, max_batch)
+        self.cache = SlotCache(model, max_batch, fixed_rows=not keeps_rows_apart(model))
         self._greedy = Sampler(SamplingConfig(greedy=True), model.device)
         self._pending: deque[Request] = deque()
+        self._prefilling: Request | None = None  # the request whose prompt is being prefilled
         self._active: list[Request] = []  # row i of the cache belongs to _active[i]
         self._cond = threading.Condition()
         self._stopping = False
@@ -179,7 +195,8 @@ class Engine:
 
     @property
     def queued(self) -> int:
-        return len(self._pending)
+        """Requests without a first token yet (waiting, or their prompt being prefilled)."""
+        return len(self._pending) + (self._prefilling is not None)
 
     @property
     def running(self) -> int:
@@ -243,50 +260,93 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (self._pending or self._active or self._stopping):
+                while not (self._pending or self._prefilling or self._active or self._stopping):
                     self._cond.wait()
                 if self._stopping:
                     break
-                joining = [self._pending.popleft() for _ in range(min(len(self._pending), self.cache.rows - len(self._active)))]
             with torch.inference_mode():
-                for request in joining:
-                    self._admit(request)
+                self._prefill_some()
                 self._drop_cancelled()
                 if self._active:
                     self._decode_step()
-        for request in [*self._active, *self._pending]:
+        waiting = [self._prefilling] if self._prefilling else []
+        for request in [*self._active, *waiting, *self._pending]:
             self._send(request, request.record(finish="cancelled"))
 
-    def _admit(self, request: Request) -> None:
+    def _prefill_some(self) -> None:
+        """About one chunk's worth of prompt tokens (whole chunks, from one or several prompts)."""
+        budget = self.prefix.block
+        while budget > 0:
+            if self._prefilling is None:
+                with self._cond:
+                    if not self._pending or len(self._active) >= self.cache.rows:
+                        return
+                    self._prefilling = self._pending.popleft()
+                if not self._start_prefill(self._prefilling):
+                    self._prefilling = None
+                    continue
+            request = self._prefilling
+            before = request.kv.length
+            try:
+                logits = next(request.chunks) if not request.cancelled else None
+            except Exception as e:  # this request fails; the others go on
+                self._fail(request, e)
+                continue
+            budget -= request.kv.length - before
+            if request.cancelled:
+                self._prefilling = None
+                self._send(request, request.record(finish="cancelled"))
+            elif logits is not None:
+                self._prefilling = None
+                self._join(request, logits)
+
+    def _start_prefill(self, request: Request) -> bool:
+        """Set up a request's prefill after the cached blocks of its prompt; False if it ended already."""
         if request.cancelled:
             self._send(request, request.record(finish="cancelled"))
-            return
+            return False
         try:
             request.sampler = Sampler(request.sampling, self.model.device)
-            cache = self.model.new_cache(1, len(request.prompt))
+            request.kv = self.model.new_cache(1, len(request.prompt))
             for block in self.prefix.match(request.prompt):
-                cache.append(block.k[:, None], block.v[:, None])
-            rest = torch.tensor([request.prompt[cache.length :]], dtype=torch.long, device=self.model.device)
-            logits = prefill(self.model, rest, cache, chunk=self.prefix.block)
-            self.prefix.store(request.prompt, cache.k[:, 0], cache.v[:, 0])
+                request.kv.append(block.k[:, None], block.v[:, None])
+            rest = torch.tensor([request.prompt[request.kv.length :]], dtype=torch.long, device=self.model.device)
+            request.chunks = prefill_chunks(self.model, rest, request.kv, self.prefix.block)
+        except Exception as e:
+            self._fail(request, e)
+            return False
+        return True
+
+    def _join(self, request: Request, logits: torch.Tensor) -> None:
+        """A prefilled request: its first token, its prompt's blocks to the prefix cache, a row of its own."""
+        try:
+            self.prefix.store(request.prompt, request.kv.k[:, 0], request.kv.v[:, 0])
             if request.logit_bias is not None:
                 logits = logits + request.logit_bias
             token = int(request.sampler(logits)[0])
-            self.cache.add(cache)
-        except Exception as e:  # this request fails; the others go on
-            log.exception("prefill failed")
-            self._send(request, request.record(finish="error", error=f"{type(e).__name__}: {e}"))
+            self.cache.add(request.kv)
+        except Exception as e:
+            self._fail(request, e)
             return
+        request.kv = request.chunks = None
         self._active.append(request)
         if self._deliver(request, token):
             self._release(len(self._active) - 1)
 
+    def _fail(self, request: Request, error: Exception) -> None:
+        log.error("prefill failed", exc_info=error)
+        if self._prefilling is request:
+            self._prefilling = None
+        request.kv = request.chunks = None
+        self._send(request, request.record(finish="error", error=f"{type(error).__name__}: {error}"))
+
     def _decode_step(self) -> None:
         batch = self._active
         start = time.perf_counter()
-        inputs = torch.tensor([r.tokens[-1] for r in batch], dtype=torch.long, device=self.model.device)
+        padding = [0] * (self.cache.step_rows - len(batch))
+        inputs = torch.tensor([r.tokens[-1] for r in batch] + padding, dtype=torch.long, device=self.model.device)
         try:
-            logits = decode_step(self.model, inputs, self.cache)
+            logits = decode_step(self.model, inputs, self.cache)[: len(batch)]
             tokens = self._sample(batch, logits)
         except Exception as e:  # cannot tell whose fault: end the batch, keep serving
             log.exception("decode step failed")
