@@ -1,13 +1,14 @@
 """How long a running stream waits between two tokens while the server admits a long prompt.
 
-The real HTTP server (uvicorn on a loopback port) and the `openai` client: one greedy stream
-decodes; after its third token a second request with a --prompt-tokens prompt arrives. Prefilled
-in one piece, that prompt stops the stream for the whole prefill; prefilled in chunks between
-decode steps (the server's default: 128-token chunks), the stream waits at most about one chunk.
-Prints the stream's largest gap between two tokens and its median gap before the long prompt came,
-and the long request's time to its answer, for each way, plus whether the stream's text was the
-same both ways. Full size (random weights of THUDM/chatglm3-6b's shape, bf16) needs ~13 GB: run it
-alone, e.g.
+The server's engine (glmchat.server.engine, what `glmchat serve` runs): one greedy request decodes;
+after its third token a request with a --prompt-tokens prompt arrives. Prefilled in one piece, that
+prompt stops the stream for the whole prefill; prefilled in chunks between decode steps (the
+server's default: 128-token chunks), the stream waits about one chunk at a time. Token times are
+taken as the engine hands each token over (text shown to an HTTP client can lag behind tokens that
+do not complete a character yet, so it would blur the measure). Prints the stream's largest gap
+between two tokens and its median gap before the long prompt came, and the long request's time to
+its first token, for each way, plus whether the stream's tokens were the same both ways. Full size
+(random weights of THUDM/chatglm3-6b's shape, bf16) needs ~13 GB: run it alone, e.g.
     flock /tmp/glmchat-bigmem.lock python benchmarks/admission_gap.py
 """
 
@@ -17,45 +18,43 @@ import statistics
 import threading
 import time
 
-import openai
 import torch
 
 from glmchat.chat import load
 from glmchat.hub import DEFAULT_MODEL
-from glmchat.server import BackgroundServer, build_app
+from glmchat.server.engine import Engine
 from glmchat.server.prefix_cache import BLOCK
 
 PARAGRAPH = ("The Great Wall of China is a series of fortifications built across the historical northern "
              "borders of ancient Chinese states. 长城是中国古代的军事防御工程，修筑的历史可上溯到西周时期。 ")
 
 
-def run(url: str, long_text: str, stream_tokens: int, bias: dict) -> dict:
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=3600)
-    arrivals, text, long_done = [], [], {}
+def run(engine: Engine, stream_prompt: list[int], long_prompt: list[int], stream_tokens: int, bias: dict) -> dict:
+    times, tokens, done = [], [], threading.Event()
+    long_first = threading.Event()
 
-    def ask_long():
-        start = time.perf_counter()
-        r = client.chat.completions.create(model="x", messages=[{"role": "user", "content": long_text}],
-                                           temperature=0, max_tokens=1, logit_bias=bias)
-        long_done.update(seconds=time.perf_counter() - start, prompt_tokens=r.usage.prompt_tokens)
+    def on_stream(record):
+        if record.token is not None:
+            times.append(time.perf_counter())
+            tokens.append(record.token)
+        if record.finish_reason is not None:
+            done.set()
 
-    chunks = client.chat.completions.create(
-        model="x", messages=[{"role": "user", "content": "Tell me about the Great Wall."}], temperature=0,
-        max_tokens=stream_tokens, logit_bias=bias, stream=True, stream_options={"include_usage": True})
-    long_request = threading.Thread(target=ask_long)
-    came = None
-    for chunk in chunks:
-        if chunk.choices and chunk.choices[0].delta.content is not None or chunk.usage:
-            arrivals.append(time.perf_counter())
-        if chunk.choices and chunk.choices[0].delta.content:
-            text.append(chunk.choices[0].delta.content)
-        if len(arrivals) == 3 and came is None:
-            came = time.perf_counter()
-            long_request.start()
-    long_request.join()
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
-    return {"max_gap": max(gaps), "median_before": statistics.median(gaps[:2]), "long": long_done,
-            "text": "".join(text)}
+    engine.submit(stream_prompt, max_new_tokens=stream_tokens, emit=on_stream, logit_bias=bias)
+    while len(times) < 3:
+        time.sleep(0.01)
+    came = time.perf_counter()
+    def on_long(record):
+        if record.token is not None:
+            long_first.set()
+
+    engine.submit(long_prompt, max_new_tokens=1, emit=on_long, logit_bias=bias)
+    long_first.wait()
+    long_seconds = time.perf_counter() - came
+    done.wait()
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    return {"max_gap": max(gaps), "median_before": statistics.median(gaps[:2]), "long_seconds": long_seconds,
+            "tokens": tokens}
 
 
 def main():
@@ -72,24 +71,28 @@ def main():
     print(f"{args.model} ({'weights' if args.weights else 'random weights'}), {chat_model.dtype}, "
           f"{torch.get_num_threads()} threads, loaded in {chat_model.load_seconds:.0f} s; "
           f"load average before: {os.getloadavg()[0]:.2f}")
-    bias = {str(i): -100 for i in tokenizer.stop_token_ids}
+    bias = {i: -100 for i in tokenizer.stop_token_ids}  # the stream runs to its length
+    vocab_limit = tokenizer.vocab_size if chat_model.standin_tokenizer else None
     per_paragraph = len(tokenizer.encode(PARAGRAPH, add_special_tokens=False))
-    long_text = PARAGRAPH * max(1, args.prompt_tokens // per_paragraph)
+    messages = [{"role": "user", "content": PARAGRAPH * max(1, args.prompt_tokens // per_paragraph)}]
+    long_prompt = chat_model.family.prompt_ids(tokenizer, messages)
+    stream_prompt = chat_model.family.prompt_ids(tokenizer, [{"role": "user", "content": "Tell me about the Great Wall."}])
     results = {}
     for name, chunk in (("in one piece", chat_model.model.config.seq_length), (f"in {BLOCK}-token chunks", BLOCK)):
-        app = build_app(chat_model.model, tokenizer, chat_model.family, model_id=args.model, cache_gb=0,
-                        prefill_chunk=chunk, vocab_limit=tokenizer.vocab_size if chat_model.standin_tokenizer else None)
-        with BackgroundServer(app) as server:
-            results[name] = run(server.url, long_text, args.stream_tokens, bias)
+        engine = Engine(chat_model.model, cache_bytes=0, prefill_chunk=chunk, vocab_limit=vocab_limit).start()
+        try:
+            results[name] = run(engine, stream_prompt, long_prompt, args.stream_tokens, bias)
+        finally:
+            engine.stop()
         print(f"  prefill {name}: done", flush=True)
     print(f"\nload average after: {os.getloadavg()[0]:.2f}")
-    print(f"a {results[name]['long']['prompt_tokens']}-token prompt arrives while a stream decodes")
-    print("long prompt prefilled | stream's largest gap | its median gap before | long request answered in")
-    print("--------------------: | -------------------: | --------------------: | -----------------------:")
+    print(f"a {len(long_prompt)}-token prompt arrives while a stream decodes")
+    print("long prompt prefilled | stream's largest gap | its median gap before | long request's first token after")
+    print("--------------------: | -------------------: | --------------------: | -------------------------------:")
     for name, r in results.items():
-        print(f"{name:>21} | {r['max_gap']:18.1f} s | {r['median_before']:19.2f} s | {r['long']['seconds']:22.1f} s")
-    same = len({r["text"] for r in results.values()}) == 1
-    print(f"the stream's text the same both ways: {same}")
+        print(f"{name:>21} | {r['max_gap']:18.1f} s | {r['median_before']:19.2f} s | {r['long_seconds']:29.1f} s")
+    same = len({tuple(r["tokens"]) for r in results.values()}) == 1
+    print(f"the stream's tokens the same both ways: {same}")
 
 
 if __name__ == "__main__":

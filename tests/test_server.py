@@ -9,6 +9,7 @@ import queue
 import signal
 import socket
 import subprocess
+import threading
 import sys
 import time
 from pathlib import Path
@@ -857,6 +858,57 @@ def test_full_queue_is_a_503_not_a_backlog(model, tok):
         assert r.choices[0].finish_reason in ("stop", "length")
 
 
+# ---- operations: metrics, timeouts --------------------------------------------------------------
+
+
+def _metrics(url: str, **headers) -> dict:
+    """/metrics read by Prometheus' own parser: {name + labels: value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(url + "/metrics", headers=headers)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    return {s.name + "".join(f"[{k}={v}]" for k, v in sorted(s.labels.items())): s.value
+            for family in text_string_to_metric_families(response.text) for s in family.samples}
+
+
+def test_metrics_count_requests_tokens_and_latencies(model, tok):
+    with BackgroundServer(build_app(model, tok, ChatGLM3(), model_id="tiny", api_key="k3y")) as s:
+        c = client(s.url, api_key="k3y")
+        for i in range(3):
+            c.chat.completions.create(model="x", messages=user(TEXTS[i]), temperature=0, max_tokens=5,
+                                      logit_bias=never_stop(tok))
+        with pytest.raises(openai.BadRequestError):
+            c.chat.completions.create(model="x", messages=user("hi"), max_tokens=0)
+        assert httpx.get(s.url + "/metrics").status_code == 401  # load figures need the key
+        m = _metrics(s.url, Authorization="Bearer k3y")
+    prompts = sum(len(build_prompt_ids(tok, user(TEXTS[i]))) for i in range(3))
+    assert m["glmchat_requests_total[status=200]"] == 3 and m["glmchat_requests_total[status=400]"] == 1
+    assert m["glmchat_prompt_tokens_total"] == prompts and m["glmchat_generation_tokens_total"] == 15
+    assert m["glmchat_time_to_first_token_seconds_count"] == 3 and m["glmchat_inter_token_seconds_count"] == 12
+    assert m["glmchat_time_to_first_token_seconds_bucket[le=+Inf]"] == 3 and m["glmchat_time_to_first_token_seconds_sum"] > 0
+    assert m["glmchat_queued_requests"] == m["glmchat_running_requests"] == 0
+    assert m["glmchat_prefix_cache_prompt_tokens_total"] == prompts and 0 <= m["glmchat_prefix_cache_hit_rate"] <= 1
+
+
+def test_request_timeout_is_a_504_and_frees_the_slot(model, tok):
+    with BackgroundServer(build_app(model, tok, ChatGLM3(), model_id="tiny", timeout=0.3)) as s:
+        c = client(s.url)
+        forever = dict(model="x", messages=user(TEXTS[0]), max_tokens=4000, logit_bias=never_stop(tok))
+        start = time.monotonic()
+        with pytest.raises(openai.InternalServerError) as e:
+            c.chat.completions.create(**forever)
+        assert e.value.status_code == 504 and e.value.body["code"] == "timeout" and "--timeout" in e.value.message
+        assert time.monotonic() - start < 5
+        with pytest.raises(openai.APIError, match="limit of 0.3 s"):
+            list(c.chat.completions.create(stream=True, **forever))
+        deadline = time.monotonic() + 5
+        while httpx.get(s.url + "/health").json()["running"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert httpx.get(s.url + "/health").json()["running"] == 0  # the engine stopped generating them
+        r = c.chat.completions.create(model="x", messages=HI, max_tokens=3)  # and the server goes on
+        assert r.usage.completion_tokens >= 1
+
+
 # ---- `glmchat serve` -------------------------------------------------------------------------
 
 REPO = Path(__file__).resolve().parents[1]
@@ -893,6 +945,59 @@ def test_glmchat_serve_command(tiny_ckpt_4k):
         _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr
     assert f"http://127.0.0.1:{port}/" in stderr
+
+
+def test_sigterm_stops_admitting_finishes_what_it_can_then_exits(tiny_ckpt_4k, tok):
+    """SIGTERM: new connections are refused at once; a request in flight that ends within
+    --shutdown-timeout gets its whole answer, one still running then is cancelled (its stream ends
+    with an error event); the process exits 0."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = _glmchat("serve", "--model", str(tiny_ckpt_4k), "--device", "cpu", "--dtype", "float32", "--port", str(port),
+                    "--shutdown-timeout", "1.5")
+    url, results, streaming = f"http://127.0.0.1:{port}", {}, {"long": threading.Event(), "short": threading.Event()}
+
+    def ask(name: str, max_tokens: int):
+        stream = client(url).chat.completions.create(model="x", messages=user(TEXTS[1]), max_tokens=max_tokens,
+                                                     logit_bias=never_stop(tok), stream=True)
+        chunks = results[name] = []
+        try:
+            for chunk in stream:
+                chunks.append(chunk)
+                streaming[name].set()
+        except openai.APIError as e:
+            results[name] = e
+
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "glmchat serve did not come up"
+            time.sleep(0.1)
+        threads = {name: threading.Thread(target=ask, args=(name, n)) for name, n in (("long", 4000), ("short", 200))}
+        threads["long"].start()
+        assert streaming["long"].wait(30)
+        threads["short"].start()
+        assert streaming["short"].wait(30)
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(url + "/health")
+        for thread in threads.values():
+            thread.join(30)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    short = results["short"]
+    assert not isinstance(short, Exception) and short[-1].choices[0].finish_reason == "length"
+    assert isinstance(results["long"], openai.APIError) and "shutting down" in str(results["long"])
 
 
 def test_serve_without_fastapi_says_what_to_install(tiny_ckpt_4k):

@@ -35,14 +35,20 @@ def _integer(low: int, high: int | None = None):
     return parse
 
 
-def _gigabytes(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of gigabytes, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+def _number(what: str, positive: bool = False):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of {what}, got {text!r}") from None
+        if not (0 < value if positive else 0 <= value) or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be {'>' if positive else '>='} 0 and finite, got {text}")
+        return value
+
+    return parse
+
+
+_gigabytes, _seconds = _number("gigabytes"), _number("seconds", positive=True)
 
 
 def add_server_options(parser) -> None:
@@ -57,25 +63,31 @@ def add_server_options(parser) -> None:
                    help="requests that may wait for a free batch slot; more get 503 (default 64)")
     g.add_argument("--cache-gb", type=_gigabytes, default=2.0, metavar="GB",
                    help="memory for the KV of prompt prefixes reused across requests (default 2; 0: off)")
+    g.add_argument("--shutdown-timeout", type=_number("seconds"), default=30.0, metavar="SECONDS",
+                   help="on SIGTERM / Ctrl-C: how long requests in flight may take to finish before they are "
+                        "cancelled (default 30); no new ones are accepted")
+    g.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
+                   help="cancel a request still unanswered after this long, waiting included, with a 504 "
+                        "(default: no limit)")
 
 
 def serve(chat_model, args) -> None:
     """Serve a loaded glmchat.chat.ChatModel with the options of add_server_options, until Ctrl-C."""
     tokenizer = chat_model.tokenizer
     app = build_app(chat_model.model, tokenizer, chat_model.family, model_id=args.model, api_key=args.api_key,
-                    max_batch=args.max_batch, max_queue=args.max_queue, cache_gb=args.cache_gb,
+                    max_batch=args.max_batch, max_queue=args.max_queue, cache_gb=args.cache_gb, timeout=args.timeout,
                     vocab_limit=tokenizer.vocab_size if chat_model.standin_tokenizer else None)
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"glmchat: warning: listening on {args.host} without --api-key: anyone who can reach it may use it",
               file=sys.stderr)
     print(f"glmchat: web chat at http://{args.host}:{args.port}/ , OpenAI API at http://{args.host}:{args.port}/v1",
           file=sys.stderr, flush=True)
-    run(app, host=args.host, port=args.port)
+    run(app, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout)
 
 
 def build_app(model, tokenizer, family, *, model_id: str, api_key: str | None = None, max_batch: int = 8,
               max_queue: int = 64, vocab_limit: int | None = None, max_body_bytes: int | None = None,
-              cache_gb: float = 2.0, prefill_chunk: int | None = None):
+              cache_gb: float = 2.0, prefill_chunk: int | None = None, timeout: float | None = None):
     """The FastAPI app serving `model`; its engine thread runs while the app does.
 
     family: the model's family (glmchat.families), which decides prompts, stops and replies.
@@ -83,6 +95,7 @@ def build_app(model, tokenizer, family, *, model_id: str, api_key: str | None = 
     max_body_bytes: larger request bodies get a 413 (default glmchat.server.app.MAX_BODY_BYTES).
     cache_gb: memory for the prefix cache (KV of prompt prefixes reused across requests; 0: off).
     prefill_chunk: tokens per prefill chunk and cache block (default glmchat.server.prefix_cache.BLOCK).
+    timeout: seconds a request may take in all before it is cancelled with a 504 (None: no limit).
     """
     from .app import create_app
     from .engine import Engine
@@ -90,14 +103,29 @@ def build_app(model, tokenizer, family, *, model_id: str, api_key: str | None = 
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue, vocab_limit=vocab_limit,
                     cache_bytes=int(cache_gb * 2**30), **({"prefill_chunk": prefill_chunk} if prefill_chunk else {}))
     limit = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
-    return create_app(engine, tokenizer, family, model_id=model_id, api_key=api_key, **limit)
+    return create_app(engine, tokenizer, family, model_id=model_id, api_key=api_key, timeout=timeout, **limit)
 
 
-def run(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
-    """Serve until interrupted; Ctrl-C stops the engine cleanly."""
+def run(app, *, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info",
+        shutdown_timeout: float = 30) -> None:
+    """Serve until SIGTERM or Ctrl-C, then shut down gracefully: stop accepting connections, give
+    the requests in flight up to shutdown_timeout seconds to finish, cancel those still running
+    (a stream ends with an error event), stop the engine and return. A second signal exits at once."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+
+    def on_signal(sig, frame):  # instead of uvicorn's, which re-raises the signal once shut down
+        if server.should_exit:
+            server.force_exit = True
+            return
+        server.should_exit = True
+        timer = threading.Timer(shutdown_timeout, app.state.engine.cancel_all)
+        timer.daemon = True
+        timer.start()
+
+    server.handle_exit = on_signal
+    server.run()
 
 
 class BackgroundServer:

@@ -13,7 +13,7 @@ from importlib import resources
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.background import BackgroundTask
 from starlette.datastructures import Headers
@@ -43,11 +43,12 @@ MAX_BODY_BYTES = 64 * 2**20  # a 1M-token prompt, JSON-escaped, stays well under
 
 
 def create_app(engine: Engine, tokenizer, family: Family, *, model_id: str, api_key: str | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+               max_body_bytes: int = MAX_BODY_BYTES, timeout: float | None = None) -> FastAPI:
     """The app; it starts the engine's thread on startup and stops it on shutdown.
 
     max_body_bytes: a larger request body is a 413, refused before it is read (or as soon as a
-    chunked one passes the limit).
+    chunked one passes the limit). timeout: seconds a request may take in all (waiting included);
+    then it is cancelled and answered with a 504 (an error event when streaming).
     """
 
     @asynccontextmanager
@@ -57,12 +58,14 @@ def create_app(engine: Engine, tokenizer, family: Family, *, model_id: str, api_
         engine.stop()
 
     app = FastAPI(title="glmchat", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine = engine
     created = int(time.time())
     _add_error_handlers(app)
 
     app.add_middleware(LimitBody, limit=max_body_bytes)
     if api_key is not None:
-        app.add_middleware(RequireKey, key=api_key)  # added last: runs first
+        app.add_middleware(RequireKey, key=api_key)
+    app.add_middleware(CountResponses, counter=engine.metrics.requests)  # added last: runs first, sees every answer
 
     @app.get("/health")
     def health(request: Request):
@@ -76,13 +79,18 @@ def create_app(engine: Engine, tokenizer, family: Family, *, model_id: str, api_
                              "prompt_tokens": engine.prefix.prompt_tokens, "hit_tokens": engine.prefix.hit_tokens},
         }
 
+    @app.get("/metrics", include_in_schema=False)
+    def metrics():
+        """Prometheus' text format; with --api-key it needs the key, like /v1/."""
+        return PlainTextResponse(engine.metrics.render(engine), media_type="text/plain; version=0.0.4")
+
     @app.get("/v1/models")
     def models():
         return {"object": "list", "data": [{"id": model_id, "object": "model", "created": created, "owned_by": "glmchat"}]}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, http_request: Request):
-        generation = _start(engine, tokenizer, family, body)
+        generation = _start(engine, tokenizer, family, body, timeout)
         reply_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -121,16 +129,17 @@ def key_matches(headers: Headers, key: str) -> bool:
 class RequireKey:
     """ASGI middleware: /v1/ needs `Authorization: Bearer KEY`, checked before the body is even read.
 
-    Open without it: `/` and `/static/` (the chat page holds no data and asks for the key itself)
-    and `/health`, which then only says `{"status": "ok"}` (a liveness probe; the model id and load
-    counters need the key).
+    So does `/metrics` (load figures; Prometheus sends the key as a bearer token). Open without it:
+    `/` and `/static/` (the chat page holds no data and asks for the key itself) and `/health`,
+    which then only says `{"status": "ok"}` (a liveness probe; the model id and load counters need
+    the key).
     """
 
     def __init__(self, app, key: str):
         self.app, self.key = app, key
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        if scope["type"] == "http" and (scope["path"].startswith("/v1/") or scope["path"] == "/metrics"):
             headers = Headers(scope=scope)
             if not key_matches(headers, self.key):
                 given = headers.get("authorization", "").removeprefix("Bearer ").strip()
@@ -138,6 +147,24 @@ class RequireKey:
                 response = error_response(401, f"{what}: send it as 'Authorization: Bearer KEY'", code="invalid_api_key")
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+class CountResponses:
+    """ASGI middleware: counts the answers to /v1/ requests by HTTP status (glmchat_requests_total)."""
+
+    def __init__(self, app, counter):
+        self.app, self.counter = app, counter
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start":
+                self.counter.inc(1, str(message["status"]))
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
 
 
 class LimitBody:
@@ -172,8 +199,11 @@ class Generation:
     """One request in flight: the engine's records in, content deltas out (asyncio side)."""
 
     def __init__(self, engine: Engine, family: Family, text: TextStream, tools: bool, prompt: list[int],
-                 max_new_tokens: int, sampling: SamplingConfig, logit_bias: dict[int, float] | None = None):
+                 max_new_tokens: int, sampling: SamplingConfig, logit_bias: dict[int, float] | None = None,
+                 timeout: float | None = None):
         loop = asyncio.get_running_loop()
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout
         self.queue: asyncio.Queue = asyncio.Queue()
         self.family, self.text, self.tools = family, text, tools
         self.prompt_tokens = len(prompt)
@@ -187,8 +217,12 @@ class Generation:
         )
 
     async def _next_record(self, http_request: Request | None):
-        """The next engine record, or None once the client has gone (checked every half second)."""
+        """The next engine record, or None once the client has gone (checked every half second);
+        an APIError once the request has run longer than its timeout."""
         while True:
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                raise APIError(504, f"the request took longer than this server's limit of {self.timeout:g} s "
+                                    "(glmchat serve --timeout)", type="server_error", code="timeout")
             if http_request is not None and time.monotonic() > self._next_check:
                 if await http_request.is_disconnected():
                     return None
@@ -233,7 +267,7 @@ class Generation:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
-def _start(engine: Engine, tokenizer, family: Family, body: ChatRequest) -> Generation:
+def _start(engine: Engine, tokenizer, family: Family, body: ChatRequest, timeout: float | None) -> Generation:
     if body.active_tools() and not family.supports_tools:
         raise APIError(400, f"{family.label} was not trained to call tools", param="tools")
     try:
@@ -256,7 +290,7 @@ def _start(engine: Engine, tokenizer, family: Family, body: ChatRequest) -> Gene
     text = TextStream(tokenizer, visible, stop_ids=family.stop_ids(tokenizer), stop_strings=stop_strings)
     try:
         return Generation(engine, family, text, tools, prompt, max_new or engine.context_length - len(prompt),
-                          sampling, body.logit_bias)
+                          sampling, body.logit_bias, timeout)
     except QueueFullError as e:
         raise APIError(503, f"server overloaded: {e}", type="server_error", code="queue_full") from None
 

@@ -28,6 +28,7 @@ import torch
 from ..generate import GenerationResponse, Sampler, SamplingConfig, TextStream, decode_step, prefill_chunks
 from ..kernels import keeps_rows_apart
 from ..model import ContextLengthError, GLMTransformer, KVCache, Step
+from .metrics import Metrics
 from .prefix_cache import BLOCK, PrefixCache
 
 log = logging.getLogger("glmchat.server")
@@ -150,6 +151,7 @@ class Request:
     chunks: Iterator[torch.Tensor | None] | None = None  # the prefill's remaining chunks
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
+    last_token: float | None = None
 
     def cancel(self) -> None:
         """Ask the engine to stop this request at the next step boundary (thread-safe)."""
@@ -174,6 +176,7 @@ class Engine:
             raise ValueError("max_batch and prefill_chunk must be >= 1, max_queue and cache_bytes >= 0")
         self.model = model
         self.prefix = PrefixCache(cache_bytes, prefill_chunk)
+        self.metrics = Metrics()
         self.max_queue = max_queue
         self.vocab_limit = vocab_limit
         self.cache = SlotCache(model, max_batch, fixed_rows=not keeps_rows_apart(model))
@@ -213,6 +216,15 @@ class Engine:
             self._cond.notify()
         if self._thread is not None:
             self._thread.join()
+
+    def cancel_all(self) -> None:
+        """Cancel every request, waiting or running (thread-safe); each ends with finish "cancelled"."""
+        with self._cond:
+            requests = [*self._pending, *([self._prefilling] if self._prefilling else [])]
+            requests += list(self._active)  # after the prefilling one, which can only move here
+            for request in requests:
+                request.cancel()
+            self._cond.notify()
 
     def submit(
         self,
@@ -375,8 +387,16 @@ class Engine:
 
     def _deliver(self, request: Request, token: int) -> bool:
         """Send a token (and the text it adds); True when the request is finished."""
+        now = time.perf_counter()
         request.tokens.append(token)
-        request.first_token = request.first_token or time.perf_counter()
+        if request.first_token is None:
+            request.first_token = now
+            self.metrics.ttft.observe(now - request.submitted)
+            self.metrics.prompt_tokens.inc(len(request.prompt))
+        else:
+            self.metrics.inter_token.observe(now - request.last_token)
+        request.last_token = now
+        self.metrics.generation_tokens.inc()
         text = request.text.add(token) if request.text is not None else ""
         finish = None
         if token in request.stop_ids or (request.text is not None and request.text.stopped):
