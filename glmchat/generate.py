@@ -305,6 +305,8 @@ class GenerationResponse:
     time_to_first_token: float  # seconds from the start to the first id (mostly the prefill)
     elapsed: float  # seconds from the start to this record
     error: str | None = None
+    logprob: float | None = None  # log-probability of `token` (the server, when asked)
+    top_logprobs: list[tuple[int, float]] | None = None  # the most likely ids and their log-probabilities
 
 
 def stream_generate(

@@ -621,6 +621,138 @@ def test_tool_call_round_trip(tool_server):
     assert r.choices[0].message.content == ANSWER and r.choices[0].finish_reason == "stop"
 
 
+def test_langchain_chat_openai_works_against_the_server(server, tool_server):
+    """LangChain's ChatOpenAI (langchain-openai) as users wire it: invoke, stream, and bind_tools with a
+    tool round trip."""
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_openai import ChatOpenAI
+
+    def llm(url, **kw):
+        return ChatOpenAI(base_url=url + "/v1", api_key="unused", model="tiny", temperature=0, max_retries=0, **kw)
+
+    reply = llm(server.url, max_tokens=12).invoke("你好")
+    direct = client(server.url).chat.completions.create(model="x", messages=user("你好"), temperature=0, max_tokens=12)
+    assert reply.content == direct.choices[0].message.content
+    assert "".join(chunk.content for chunk in llm(server.url, max_tokens=12).stream("你好")) == reply.content
+
+    with_tools = llm(tool_server.url).bind_tools(TOOLS)
+    messages = [HumanMessage("What is the weather in Paris?")]
+    call = with_tools.invoke(messages)
+    assert [(c["name"], c["args"]) for c in call.tool_calls] == [("get_weather", {"city": "Paris"})]
+    messages += [call, ToolMessage(OBSERVATION, tool_call_id=call.tool_calls[0]["id"])]
+    assert with_tools.invoke(messages).content == ANSWER
+
+
+# ---- the rest of the API: n, logprobs, penalties, text completions ----------------------------------
+
+
+def test_n_choices(server, model, tok):
+    c = client(server.url)
+    r = c.chat.completions.create(model="x", messages=user(TEXTS[2]), temperature=0, max_tokens=12, n=3,
+                                  logit_bias=never_stop(tok))
+    content = expected(model, tok, user(TEXTS[2]), 12, [banning(tok.stop_token_ids)])[0]
+    assert [ch.index for ch in r.choices] == [0, 1, 2] and {ch.message.content for ch in r.choices} == {content}
+    assert r.usage.prompt_tokens == len(build_prompt_ids(tok, user(TEXTS[2]))) and r.usage.completion_tokens == 36
+
+    def sampled(**kw):
+        return c.chat.completions.create(model="x", messages=user(TEXTS[5]), temperature=1.5, seed=7, max_tokens=15,
+                                         n=4, **kw)
+    first = [ch.message.content for ch in sampled().choices]
+    assert [ch.message.content for ch in sampled().choices] == first and len(set(first)) > 1  # seed, seed + 1, ...
+    chunks = list(sampled(stream=True, stream_options={"include_usage": True}))
+    streamed = {i: "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices and ch.choices[0].index == i)
+                for i in range(4)}
+    assert [streamed[i] for i in range(4)] == first
+    assert sorted(ch.choices[0].index for ch in chunks if ch.choices and ch.choices[0].finish_reason) == [0, 1, 2, 3]
+    assert chunks[-1].usage.completion_tokens == 60
+
+
+def test_logprobs_are_the_models(server, model, tok):
+    """Each token's log-probability and its top alternatives, against log_softmax of a full forward pass."""
+    r = client(server.url).chat.completions.create(model="x", messages=user(TEXTS[1]), temperature=0, max_tokens=8,
+                                                   logprobs=True, top_logprobs=3, logit_bias=never_stop(tok))
+    entries = r.choices[0].logprobs.content
+    prompt = build_prompt_ids(tok, user(TEXTS[1]))
+    ids = list(generate_tokens(model, prompt, max_new_tokens=8, processors=[banning(tok.stop_token_ids)]))
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + ids]))[0, len(prompt) - 1 : -1].float()
+    logits[:, tok.stop_token_ids] = torch.finfo(torch.float32).min
+    expect = torch.log_softmax(logits, dim=-1)
+    assert len(entries) == 8
+    for k, (entry, token) in enumerate(zip(entries, ids)):
+        assert entry.token == tok.decode([token]) and entry.bytes == list(entry.token.encode())
+        assert abs(entry.logprob - float(expect[k, token])) < 1e-4
+        top = torch.topk(expect[k], 3)
+        assert [a.token for a in entry.top_logprobs] == [tok.decode([i]) for i in top.indices.tolist()]
+        assert [a.logprob for a in entry.top_logprobs] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert entry.logprob == entry.top_logprobs[0].logprob  # greedy: the most likely one
+    stream = client(server.url).chat.completions.create(model="x", messages=user(TEXTS[1]), temperature=0, max_tokens=8,
+                                                        logprobs=True, logit_bias=never_stop(tok), stream=True)
+    streamed = [e for ch in stream if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in entries]
+    assert r.choices[0].logprobs is not None and client(server.url).chat.completions.create(
+        model="x", messages=HI, max_tokens=2).choices[0].logprobs is None
+
+
+@pytest.mark.parametrize("presence, frequency", [(0.0, 1.5), (1.0, 0.0), (-0.5, 0.5)])
+def test_presence_and_frequency_penalties(server, model, tok, presence, frequency):
+    """OpenAI's penalties: each id generated before loses presence once and frequency per time."""
+    def penalties(seen, scores):
+        generated = seen[:, len(prompt):]
+        counts = torch.zeros_like(scores).scatter_add_(-1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - presence * (counts > 0) - frequency * counts
+
+    prompt = build_prompt_ids(tok, user(TEXTS[3]))
+    ids = list(generate_tokens(model, prompt, max_new_tokens=30, processors=[banning(tok.stop_token_ids), penalties]))
+    r = client(server.url).chat.completions.create(model="x", messages=user(TEXTS[3]), temperature=0, max_tokens=30,
+                                                   presence_penalty=presence, frequency_penalty=frequency,
+                                                   logit_bias=never_stop(tok))
+    assert r.choices[0].message.content == expected(model, tok, user(TEXTS[3]), 30, [banning(tok.stop_token_ids), penalties])[0]
+    assert ids != list(generate_tokens(model, prompt, max_new_tokens=30, processors=[banning(tok.stop_token_ids)]))
+
+
+def test_text_completions(server, model, tok):
+    """/v1/completions: the raw prompt after [gMASK] sop (the reference tokenizer's), no chat template."""
+    c = client(server.url)
+    prompt = "The capital of France is"
+    ids = list(generate_tokens(model, tok.encode(prompt), max_new_tokens=10, stop_ids=tok.stop_token_ids))
+    stopped = ids[-1] in tok.stop_token_ids
+    r = c.completions.create(model="x", prompt=prompt, max_tokens=10, temperature=0, logprobs=2)
+    assert r.object == "text_completion" and r.choices[0].text == tok.decode(ids[:-1] if stopped else ids)
+    assert r.choices[0].finish_reason == ("stop" if stopped else "length")
+    assert r.usage.prompt_tokens == len(tok.encode(prompt)) and r.usage.completion_tokens == len(ids)
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(ids) - stopped
+    assert all(len(top) <= 2 and max(top.values()) == pytest.approx(v) for top, v in zip(lp.top_logprobs, lp.token_logprobs))
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(model="x", prompt=prompt, max_tokens=10,
+                                                                          temperature=0, stream=True) if ch.choices)
+    assert streamed == r.choices[0].text
+    by_ids = c.completions.create(model="x", prompt=tok.encode(prompt), max_tokens=10, temperature=0)
+    assert by_ids.choices[0].text == r.choices[0].text and c.completions.create(
+        model="x", prompt=[prompt], max_tokens=10, temperature=0).choices[0].text == r.choices[0].text
+    assert c.completions.create(model="x", prompt=prompt, temperature=0).usage.completion_tokens <= 16  # OpenAI's default
+    for bad, param in (({"echo": True}, "echo"), ({"suffix": "x"}, "suffix"), ({"best_of": 3}, "best_of"),
+                       ({"prompt": ["a", "b"]}, "prompt"), ({"prompt": [10**9]}, "prompt"), ({"logprobs": 6}, "logprobs")):
+        with pytest.raises(openai.BadRequestError) as e:
+            c.completions.create(**{"model": "x", "prompt": prompt, **bad})
+        assert e.value.param == param
+
+
+def test_text_completions_serve_a_base_model(chatglm3_base_ckpt):
+    """A base model has no chat template: chat completions are a 400, text completions work."""
+    base = tiny_model(chatglm3_base_ckpt, "float32")
+    tok = ChatGLMTokenizer.from_pretrained(chatglm3_base_ckpt)
+    from glmchat.loader import read_config
+
+    family = read_config(chatglm3_base_ckpt)[1]
+    with BackgroundServer(build_app(base, tok, family, model_id="base")) as s:
+        with pytest.raises(openai.BadRequestError, match="base model"):
+            client(s.url).chat.completions.create(model="x", messages=HI, max_tokens=4)
+        r = client(s.url).completions.create(model="x", prompt="Once upon a time", max_tokens=12, temperature=0)
+    ids = list(generate_tokens(base, tok.encode("Once upon a time"), max_new_tokens=12, stop_ids=[tok.eos_token_id]))
+    assert r.choices[0].text == tok.decode(ids[:-1] if ids[-1] == tok.eos_token_id else ids)
+
+
 # ---- limits and bad input --------------------------------------------------------------------
 
 HI = [{"role": "user", "content": "hi"}]
@@ -630,7 +762,7 @@ HI = [{"role": "user", "content": "hi"}]
     ({"messages": HI, "temperature": "hot"}, "temperature"),
     ({"messages": HI, "top_p": 2}, "top_p"),
     ({"messages": HI, "max_tokens": 0}, "max_tokens"),
-    ({"messages": HI, "n": 2}, "n"),
+    ({"messages": HI, "n": 17}, "n"),
     ({"messages": HI, "logit_bias": {"99999999": 1}}, "logit_bias"),
     ({"messages": HI, "stop": ["a", "b", "c", "d", "e"]}, "stop"),
     ({"messages": "hi"}, "messages"),
@@ -642,8 +774,8 @@ HI = [{"role": "user", "content": "hi"}]
     # the fuzz run's 500s and silently accepted values (issue item 6)
     ({"messages": [{"role": "user", "content": "\ud800 x \udfff"}]}, "messages[0].content"),
     ({"messages": HI, "seed": 1180591620717411303424}, "seed"),
-    ({"messages": HI, "logprobs": True}, "logprobs"),
-    ({"messages": HI, "top_logprobs": 2}, "top_logprobs"),
+    ({"messages": HI, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"messages": HI, "top_logprobs": 2}, "top_logprobs"),  # needs logprobs: true
     ({"messages": HI, "max_tokens": True}, "max_tokens"),
     ({"messages": HI, "temperature": True}, "temperature"),
     ({"messages": HI, "n": True}, "n"),
@@ -653,7 +785,7 @@ HI = [{"role": "user", "content": "hi"}]
     ({"messages": HI, "top_k": -1}, "top_k"),
     ({"messages": [{"role": "user"}]}, "messages[0].content"),
     ({"messages": [*HI, {"role": "assistant"}]}, "messages[1].content"),
-    ({"messages": HI, "presence_penalty": 0.5}, "presence_penalty"),
+    ({"messages": HI, "presence_penalty": 2.5}, "presence_penalty"),
     ({"messages": HI, "response_format": {"type": "json_object"}}, "response_format"),
     ({"messages": HI, "stop": ["\udfff"]}, "stop[0]"),
 ])
@@ -681,11 +813,11 @@ WRONG = {  # per kind of field: values of the wrong type, non-finite numbers, lo
 }
 FIELDS = {  # field path -> (kind, more values of the right type that are still wrong)
     "temperature": ("number", [-0.1, 2.5, 1e308 * 10]), "top_p": ("number", [0, 1.01, -1]),
-    "presence_penalty": ("number", [0.5]), "frequency_penalty": ("number", [-1]),
+    "presence_penalty": ("number", [2.5]), "frequency_penalty": ("number", [-2.1]),
     "max_tokens": ("int", [0, -5, 10**30]), "max_completion_tokens": ("int", [0, 10**30]),
-    "top_k": ("int", [-1]), "n": ("int", [0, 2]), "seed": ("int", [2**63, -(2**63) - 1, 1180591620717411303424]),
-    "top_logprobs": ("int", [0, 5]),
-    "stream": ("bool", []), "logprobs": ("bool", [True]), "stream_options.include_usage": ("bool", []),
+    "top_k": ("int", [-1]), "n": ("int", [0, 17]), "seed": ("int", [2**63, -(2**63) - 1, 1180591620717411303424]),
+    "top_logprobs": ("int", [-1, 21]),
+    "stream": ("bool", []), "logprobs": ("bool", []), "stream_options.include_usage": ("bool", []),
     "model": ("text", [[]]), "stop": ("text", [[5], [""], "", ["a"] * 5, ["\udfff"], {"a": 1}]),
     "messages[0].content": ("text", [[{"type": "image_url", "image_url": {"url": "x"}}], [{"type": "text"}]]),
     "messages[0].role": ("text", ["robot", ""]), "tools[0].function.name": ("text", ["", []]),
@@ -767,8 +899,8 @@ def test_openai_client_gets_bad_request_errors(server):
         client(server.url).chat.completions.create(model="x", messages=HI, max_tokens=True)
     assert e.value.param == "max_tokens"
     with pytest.raises(openai.BadRequestError) as e:
-        client(server.url).chat.completions.create(model="x", messages=HI, logprobs=True, top_logprobs=2)
-    assert e.value.param == "logprobs" and e.value.code == "unsupported_parameter"
+        client(server.url).chat.completions.create(model="x", messages=HI, response_format={"type": "json_object"})
+    assert e.value.param == "response_format" and e.value.code == "unsupported_parameter"
     r = client(server.url).chat.completions.create(model="x", messages=HI, max_tokens=3, user="someone", top_p=1,
                                                    extra_body={"top_k": 1}, seed=2**63 - 1)
     assert r.choices[0].finish_reason in ("stop", "length")

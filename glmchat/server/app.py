@@ -22,7 +22,8 @@ from starlette.exceptions import HTTPException
 from ..families import Family
 from ..generate import SamplingConfig, TextStream
 from .engine import Engine, QueueFullError
-from .protocol import BadRequest, ChatRequest, reply_tool_calls, to_glm_messages
+from .protocol import (INT64, BadRequest, ChatRequest, CompletionRequest, reply_tool_calls, to_glm_messages,
+                       unencodable_text)
 
 STATIC = resources.files("glmchat.server") / "static"
 
@@ -90,23 +91,15 @@ def create_app(engine: Engine, tokenizer, family: Family, *, model_id: str, api_
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, http_request: Request):
-        generation = _start(engine, tokenizer, family, body, timeout)
-        reply_id, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = _stream(generation, reply_id, now, model_id, include_usage)
-            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
-                                     background=BackgroundTask(generation.request.cancel))  # also if never iterated
-        content = "".join([delta async for delta in generation.deltas(http_request)])
-        calls = generation.tool_calls
-        message = {"role": "assistant", "content": content if content or not calls else None}
-        if calls:
-            message["tool_calls"] = calls
-        return {
-            "id": reply_id, "object": "chat.completion", "created": now, "model": model_id,
-            "choices": [{"index": 0, "message": message, "finish_reason": generation.finish_reason, "logprobs": None}],
-            "usage": generation.usage(),
-        }
+        generations = _start(engine, tokenizer, family, body, timeout)
+        return await _answer(generations, body, ChatReply(f"chatcmpl-{uuid.uuid4().hex}", model_id, tokenizer),
+                             http_request)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, http_request: Request):
+        generations = _start_completion(engine, tokenizer, family, body, timeout)
+        return await _answer(generations, body, TextReply(f"cmpl-{uuid.uuid4().hex}", model_id, tokenizer),
+                             http_request)
 
     @app.get("/", include_in_schema=False)
     def index():
@@ -198,23 +191,36 @@ class LimitBody:
 class Generation:
     """One request in flight: the engine's records in, content deltas out (asyncio side)."""
 
-    def __init__(self, engine: Engine, family: Family, text: TextStream, tools: bool, prompt: list[int],
-                 max_new_tokens: int, sampling: SamplingConfig, logit_bias: dict[int, float] | None = None,
-                 timeout: float | None = None):
+    def __init__(self, engine: Engine, family: Family, tokenizer, text: TextStream, tools: bool, prompt: list[int],
+                 max_new_tokens: int, sampling: SamplingConfig, body, timeout: float | None = None):
+        """body: the request (its logit_bias, penalties and logprobs)."""
         loop = asyncio.get_running_loop()
         self.timeout = timeout
         self.deadline = None if timeout is None else time.monotonic() + timeout
         self.queue: asyncio.Queue = asyncio.Queue()
-        self.family, self.text, self.tools = family, text, tools
+        self.family, self.tokenizer, self.text, self.tools = family, tokenizer, text, tools
         self.prompt_tokens = len(prompt)
         self.completion_tokens = 0
         self.finish_reason: str | None = None
         self.tool_calls: list[dict] = []
+        self.logprobs: list[tuple[int, float, list]] | None = [] if body.top_alternatives is not None else None
+        self._logprobs_taken = 0
         self._next_check = 0.0
         self.request = engine.submit(
-            prompt, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=text.stop_ids, logit_bias=logit_bias,
-            text=text, emit=lambda record: loop.call_soon_threadsafe(self.queue.put_nowait, record),
+            prompt, max_new_tokens=max_new_tokens, sampling=sampling, stop_ids=text.stop_ids, text=text,
+            logit_bias=body.logit_bias, presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0, logprobs=body.top_alternatives,
+            emit=lambda record: loop.call_soon_threadsafe(self.queue.put_nowait, record),
         )
+
+    def take_logprobs(self) -> list[tuple[int, float, list]] | None:
+        """(id, log-probability, [(id, log-probability), ...]) of the ids since the last call (None:
+        the request did not ask for them)."""
+        if self.logprobs is None:
+            return None
+        taken = self.logprobs[self._logprobs_taken :]
+        self._logprobs_taken = len(self.logprobs)
+        return taken
 
     async def _next_record(self, http_request: Request | None):
         """The next engine record, or None once the client has gone (checked every half second);
@@ -249,6 +255,8 @@ class Generation:
                     raise APIError(500, f"generation failed: {record.error or 'the server is shutting down'}",
                                    type="server_error")
                 self.completion_tokens = record.generation_tokens
+                if self.logprobs is not None and record.logprob is not None and record.token not in self.text.stop_ids:
+                    self.logprobs.append((record.token, record.logprob, record.top_logprobs))
                 text = record.text
                 if record.finish_reason is not None:
                     if self.tools and not self.text.stopped:  # a stop string leaves no call
@@ -267,7 +275,8 @@ class Generation:
                 "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
-def _start(engine: Engine, tokenizer, family: Family, body: ChatRequest, timeout: float | None) -> Generation:
+def _start(engine: Engine, tokenizer, family: Family, body: ChatRequest, timeout: float | None) -> list[Generation]:
+    """The request's n generations (seeds seed, seed + 1, ... when sampling with a seed)."""
     if body.active_tools() and not family.supports_tools:
         raise APIError(400, f"{family.label} was not trained to call tools", param="tools")
     try:
@@ -278,21 +287,53 @@ def _start(engine: Engine, tokenizer, family: Family, body: ChatRequest, timeout
         raise APIError(400, str(e), param=e.param, code=e.code) from None
     except ValueError as e:  # a role the family lacks, or a base model without a chat template
         raise APIError(400, str(e), param="messages") from None
-    max_new = body.max_completion_tokens or body.max_tokens
+    tools = bool(body.active_tools())
+    visible = functools.partial(family.visible_text, tool_calls=tools)
+    return _submit(engine, tokenizer, family, body, prompt, body.max_completion_tokens or body.max_tokens, timeout,
+                   lambda: TextStream(tokenizer, visible, stop_ids=family.stop_ids(tokenizer), stop_strings=stop_strings),
+                   tools)
+
+
+def _start_completion(engine: Engine, tokenizer, family: Family, body: CompletionRequest,
+                      timeout: float | None) -> list[Generation]:
+    """A raw prompt's n generations: no chat template (the way to serve base models)."""
+    try:
+        body.unsupported_fields()
+        stop_strings = body.stop_strings()
+        prompt = body.prompt[0] if isinstance(body.prompt, list) and isinstance(body.prompt[0], str) else body.prompt
+        if isinstance(prompt, str):
+            if unencodable_text(prompt) is not None:
+                raise BadRequest("prompt: the text holds a lone UTF-16 surrogate (e.g. \\ud800), which is not "
+                                 "valid Unicode", "prompt")
+            prompt = tokenizer.encode(prompt)  # the prefix ([gMASK] sop) and the text, as the reference's tokenizer
+        elif not all(0 <= i < engine.model.config.padded_vocab_size for i in prompt):
+            raise BadRequest("prompt: token ids must be within the vocabulary", "prompt")
+    except BadRequest as e:
+        raise APIError(400, str(e), param=e.param, code=e.code) from None
+    return _submit(engine, tokenizer, family, body, list(prompt), body.max_tokens, timeout,
+                   lambda: TextStream(tokenizer, stop_ids=family.stop_ids(tokenizer), stop_strings=stop_strings), False)
+
+
+def _submit(engine: Engine, tokenizer, family: Family, body, prompt: list[int], max_new: int | None,
+            timeout: float | None, text_stream, tools: bool) -> list[Generation]:
     _check_context(len(prompt), max_new, engine.context_length)
     _check_logit_bias(body.logit_bias or {}, engine.model.config.padded_vocab_size)
     defaults = SamplingConfig()
-    sampling = SamplingConfig(temperature=defaults.temperature if body.temperature is None else body.temperature,
-                              top_p=defaults.top_p if body.top_p is None else body.top_p,
-                              top_k=defaults.top_k if body.top_k is None else body.top_k, seed=body.seed)
-    tools = bool(body.active_tools())
-    visible = functools.partial(family.visible_text, tool_calls=tools)
-    text = TextStream(tokenizer, visible, stop_ids=family.stop_ids(tokenizer), stop_strings=stop_strings)
+    generations = []
     try:
-        return Generation(engine, family, text, tools, prompt, max_new or engine.context_length - len(prompt),
-                          sampling, body.logit_bias, timeout)
+        for i in range(body.n or 1):
+            sampling = SamplingConfig(
+                temperature=defaults.temperature if body.temperature is None else body.temperature,
+                top_p=defaults.top_p if body.top_p is None else body.top_p,
+                top_k=defaults.top_k if body.top_k is None else body.top_k,
+                seed=None if body.seed is None else (body.seed + i + INT64) % (2 * INT64) - INT64)
+            generations.append(Generation(engine, family, tokenizer, text_stream(), tools, prompt,
+                                          max_new or engine.context_length - len(prompt), sampling, body, timeout))
     except QueueFullError as e:
+        for generation in generations:
+            generation.request.cancel()
         raise APIError(503, f"server overloaded: {e}", type="server_error", code="queue_full") from None
+    return generations
 
 
 def _check_context(prompt_tokens: int, max_new: int | None, context: int) -> None:
@@ -316,31 +357,155 @@ def _check_logit_bias(logit_bias: dict[int, float], vocab: int) -> None:
                                 f"got {token}: {bias}", param="logit_bias")
 
 
-async def _stream(generation: Generation, reply_id: str, created: int, model_id: str, include_usage: bool):
-    def chunk(delta: dict, finish_reason=None, **extra) -> str:
-        body = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}], **extra}
+async def _answer(generations: list[Generation], body, reply, http_request: Request):
+    """The response: one JSON body, or a stream of chunks (every choice's, interleaved)."""
+    def cancel_all():
+        for generation in generations:
+            generation.request.cancel()
+
+    if body.stream:
+        return StreamingResponse(_stream(generations, reply, body.include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"},
+                                 background=BackgroundTask(cancel_all))  # also if never iterated
+    async def text(generation: Generation) -> str:
+        return "".join([delta async for delta in generation.deltas(http_request)])
+
+    try:
+        texts = await asyncio.gather(*map(text, generations))
+    finally:
+        cancel_all()
+    return reply.body([reply.choice(i, g, text, g.take_logprobs()) for i, (g, text) in enumerate(zip(generations, texts))],
+                      _usage(generations))
+
+
+def _usage(generations: list[Generation]) -> dict:
+    prompt, completion = generations[0].prompt_tokens, sum(g.completion_tokens for g in generations)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _stream(generations: list[Generation], reply, include_usage: bool):
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, generation: Generation):
+        try:
+            async for delta in generation.deltas():
+                await queue.put((index, delta, None))
+            await queue.put((index, None, None))
+        except APIError as e:
+            await queue.put((index, None, e))
+
+    def event(body: dict) -> str:
         if include_usage:
             body.setdefault("usage", None)
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
-    yield chunk({"role": "assistant", "content": ""})
+    for index in range(len(generations)):
+        if reply.opening is not None:
+            yield event(reply.chunk(index, reply.opening))
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(generations)]
     try:
-        async for delta in generation.deltas():
-            yield chunk({"content": delta})
-    except APIError as e:
-        yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.type, 'param': None, 'code': e.code}})}\n\n"
+        for _ in generations:
+            while True:
+                index, delta, error = await queue.get()
+                generation = generations[index]
+                if error is not None:
+                    yield f"data: {json.dumps({'error': {'message': error.message, 'type': error.type, 'param': None, 'code': error.code}})}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                if delta is None:
+                    break
+                yield event(reply.chunk(index, reply.delta(delta), logprobs=reply.logprobs(generation.take_logprobs())))
+            for delta in reply.closing(generation):
+                yield event(reply.chunk(index, delta))
+            yield event(reply.chunk(index, reply.delta(""), generation.finish_reason,
+                                    logprobs=reply.logprobs(generation.take_logprobs())))
+        if include_usage:
+            yield f"data: {json.dumps({**reply.chunk(0, None), 'choices': [], 'usage': _usage(generations)})}\n\n"
         yield "data: [DONE]\n\n"
-        return
-    calls = generation.tool_calls
-    if calls:
-        yield chunk({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
-    yield chunk({}, generation.finish_reason)
-    if include_usage:
-        body = {"id": reply_id, "object": "chat.completion.chunk", "created": created, "model": model_id,
-                "choices": [], "usage": generation.usage()}
-        yield f"data: {json.dumps(body)}\n\n"
-    yield "data: [DONE]\n\n"
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+class ChatReply:
+    """The chat-completions shapes of an answer and of its stream's chunks."""
+
+    object, chunk_object = "chat.completion", "chat.completion.chunk"
+    opening = {"role": "assistant", "content": ""}
+
+    def __init__(self, reply_id: str, model_id: str, tokenizer):
+        self.id, self.model_id, self.created, self.tokenizer = reply_id, model_id, int(time.time()), tokenizer
+
+    def body(self, choices: list[dict], usage: dict) -> dict:
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model_id,
+                "choices": choices, "usage": usage}
+
+    def chunk(self, index: int, delta: dict | None, finish_reason=None, logprobs=None) -> dict:
+        choices = [] if delta is None else [{"index": index, "delta": delta, "finish_reason": finish_reason,
+                                             "logprobs": logprobs}]
+        return {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model_id,
+                "choices": choices}
+
+    @staticmethod
+    def delta(text: str) -> dict:
+        return {"content": text} if text else {}
+
+    @staticmethod
+    def closing(generation: Generation) -> list[dict]:
+        calls = generation.tool_calls
+        return [{"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]}] if calls else []
+
+    def choice(self, index: int, generation: Generation, text: str, logprobs: list) -> dict:
+        calls = generation.tool_calls
+        message = {"role": "assistant", "content": text if text or not calls else None}
+        if calls:
+            message["tool_calls"] = calls
+        return {"index": index, "message": message, "finish_reason": generation.finish_reason,
+                "logprobs": self.logprobs(logprobs)}
+
+    def logprobs(self, entries: list | None) -> dict | None:
+        """OpenAI's logprobs of the ids in entries (None: not asked for)."""
+        if entries is None:
+            return None
+        token = self._token_text
+        return {"content": [{**token(t, lp), "top_logprobs": [token(a, alp) for a, alp in top]}
+                            for t, lp, top in entries]}
+
+    def _token_text(self, token: int, logprob: float) -> dict:
+        text = self.tokenizer.decode([token])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+
+class TextReply(ChatReply):
+    """The text-completions shapes (OpenAI's legacy API)."""
+
+    object = chunk_object = "text_completion"
+    opening = None
+
+    def chunk(self, index: int, delta: dict | None, finish_reason=None, logprobs=None) -> dict:
+        choices = [] if delta is None else [{"index": index, "text": delta.get("text", ""), "logprobs": logprobs,
+                                             "finish_reason": finish_reason}]
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model_id,
+                "choices": choices}
+
+    @staticmethod
+    def delta(text: str) -> dict:
+        return {"text": text}
+
+    @staticmethod
+    def closing(generation: Generation) -> list[dict]:
+        return []
+
+    def choice(self, index: int, generation: Generation, text: str, logprobs: list) -> dict:
+        return {"index": index, "text": text, "logprobs": self.logprobs(logprobs),
+                "finish_reason": generation.finish_reason}
+
+    def logprobs(self, entries: list | None) -> dict | None:
+        if entries is None:
+            return None
+        decode = self.tokenizer.decode
+        return {"tokens": [decode([t]) for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [{decode([a]): alp for a, alp in top} for _, _, top in entries]}
 
 
 # ---- errors in OpenAI's shape ------------------------------------------------------------

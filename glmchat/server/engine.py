@@ -144,6 +144,10 @@ class Request:
     emit: Callable[[GenerationResponse], None]
     logit_bias: torch.Tensor | None = None  # [vocab] added to the logits before sampling
     text: TextStream | None = None  # the reply's visible text; None: records carry ids only
+    presence_penalty: float = 0.0  # subtracted once from each id generated before (OpenAI's penalties)
+    frequency_penalty: float = 0.0  # subtracted per time an id was generated before
+    logprobs: int | None = None  # records carry the id's log-probability and this many alternatives
+    counts: torch.Tensor | None = None  # [vocab] times each id was generated (with penalties)
     tokens: list[int] = field(default_factory=list)
     cancelled: bool = False
     sampler: Sampler | None = None
@@ -158,10 +162,21 @@ class Request:
         self.cancelled = True
 
     def record(self, text: str = "", token: int | None = None, finish: str | None = None,
-               error: str | None = None) -> GenerationResponse:
+               error: str | None = None, logprobs: tuple | None = None) -> GenerationResponse:
         now = time.perf_counter()
         return GenerationResponse(text, token, finish, len(self.prompt), len(self.tokens),
-                                  (self.first_token or now) - self.submitted, now - self.submitted, error)
+                                  (self.first_token or now) - self.submitted, now - self.submitted, error,
+                                  *(logprobs or (None, None)))
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """This request's row of logits [vocab] as it samples from them: float32, its logit bias
+        added, its presence and frequency penalties subtracted (elementwise: batch invariant)."""
+        scores = logits.float()
+        if self.logit_bias is not None:
+            scores = scores + self.logit_bias
+        if self.counts is not None:
+            scores = scores - self.presence_penalty * (self.counts > 0) - self.frequency_penalty * self.counts
+        return scores
 
 
 class Engine:
@@ -236,6 +251,9 @@ class Engine:
         stop_ids=(),
         logit_bias: dict[int, float] | None = None,
         text: TextStream | None = None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logprobs: int | None = None,
     ) -> Request:
         room = self.context_length - len(prompt)
         if room <= 0:
@@ -248,7 +266,10 @@ class Engine:
         request = Request(
             list(prompt), min(max_new_tokens, room), sampling or SamplingConfig(greedy=True), frozenset(stop_ids), emit,
             self._bias_vector(logit_bias or {}) if logit_bias or self.vocab_limit else None, text,
+            presence_penalty, frequency_penalty, logprobs,
         )
+        if presence_penalty or frequency_penalty:
+            request.counts = torch.zeros(self.model.config.padded_vocab_size, device=self.model.device)
         with self._cond:
             if len(self._pending) >= self.max_queue + max(0, self.cache.rows - len(self._active)):
                 raise QueueFullError(f"{len(self._pending)} requests are already waiting; retry later")
@@ -333,16 +354,14 @@ class Engine:
         """A prefilled request: its first token, its prompt's blocks to the prefix cache, a row of its own."""
         try:
             self.prefix.store(request.prompt, request.kv.k[:, 0], request.kv.v[:, 0])
-            if request.logit_bias is not None:
-                logits = logits + request.logit_bias
-            token = int(request.sampler(logits)[0])
+            (token, logprobs), = self._sample([request], logits)
             self.cache.add(request.kv)
         except Exception as e:
             self._fail(request, e)
             return
         request.kv = request.chunks = None
         self._active.append(request)
-        if self._deliver(request, token):
+        if self._deliver(request, token, logprobs):
             self._release(len(self._active) - 1)
 
     def _fail(self, request: Request, error: Exception) -> None:
@@ -359,7 +378,7 @@ class Engine:
         inputs = torch.tensor([r.tokens[-1] for r in batch] + padding, dtype=torch.long, device=self.model.device)
         try:
             logits = decode_step(self.model, inputs, self.cache)[: len(batch)]
-            tokens = self._sample(batch, logits)
+            picks = self._sample(batch, logits)
         except Exception as e:  # cannot tell whose fault: end the batch, keep serving
             log.exception("decode step failed")
             for request in batch:
@@ -371,21 +390,32 @@ class Engine:
         self.peak_batch = max(self.peak_batch, len(batch))
         self.decoded_tokens += len(batch)
         self.decode_seconds += time.perf_counter() - start
-        finished = [i for i, (request, token) in enumerate(zip(batch, tokens)) if self._deliver(request, token)]
+        finished = [i for i, (request, (token, logprobs)) in enumerate(zip(batch, picks))
+                    if self._deliver(request, token, logprobs)]
         for row in reversed(finished):  # high rows first, so moved rows are never ones still to free
             self._release(row)
 
-    def _sample(self, batch: list[Request], logits: torch.Tensor) -> list[int]:
-        if any(r.logit_bias is not None for r in batch):
-            zeros = torch.zeros_like(logits[0])
-            logits = logits + torch.stack([zeros if r.logit_bias is None else r.logit_bias for r in batch])
-        picks = self._greedy(logits)
+    def _sample(self, batch: list[Request], logits: torch.Tensor) -> list[tuple[int, tuple | None]]:
+        """Each request's next id from its row of logits [B, vocab], and (when it asked for them) the
+        id's log-probability and the top alternatives', from the scores it sampled from."""
+        scores = torch.stack([request.scores(row) for request, row in zip(batch, logits)])
+        picks = self._greedy(scores).tolist()
+        out = []
         for i, request in enumerate(batch):
             if not request.sampling.greedy:
-                picks[i] = request.sampler(logits[i : i + 1])[0]
-        return picks.tolist()
+                picks[i] = int(request.sampler(scores[i : i + 1])[0])
+            if request.counts is not None:
+                request.counts[picks[i]] += 1
+            logprobs = None
+            if request.logprobs is not None:
+                row = torch.log_softmax(scores[i], dim=-1)
+                top = torch.topk(row, request.logprobs) if request.logprobs else None
+                alternatives = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+                logprobs = (float(row[picks[i]]), alternatives)
+            out.append((picks[i], logprobs))
+        return out
 
-    def _deliver(self, request: Request, token: int) -> bool:
+    def _deliver(self, request: Request, token: int, logprobs: tuple | None = None) -> bool:
         """Send a token (and the text it adds); True when the request is finished."""
         now = time.perf_counter()
         request.tokens.append(token)
@@ -405,7 +435,7 @@ class Engine:
             finish = "length"
         if finish and request.text is not None:
             text += request.text.finish()
-        if not self._send(request, request.record(text, token, finish)):
+        if not self._send(request, request.record(text, token, finish, logprobs=logprobs)):
             request.cancelled = True
         return finish is not None
 

@@ -83,31 +83,60 @@ class StreamOptions(_Lenient):
     include_usage: Bool = False
 
 
-class ChatRequest(_Lenient):
-    """OpenAI's chat-completions request. Unknown fields are ignored (`user`, `metadata`, ...);
-    known ones that would change the answer in a way glmchat does not implement get a 400 naming
-    them (`unsupported_fields`). `top_k` is not OpenAI's but honoured (0: off; default 50)."""
+MAX_N = 16  # choices per request
+
+
+class _GenerationRequest(_Lenient):
+    """The fields chat and text completions share. Unknown fields are ignored (`user`, `metadata`,
+    ...); known ones that would change the answer in a way glmchat does not implement get a 400
+    naming them (`unsupported_fields`). `top_k` is not OpenAI's but honoured (0: off; default 50)."""
 
     model: str | None = None
-    messages: list[Message] = Field(min_length=1)
     temperature: Number | None = Field(None, ge=0, le=2)
     top_p: Number | None = Field(None, gt=0, le=1)
     top_k: Int | None = Field(None, ge=0)
     max_tokens: Int | None = Field(None, ge=1)
-    max_completion_tokens: Int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
     seed: Int | None = Field(None, ge=-INT64, lt=INT64)
     logit_bias: dict[int, Number] | None = None
-    n: Int | None = None
+    n: Int | None = Field(None, ge=1, le=MAX_N)
     stream: Bool | None = None
     stream_options: StreamOptions | None = None
+    presence_penalty: Number | None = Field(None, ge=-2, le=2)
+    frequency_penalty: Number | None = Field(None, ge=-2, le=2)
+
+    def refused(self) -> dict[str, bool]:
+        return {}
+
+    def unsupported_fields(self) -> None:
+        """A BadRequest naming the first field set to something glmchat cannot honour."""
+        for name, refuse in self.refused().items():
+            if refuse:
+                value = json.dumps(getattr(self, name), default=str)
+                raise BadRequest(f"{name}: not supported by this server, got {value:.80}", name,
+                                 code="unsupported_parameter")
+
+    def stop_strings(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4 or not all(stops):
+            raise BadRequest("stop: at most 4 non-empty strings", "stop")
+        return stops
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ChatRequest(_GenerationRequest):
+    """OpenAI's chat-completions request."""
+
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: Int | None = Field(None, ge=1)
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto"] | None = None
-    # accepted so that they can be refused by name (see unsupported_fields)
     logprobs: Bool | None = None
-    top_logprobs: Int | None = None
-    presence_penalty: Number | None = None
-    frequency_penalty: Number | None = None
+    top_logprobs: Int | None = Field(None, ge=0, le=20)
+    # accepted so that they can be refused by name (see unsupported_fields)
     response_format: dict[str, Any] | None = None
     functions: list[Any] | None = None
     function_call: Any = None
@@ -116,14 +145,10 @@ class ChatRequest(_Lenient):
     prediction: Any = None
     web_search_options: Any = None
 
-    def unsupported_fields(self) -> None:
-        """A BadRequest naming the first field set to something glmchat cannot honour."""
-        refused = {
-            "n": self.n not in (None, 1),
-            "logprobs": bool(self.logprobs),
-            "top_logprobs": self.top_logprobs is not None,
-            "presence_penalty": self.presence_penalty not in (None, 0),
-            "frequency_penalty": self.frequency_penalty not in (None, 0),
+    def refused(self) -> dict[str, bool]:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise BadRequest("top_logprobs: needs logprobs set to true", "top_logprobs")
+        return {
             "response_format": self.response_format not in (None, {"type": "text"}),
             "functions": self.functions is not None,
             "function_call": self.function_call is not None,
@@ -132,22 +157,36 @@ class ChatRequest(_Lenient):
             "prediction": self.prediction is not None,
             "web_search_options": self.web_search_options is not None,
         }
-        for name, refuse in refused.items():
-            if refuse:
-                value = json.dumps(getattr(self, name), default=str)
-                detail = "only n=1 is supported" if name == "n" else "not supported by this server"
-                raise BadRequest(f"{name}: {detail}, got {value:.80}", name, code="unsupported_parameter")
 
-    def stop_strings(self) -> list[str]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        if len(stops) > 4 or not all(stops):
-            raise BadRequest("stop: at most 4 non-empty strings", "stop")
-        return stops
+    @property
+    def top_alternatives(self) -> int | None:
+        """Alternatives per token in the logprobs (None: no logprobs)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def active_tools(self) -> list[dict]:
         if self.tool_choice == "none" or not self.tools:
             return []
         return [tool.function.model_dump(exclude_none=True) for tool in self.tools]
+
+
+class CompletionRequest(_GenerationRequest):
+    """OpenAI's (legacy) text-completions request: a raw prompt, no chat template (base models)."""
+
+    prompt: str | list[str] | list[Int] = Field(min_length=1)
+    max_tokens: Int | None = Field(16, ge=1)  # OpenAI's default for completions
+    logprobs: Int | None = Field(None, ge=0, le=5)
+    echo: Bool | None = None
+    suffix: str | None = None
+    best_of: Int | None = None
+
+    def refused(self) -> dict[str, bool]:
+        if isinstance(self.prompt, list) and self.prompt and isinstance(self.prompt[0], str) and len(self.prompt) != 1:
+            raise BadRequest("prompt: one prompt per request (a string, a list of one string, or token ids)", "prompt")
+        return {"echo": bool(self.echo), "suffix": bool(self.suffix), "best_of": self.best_of not in (None, self.n or 1)}
+
+    @property
+    def top_alternatives(self) -> int | None:
+        return self.logprobs
 
 
 def unencodable_text(value: Any, path: str = "") -> str | None:
