@@ -290,6 +290,23 @@ def test_fixed_rows_keep_answers_batch_invariant_without_row_apart_kernels(tiny_
         install(model)
 
 
+def test_server_answers_the_same_with_prompts_prefilled_in_chunks_or_whole(tiny_ckpt_4k, tok):
+    """The official client against a server prefilling in 16-token chunks between decode steps and one
+    prefilling every prompt whole: a long prompt and a short one asked together get the same answers."""
+    model = tiny_model(tiny_ckpt_4k, "bfloat16")
+    answers = {}
+    for chunk in (16, model.config.seq_length):
+        with BackgroundServer(build_app(model, tok, ChatGLM3(), model_id="tiny", prefill_chunk=chunk, cache_gb=0)) as s:
+            def ask(text):
+                r = client(s.url).chat.completions.create(model="x", messages=user(text), temperature=0,
+                                                          max_tokens=40, logit_bias=never_stop(tok))
+                return r.choices[0].message.content
+
+            with ThreadPoolExecutor(2) as pool:
+                answers[chunk] = list(pool.map(ask, [TEXTS[5], DOCUMENT]))
+    assert answers[16] == answers[model.config.seq_length]
+
+
 def test_engine_batched_greedy_equals_generation_alone(model, tok):
     engine = Engine(model, max_batch=3).start()  # fewer slots than requests: they join and leave
     try:
