@@ -41,6 +41,7 @@ class Reply:
     completion_tokens: int  # generated tokens, the stop token included
     time_to_first_token: float  # seconds from the call to the first token (mostly the prompt's prefill)
     seconds: float  # the whole answer
+    reasoning: str | None = None  # a reasoning model's thinking before the answer (GLM-Z1), else None
 
     @property
     def tokens_per_second(self) -> float:
@@ -130,7 +131,8 @@ class ChatModel:
                 continue
             parsed = self.family.parse_reply(text.text, has_tools(messages))
             reply = Reply(parsed.text, parsed.tool_call, parsed.messages, record.finish_reason, len(prompt),
-                          record.generation_tokens, record.time_to_first_token, record.elapsed)
+                          record.generation_tokens, record.time_to_first_token, record.elapsed,
+                          self.family.reasoning(text.text))
             yield Chunk(record.text, reply)
 
     def generate_ids(self, prompt_ids: list[int], *, max_new_tokens: int, sampling: SamplingConfig | None = None,

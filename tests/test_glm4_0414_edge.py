@@ -356,6 +356,56 @@ def test_glm_z1_native_chat_prompts_and_generates_like_transformers(glm_z1_ckpt)
     assert reply.text == (_plain_text("\n" + text.split("</think>", 1)[1]) if "</think>" in text else "")
 
 
+def test_glm_z1_reasoning_reads_as_the_text_before_think_end(glm_z1_ckpt, tiny_ckpt):
+    family = read_config(glm_z1_ckpt)[1]
+    reply = "  The user greets me.\nI answer.  </think>\n\nHello!"
+    assert family.reasoning(reply) == "The user greets me.\nI answer."
+    assert family.reasoning("cut off while thinking ") == "cut off while thinking"
+    growing = [family.reasoning(reply[:n], final=False) for n in range(len(reply) + 1)]
+    assert all(later.startswith(earlier) for earlier, later in zip(growing, growing[1:]))  # it only grows
+    assert "</" not in "".join(growing) and growing[-1] == "The user greets me.\nI answer."
+    assert read_config(tiny_ckpt)[1].reasoning(reply) is None  # ChatGLM3 does not reason
+
+
+@pytest.fixture(scope="module")
+def thinking_z1(glm_z1_ckpt):
+    """GLM-Z1's tiny model taught to think, close </think>, then answer."""
+    from glmchat.loader import load_model
+    from teaching import teach
+
+    family = read_config(glm_z1_ckpt)[1]
+    tok = family.load_tokenizer(glm_z1_ckpt)
+    prompt = family.prompt_ids(tok, [{"role": "user", "content": "你好"}])
+    target = tok._sp_encode("The user greets me.</think>\n\nHello!") + [tok.eos_token_id]
+    model = teach(load_model(glm_z1_ckpt, dtype=torch.float32, progress=False)[0], [(prompt, target)])
+    return model, tok, family
+
+
+def test_glm_z1_reasoning_in_the_server_and_the_native_api(thinking_z1):
+    """reasoning_content beside the answer (OpenAI-compatible servers' field), streamed too, left out
+    with include_reasoning false; the native API's Reply.reasoning."""
+    import openai
+
+    from glmchat.chat import ChatModel
+    from glmchat.server import BackgroundServer, build_app
+
+    model, tok, family = thinking_z1
+    ask = [{"role": "user", "content": "你好"}]
+    with BackgroundServer(build_app(model, tok, family, model_id="z1")) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0)
+        message = c.chat.completions.create(model="x", messages=ask, temperature=0).choices[0].message
+        assert (message.content, message.reasoning_content) == ("Hello!", "The user greets me.")
+        chunks = [ch.choices[0].delta for ch in c.chat.completions.create(model="x", messages=ask, temperature=0,
+                                                                             stream=True) if ch.choices]
+        assert "".join(getattr(d, "reasoning_content", None) or "" for d in chunks) == "The user greets me."
+        assert "".join(d.content or "" for d in chunks) == "Hello!"
+        hidden = c.chat.completions.create(model="x", messages=ask, temperature=0,
+                                           extra_body={"include_reasoning": False}).choices[0].message
+        assert hidden.content == "Hello!" and getattr(hidden, "reasoning_content", None) is None
+    reply = ChatModel(model, tok, family).chat(ask, greedy=True)
+    assert (reply.text, reply.reasoning) == ("Hello!", "The user greets me.")
+
+
 def test_tied_embeddings_only_where_the_reference_ties_them(tiny_ckpt):
     """GlmForCausalLM ties on tie_word_embeddings; the reference's ChatGLM model never does, so a
     chatglm config asking for it is refused rather than run as something else."""

@@ -27,6 +27,7 @@ from glmchat.loader import load_model
 from glmchat.server import BackgroundServer, build_app
 from glmchat.server.engine import Engine, SlotCache
 from glmchat.server.prefix_cache import PrefixCache
+from teaching import teach
 from glmchat.generate import TextStream
 from glmchat.server.protocol import ChatRequest, reply_tool_calls, to_glm_messages
 
@@ -581,26 +582,6 @@ def test_disconnect_stops_a_non_streaming_request_too(server, tok):
 
 # ---- tools: a tiny model taught one tool-call exchange --------------------------------------
 
-def _teach(model, tok, examples, max_steps=300):
-    """Fit the model to answer each prompt with its target ids (greedy); returns it in eval mode."""
-    model.requires_grad_(True).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for step in range(max_steps):
-        loss = 0.0
-        for prompt, target in examples:
-            logits = model(torch.tensor([prompt + target[:-1]]))[0, len(prompt) - 1 :]
-            loss = loss + torch.nn.functional.cross_entropy(logits, torch.tensor(target))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if step % 10 == 9:
-            model.eval()
-            if all(list(generate_tokens(model, p, max_new_tokens=len(t))) == t for p, t in examples):
-                return model.requires_grad_(False)
-            model.train()
-    raise AssertionError("the tiny model did not learn the tool-call exchange")
-
-
 @pytest.fixture(scope="module")
 def tool_server(tiny_ckpt_4k, tok):
     """A server whose model calls get_weather(city="Paris"), then reports the observation."""
@@ -613,7 +594,7 @@ def tool_server(tiny_ckpt_4k, tok):
         (build_prompt_ids(tok, [system, *ask]), sp("get_weather\n") + sp(CALL) + [tok.get_command("<|observation|>")]),
         (build_prompt_ids(tok, called), sp("\n") + sp(ANSWER) + [tok.eos_token_id]),
     ]
-    model = _teach(load_model(tiny_ckpt_4k, dtype=torch.float32, progress=False)[0], tok, examples)
+    model = teach(load_model(tiny_ckpt_4k, dtype=torch.float32, progress=False)[0], examples)
     with BackgroundServer(build_app(model, tok, ChatGLM3(), model_id="tiny-tools")) as s:
         yield s
 

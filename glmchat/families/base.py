@@ -187,6 +187,11 @@ class Family:
         shown = self.show("\n\n".join(p for p in parts if p))
         return shown if final else without_partial_tail(shown, [TRAINING_TIME]).rstrip()
 
+    def reasoning(self, text: str, final: bool = True) -> str | None:
+        """The reasoning part of a reply decoded so far (None: this family's models answer without
+        one). Before the end (final=False) it only grows as text is added."""
+        return None
+
     # ---- the server's conversation (OpenAI messages -> turns) ------------------------------
 
     def tools_turn(self, functions: list[dict]) -> dict:

@@ -8,14 +8,15 @@ Replies read back without the reasoning. The prompt already opened a text segmen
 line is the empty one before ``<think>``), so the reply is that segment's content, reasoning
 first: what follows ``</think>`` is the answer, and a tool call is a later segment
 (``<|assistant|>name\n{json}``), as in GLM-4. While a reply is being generated nothing is shown
-until ``</think>`` has come; a reply cut off before it shows nothing.
+until ``</think>`` has come; a reply cut off before it shows nothing. The reasoning itself is
+`reasoning` (the server's `reasoning_content`, the native API's `Reply.reasoning`).
 """
 
 from __future__ import annotations
 
 import json
 
-from .base import ParsedReply
+from .base import ParsedReply, without_partial_tail
 from .glm4 import GLM4_TOOL_FOOTER
 from .glm4_0414 import GLM4_0414, GLM4_0414Tokenizer, glm4_0414_prompt_ids
 
@@ -75,3 +76,11 @@ class GLMZ1(GLM4_0414):
 
     def visible_text(self, text: str, final: bool = True, tool_calls: bool = True) -> str:
         return super().visible_text(self._answer(text), final=final, tool_calls=tool_calls)
+
+    def reasoning(self, text: str, final: bool = True) -> str:
+        """What precedes ``</think>`` (all of a reply cut off before it), stripped; while it is being
+        written, a tail that may still become ``</think>`` is held back."""
+        thought = text.split(THINK_END, 1)[0]
+        if THINK_END not in text and not final:
+            thought = without_partial_tail(thought, [THINK_END])
+        return thought.strip()

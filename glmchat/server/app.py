@@ -192,8 +192,10 @@ class Generation:
     """One request in flight: the engine's records in, content deltas out (asyncio side)."""
 
     def __init__(self, engine: Engine, family: Family, tokenizer, text: TextStream, tools: bool, prompt: list[int],
-                 max_new_tokens: int, sampling: SamplingConfig, body, timeout: float | None = None):
-        """body: the request (its logit_bias, penalties and logprobs)."""
+                 max_new_tokens: int, sampling: SamplingConfig, body, timeout: float | None = None,
+                 reasoning: bool = False):
+        """body: the request (its logit_bias, penalties and logprobs); reasoning: report a reasoning
+        model's thinking (`reasoning`, None for other families)."""
         loop = asyncio.get_running_loop()
         self.timeout = timeout
         self.deadline = None if timeout is None else time.monotonic() + timeout
@@ -204,6 +206,7 @@ class Generation:
         self.finish_reason: str | None = None
         self.tool_calls: list[dict] = []
         self.logprobs: list[tuple[int, float, list]] | None = [] if body.top_alternatives is not None else None
+        self.reasoning: str | None = "" if reasoning else None  # the family's `reasoning` so far
         self._logprobs_taken = 0
         self._next_check = 0.0
         self.request = engine.submit(
@@ -239,7 +242,8 @@ class Generation:
                 pass
 
     async def deltas(self, http_request: Request | None = None):
-        """Yield new content text as tokens arrive; at the end, set finish_reason and tool_calls.
+        """Yield (new content text, new reasoning text) as tokens arrive; at the end, set
+        finish_reason and tool_calls.
 
         Streaming answers come through the generator being cancelled when the client goes;
         pass http_request to watch for that instead. The engine's request is cancelled if this
@@ -264,11 +268,26 @@ class Generation:
                         if unread_call:  # arguments it cannot read: the segment shows as text
                             text += ("\n\n" if shown or text else "") + unread_call
                     self.finish_reason = "tool_calls" if self.tool_calls else record.finish_reason
-                if text:
-                    shown = True
-                    yield text
+                thought = self._reasoning_grows(final=record.finish_reason is not None)
+                if text or thought:
+                    shown = shown or bool(text)
+                    yield text, thought
         finally:
             self.request.cancel()  # a no-op once the engine has finished it
+
+    def _reasoning_grows(self, final: bool) -> str:
+        """What the reasoning adds since the last call ("" for families that do not reason)."""
+        if self.reasoning is None:
+            return ""
+        decoded = self.tokenizer.decode(self.text.ids) if final else self.text.detok.text
+        now = self.family.reasoning(decoded, final)
+        if now is None:
+            self.reasoning = None
+            return ""
+        if len(now) <= len(self.reasoning) or not now.startswith(self.reasoning):
+            return ""
+        delta, self.reasoning = now[len(self.reasoning) :], now
+        return delta
 
     def usage(self) -> dict:
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
@@ -291,7 +310,7 @@ def _start(engine: Engine, tokenizer, family: Family, body: ChatRequest, timeout
     visible = functools.partial(family.visible_text, tool_calls=tools)
     return _submit(engine, tokenizer, family, body, prompt, body.max_completion_tokens or body.max_tokens, timeout,
                    lambda: TextStream(tokenizer, visible, stop_ids=family.stop_ids(tokenizer), stop_strings=stop_strings),
-                   tools)
+                   tools, reasoning=body.include_reasoning is not False)
 
 
 def _start_completion(engine: Engine, tokenizer, family: Family, body: CompletionRequest,
@@ -315,7 +334,7 @@ def _start_completion(engine: Engine, tokenizer, family: Family, body: Completio
 
 
 def _submit(engine: Engine, tokenizer, family: Family, body, prompt: list[int], max_new: int | None,
-            timeout: float | None, text_stream, tools: bool) -> list[Generation]:
+            timeout: float | None, text_stream, tools: bool, reasoning: bool = False) -> list[Generation]:
     _check_context(len(prompt), max_new, engine.context_length)
     _check_logit_bias(body.logit_bias or {}, engine.model.config.padded_vocab_size)
     defaults = SamplingConfig()
@@ -328,7 +347,8 @@ def _submit(engine: Engine, tokenizer, family: Family, body, prompt: list[int], 
                 top_k=defaults.top_k if body.top_k is None else body.top_k,
                 seed=None if body.seed is None else (body.seed + i + INT64) % (2 * INT64) - INT64)
             generations.append(Generation(engine, family, tokenizer, text_stream(), tools, prompt,
-                                          max_new or engine.context_length - len(prompt), sampling, body, timeout))
+                                          max_new or engine.context_length - len(prompt), sampling, body, timeout,
+                                          reasoning))
     except QueueFullError as e:
         for generation in generations:
             generation.request.cancel()
@@ -368,7 +388,7 @@ async def _answer(generations: list[Generation], body, reply, http_request: Requ
                                  headers={"Cache-Control": "no-cache"},
                                  background=BackgroundTask(cancel_all))  # also if never iterated
     async def text(generation: Generation) -> str:
-        return "".join([delta async for delta in generation.deltas(http_request)])
+        return "".join([content async for content, _ in generation.deltas(http_request)])
 
     try:
         texts = await asyncio.gather(*map(text, generations))
@@ -388,8 +408,8 @@ async def _stream(generations: list[Generation], reply, include_usage: bool):
 
     async def pump(index: int, generation: Generation):
         try:
-            async for delta in generation.deltas():
-                await queue.put((index, delta, None))
+            async for content, thought in generation.deltas():
+                await queue.put((index, reply.delta(content, thought), None))
             await queue.put((index, None, None))
         except APIError as e:
             await queue.put((index, None, e))
@@ -414,7 +434,7 @@ async def _stream(generations: list[Generation], reply, include_usage: bool):
                     return
                 if delta is None:
                     break
-                yield event(reply.chunk(index, reply.delta(delta), logprobs=reply.logprobs(generation.take_logprobs())))
+                yield event(reply.chunk(index, delta, logprobs=reply.logprobs(generation.take_logprobs())))
             for delta in reply.closing(generation):
                 yield event(reply.chunk(index, delta))
             yield event(reply.chunk(index, reply.delta(""), generation.finish_reason,
@@ -447,8 +467,8 @@ class ChatReply:
                 "choices": choices}
 
     @staticmethod
-    def delta(text: str) -> dict:
-        return {"content": text} if text else {}
+    def delta(text: str, reasoning: str = "") -> dict:
+        return {**({"reasoning_content": reasoning} if reasoning else {}), **({"content": text} if text else {})}
 
     @staticmethod
     def closing(generation: Generation) -> list[dict]:
@@ -458,6 +478,8 @@ class ChatReply:
     def choice(self, index: int, generation: Generation, text: str, logprobs: list) -> dict:
         calls = generation.tool_calls
         message = {"role": "assistant", "content": text if text or not calls else None}
+        if generation.reasoning is not None:
+            message["reasoning_content"] = generation.reasoning
         if calls:
             message["tool_calls"] = calls
         return {"index": index, "message": message, "finish_reason": generation.finish_reason,
@@ -489,7 +511,7 @@ class TextReply(ChatReply):
                 "choices": choices}
 
     @staticmethod
-    def delta(text: str) -> dict:
+    def delta(text: str, reasoning: str = "") -> dict:
         return {"text": text}
 
     @staticmethod

@@ -136,6 +136,7 @@ class ChatRequest(_GenerationRequest):
     tool_choice: Literal["none", "auto"] | None = None
     logprobs: Bool | None = None
     top_logprobs: Int | None = Field(None, ge=0, le=20)
+    include_reasoning: Bool | None = None  # false: no reasoning_content (models that reason: GLM-Z1)
     # accepted so that they can be refused by name (see unsupported_fields)
     response_format: dict[str, Any] | None = None
     functions: list[Any] | None = None
