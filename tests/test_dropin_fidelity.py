@@ -21,7 +21,8 @@ Evidence for the expected values (the public copies of the THUDM repositories' r
   "[[训练时间]]" with "2023年"; its `build_inputs` tokenizes `build_prompt(query, history)`, its
   `build_stream_inputs` with a history only "\\n\\n[Round N]\\n\\n问：…\\n\\n答：" without the
   prefix and without the first id. chatglm3-6b's and glm-4-9b-chat's `process_response(output,
-  history)` are re-implemented below (`reference_process_response`).
+  history)` are re-implemented below (`reference_process_response`); GLM-4 replaces the placeholder with
+  "2023年" too (THUDM's GLM-4 composite_demo client: the same function with JSON tool arguments).
 """
 
 from __future__ import annotations
@@ -191,12 +192,12 @@ def test_chatglm3_process_response(dropin, output, history):
     assert history == before  # the caller's list is left alone
 
 
-# GLM-4's replacement year is an open question (issue 11); these replies do not hold the placeholder.
+# GLM-4's year: "2023年" as in THUDM's GLM-4 code (see glmchat/families/glm4.py for the evidence).
 @pytest.mark.parametrize("history", [PLAIN, WITH_TOOLS], ids=["plain", "tools"])
-@pytest.mark.parametrize("output", [r for r in TEXT_REPLIES if "[[" not in r] + GLM4_TOOL_REPLIES)
+@pytest.mark.parametrize("output", TEXT_REPLIES + GLM4_TOOL_REPLIES)
 def test_glm4_process_response(dropin, output, history):
     assert dropin["glm4"].process_response(output, history) == \
-        reference_process_response(output, history, json.loads, "")
+        reference_process_response(output, history, json.loads, "2023年")
 
 
 def test_tool_call_text_is_never_executed(dropin, tmp_path):

@@ -64,13 +64,13 @@ def glm4_post_process(text: str):
     metadata, content = segments(text)[-1]
     if metadata.strip():
         return {"name": metadata.strip(), "content": content}
-    return content.strip().replace("[[训练时间]]", "2024年")
+    return content.strip().replace("[[训练时间]]", "2023年")
 
 
 def glm4_text(text: str) -> str:
     """The native API's text of a GLM-4 reply: its plain segments (blank first line), stripped."""
     plain = [c.strip() for m, c in segments(text) if not m.strip() and c.strip()]
-    return "\n\n".join(plain).replace("[[训练时间]]", "2024年")
+    return "\n\n".join(plain).replace("[[训练时间]]", "2023年")
 
 
 def chatglm2_post_process(text: str) -> str:
@@ -210,7 +210,7 @@ def test_glm4_through_the_server_and_cli(glm4_ckpt):
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)
         reply = client.chat.completions.create(model="glm-4", messages=[{"role": "user", "content": QUERY}],
                                                temperature=0, max_tokens=NEW)
-        assert reply.choices[0].message.content == server_text(text, "2024年")  # no tools: every segment is text
+        assert reply.choices[0].message.content == server_text(text, "2023年")  # no tools: every segment is text
         assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (len(prompt), len(tokens))
         with_tools = client.chat.completions.create(model="glm-4", messages=[{"role": "user", "content": "hi"}],
                                                     tools=TOOLS, temperature=0, max_tokens=4)
@@ -334,7 +334,7 @@ def test_chatglm2_and_base_through_the_server_and_cli(chatglm2_ckpt, chatglm3_ba
 
 
 def test_replies_are_post_processed_per_family(glm4_ckpt, chatglm2_ckpt):
-    """Forced replies: the date placeholder (2024年 for GLM-4, 2023年 for ChatGLM2), GLM-4's JSON tool
+    """Forced replies: the date placeholder (2023年 for GLM-4 as for ChatGLM2), GLM-4's JSON tool
     call (name line, JSON line) read only when the history offers tools."""
     tok = glmchat.AutoTokenizer.from_pretrained(str(glm4_ckpt))
     model = glmchat.AutoModel.from_pretrained(str(glm4_ckpt)).float()
@@ -354,7 +354,7 @@ def test_replies_are_post_processed_per_family(glm4_ckpt, chatglm2_ckpt):
     start = len(glm4_prompt(tok, "几年?"))
     response, new_history = model.chat(tok, "几年?", do_sample=False, max_new_tokens=40,
                                        logits_processor=[force(date, start)])
-    assert response == "今天是2024年" and new_history[-1]["content"] == "今天是[[训练时间]]"
+    assert response == "今天是2023年" and new_history[-1]["content"] == "今天是[[训练时间]]"
 
     tok2 = glmchat.AutoTokenizer.from_pretrained(str(chatglm2_ckpt))
     model2 = glmchat.AutoModel.from_pretrained(str(chatglm2_ckpt)).float()

@@ -298,7 +298,12 @@ class GLM4(Family):
     label = "GLM-4-9B-chat"
     base_label = "GLM-4-9B (base)"
     rope_scaling = "base"
-    training_time = "2024年"
+    # "2023年", like ChatGLM3: the process_response of THUDM's own GLM-4 code (the GLM-4 repository's
+    # composite_demo client, which reads GLM-4's JSON tool calls) replaces the placeholder with
+    # "2023年", and so do the other copies of GLM-4 / GLM-4V code we found; the "2024年" we had came
+    # from a third-party pipeline. The hub's glm-4-9b-chat modeling_chatglm.py of June-July 2024 was
+    # not at hand (the hub dropped chat/stream_chat in August 2024).
+    training_time = "2023年"
 
     def load_tokenizer(self, directory) -> GLM4Tokenizer:
         return GLM4Tokenizer.from_pretrained(directory)
