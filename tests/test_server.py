@@ -1050,23 +1050,29 @@ def _glmchat(*args, code="from glmchat.cli import main; sys.exit(main(sys.argv[1
                             stderr=subprocess.PIPE, text=True, **kw)
 
 
-def test_glmchat_serve_command(tiny_ckpt_4k):
+def _serve(ckpt, *options) -> tuple[subprocess.Popen, str]:
+    """`glmchat serve` on a free port, once it answers /health: (process, url)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = _glmchat("serve", "--model", str(tiny_ckpt_4k), "--device", "cpu", "--dtype", "float32", "--port", str(port),
-                    "--api-key", "k3y")
+    proc = _glmchat("serve", "--model", str(ckpt), "--device", "cpu", "--dtype", "float32", "--port", str(port), *options)
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"glmchat serve did not come up: {proc.communicate()[1]}")
+        time.sleep(0.1)
+
+
+def test_glmchat_serve_command(tiny_ckpt_4k):
+    proc, url = _serve(tiny_ckpt_4k, "--api-key", "k3y")
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "glmchat serve did not come up"
-            time.sleep(0.1)
         r = client(url, api_key="k3y").chat.completions.create(model="x", messages=HI, max_tokens=4)
         assert r.model == str(tiny_ckpt_4k) and r.usage.completion_tokens >= 1
         assert httpx.get(url + "/v1/models").status_code == 401
@@ -1074,19 +1080,15 @@ def test_glmchat_serve_command(tiny_ckpt_4k):
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=30)
     assert proc.returncode == 0, stderr
-    assert f"http://127.0.0.1:{port}/" in stderr
+    assert f"{url}/" in stderr
 
 
 def test_sigterm_stops_admitting_finishes_what_it_can_then_exits(tiny_ckpt_4k, tok):
     """SIGTERM: new connections are refused at once; a request in flight that ends within
     --shutdown-timeout gets its whole answer, one still running then is cancelled (its stream ends
     with an error event); the process exits 0."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = _glmchat("serve", "--model", str(tiny_ckpt_4k), "--device", "cpu", "--dtype", "float32", "--port", str(port),
-                    "--shutdown-timeout", "1.5")
-    url, results, streaming = f"http://127.0.0.1:{port}", {}, {"long": threading.Event(), "short": threading.Event()}
+    proc, url = _serve(tiny_ckpt_4k, "--shutdown-timeout", "1.5")
+    results, streaming = {}, {"long": threading.Event(), "short": threading.Event()}
 
     def ask(name: str, max_tokens: int):
         stream = client(url).chat.completions.create(model="x", messages=user(TEXTS[1]), max_tokens=max_tokens,
@@ -1100,15 +1102,6 @@ def test_sigterm_stops_admitting_finishes_what_it_can_then_exits(tiny_ckpt_4k, t
             results[name] = e
 
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, "glmchat serve did not come up"
-            time.sleep(0.1)
         threads = {name: threading.Thread(target=ask, args=(name, n)) for name, n in (("long", 4000), ("short", 200))}
         threads["long"].start()
         assert streaming["long"].wait(30)
