@@ -354,7 +354,7 @@ class Engine:
         """A prefilled request: its first token, its prompt's blocks to the prefix cache, a row of its own."""
         try:
             self.prefix.store(request.prompt, request.kv.k[:, 0], request.kv.v[:, 0])
-            (token, logprobs), = self._sample([request], logits)
+            [(token, logprobs)] = self._sample([request], logits)
             self.cache.add(request.kv)
         except Exception as e:
             self._fail(request, e)
