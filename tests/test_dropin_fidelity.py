@@ -245,3 +245,46 @@ def test_build_inputs_only_where_the_reference_has_it(dropin, family, tiny_ckpt)
     for helper in (dropin[family].build_inputs, dropin[family].build_stream_inputs):
         with pytest.raises(AttributeError, match="reference model has no build_.*tokenizer.build_chat_input"):
             helper(tok, "hi")
+
+
+# ---- tokenizer.apply_chat_template (GLM-4 and its successors) --------------------------------------
+
+TEMPLATE_TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "天气",
+                                                    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+TEMPLATE_CONVERSATIONS = [
+    ([{"role": "user", "content": "你好"}], None),
+    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+      {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "again?"}], None),
+    ([{"role": "user", "content": "北京天气?"}], TEMPLATE_TOOLS),
+]
+
+
+@pytest.mark.parametrize("fixture", ["glm4_ckpt", "glm4_0414_ckpt", "glm_z1_ckpt", "glm_edge_ckpt"])
+@pytest.mark.parametrize("conversation, tools", TEMPLATE_CONVERSATIONS)
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_apply_chat_template_matches_transformers(request, glm4_hf_ckpt, fixture, conversation, tools,
+                                                  add_generation_prompt):
+    """Against transformers rendering each checkpoint's own template (glm-4-9b-chat's through its
+    "-hf" twin: the same vocabulary and template)."""
+    from transformers import AutoTokenizer as HFAutoTokenizer
+
+    ckpt = request.getfixturevalue(fixture)
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    if tools and fixture == "glm_edge_ckpt":  # GLM-Edge's template has no tools: refused, not dropped
+        with pytest.raises(ValueError, match="no tools"):
+            tok.apply_chat_template(conversation, tools=tools, add_generation_prompt=add_generation_prompt)
+        return
+    hf = HFAutoTokenizer.from_pretrained(glm4_hf_ckpt if fixture == "glm4_ckpt" else ckpt)
+    # glm-4-9b-chat's template reads tools from the messages; the others take apply_chat_template(tools=)
+    hf_args = ([{"role": "system", "content": "", "tools": tools}, *conversation], None) \
+        if tools and fixture == "glm4_ckpt" else (conversation, tools)
+    text = hf.apply_chat_template(hf_args[0], tools=hf_args[1], add_generation_prompt=add_generation_prompt,
+                                  tokenize=False)
+    assert tok.apply_chat_template(conversation, tools=tools, add_generation_prompt=add_generation_prompt,
+                                   tokenize=False) == text
+    ids = hf.apply_chat_template(hf_args[0], tools=hf_args[1], add_generation_prompt=add_generation_prompt)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    assert tok.apply_chat_template(conversation, tools=tools, add_generation_prompt=add_generation_prompt) == ids
+    batch = tok.apply_chat_template(conversation, tools=tools, add_generation_prompt=add_generation_prompt,
+                                    return_tensors="pt", return_dict=True)
+    assert batch["input_ids"].tolist() == [ids] and batch["attention_mask"].tolist() == [[1] * len(ids)]

@@ -238,10 +238,36 @@ class GLM4Tokenizer(Tokenizer):
             raise TokenizerError(f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
         return [self.special_tokens[f"<|{role}|>"]] + self._sp_encode(f"{metadata}\n{message}")
 
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        """The checkpoint's chat template for messages, as ids, ending with the generation prompt."""
+        return glm4_prompt_ids(self, messages)
+
+    def generation_prompt_ids(self) -> list[int]:
+        """What the template's add_generation_prompt adds at the end."""
+        return [self.special_tokens["<|assistant|>"]]
+
     def build_chat_input(
         self, query: str, history: Sequence[dict[str, Any]] | None = None, role: str = "user"
     ) -> BatchEncoding:
-        return self.batch_encode([glm4_prompt_ids(self, [*(history or []), {"role": role, "content": query}])])
+        return self.batch_encode([self.chat_ids([*(history or []), {"role": role, "content": query}])])
+
+    def apply_chat_template(self, conversation: Sequence[dict], tools: list[dict] | None = None,
+                            add_generation_prompt: bool = False, tokenize: bool = True,
+                            return_tensors: str | None = None, return_dict: bool = False, **_ignored: Any):
+        """transformers' apply_chat_template over the checkpoint's chat template: the text
+        (tokenize=False), the ids, or with return_dict a BatchEncoding (`model.generate(**inputs)`).
+        tools (OpenAI-style function definitions) go first, as the system message that carries them."""
+        messages = [*([{"role": "system", "content": "", "tools": list(tools)}] if tools else []), *conversation]
+        ids = self.chat_ids(messages)
+        if not add_generation_prompt:
+            ids = ids[: len(ids) - len(self.generation_prompt_ids())]
+        if not tokenize:
+            return self.decode(ids)
+        if return_dict:
+            return self.batch_encode([ids], return_tensors=return_tensors)
+        if return_tensors is not None:
+            return self.batch_encode([ids], return_tensors=return_tensors)["input_ids"]
+        return ids
 
 
 # The system prompt GLM-4-9B-chat's chat template puts before function tools (tokenizer_config.json).

@@ -21,11 +21,8 @@ server's tool turns stay GLM-4's.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from typing import Any
-
 from .glm4 import GLM4, GLM4_TOOL_FOOTER, GLM4Tokenizer
-from .tokenizer import BatchEncoding, TokenizerError
+from .tokenizer import TokenizerError
 
 _RENDERED_ROLES = ("user", "assistant", "observation")
 
@@ -70,11 +67,8 @@ def glm4_0414_prompt_ids(tokenizer: GLM4Tokenizer, messages: list[dict], tools_t
 class GLM4_0414Tokenizer(GLM4Tokenizer):
     """GLM-4's tokenizer whose chat input is GLM-4-0414's template."""
 
-    prompt_ids = staticmethod(glm4_0414_prompt_ids)
-
-    def build_chat_input(self, query: str, history: Sequence[dict[str, Any]] | None = None,
-                         role: str = "user") -> BatchEncoding:
-        return self.batch_encode([self.prompt_ids(self, [*(history or []), {"role": role, "content": query}])])
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        return glm4_0414_prompt_ids(self, messages)
 
 
 class GLM4_0414(GLM4):

@@ -10,11 +10,8 @@ rather than dropped.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 from .glm4 import GLM4, GLM4Tokenizer
-from .tokenizer import BatchEncoding, TokenizerError
+from .tokenizer import TokenizerError
 
 _ROLES = ("system", "user", "assistant")
 
@@ -40,9 +37,11 @@ class GLMEdgeTokenizer(GLM4Tokenizer):
     def get_prefix_tokens(self) -> list[int]:
         return []
 
-    def build_chat_input(self, query: str, history: Sequence[dict[str, Any]] | None = None,
-                         role: str = "user") -> BatchEncoding:
-        return self.batch_encode([glm_edge_prompt_ids(self, [*(history or []), {"role": role, "content": query}])])
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        return glm_edge_prompt_ids(self, messages)
+
+    def generation_prompt_ids(self) -> list[int]:
+        return []  # the template ends with <|assistant|> whether or not a generation prompt is asked for
 
 
 class GLMEdge(GLM4):

@@ -52,7 +52,11 @@ def glm_z1_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
 class GLMZ1Tokenizer(GLM4_0414Tokenizer):
     """GLM-4's tokenizer whose chat input is GLM-Z1-0414's template."""
 
-    prompt_ids = staticmethod(glm_z1_prompt_ids)
+    def chat_ids(self, messages: list[dict]) -> list[int]:
+        return glm_z1_prompt_ids(self, messages)
+
+    def generation_prompt_ids(self) -> list[int]:
+        return super().generation_prompt_ids() + self._sp_encode("\n<think>")
 
 
 class GLMZ1(GLM4_0414):
