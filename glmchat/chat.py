@@ -58,6 +58,7 @@ class Chunk:
 
     text: str
     reply: Reply | None = None
+    reasoning: str = ""  # what a reasoning model's thinking added (GLM-Z1; shown before its answer)
 
 
 class ChatModel:
@@ -109,14 +110,15 @@ class ChatModel:
                **sampling) -> Iterator[Chunk]:
         """Chunks of the answer's text as it is generated; the last chunk carries the Reply.
 
-        Joined, the chunks' texts equal reply.text. Sampling options (temperature, top_p, top_k,
+        Joined, the chunks' texts equal reply.text (and their reasoning reply.reasoning). Sampling options (temperature, top_p, top_k,
         repetition_penalty, seed) default to the reference chat's (`SamplingConfig`); greedy=True
         (or temperature=0) picks the most likely token. max_new_tokens None: until the model
         stops or the context is full.
         """
         options = SamplingConfig(greedy=greedy, **sampling)
         prompt = self.family.prompt_ids(self.tokenizer, messages)
-        text = TextStream(self.tokenizer, self.family.visible_text, stop_ids=self.family.stop_ids(self.tokenizer))
+        text = TextStream(self.tokenizer, self.family.visible_text, stop_ids=self.family.stop_ids(self.tokenizer),
+                          reasoning=self.family.reasoning)
         max_new = self.model.config.seq_length if max_new_tokens is None else max_new_tokens
         cache, reused = self._prefix_cache(prompt, len(prompt) + max_new)
         self._cache_ids, self._cache_valid = list(prompt), reused
@@ -126,14 +128,14 @@ class ChatModel:
                 self._cache_valid = len(self._cache_ids)
                 self._cache_ids.append(record.token)
             if record.finish_reason is None:
-                if record.text:
-                    yield Chunk(record.text)
+                if record.text or record.reasoning:
+                    yield Chunk(record.text, reasoning=record.reasoning)
                 continue
             parsed = self.family.parse_reply(text.text, has_tools(messages))
             reply = Reply(parsed.text, parsed.tool_call, parsed.messages, record.finish_reason, len(prompt),
                           record.generation_tokens, record.time_to_first_token, record.elapsed,
                           self.family.reasoning(text.text))
-            yield Chunk(record.text, reply)
+            yield Chunk(record.text, reply, record.reasoning)
 
     def generate_ids(self, prompt_ids: list[int], *, max_new_tokens: int, sampling: SamplingConfig | None = None,
                      stop_ids=None, processors=(), cache: KVCache | None = None) -> Iterator[int]:

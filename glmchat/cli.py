@@ -113,6 +113,8 @@ def add_sampling_options(parser) -> None:
     g.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable answers")
     g.add_argument("--greedy", action="store_true", help="always pick the most likely token")
     g.add_argument("--system", default=None, metavar="TEXT", help="a system prompt")
+    g.add_argument("--show-reasoning", action="store_true",
+                   help="print a reasoning model's thinking (GLM-Z1) before its answer; hidden by default")
 
 
 def load_from_args(args, announce: bool = True) -> ChatModel:
@@ -212,16 +214,36 @@ def cmd_chat(args) -> int:
         history += [turn, *_answer(model, messages, args)]
 
 
+class Thinking:
+    """Prints a reasoning model's thinking as it streams (dimmed on a terminal), then a blank line
+    before the answer; prints nothing unless asked to."""
+
+    def __init__(self, enabled: bool):
+        self.enabled, self.open = enabled, False
+        self.dim, self.plain = ("\033[2m", "\033[0m") if sys.stdout.isatty() else ("", "")
+
+    def show(self, chunk) -> None:
+        if not self.enabled:
+            return
+        if chunk.reasoning:
+            print(("" if self.open else self.dim) + chunk.reasoning, end="", flush=True)
+            self.open = True
+        if self.open and (chunk.text or chunk.reply is not None):
+            print(self.plain + "\n", flush=True)
+            self.open = False
+
+
 def _answer(model: ChatModel, messages: list[dict], args) -> list[dict]:
     """Stream one answer; return the assistant messages to keep (a stopped answer keeps its part)."""
     from .families import NotAChatModelError
     from .model import ContextLengthError
 
-    shown = []
+    shown, thinking = [], Thinking(args.show_reasoning)
     stream = model.stream(messages, **sampling_from_args(args))
     try:
         with contextlib.closing(stream):
             for chunk in stream:
+                thinking.show(chunk)
                 print(chunk.text, end="", flush=True)
                 shown.append(chunk.text)
                 if chunk.reply is not None:
@@ -260,16 +282,18 @@ def cmd_run(args) -> int:
     model = load_from_args(args, announce=args.verbose)
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
         {"role": "user", "content": query.strip()}]
-    reply = None
+    reply, thinking = None, Thinking(args.show_reasoning and not args.json)
     for chunk in model.stream(messages, **sampling_from_args(args)):
         if not args.json:
+            thinking.show(chunk)
             sys.stdout.write(chunk.text)
             sys.stdout.flush()
         reply = chunk.reply or reply
     if args.json:
         print(json.dumps({
             "model": args.model, "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch."),
-            "random_weights": model.random_weights, "text": reply.text, "tool_call": reply.tool_call,
+            "random_weights": model.random_weights, "text": reply.text, "reasoning": reply.reasoning,
+            "tool_call": reply.tool_call,
             "finish_reason": reply.finish_reason, "prompt_tokens": reply.prompt_tokens,
             "completion_tokens": reply.completion_tokens, "load_seconds": round(model.load_seconds, 4),
             "time_to_first_token": round(reply.time_to_first_token, 4), "seconds": round(reply.seconds, 4),

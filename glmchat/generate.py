@@ -250,9 +250,13 @@ class TextStream:
     """
 
     def __init__(self, tokenizer, visible: Visible | None = None, stop_ids: Iterable[int] = (),
-                 stop_strings: Sequence[str] = ()):
+                 stop_strings: Sequence[str] = (), reasoning: Callable[[str, bool], str | None] | None = None):
+        """reasoning: a reasoning model's rule for its thinking in the decoded text (a family's
+        `reasoning`), read by `think`."""
         self.tokenizer = tokenizer
         self.visible = visible or (lambda text, final: text)
+        self.reasoning = reasoning
+        self.thought = ""  # the reasoning shown so far
         self.stop_ids = frozenset(stop_ids)
         self.stop_strings = [s for s in stop_strings if s]
         self.detok = StreamDetokenizer(tokenizer)
@@ -276,6 +280,16 @@ class TextStream:
         if self.stopped:
             return ""
         return self._grow(self.tokenizer.decode(self.detok.ids), final=True)
+
+    def think(self, final: bool = False) -> str:
+        """What the reasoning adds since the last call ("" without a reasoning rule)."""
+        if self.reasoning is None:
+            return ""
+        now = self.reasoning(self.tokenizer.decode(self.detok.ids) if final else self.detok.text, final) or ""
+        if len(now) <= len(self.thought) or not now.startswith(self.thought):
+            return ""
+        delta, self.thought = now[len(self.thought) :], now
+        return delta
 
     def _grow(self, text: str, final: bool) -> str:
         seen = self.visible(text, final)
@@ -307,6 +321,7 @@ class GenerationResponse:
     error: str | None = None
     logprob: float | None = None  # log-probability of `token` (the server, when asked)
     top_logprobs: list[tuple[int, float]] | None = None  # the most likely ids and their log-probabilities
+    reasoning: str = ""  # what a reasoning model's thinking added this step (TextStream.think)
 
 
 def stream_generate(
@@ -346,7 +361,8 @@ def stream_generate(
                 finish = "length"
             if finish:
                 delta += text.finish()
-            yield GenerationResponse(delta, token, finish, len(prompt_ids), count, first - start, now - start)
+            yield GenerationResponse(delta, token, finish, len(prompt_ids), count, first - start, now - start,
+                                     reasoning=text.think(final=finish is not None))
             if finish:
                 return
         # no room for a single new token

@@ -404,6 +404,25 @@ def test_glm_z1_reasoning_in_the_server_and_the_native_api(thinking_z1):
         assert hidden.content == "Hello!" and getattr(hidden, "reasoning_content", None) is None
     reply = ChatModel(model, tok, family).chat(ask, greedy=True)
     assert (reply.text, reply.reasoning) == ("Hello!", "The user greets me.")
+    chunks = list(ChatModel(model, tok, family).stream(ask, greedy=True))
+    assert "".join(c.reasoning for c in chunks) == reply.reasoning and "".join(c.text for c in chunks) == reply.text
+
+
+@pytest.mark.parametrize("show", [True, False])
+def test_glm_z1_reasoning_in_the_terminal_chat_only_when_asked(thinking_z1, capsys, show):
+    """`glmchat chat --show-reasoning` prints the thinking as it streams, then the answer."""
+    import argparse
+
+    from glmchat.chat import ChatModel
+    from glmchat.cli import _answer
+
+    model, tok, family = thinking_z1
+    args = argparse.Namespace(max_new_tokens=40, temperature=0.0, top_p=1.0, top_k=0, seed=None, greedy=True,
+                              show_reasoning=show)
+    kept = _answer(ChatModel(model, tok, family), [{"role": "user", "content": "你好"}], args)
+    out = capsys.readouterr().out
+    assert kept == [{"role": "assistant", "metadata": "", "content": "Hello!"}]
+    assert out.startswith("The user greets me.\n\nHello!" if show else "Hello!")
 
 
 def test_tied_embeddings_only_where_the_reference_ties_them(tiny_ckpt):

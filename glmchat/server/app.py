@@ -206,7 +206,8 @@ class Generation:
         self.finish_reason: str | None = None
         self.tool_calls: list[dict] = []
         self.logprobs: list[tuple[int, float, list]] | None = [] if body.top_alternatives is not None else None
-        self.reasoning: str | None = "" if reasoning else None  # the family's `reasoning` so far
+        # A reasoning model's thinking so far (None: not asked for, or the family does not reason).
+        self.reasoning: str | None = "" if reasoning and family.reasoning("") is not None else None
         self._logprobs_taken = 0
         self._next_check = 0.0
         self.request = engine.submit(
@@ -268,30 +269,14 @@ class Generation:
                         if unread_call:  # arguments it cannot read: the segment shows as text
                             text += ("\n\n" if shown or text else "") + unread_call
                     self.finish_reason = "tool_calls" if self.tool_calls else record.finish_reason
-                thought = self._reasoning_grows(final=record.finish_reason is not None)
+                thought = record.reasoning if self.reasoning is not None else ""
+                if self.reasoning is not None:
+                    self.reasoning += thought
                 if text or thought:
                     shown = shown or bool(text)
                     yield text, thought
         finally:
             self.request.cancel()  # a no-op once the engine has finished it
-
-    def _reasoning_grows(self, final: bool) -> str:
-        """What the reasoning adds since the last call ("" for families that do not reason)."""
-        if self.reasoning is None:
-            return ""
-        decoded = self.tokenizer.decode(self.text.ids) if final else self.text.detok.text
-        now = self.family.reasoning(decoded, final)
-        if now is None:
-            self.reasoning = None
-            return ""
-        if len(now) <= len(self.reasoning) or not now.startswith(self.reasoning):
-            return ""
-        delta, self.reasoning = now[len(self.reasoning) :], now
-        return delta
-
-    def usage(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
-                "total_tokens": self.prompt_tokens + self.completion_tokens}
 
 
 def _start(engine: Engine, tokenizer, family: Family, body: ChatRequest, timeout: float | None) -> list[Generation]:
@@ -309,7 +294,8 @@ def _start(engine: Engine, tokenizer, family: Family, body: ChatRequest, timeout
     tools = bool(body.active_tools())
     visible = functools.partial(family.visible_text, tool_calls=tools)
     return _submit(engine, tokenizer, family, body, prompt, body.max_completion_tokens or body.max_tokens, timeout,
-                   lambda: TextStream(tokenizer, visible, stop_ids=family.stop_ids(tokenizer), stop_strings=stop_strings),
+                   lambda: TextStream(tokenizer, visible, stop_ids=family.stop_ids(tokenizer), stop_strings=stop_strings,
+                                      reasoning=family.reasoning),
                    tools, reasoning=body.include_reasoning is not False)
 
 

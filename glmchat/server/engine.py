@@ -162,11 +162,11 @@ class Request:
         self.cancelled = True
 
     def record(self, text: str = "", token: int | None = None, finish: str | None = None,
-               error: str | None = None, logprobs: tuple | None = None) -> GenerationResponse:
+               error: str | None = None, logprobs: tuple | None = None, reasoning: str = "") -> GenerationResponse:
         now = time.perf_counter()
         return GenerationResponse(text, token, finish, len(self.prompt), len(self.tokens),
                                   (self.first_token or now) - self.submitted, now - self.submitted, error,
-                                  *(logprobs or (None, None)))
+                                  *(logprobs or (None, None)), reasoning=reasoning)
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """This request's row of logits [vocab] as it samples from them: float32, its logit bias
@@ -435,7 +435,8 @@ class Engine:
             finish = "length"
         if finish and request.text is not None:
             text += request.text.finish()
-        if not self._send(request, request.record(text, token, finish, logprobs=logprobs)):
+        thought = request.text.think(final=finish is not None) if request.text is not None else ""
+        if not self._send(request, request.record(text, token, finish, logprobs=logprobs, reasoning=thought)):
             request.cancelled = True
         return finish is not None
 
