@@ -179,7 +179,7 @@ def resized_cache(model: GLMTransformer, cache: KVCache | None, length: int, cap
 
 def load(path_or_id: str = DEFAULT_MODEL, *, device: str | torch.device = "auto", dtype="auto",
          random_weights: bool = False, quantize: str | None = None, group_size: int = 128,
-         progress: bool = True, compile: bool = False) -> ChatModel:
+         progress: bool = True, compile: bool = False, shard: tuple[int, int] | None = None) -> ChatModel:
     """Load a checkpoint of the GLM family (a local directory or a Hugging Face id) and its tokenizer.
 
     The family (ChatGLM2/3, GLM-4; chat or base) is recognised from the checkpoint's own files.
@@ -195,7 +195,7 @@ def load(path_or_id: str = DEFAULT_MODEL, *, device: str | torch.device = "auto"
     start = time.perf_counter()
     device = pick_device(device)
     dtype = default_dtype(device) if dtype == "auto" else dtype
-    loaded = load_checkpoint(path_or_id, device=device, dtype=dtype, random_weights=random_weights,
+    loaded = load_checkpoint(path_or_id, device=device, dtype=dtype, random_weights=random_weights, shard=shard,
                              quantize=quantize, group_size=group_size, progress=progress)
     model, tokenizer, family = loaded.model, loaded.tokenizer, loaded.family
     processors, standin = [], tokenizer is None

@@ -31,10 +31,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
     from .families import NotAChatModelError, TokenizerError, ToolCallParseError
     from .model import ContextLengthError
+    from .parallel import ShardingError
     from .quantize import QuantizationError
 
     return (CheckpointError, ConfigError, TokenizerError, ContextLengthError, DeviceError, ToolCallParseError,
-            QuantizationError, NotAChatModelError, OSError)
+            QuantizationError, NotAChatModelError, ShardingError, OSError)
 
 
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -98,6 +99,9 @@ def add_model_options(parser) -> None:
     g.add_argument("--random-weights", action="store_true",
                    help="the real architecture with random weights: no download, meaningless text "
                         "(for trying glmchat and measuring speed)")
+    g.add_argument("--tp", type=_number(int, 1), default=1, metavar="N",
+                   help="tensor parallelism over N processes, each holding 1/N of the weights: start it with "
+                        "torchrun --nproc-per-node N -m glmchat run --tp N ... (glmchat run only, for now)")
 
 
 def add_sampling_options(parser) -> None:
@@ -124,9 +128,10 @@ def load_from_args(args, announce: bool = True) -> ChatModel:
     if args.random_weights:
         _note(f"--random-weights: {args.model}'s architecture with random weights; the text is meaningless "
               "(for trying glmchat and measuring speed)")
+    shard = _join_tensor_parallel_group(args) if args.tp > 1 else None
     model = load(args.model, device=args.device, dtype=args.dtype, random_weights=args.random_weights,
                  quantize=args.quantize, group_size=args.group_size, progress=sys.stderr.isatty(),
-                 compile=args.compile)
+                 compile=args.compile, shard=shard)
     if model.standin_tokenizer:
         _note("no tokenizer for this model is available offline: using a small stand-in tokenizer, "
               "restricted to its own ids")
@@ -134,6 +139,29 @@ def load_from_args(args, announce: bool = True) -> ChatModel:
         _note(f"loaded {args.model} ({model.family.label}) on {model.device} ({str(model.dtype).removeprefix('torch.')}) "
               f"in {model.load_seconds:.1f} s")
     return model
+
+
+def _join_tensor_parallel_group(args) -> tuple[int, int]:
+    """(rank, world) of this torchrun process; only rank 0 prints. The ranks must sample alike, so
+    without --seed rank 0's random seed is used by all."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != args.tp:
+        raise UsageError(f"--tp {args.tp} needs {args.tp} processes, this is one of {world}: start it with "
+                         f"torchrun --nproc-per-node {args.tp} -m glmchat {args.command} --tp {args.tp} ...")
+    cuda = args.device in ("auto", "cuda") and torch.cuda.is_available()
+    if cuda:
+        args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank()
+    seed = torch.tensor([args.seed if args.seed is not None else int(torch.randint(0, 2**62, ()))])
+    dist.broadcast(seed, 0)
+    args.seed = int(seed)
+    if rank != 0:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the whole process)
+    return rank, world
 
 
 def sampling_from_args(args) -> dict:
@@ -169,8 +197,14 @@ def _stats(reply) -> str:
 # glmchat chat
 
 
+def _single_process(args) -> None:
+    if getattr(args, "tp", 1) > 1:
+        raise UsageError(f"--tp works with `glmchat run` for now; `glmchat {args.command}` runs in one process")
+
+
 def cmd_chat(args) -> int:
     """Interactive chat: history kept across turns, answers streamed as they are generated."""
+    _single_process(args)
     model = load_from_args(args)
     model.family.check_chat()  # a base model: say so now, not after the first question
     if sys.stdin.isatty():
@@ -316,6 +350,8 @@ def cmd_bench(args) -> int:
     """Time the seed's workload: four English/Chinese prompt pairs, greedy, each with history=[]."""
     from .bench import checkpoint_available, format_table, plot, run_bench
 
+    _single_process(args)
+
     if not args.random_weights and not checkpoint_available(args.model):
         _note(f"no local checkpoint of {args.model}: benchmarking random weights (--random-weights), "
               f"{args.max_new_tokens} tokens per prompt")
@@ -359,6 +395,7 @@ def cmd_serve(args) -> int:
 
     if hint := missing_dependencies():
         raise UsageError(hint)
+    _single_process(args)
     serve(load_from_args(args), args)
     return 0
 

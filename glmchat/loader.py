@@ -24,6 +24,8 @@ from .hub import DEFAULT_MODEL, TOKENIZER_MODELS, resolve_checkpoint
 from .model import GLMTransformer
 from .names import official_name, sanitize
 from .quantize import QuantizedLinear, check_method, quantize_model
+from .parallel import ShardingError, ShardPlan, connect
+from .parallel import shard as shard_model
 from .random_weights import init_random_weights
 from .registry import KNOWN_CONFIGS
 
@@ -96,8 +98,10 @@ def empty_model(config: GLMConfig, dtype: torch.dtype, device, quantization: dic
     return model.eval().requires_grad_(False)
 
 
-def load_weights(model: GLMTransformer, files: list[Path], progress: bool = True) -> None:
-    """Copy each tensor into its place; float weights of quantized layers are quantized on the way."""
+def load_weights(model: GLMTransformer, files: list[Path], progress: bool = True, part=None) -> None:
+    """Copy each tensor into its place; float weights of quantized layers are quantized on the way.
+    part(name, tensor): the part of each tensor to keep (a tensor-parallel rank's share), read from
+    the file's mapping alone."""
     params = model.state_dict(keep_vars=True)
     quantized = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     loaded: set[str] = set()
@@ -115,6 +119,8 @@ def load_weights(model: GLMTransformer, files: list[Path], progress: bool = True
                 param = params.get(target)
                 if param is None:
                     raise CheckpointError(f"{what} has no place in a model with this config.json")
+                if part is not None:
+                    tensor = part(target, tensor)
                 if tuple(tensor.shape) != tuple(param.shape):
                     raise CheckpointError(f"{what} has shape {tuple(tensor.shape)}, config.json implies {tuple(param.shape)}")
                 with torch.no_grad():
@@ -221,6 +227,7 @@ def load_checkpoint(
     quantize: str | None = None,
     group_size: int = 128,
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> Loaded:
     """Load a GLM-family checkpoint (local directory or hub id) and its tokenizer; config.json is
     read and the family detected once. dtype None keeps the checkpoint's stored dtype.
@@ -229,11 +236,13 @@ def load_checkpoint(
     known hub id no download; the tokenizer then comes from the directory or the hub's tokenizer
     files when they can be had, else it is None. quantize "int8" / "int4" (group_size 32/64/128)
     quantizes the Linear weights tensor by tensor while loading; a checkpoint saved by
-    `glmchat quantize` loads in its own quantization.
+    `glmchat quantize` loads in its own quantization. shard (rank, world): only this tensor-parallel
+    rank's share of the weights is read and kept (glmchat.parallel); call it in every rank of an
+    initialized torch.distributed group.
     """
     model, info, (directory, raw, config, family) = _load(
         path_or_id, device=device, dtype=dtype, random_weights=random_weights, seed=seed, quantize=quantize,
-        group_size=group_size, progress=progress)
+        group_size=group_size, progress=progress, shard=shard)
     if random_weights and directory is None:
         try:
             directory = resolve_checkpoint(path_or_id, weights=False)  # the hub's config and tokenizer files
@@ -254,14 +263,15 @@ def load_model(
     progress: bool = True,
     quantize: str | None = None,
     group_size: int = 128,
+    shard: tuple[int, int] | None = None,
 ) -> tuple[GLMTransformer, LoadInfo]:
     """The model alone (no tokenizer), as load_checkpoint loads it."""
     return _load(path_or_id, device=device, dtype=dtype, random_weights=random_weights, seed=seed,
-                 quantize=quantize, group_size=group_size, progress=progress)[:2]
+                 quantize=quantize, group_size=group_size, progress=progress, shard=shard)[:2]
 
 
 def _load(path_or_id, *, device, dtype, random_weights: bool, seed: int, quantize: str | None, group_size: int,
-          progress: bool) -> tuple[GLMTransformer, LoadInfo, tuple]:
+          progress: bool, shard: tuple[int, int] | None = None) -> tuple[GLMTransformer, LoadInfo, tuple]:
     """(model, LoadInfo, what _locate found)."""
     start = time.perf_counter()
     device = torch.device(device)
@@ -277,12 +287,22 @@ def _load(path_or_id, *, device, dtype, random_weights: bool, seed: int, quantiz
             f"{path_or_id} is already quantized ({stored['method']}); load it without a different quantization"
         )
     dtype = parse_dtype(dtype if dtype is not None else config.torch_dtype)
-    model = empty_model(config, dtype, device, quantization)
-    if random_weights:
+    plan = None
+    if shard is not None:
+        if quantization:
+            raise ShardingError("tensor parallelism takes bfloat16/float16/float32 weights; load without --quantize")
+        plan = ShardPlan(config, *shard)
+    if random_weights:  # the whole model's random weights, so that the ranks' shares fit together
+        model = empty_model(config, dtype, device, quantization)
         init_random_weights(model, seed)
         model.tie_weights()
+        if plan is not None:
+            shard_model(model, *shard)
     else:
-        load_weights(model, files, progress=progress)
+        model = empty_model(plan.config if plan else config, dtype, device, quantization)
+        load_weights(model, files, progress=progress, part=plan)
+        if plan is not None:
+            connect(model, plan)
     kernels.install(model)
     tensors = {t.data_ptr(): t for t in model.state_dict().values()}  # a tied output layer counts once
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())

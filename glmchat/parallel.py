@@ -45,47 +45,72 @@ def check_shardable(config, world: int) -> None:
         raise ShardingError(f"{world} ranks do not divide the MLP's {config.ffn_hidden_size} hidden units")
 
 
+class ShardPlan:
+    """Which part of each whole tensor a rank keeps, by state-dict name (None: all of it)."""
+
+    def __init__(self, config, rank: int, world: int):
+        check_shardable(config, world)
+        self.rank, self.world = rank, world
+        d, heads = config.head_dim, config.num_attention_heads
+        self.heads = heads // world
+        self.kv = kv_heads_of_rank(heads, config.num_kv_heads, rank, world)
+        self.ffn = config.ffn_hidden_size // world
+        q_rows = torch.arange(rank * self.heads * d, (rank + 1) * self.heads * d)
+        kv_rows = torch.cat([torch.arange(h * d, (h + 1) * d) for h in self.kv])
+        offset = heads * d
+        self.qkv_rows = torch.cat([q_rows, offset + kv_rows, offset + config.num_kv_heads * d + kv_rows])
+        units = torch.arange(rank * self.ffn, (rank + 1) * self.ffn)
+        self.gate_up_rows = torch.cat([units, config.ffn_hidden_size + units])
+        self.dense_columns = slice(rank * self.heads * d, (rank + 1) * self.heads * d)
+        self.down_columns = slice(rank * self.ffn, (rank + 1) * self.ffn)
+        self.config = dataclasses.replace(config, num_attention_heads=self.heads, multi_query_group_num=len(self.kv),
+                                          ffn_hidden_size=self.ffn)  # the shapes a rank's model has
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The rank's part of the whole tensor `name` (from a checkpoint file or a whole model)."""
+        kind = name.split(".")[-2:]  # e.g. ["qkv", "weight"]
+        if kind[0] == "qkv":
+            return tensor[self.qkv_rows]
+        if kind[0] == "gate_up":
+            return tensor[self.gate_up_rows]
+        if kind == ["dense", "weight"] or kind == ["down", "weight"]:
+            columns = self.dense_columns if kind[0] == "dense" else self.down_columns
+            return tensor[:, columns]
+        if kind[1] == "bias" and kind[0] in ("dense", "down") and self.rank != 0:
+            return torch.zeros_like(tensor)  # the sum of the ranks' outputs adds it once
+        return tensor
+
+
 def shard(model: GLMTransformer, rank: int, world: int, group=None) -> GLMTransformer:
-    """Keep rank's share of `model` (in place) and sum the row-sharded products across the group."""
-    if any(not isinstance(m, nn.Linear) for b in model.layers for m in (b.attn.qkv, b.attn.dense, b.mlp.gate_up, b.mlp.down)):
-        raise ShardingError("tensor parallelism takes bfloat16/float16/float32 weights; load without --quantize")
-    c = model.config
-    check_shardable(c, world)
-    heads, d = c.num_attention_heads // world, c.head_dim
-    kv = kv_heads_of_rank(c.num_attention_heads, c.num_kv_heads, rank, world)
-    ffn = c.ffn_hidden_size // world
+    """Keep rank's share of a whole `model` (in place) and sum the split products across the group."""
+    _check_float(model)
+    plan = ShardPlan(model.config, rank, world)
+    for name, param in model.named_parameters():
+        part = plan(name, param.data)
+        if part is not param.data:
+            module = model.get_submodule(name.rsplit(".", 1)[0])
+            setattr(module, name.rsplit(".", 1)[1], nn.Parameter(part.contiguous(), requires_grad=False))
+    return connect(model, plan, group)
+
+
+def connect(model: GLMTransformer, plan: ShardPlan, group=None) -> GLMTransformer:
+    """Make a model holding plan's shares (see `shard`, or a loader that read only them) run as one:
+    its layers' head counts and sizes, and an all_reduce after each split product."""
     for block in model.layers:
-        attn, mlp = block.attn, block.mlp
-        q, k, v = _row_indices(attn.qkv).split([c.num_attention_heads * d, c.num_kv_heads * d, c.num_kv_heads * d])
-        kept_kv = torch.cat([torch.arange(h * d, (h + 1) * d) for h in kv])
-        _keep_rows(attn.qkv, torch.cat([q[rank * heads * d : (rank + 1) * heads * d], k[kept_kv], v[kept_kv]]))
-        attn.n_heads, attn.n_kv_heads = heads, len(kv)
-        _keep_columns(attn.dense, slice(rank * heads * d, (rank + 1) * heads * d), rank, group)
-        gate, up = _row_indices(mlp.gate_up).chunk(2)
-        _keep_rows(mlp.gate_up, torch.cat([gate[rank * ffn : (rank + 1) * ffn], up[rank * ffn : (rank + 1) * ffn]]))
-        _keep_columns(mlp.down, slice(rank * ffn, (rank + 1) * ffn), rank, group)
-    model.config = dataclasses.replace(c, num_attention_heads=heads, multi_query_group_num=len(kv), ffn_hidden_size=ffn)
+        block.attn.n_heads, block.attn.n_kv_heads = plan.heads, len(plan.kv)
+        for layer in (block.attn.qkv, block.mlp.gate_up):
+            layer.out_features = layer.weight.shape[0]
+        for layer in (block.attn.dense, block.mlp.down):
+            layer.in_features = layer.weight.shape[1]
+            layer.register_forward_hook(lambda module, inputs, output: _summed(output, group))
+    model.config = plan.config
     return model
 
 
-def _row_indices(layer: nn.Linear) -> torch.Tensor:
-    """0 .. out_features - 1: split like the weight's rows, they pick rows of the weight and the bias alike."""
-    return torch.arange(layer.out_features)
-
-
-def _keep_rows(layer: nn.Linear, rows: torch.Tensor) -> None:
-    layer.weight = nn.Parameter(layer.weight.data[rows].contiguous(), requires_grad=False)
-    if layer.bias is not None:
-        layer.bias = nn.Parameter(layer.bias.data[rows].contiguous(), requires_grad=False)
-    layer.out_features = len(rows)
-
-
-def _keep_columns(layer: nn.Linear, columns: slice, rank: int, group) -> None:
-    layer.weight = nn.Parameter(layer.weight.data[:, columns].contiguous(), requires_grad=False)
-    layer.in_features = layer.weight.shape[1]
-    if layer.bias is not None and rank != 0:  # the sum of the ranks' outputs adds it once
-        layer.bias = nn.Parameter(torch.zeros_like(layer.bias), requires_grad=False)
-    layer.register_forward_hook(lambda module, inputs, output: _summed(output, group))
+def _check_float(model: GLMTransformer) -> None:
+    layers = [m for b in model.layers for m in (b.attn.qkv, b.attn.dense, b.mlp.gate_up, b.mlp.down)]
+    if any(not isinstance(m, nn.Linear) for m in layers):
+        raise ShardingError("tensor parallelism takes bfloat16/float16/float32 weights; load without --quantize")
 
 
 def _summed(output: torch.Tensor, group) -> torch.Tensor:

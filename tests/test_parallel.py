@@ -4,6 +4,7 @@ give the logits (to float tolerance) and the greedy tokens of one process holdin
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,11 +30,14 @@ def _run(ckpt, ids: list[int]) -> tuple[torch.Tensor, list[int]]:
         return model(torch.tensor([ids])), list(generate_tokens(model, ids, max_new_tokens=NEW))
 
 
-def _rank(rank: int, world: int, port: int, ckpt, ids: list[int], results: dict) -> None:
+def _rank(rank: int, world: int, port: int, ckpt, how: str, ids: list[int], results: dict) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        model = shard(load_model(ckpt, dtype="float32", progress=False)[0], rank, world)
+        if how == "load":  # the loader reads only the rank's share from the files
+            model = load_model(ckpt, dtype="float32", progress=False, shard=(rank, world))[0]
+        else:  # a whole model split afterwards
+            model = shard(load_model(ckpt, dtype="float32", progress=False)[0], rank, world)
         with torch.inference_mode():
             logits = model(torch.tensor([ids]))
             tokens = list(generate_tokens(model, ids, max_new_tokens=NEW))
@@ -42,14 +46,15 @@ def _rank(rank: int, world: int, port: int, ckpt, ids: list[int], results: dict)
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("fixture, world", [("tiny_ckpt", 2), ("tiny_ckpt", 4), ("glm4_ckpt", 2)])
-def test_sharded_ranks_give_the_whole_models_logits_and_tokens(request, fixture, world):
+@pytest.mark.parametrize("fixture, world, how", [("tiny_ckpt", 2, "load"), ("tiny_ckpt", 4, "load"),
+                                                ("glm4_hf_ckpt", 2, "load"), ("glm4_ckpt", 2, "shard")])
+def test_sharded_ranks_give_the_whole_models_logits_and_tokens(request, fixture, world, how):
     ckpt = request.getfixturevalue(fixture)
     ids = list(range(5, 40, 3))
     expected_logits, expected_tokens = _run(ckpt, ids)
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_rank, args=(world, _free_port(), ckpt, ids, results), nprocs=world, join=True)
+        mp.spawn(_rank, args=(world, _free_port(), ckpt, how, ids, results), nprocs=world, join=True)
         results = dict(results)
     assert sorted(results) == list(range(world))
     config = load_model(ckpt, dtype="float32", progress=False)[0].config
@@ -73,3 +78,26 @@ def test_ranks_that_do_not_divide_the_model_are_refused(tiny_ckpt):
         check_shardable(config, 3)
     with pytest.raises(ShardingError, match="--quantize"):
         shard(load_model(tiny_ckpt, dtype="bfloat16", quantize="int8", progress=False)[0], 0, 2)
+    with pytest.raises(ShardingError, match="--quantize"):
+        load_model(tiny_ckpt, dtype="bfloat16", quantize="int8", progress=False, shard=(0, 2))
+
+
+def test_glmchat_run_under_torchrun_answers_as_one_process(tiny_ckpt, tmp_path):
+    """`torchrun --nproc-per-node 2 -m glmchat run --tp 2 ...`: one answer (rank 0's), the one process's."""
+    import os
+    import subprocess
+    import sys
+
+    common = ["--model", str(tiny_ckpt), "--device", "cpu", "--dtype", "float32", "--greedy",
+              "--max-new-tokens", "12", "你好"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    one = subprocess.run([sys.executable, "-m", "glmchat", "run", *common], capture_output=True, text=True,
+                         env=env, timeout=120)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(_free_port()), "-m", "glmchat", "run", "--tp", "2", *common],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout == one.stdout and one.stdout.strip()
+    wrong = subprocess.run([sys.executable, "-m", "glmchat", "run", "--tp", "2", *common], capture_output=True,
+                           text=True, env=env, timeout=120)
+    assert wrong.returncode == 1 and "torchrun --nproc-per-node 2" in wrong.stderr and "Traceback" not in wrong.stderr
