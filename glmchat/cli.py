@@ -7,6 +7,7 @@ A subcommand is one function `cmd(args) -> exit status` plus one `register(...)`
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import os
@@ -155,6 +156,7 @@ def _join_tensor_parallel_group(args) -> tuple[int, int]:
     if cuda:
         args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     dist.init_process_group("nccl" if cuda else "gloo")
+    atexit.register(_leave_group)
     rank = dist.get_rank()
     seed = torch.tensor([args.seed if args.seed is not None else int(torch.randint(0, 2**62, ()))])
     dist.broadcast(seed, 0)
@@ -162,6 +164,16 @@ def _join_tensor_parallel_group(args) -> tuple[int, int]:
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the whole process)
     return rank, world
+
+
+def _leave_group() -> None:
+    """Every rank waits for the others before tearing the group down: a rank that left first would
+    make the others' connections fail as they exit (gloo aborts the process then)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def sampling_from_args(args) -> dict:

@@ -42,6 +42,7 @@ def _rank(rank: int, world: int, port: int, ckpt, how: str, ids: list[int], resu
             logits = model(torch.tensor([ids]))
             tokens = list(generate_tokens(model, ids, max_new_tokens=NEW))
         results[rank] = (logits.clone(), tokens, model.config.num_kv_heads, model.layers[0].attn.qkv.weight.shape[0])
+        dist.barrier()  # no rank leaves while another still talks to it
     finally:
         dist.destroy_process_group()
 

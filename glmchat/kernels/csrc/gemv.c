@@ -1,7 +1,9 @@
-/* Matrix-vector products for batch-1 decode on x86-64 CPUs with AVX-512 (F, BW, BF16, VBMI, VNNI).
+/* Matrix-vector products for decode on x86-64 CPUs with AVX-512 (F, BW, BF16, VBMI, VNNI).
  *
- * Every kernel computes y[n] = sum_k x[k] * W[n, k] (+ bias[n]) for one row x, with x, y and
- * bias in bf16 and float32 sums (int4: exact int32 sums over x in 15-bit fixed point, see there).
+ * Every kernel computes y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for a few rows x[m], with x,
+ * y and bias in bf16 and float32 sums (int8/int4: exact int32 sums over x in 15-bit fixed point,
+ * see there). Each row goes through the same instructions whatever the other rows are, so a row's
+ * result does not depend on how many rows share the call (the server's batch invariance).
  * W is one of:
  *   bf16  w[N, K] row-major.
  *   int8  q[N, K] row-major, scales s[N] bf16:  W[n, k] = q[n, k] * s[n].
@@ -9,8 +11,9 @@
  *         the code of row 64b+j in its low nibble and of row 64b+32+j in its high nibble.
  *         sz[K/G, N, 2] bf16 holds (scale, zero) per group of G columns:
  *         W[n, k] = (q - 8) * scale + zero.
- * Rows are split into tiles (4 rows for bf16/int8, one 64-row block for int4); OpenMP threads
- * take contiguous ranges of tiles, so each thread streams through one stretch of the weights.
+ * Weight rows are split into tiles (4 rows for bf16/int8, one 64-row block for int4); OpenMP
+ * threads take contiguous ranges of tiles, so each thread streams through one stretch of the
+ * weights once, the rows of x taking turns on each tile while it is in cache.
  */
 #include <immintrin.h>
 #include <stdint.h>
