@@ -46,7 +46,7 @@ def check_shardable(config, world: int) -> None:
 
 
 class ShardPlan:
-    """Which part of each whole tensor a rank keeps, by state-dict name (None: all of it)."""
+    """Which part of each whole tensor a rank keeps, by state-dict name (norms, embedding and output: all)."""
 
     def __init__(self, config, rank: int, world: int):
         check_shardable(config, world)
