@@ -25,7 +25,6 @@ from .model import GLMTransformer
 from .names import official_name, sanitize
 from .quantize import QuantizedLinear, check_method, quantize_model
 from .parallel import ShardingError, ShardPlan, connect
-from .parallel import shard as shard_model
 from .random_weights import init_random_weights
 from .registry import KNOWN_CONFIGS
 
@@ -292,17 +291,18 @@ def _load(path_or_id, *, device, dtype, random_weights: bool, seed: int, quantiz
         if quantization:
             raise ShardingError("tensor parallelism takes bfloat16/float16/float32 weights; load without --quantize")
         plan = ShardPlan(config, *shard)
-    if random_weights:  # the whole model's random weights, so that the ranks' shares fit together
-        model = empty_model(config, dtype, device, quantization)
-        init_random_weights(model, seed)
+    model = empty_model(plan.config if plan else config, dtype, device, quantization)
+    if random_weights:
+        whole_shapes = None
+        if plan is not None:  # each weight drawn whole, then the rank's share kept: the shares fit together
+            with torch.device("meta"):
+                whole_shapes = {n: p.shape for n, p in GLMTransformer(config).named_parameters()}
+        init_random_weights(model, seed, part=plan, whole_shapes=whole_shapes)
         model.tie_weights()
-        if plan is not None:
-            shard_model(model, *shard)
     else:
-        model = empty_model(plan.config if plan else config, dtype, device, quantization)
         load_weights(model, files, progress=progress, part=plan)
-        if plan is not None:
-            connect(model, plan)
+    if plan is not None:
+        connect(model, plan)
     kernels.install(model)
     tensors = {t.data_ptr(): t for t in model.state_dict().values()}  # a tied output layer counts once
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())

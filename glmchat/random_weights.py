@@ -13,14 +13,16 @@ from .quantize import QuantizedLinear
 _RANDOM_BLOCK = 1_048_573  # a prime: rows of any width start at different places in the tiled block
 
 
-def init_random_weights(model: nn.Module, seed: int = 0) -> None:
+def init_random_weights(model: nn.Module, seed: int = 0, part=None, whole_shapes: dict | None = None) -> None:
     """Random weights of the real shapes (std 0.02, norms at 1): for speed work only.
 
     Drawing 6 B normal numbers takes about a minute on 2 cores, so one block of ~1 M normal
     numbers is drawn per seed and every weight is that block tiled from an offset (and sign) set by
     the seed and the weight's name. A quantized layer gets the float weight the 16-bit model would
     have, quantized at once (one layer in memory), so a quantized random model is the 16-bit one,
-    quantized.
+    quantized. part / whole_shapes (a tensor-parallel rank's glmchat.parallel.ShardPlan and the whole
+    model's parameter shapes): each weight is drawn whole, one at a time, and the rank keeps its
+    share, so that the ranks' shares fit together.
     """
     block = torch.randn(_RANDOM_BLOCK, generator=torch.Generator().manual_seed(seed)).mul_(0.02)
     blocks = (block.to(model.device), (-block).to(model.device))  # copy_ converts ~7× faster than mul(out=)
@@ -28,6 +30,9 @@ def init_random_weights(model: nn.Module, seed: int = 0) -> None:
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
+            elif part is not None and tuple(whole_shapes[name]) != tuple(param.shape):
+                whole = torch.empty(whole_shapes[name], dtype=param.dtype, device=param.device)
+                param.copy_(part(name, _fill_tiled(whole, blocks, f"{name}:{seed}")))
             else:
                 _fill_tiled(param, blocks, f"{name}:{seed}")
         for name, layer in model.named_modules():

@@ -24,8 +24,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(ckpt, ids: list[int]) -> tuple[torch.Tensor, list[int]]:
-    model = load_model(ckpt, dtype="float32", progress=False)[0]
+def _run(ckpt, ids: list[int], random_weights: bool = False) -> tuple[torch.Tensor, list[int]]:
+    model = load_model(ckpt, dtype="float32", progress=False, random_weights=random_weights)[0]
     with torch.inference_mode():
         return model(torch.tensor([ids])), list(generate_tokens(model, ids, max_new_tokens=NEW))
 
@@ -34,8 +34,9 @@ def _rank(rank: int, world: int, port: int, ckpt, how: str, ids: list[int], resu
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        if how == "load":  # the loader reads only the rank's share from the files
-            model = load_model(ckpt, dtype="float32", progress=False, shard=(rank, world))[0]
+        if how in ("load", "random"):  # the loader reads (draws) only the rank's share
+            model = load_model(ckpt, dtype="float32", progress=False, shard=(rank, world),
+                               random_weights=how == "random")[0]
         else:  # a whole model split afterwards
             model = shard(load_model(ckpt, dtype="float32", progress=False)[0], rank, world)
         with torch.inference_mode():
@@ -48,11 +49,12 @@ def _rank(rank: int, world: int, port: int, ckpt, how: str, ids: list[int], resu
 
 
 @pytest.mark.parametrize("fixture, world, how", [("tiny_ckpt", 2, "load"), ("tiny_ckpt", 4, "load"),
-                                                ("glm4_hf_ckpt", 2, "load"), ("glm4_ckpt", 2, "shard")])
+                                                ("glm4_hf_ckpt", 2, "load"), ("glm4_ckpt", 2, "shard"),
+                                                ("tiny_ckpt", 2, "random")])
 def test_sharded_ranks_give_the_whole_models_logits_and_tokens(request, fixture, world, how):
     ckpt = request.getfixturevalue(fixture)
     ids = list(range(5, 40, 3))
-    expected_logits, expected_tokens = _run(ckpt, ids)
+    expected_logits, expected_tokens = _run(ckpt, ids, random_weights=how == "random")
     with mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(_rank, args=(world, _free_port(), ckpt, how, ids, results), nprocs=world, join=True)
