@@ -18,15 +18,9 @@ import statistics
 import threading
 import time
 
-import torch
-
-from glmchat.chat import load
-from glmchat.hub import DEFAULT_MODEL
 from glmchat.server.engine import Engine
 from glmchat.server.prefix_cache import BLOCK
-
-PARAGRAPH = ("The Great Wall of China is a series of fortifications built across the historical northern "
-             "borders of ancient Chinese states. 长城是中国古代的军事防御工程，修筑的历史可上溯到西周时期。 ")
+from served_model import PARAGRAPH, add_model_arguments, load_model
 
 
 def run(engine: Engine, stream_prompt: list[int], long_prompt: list[int], stream_tokens: int, bias: dict) -> dict:
@@ -59,18 +53,13 @@ def run(engine: Engine, stream_prompt: list[int], long_prompt: list[int], stream
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=DEFAULT_MODEL, help="hub id or directory (default: random weights of its shape)")
-    ap.add_argument("--weights", action="store_true", help="load the checkpoint's weights instead of random ones")
-    ap.add_argument("--dtype", default="bfloat16")
+    add_model_arguments(ap)
     ap.add_argument("--prompt-tokens", type=int, default=2000, help="about this long a prompt arrives")
     ap.add_argument("--stream-tokens", type=int, default=40)
     args = ap.parse_args()
 
-    chat_model = load(args.model, device="cpu", dtype=args.dtype, random_weights=not args.weights, progress=False)
+    chat_model = load_model(args)
     tokenizer = chat_model.tokenizer
-    print(f"{args.model} ({'weights' if args.weights else 'random weights'}), {chat_model.dtype}, "
-          f"{torch.get_num_threads()} threads, loaded in {chat_model.load_seconds:.0f} s; "
-          f"load average before: {os.getloadavg()[0]:.2f}")
     bias = {i: -100 for i in tokenizer.stop_token_ids}  # the stream runs to its length
     vocab_limit = tokenizer.vocab_size if chat_model.standin_tokenizer else None
     per_paragraph = len(tokenizer.encode(PARAGRAPH, add_special_tokens=False))

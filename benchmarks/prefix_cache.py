@@ -17,14 +17,9 @@ import time
 
 import httpx
 import openai
-import torch
 
-from glmchat.chat import load
-from glmchat.hub import DEFAULT_MODEL
 from glmchat.server import BackgroundServer, build_app
-
-PARAGRAPH = ("The Great Wall of China is a series of fortifications built across the historical northern "
-             "borders of ancient Chinese states. 长城是中国古代的军事防御工程，修筑的历史可上溯到西周时期。 ")
+from served_model import PARAGRAPH, add_model_arguments, load_model
 
 
 def ask(url: str, messages: list[dict], max_tokens: int, bias: dict) -> tuple[float, float, str, int]:
@@ -43,19 +38,14 @@ def ask(url: str, messages: list[dict], max_tokens: int, bias: dict) -> tuple[fl
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=DEFAULT_MODEL, help="hub id or directory (default: random weights of its shape)")
-    ap.add_argument("--weights", action="store_true", help="load the checkpoint's weights instead of random ones")
-    ap.add_argument("--dtype", default="bfloat16")
+    add_model_arguments(ap)
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--paragraphs", type=int, default=3, help="paragraphs per long user message (~125 tokens each)")
     ap.add_argument("--answer-tokens", type=int, default=32)
     args = ap.parse_args()
 
-    chat_model = load(args.model, device="cpu", dtype=args.dtype, random_weights=not args.weights, progress=False)
+    chat_model = load_model(args)
     tokenizer = chat_model.tokenizer
-    print(f"{args.model} ({'weights' if args.weights else 'random weights'}), {chat_model.dtype}, "
-          f"{torch.get_num_threads()} threads, loaded in {chat_model.load_seconds:.0f} s; "
-          f"load average before: {os.getloadavg()[0]:.2f}")
     bias = {str(i): -100 for i in tokenizer.stop_token_ids}  # every answer runs to its max_tokens
 
     def app(cache_gb: float):
