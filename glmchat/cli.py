@@ -102,7 +102,7 @@ def add_model_options(parser) -> None:
                         "(for trying glmchat and measuring speed)")
     g.add_argument("--tp", type=_number(int, 1), default=1, metavar="N",
                    help="tensor parallelism over N processes, each holding 1/N of the weights: start it with "
-                        "torchrun --nproc-per-node N -m glmchat run --tp N ... (glmchat run only, for now)")
+                        "torchrun --nproc-per-node N -m glmchat run --tp N ... (run and bench, for now)")
 
 
 def add_sampling_options(parser) -> None:
@@ -143,8 +143,8 @@ def load_from_args(args, announce: bool = True) -> ChatModel:
 
 
 def _join_tensor_parallel_group(args) -> tuple[int, int]:
-    """(rank, world) of this torchrun process; only rank 0 prints. The ranks must sample alike, so
-    without --seed rank 0's random seed is used by all."""
+    """(rank, world) of this torchrun process; only rank 0 prints and writes files. The ranks must
+    sample alike, so without --seed rank 0's random seed is used by all."""
     import torch
     import torch.distributed as dist
 
@@ -158,11 +158,14 @@ def _join_tensor_parallel_group(args) -> tuple[int, int]:
     dist.init_process_group("nccl" if cuda else "gloo")
     atexit.register(_leave_group)
     rank = dist.get_rank()
-    seed = torch.tensor([args.seed if args.seed is not None else int(torch.randint(0, 2**62, ()))])
-    dist.broadcast(seed, 0)
-    args.seed = int(seed)
+    if hasattr(args, "seed"):  # a command that samples: one seed for every rank
+        seed = torch.tensor([args.seed if args.seed is not None else int(torch.randint(0, 2**62, ()))])
+        dist.broadcast(seed, 0)
+        args.seed = int(seed)
     if rank != 0:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the whole process)
+        if getattr(args, "plot", None):
+            args.plot = None
     return rank, world
 
 
@@ -211,7 +214,8 @@ def _stats(reply) -> str:
 
 def _single_process(args) -> None:
     if getattr(args, "tp", 1) > 1:
-        raise UsageError(f"--tp works with `glmchat run` for now; `glmchat {args.command}` runs in one process")
+        raise UsageError(f"--tp works with `glmchat run` and `glmchat bench` for now; `glmchat {args.command}` "
+                         "runs in one process")
 
 
 def cmd_chat(args) -> int:
@@ -361,8 +365,6 @@ def cmd_run(args) -> int:
 def cmd_bench(args) -> int:
     """Time the seed's workload: four English/Chinese prompt pairs, greedy, each with history=[]."""
     from .bench import checkpoint_available, format_table, plot, run_bench
-
-    _single_process(args)
 
     if not args.random_weights and not checkpoint_available(args.model):
         _note(f"no local checkpoint of {args.model}: benchmarking random weights (--random-weights), "

@@ -3,6 +3,7 @@ give the logits (to float tolerance) and the greedy tokens of one process holdin
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -104,3 +105,12 @@ def test_glmchat_run_under_torchrun_answers_as_one_process(tiny_ckpt, tmp_path):
     wrong = subprocess.run([sys.executable, "-m", "glmchat", "run", "--tp", "2", *common], capture_output=True,
                            text=True, env=env, timeout=120)
     assert wrong.returncode == 1 and "torchrun --nproc-per-node 2" in wrong.stderr and "Traceback" not in wrong.stderr
+    bench = [str(tiny_ckpt), "--device", "cpu", "--dtype", "float32", "--max-new-tokens", "6", "--json"]
+    one = subprocess.run([sys.executable, "-m", "glmchat", "bench", "--model", *bench], capture_output=True,
+                         text=True, env=env, timeout=120)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(_free_port()), "-m", "glmchat", "bench", "--tp", "2", "--model", *bench],
+                         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-2000:]
+    counts = [[(p["prompt_tokens"], p["generated_tokens"]) for p in json.loads(run.stdout)["prompts"]] for run in (one, two)]
+    assert counts[0] == counts[1] and len(counts[0]) == 8  # one report (rank 0's), the same workload
