@@ -30,7 +30,7 @@ def init_random_weights(model: nn.Module, seed: int = 0, part=None, whole_shapes
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
-            elif part is not None and tuple(whole_shapes[name]) != tuple(param.shape):
+            elif part is not None:  # the rank's share of the whole weight (zeros where another rank adds it)
                 whole = torch.empty(whole_shapes[name], dtype=param.dtype, device=param.device)
                 param.copy_(part(name, _fill_tiled(whole, blocks, f"{name}:{seed}")))
             else:

@@ -50,7 +50,8 @@ def bytes_to_unicode() -> dict[int, str]:
     return table
 
 
-BYTE_OF_CHAR = {c: b for b, c in bytes_to_unicode().items()}
+CHAR_OF_BYTE = bytes_to_unicode()
+BYTE_OF_CHAR = {c: b for b, c in CHAR_OF_BYTE.items()}
 
 
 def read_ranks(path: Path) -> dict[bytes, int]:
@@ -167,8 +168,7 @@ class GLM4Tokenizer(Tokenizer):
         a tokenizer.json byte-to-unicode text -> rank and the specials (transformers' fast tokenizer)."""
         if not self.named_by_unicode:
             return super().get_vocab()
-        to_char = bytes_to_unicode()
-        return {**{"".join(to_char[b] for b in t): r for t, r in self.ranks.items()}, **self.special_tokens}
+        return {**{"".join(CHAR_OF_BYTE[b] for b in t): r for t, r in self.ranks.items()}, **self.special_tokens}
 
     def __repr__(self) -> str:
         return f"GLM4Tokenizer(vocab_file={self.vocab_file!r}, vocab_size={self.vocab_size})"
@@ -263,11 +263,10 @@ class GLM4Tokenizer(Tokenizer):
             ids = ids[: len(ids) - len(self.generation_prompt_ids())]
         if not tokenize:
             return self.decode(ids)
-        if return_dict:
-            return self.batch_encode([ids], return_tensors=return_tensors)
-        if return_tensors is not None:
-            return self.batch_encode([ids], return_tensors=return_tensors)["input_ids"]
-        return ids
+        if not (return_dict or return_tensors):
+            return ids
+        batch = self.batch_encode([ids], return_tensors=return_tensors)
+        return batch if return_dict else batch["input_ids"]
 
 
 # The system prompt GLM-4-9B-chat's chat template puts before function tools (tokenizer_config.json).
@@ -335,7 +334,7 @@ class GLM4(Family):
         return GLM4Tokenizer.from_pretrained(directory)
 
     def _prompt_ids(self, tokenizer, messages):
-        return glm4_prompt_ids(tokenizer, messages)
+        return tokenizer.chat_ids(messages)  # each GLM-4-style tokenizer holds its checkpoint's template
 
     def parse_tool_arguments(self, content: str) -> Any:
         return parse_json_tool_call(content)

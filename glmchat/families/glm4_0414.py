@@ -79,6 +79,3 @@ class GLM4_0414(GLM4):
 
     def load_tokenizer(self, directory) -> GLM4_0414Tokenizer:
         return GLM4_0414Tokenizer.from_pretrained(directory)
-
-    def _prompt_ids(self, tokenizer, messages):
-        return glm4_0414_prompt_ids(tokenizer, messages)

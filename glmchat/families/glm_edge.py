@@ -53,6 +53,3 @@ class GLMEdge(GLM4):
 
     def load_tokenizer(self, directory) -> GLMEdgeTokenizer:
         return GLMEdgeTokenizer.from_pretrained(directory)
-
-    def _prompt_ids(self, tokenizer, messages):
-        return glm_edge_prompt_ids(tokenizer, messages)

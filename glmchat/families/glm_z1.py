@@ -67,9 +67,6 @@ class GLMZ1(GLM4_0414):
     def load_tokenizer(self, directory) -> GLMZ1Tokenizer:
         return GLMZ1Tokenizer.from_pretrained(directory)
 
-    def _prompt_ids(self, tokenizer, messages):
-        return glm_z1_prompt_ids(tokenizer, messages)
-
     @staticmethod
     def _answer(text: str) -> str:
         """The reply without its reasoning, as GLM-4 segments: "\n" stands for the prompt's empty metadata line."""

@@ -373,6 +373,7 @@ async def _answer(generations: list[Generation], body, reply, http_request: Requ
         return StreamingResponse(_stream(generations, reply, body.include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"},
                                  background=BackgroundTask(cancel_all))  # also if never iterated
+
     async def text(generation: Generation) -> str:
         return "".join([content async for content, _ in generation.deltas(http_request)])
 
@@ -447,10 +448,15 @@ class ChatReply:
                 "choices": choices, "usage": usage}
 
     def chunk(self, index: int, delta: dict | None, finish_reason=None, logprobs=None) -> dict:
-        choices = [] if delta is None else [{"index": index, "delta": delta, "finish_reason": finish_reason,
+        choices = [] if delta is None else [{"index": index, **self.delta_field(delta), "finish_reason": finish_reason,
                                              "logprobs": logprobs}]
         return {"id": self.id, "object": self.chunk_object, "created": self.created, "model": self.model_id,
                 "choices": choices}
+
+    @staticmethod
+    def delta_field(delta: dict) -> dict:
+        """Where a stream chunk's choice holds its delta."""
+        return {"delta": delta}
 
     @staticmethod
     def delta(text: str, reasoning: str = "") -> dict:
@@ -490,11 +496,9 @@ class TextReply(ChatReply):
     object = chunk_object = "text_completion"
     opening = None
 
-    def chunk(self, index: int, delta: dict | None, finish_reason=None, logprobs=None) -> dict:
-        choices = [] if delta is None else [{"index": index, "text": delta.get("text", ""), "logprobs": logprobs,
-                                             "finish_reason": finish_reason}]
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model_id,
-                "choices": choices}
+    @staticmethod
+    def delta_field(delta: dict) -> dict:
+        return delta  # {"text": ...} in the choice itself
 
     @staticmethod
     def delta(text: str, reasoning: str = "") -> dict:

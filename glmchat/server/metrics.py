@@ -30,9 +30,6 @@ class Counter:
         with self._lock:
             self._values[labels] += amount
 
-    def value(self, *labels) -> float:
-        return self._values.get(labels, 0.0)
-
     def render(self) -> list[str]:
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} counter"]
         with self._lock:
@@ -52,10 +49,6 @@ class Histogram:
             self._counts[bisect.bisect_left(self.buckets, value)] += 1
             self._sum += value
 
-    @property
-    def count(self) -> int:
-        return sum(self._counts)
-
     def render(self) -> list[str]:
         lines = [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} histogram"]
         with self._lock:
@@ -67,8 +60,9 @@ class Histogram:
         return lines + [f"{self.name}_sum {total:g}", f"{self.name}_count {cumulative}"]
 
 
-def _gauge(name: str, help: str, value: float) -> list[str]:
-    return [f"# HELP {name} {help}", f"# TYPE {name} gauge", f"{name} {value:g}"]
+def _sample(kind: str, name: str, help: str, value: float) -> list[str]:
+    """One metric of one value read at scrape time (a gauge, or a counter kept elsewhere)."""
+    return [f"# HELP {name} {help}", f"# TYPE {name} {kind}", f"{name} {value:g}"]
 
 
 class Metrics:
@@ -86,16 +80,15 @@ class Metrics:
         lines = [
             *self.requests.render(), *self.prompt_tokens.render(), *self.generation_tokens.render(),
             *self.ttft.render(), *self.inter_token.render(),
-            *_gauge("glmchat_queued_requests", "Requests waiting for their first token.", engine.queued),
-            *_gauge("glmchat_running_requests", "Requests generating (rows of the decode batch).", engine.running),
-            *_gauge("glmchat_prefix_cache_bytes", "Memory held by the prefix cache.", prefix.bytes),
-            "# HELP glmchat_prefix_cache_prompt_tokens_total Prompt tokens looked up in the prefix cache.",
-            "# TYPE glmchat_prefix_cache_prompt_tokens_total counter",
-            f"glmchat_prefix_cache_prompt_tokens_total {prefix.prompt_tokens}",
-            "# HELP glmchat_prefix_cache_hit_tokens_total Prompt tokens served from the prefix cache.",
-            "# TYPE glmchat_prefix_cache_hit_tokens_total counter",
-            f"glmchat_prefix_cache_hit_tokens_total {prefix.hit_tokens}",
-            *_gauge("glmchat_prefix_cache_hit_rate", "Share of looked-up prompt tokens served from the prefix cache.",
-                    prefix.hit_tokens / prefix.prompt_tokens if prefix.prompt_tokens else 0.0),
+            *_sample("gauge", "glmchat_queued_requests", "Requests waiting for their first token.", engine.queued),
+            *_sample("gauge", "glmchat_running_requests", "Requests generating (rows of the decode batch).",
+                     engine.running),
+            *_sample("gauge", "glmchat_prefix_cache_bytes", "Memory held by the prefix cache.", prefix.bytes),
+            *_sample("counter", "glmchat_prefix_cache_prompt_tokens_total", "Prompt tokens looked up in the prefix cache.",
+                     prefix.prompt_tokens),
+            *_sample("counter", "glmchat_prefix_cache_hit_tokens_total", "Prompt tokens served from the prefix cache.",
+                     prefix.hit_tokens),
+            *_sample("gauge", "glmchat_prefix_cache_hit_rate", "Share of looked-up prompt tokens served from the prefix cache.",
+                     prefix.hit_tokens / prefix.prompt_tokens if prefix.prompt_tokens else 0.0),
         ]
         return "\n".join(lines) + "\n"

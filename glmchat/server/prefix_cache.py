@@ -92,7 +92,3 @@ class PrefixCache:
         """Mark a chain used, its first block last: the least recently used blocks end chains."""
         for key in reversed(keys):
             self._blocks.move_to_end(key)
-
-    def clear(self) -> None:
-        self._blocks.clear()
-        self.bytes = 0
