@@ -147,14 +147,24 @@ def test_prefill_after_a_cached_prefix_equals_prefill_from_scratch(tiny_ckpt_4k,
     model = tiny_model(tiny_ckpt_4k, dtype)
     prompt = build_prompt_ids(tok, user(DOCUMENT))
     assert len(prompt) > 300
-    with torch.inference_mode():
-        whole = model.new_cache(1, len(prompt))
-        logits = prefill(model, torch.tensor([prompt]), whole, chunk=16)
-        for hit in (16, 64, 160, (len(prompt) - 1) // 16 * 16):
-            cache = model.new_cache(1, len(prompt) + hit)
-            cache.append(whole.k[:, :, :, :hit].clone(), whole.v[:, :, :, :hit].clone())
-            assert torch.equal(prefill(model, torch.tensor([prompt[hit:]]), cache, chunk=16), logits), hit
-            assert torch.equal(cache.k[:, :, :, : len(prompt)], whole.k) and torch.equal(cache.v[:, :, :, : len(prompt)], whole.v)
+    pieces = []  # (first position, tokens) of every forward pass: the chunks actually run
+    hook = model.register_forward_pre_hook(lambda m, args, kw: pieces.append((kw["cache"].length, args[0].shape[1])),
+                                           with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            whole = model.new_cache(1, len(prompt))
+            logits = prefill(model, torch.tensor([prompt]), whole, chunk=16)
+            chunks, pieces[:] = list(pieces), []
+            assert all(start % 16 == 0 for start, _ in chunks) and sum(n for _, n in chunks) == len(prompt)
+            for hit in (16, 64, 160, (len(prompt) - 1) // 16 * 16):
+                cache = model.new_cache(1, len(prompt) + hit)
+                cache.append(whole.k[:, :, :, :hit].clone(), whole.v[:, :, :, :hit].clone())
+                assert torch.equal(prefill(model, torch.tensor([prompt[hit:]]), cache, chunk=16), logits), hit
+                assert pieces == [c for c in chunks if c[0] >= hit]  # the same chunks as from scratch
+                pieces.clear()
+                assert torch.equal(cache.k[:, :, :, : len(prompt)], whole.k) and torch.equal(cache.v[:, :, :, : len(prompt)], whole.v)
+    finally:
+        hook.remove()
 
 
 def test_prefix_cache_chains_blocks_and_evicts_the_least_recent_ends():
