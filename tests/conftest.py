@@ -18,6 +18,7 @@ from glmchat.families.chatglm3 import ChatGLMTokenizer
 from glmchat.testing import (
     make_tiny_chatglm2_checkpoint,
     make_tiny_chatglm3_base_checkpoint,
+    make_tiny_chatglm6b_checkpoint,
     make_tiny_checkpoint,
     make_tiny_glm4_0414_checkpoint,
     make_tiny_glm4_checkpoint,
@@ -129,6 +130,16 @@ def chatglm3_base_ckpt(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer_
     """ChatGLM3-6B-Base: the default shape under the base model's name (not a chat model)."""
     path = make_tiny_chatglm3_base_checkpoint(tmp_path_factory.mktemp("chatglm3_base"),
                                               tokenizer_model=tiny_tokenizer_model)
+    yield from _shared(path)
+
+
+# ---- ChatGLM-6B (v1) ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def chatglm6b_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """THUDM/chatglm-6b layout (ice_text.model, 2D rotary, tied lm_head), default tiny shape, seed 0."""
+    path = make_tiny_chatglm6b_checkpoint(tmp_path_factory.mktemp("chatglm6b"))
     yield from _shared(path)
 
 

@@ -17,6 +17,7 @@ from .tiny_chatglm import (
     train_tokenizer,
     write_weights,
 )
+from .tiny_chatglm6b import ICE_TOKENIZER_FILE, make_tiny_chatglm6b_checkpoint, train_ice_tokenizer
 from .tiny_glm4 import (
     make_tiny_glm4_0414_checkpoint,
     make_tiny_glm4_checkpoint,
@@ -26,16 +27,19 @@ from .tiny_glm4 import (
 
 __all__ = [
     "DEFAULT_VOCAB_SIZE",
+    "ICE_TOKENIZER_FILE",
     "WEIGHT_FORMATS",
     "corpus_lines",
     "make_tiny_chatglm2_checkpoint",
     "make_tiny_chatglm3_base_checkpoint",
+    "make_tiny_chatglm6b_checkpoint",
     "make_tiny_checkpoint",
     "make_tiny_glm4_0414_checkpoint",
     "make_tiny_glm4_checkpoint",
     "make_tiny_glm_edge_checkpoint",
     "random_weights",
     "train_bpe_ranks",
+    "train_ice_tokenizer",
     "train_tokenizer",
     "write_weights",
 ]
