@@ -147,8 +147,9 @@ class ChatModel:
                                sampling=sampling, cache=cache, processors=[*self.processors, *processors])
 
     def _prefix_cache(self, prompt: list[int], needed: int) -> tuple[KVCache, int]:
-        """The kept cache, cut to its longest prefix shared with prompt (at least one token left to run)."""
-        held = self._cache_ids[:self._cache_valid] if self._cache is not None else []
+        """The kept cache, cut to its longest prefix shared with prompt (at least one token left to run);
+        nothing of it where a prompt's keys depend on its end (ChatGLM-6B)."""
+        held = self._cache_ids[:self._cache_valid] if self._cache is not None and self.model.prompt_is_causal else []
         n = 0
         for a, b in zip(held, prompt[:-1]):
             if a != b:
@@ -158,6 +159,7 @@ class ChatModel:
         if self._cache is None or self._cache.max_len < needed:
             self._cache = resized_cache(self.model, self._cache, n, needed)
         self._cache.length = n
+        self._cache.prompt_marks = None  # facts of the previous prompt (set again by the prefill)
         return self._cache, n
 
 
@@ -202,6 +204,8 @@ def load(path_or_id: str = DEFAULT_MODEL, *, device: str | torch.device = "auto"
     if standin:  # random weights, no tokenizer at hand: the stand-in speaks ChatGLM3's format
         tokenizer, family = standin_tokenizer(), ChatGLM3()
         processors.append(vocab_limit(tokenizer.vocab_size))
+        # Its [gMASK] and sop are the ones that place ChatGLM-6B's 2D positions.
+        model.config.gmask_token_id, model.config.bos_token_id = tokenizer.get_command("[gMASK]"), tokenizer.get_command("sop")
     if compile:
         model.compile_decode()
     return ChatModel(model, tokenizer, family, load_seconds=time.perf_counter() - start,

@@ -47,6 +47,12 @@ class GLMConfig:
     sandwich_norms: bool = False
     # GLM-Edge-1.5B: the output layer is the token embedding (no lm_head tensor in the checkpoint).
     tie_word_embeddings: bool = False
+    # Which network: "glm" (glmchat.model: ChatGLM2/3, GLM-4 and their variants) or "chatglm-6b"
+    # (glmchat.model_v1: the original ChatGLM-6B, whose positions need the prompt's special ids).
+    network: str = "glm"
+    bos_token_id: int | None = None
+    mask_token_id: int | None = None
+    gmask_token_id: int | None = None
 
     @property
     def num_kv_heads(self) -> int:
@@ -76,7 +82,9 @@ class GLMConfig:
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> "GLMConfig":
         model_type = raw.get("model_type")
-        if model_type == "chatglm" and raw.get("tie_word_embeddings", False) is not False:
+        if model_type == "chatglm" and "position_encoding_2d" in raw:
+            raw = _from_chatglm_v1(raw, source)
+        elif model_type == "chatglm" and raw.get("tie_word_embeddings", False) is not False:
             # The reference's ChatGLM model never ties its output layer, whatever the key says.
             raise ConfigError(f"{source}: tie_word_embeddings={raw['tie_word_embeddings']!r} selects a model variant "
                               "glmchat does not support for model_type 'chatglm' (supported: tie_word_embeddings=False)")
@@ -124,6 +132,8 @@ class GLMConfig:
                 f"{source}: num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"multi_query_group_num={self.multi_query_group_num}"
             )
+        if self.network not in NETWORKS:
+            raise ConfigError(f"{source}: network={self.network!r} must be one of {', '.join(NETWORKS)}")
         if self.rope_scaling not in ("base", "position"):
             raise ConfigError(f"{source}: rope_scaling={self.rope_scaling!r} must be 'base' or 'position'")
         rotary = self.kv_channels * self.partial_rotary_factor
@@ -133,6 +143,8 @@ class GLMConfig:
                 "does not give an even number of rotary channels"
             )
 
+
+NETWORKS = ("glm", "chatglm-6b")
 
 _JSON_TYPES = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string"}
 
@@ -207,3 +219,40 @@ def _from_transformers_glm(raw: dict, source: str) -> dict:
         }
     except KeyError as e:
         raise ConfigError(f"{source}: model_type {raw.get('model_type')!r} config lacks {e.args[0]!r}") from None
+
+
+def _from_chatglm_v1(raw: dict, source: str) -> dict:
+    """The original ChatGLM-6B's config.json (THUDM/chatglm-6b: model_type "chatglm" with
+    position_encoding_2d) in the key names above. Every head has its own keys and values, the MLP is
+    inner_hidden_size wide, and the output layer is the embedding (the reference never sets
+    tie_word_embeddings, so transformers' default ties them)."""
+    unsupported = {"position_encoding_2d": (True, "1D positions are GLM-130B's, not ChatGLM-6B's"),
+                   "pre_seq_len": (None, "P-tuning prefixes are not supported"),
+                   "quantization_bit": (0, "the reference's own int4/int8 checkpoints are not supported; "
+                                           "load THUDM/chatglm-6b and pass --quantize int4/int8")}
+    for key, (accepted, why) in unsupported.items():
+        if raw.get(key, accepted) != accepted:
+            raise ConfigError(f"{source}: {key}={raw[key]!r} selects a ChatGLM-6B variant glmchat does not support ({why})")
+    try:
+        hidden, heads = raw["hidden_size"], raw["num_attention_heads"]
+        if not isinstance(hidden, int) or not isinstance(heads, int) or heads <= 0 or hidden % heads:
+            raise ConfigError(f"{source}: hidden_size={hidden!r} must be a multiple of num_attention_heads={heads!r}")
+        return {
+            "model_type": "chatglm",
+            "network": "chatglm-6b",
+            "hidden_size": hidden,
+            "num_layers": raw["num_layers"],
+            "num_attention_heads": heads,
+            "kv_channels": hidden // heads,
+            "ffn_hidden_size": raw.get("inner_hidden_size") or 4 * hidden,
+            "padded_vocab_size": raw["vocab_size"],
+            "seq_length": raw["max_sequence_length"],
+            "layernorm_epsilon": raw.get("layernorm_epsilon", 1e-5),
+            "add_qkv_bias": True,
+            "tie_word_embeddings": True,
+            "torch_dtype": raw.get("torch_dtype") or "float16",
+            **{key: raw[key] for key in ("eos_token_id", "pad_token_id", "bos_token_id", "mask_token_id",
+                                          "gmask_token_id") if key in raw},
+        }
+    except KeyError as e:
+        raise ConfigError(f"{source}: ChatGLM-6B config lacks {e.args[0]!r}") from None

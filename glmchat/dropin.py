@@ -222,17 +222,26 @@ class ChatGLMForConditionalGeneration(nn.Module):
 
     # ---- chat ------------------------------------------------------------------------------
 
+    def _chat_defaults(self, max_length, top_p, temperature) -> tuple:
+        defaults = self.family.chat_defaults
+        return (defaults["max_length"] if max_length is None else max_length,
+                defaults["top_p"] if top_p is None else top_p,
+                defaults["temperature"] if temperature is None else temperature)
+
     @torch.inference_mode()
     def chat(self, tokenizer, query: str, history: list | None = None, role: str = "user",
-             max_length: int = 8192, num_beams: int = 1, do_sample: bool = True, top_p: float = 0.8,
-             temperature: float = 0.8, logits_processor=None, **kwargs):
+             max_length: int | None = None, num_beams: int = 1, do_sample: bool = True, top_p: float | None = None,
+             temperature: float | None = None, logits_processor=None, **kwargs):
         """(response, history) like the family's reference (glmchat.families: `Family.dropin_chat`).
 
         ChatGLM3 / GLM-4: `history` (a list of messages) gets the query appended in place, the
-        last generated token is dropped. ChatGLM2: history is (query, response) pairs, the caller's
-        list is left alone, every generated token is kept.
+        last generated token is dropped. ChatGLM2 / ChatGLM-6B: history is (query, response) pairs,
+        the caller's list is left alone, every generated token is kept. Options left out take the
+        family's reference defaults (max_length 8192, top_p 0.8, temperature 0.8; ChatGLM-6B:
+        2048, 0.7, 0.95).
         """
         self.family.check_chat()
+        max_length, top_p, temperature = self._chat_defaults(max_length, top_p, temperature)
         options = (max_length, num_beams, do_sample, top_p, temperature, logits_processor, kwargs)
 
         def generate(prompt):
@@ -242,9 +251,9 @@ class ChatGLMForConditionalGeneration(nn.Module):
 
     @torch.inference_mode()
     def stream_chat(self, tokenizer, query: str, history: list | None = None, role: str = "user",
-                    past_key_values=None, max_length: int = 8192, do_sample: bool = True, top_p: float = 0.8,
-                    temperature: float = 0.8, logits_processor=None, return_past_key_values: bool = False,
-                    **kwargs):
+                    past_key_values=None, max_length: int | None = None, do_sample: bool = True,
+                    top_p: float | None = None, temperature: float | None = None, logits_processor=None,
+                    return_past_key_values: bool = False, **kwargs):
         """Yields (response, history[, past_key_values]) as tokens arrive, like the family's reference.
 
         With past_key_values (from an earlier call) the prompt holds only this turn. ChatGLM3 /
@@ -253,6 +262,7 @@ class ChatGLMForConditionalGeneration(nn.Module):
         is empty or ends in U+FFFD are skipped (see `Family.dropin_stream_chat`).
         """
         self.family.check_chat()
+        max_length, top_p, temperature = self._chat_defaults(max_length, top_p, temperature)
         options = (max_length, 1, do_sample, top_p, temperature, logits_processor, kwargs)
         cache = None
 

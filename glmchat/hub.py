@@ -12,7 +12,7 @@ from urllib.parse import urlparse
 from .errors import CheckpointError
 
 DEFAULT_MODEL = "THUDM/chatglm3-6b"
-TOKENIZER_MODELS = ("tokenizer.model", "tokenizer.json")  # what a tokenizer is built from (one of them)
+TOKENIZER_MODELS = ("tokenizer.model", "tokenizer.json", "ice_text.model")  # what a tokenizer is built from (one of them)
 TOKENIZER_FILES = (*TOKENIZER_MODELS, "tokenizer_config.json", "chat_template.jinja")  # GLM-4-0414: the template file
 
 

@@ -22,6 +22,7 @@ from .config import GLMConfig, read_config_json
 from .families import Family, detect_family, family_config
 from .hub import DEFAULT_MODEL, TOKENIZER_MODELS, resolve_checkpoint
 from .model import GLMTransformer
+from .model_v1 import ChatGLM6BTransformer
 from .names import official_name, sanitize
 from .quantize import QuantizedLinear, check_method, quantize_model
 from .parallel import ShardingError, ShardPlan, connect
@@ -85,10 +86,13 @@ def _locate(path_or_id, *, weights: bool) -> tuple[Path | None, dict, GLMConfig,
 # ---------------------------------------------------------------------------------------------
 # Weights
 
+NETWORKS: dict[str, type[GLMTransformer]] = {"glm": GLMTransformer, "chatglm-6b": ChatGLM6BTransformer}  # by config.network
+
+
 def empty_model(config: GLMConfig, dtype: torch.dtype, device, quantization: dict | None = None) -> GLMTransformer:
     """A model whose parameters are allocated on `device` in `dtype` but not yet filled."""
     with torch.device("meta"):
-        model = GLMTransformer(config)
+        model = NETWORKS[config.network](config)
     model = model.to(dtype)
     if quantization:
         quantize_model(model, quantization["method"], quantization.get("group_size", 128))
@@ -296,7 +300,7 @@ def _load(path_or_id, *, device, dtype, random_weights: bool, seed: int, quantiz
         whole_shapes = None
         if plan is not None:  # each weight drawn whole, then the rank's share kept: the shares fit together
             with torch.device("meta"):
-                whole_shapes = {n: p.shape for n, p in GLMTransformer(config).named_parameters()}
+                whole_shapes = {n: p.shape for n, p in NETWORKS[config.network](config).named_parameters()}
         init_random_weights(model, seed, part=plan, whole_shapes=whole_shapes)
         model.tie_weights()
     else:

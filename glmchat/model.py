@@ -84,6 +84,9 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0  # slots filled
         self.key_mask: torch.Tensor | None = None
+        # Per-row facts of the prompt that later steps' positions depend on (ChatGLM-6B: where its
+        # [gMASK] and <sop> sit), set by the model at prefill; None for the other networks.
+        self.prompt_marks: torch.Tensor | None = None
         self._start = 0
 
     @property
@@ -186,14 +189,22 @@ class Block(nn.Module):
 
 
 class GLMTransformer(nn.Module):
+    # The parts another network of the family swaps in (glmchat.model_v1's ChatGLM-6B).
+    block = Block
+    norm_class = RMSNorm
+    rotary_table = staticmethod(rotary_table)
+    # Whether a prompt's keys and values depend only on the tokens up to them. ChatGLM-6B's prompt
+    # attends both ways, so its prefix cannot be reused and its prompt is prefilled in one piece.
+    prompt_is_causal = True
+
     def __init__(self, config: GLMConfig):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.padded_vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.layernorm_epsilon)
+        self.layers = nn.ModuleList(self.block(config, i) for i in range(config.num_layers))
+        self.norm = self.norm_class(config.hidden_size, config.layernorm_epsilon)
         self.output = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
-        self.register_buffer("rope", rotary_table(config), persistent=False)
+        self.register_buffer("rope", self.rotary_table(config), persistent=False)
         self._compiled_decode = None
         self.tie_weights()
 
@@ -209,7 +220,7 @@ class GLMTransformer(nn.Module):
 
     def reset_rotary(self) -> None:
         """Recompute the rotary table (after weights were materialized from the meta device)."""
-        self.rope = rotary_table(self.config, self.rope.device).to(self.rope.dtype)
+        self.rope = self.rotary_table(self.config, self.rope.device).to(self.rope.dtype)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -250,10 +261,7 @@ class GLMTransformer(nn.Module):
                 )
             key_mask = _extend_key_mask(None, attention_mask, B, 0, T, input_ids.device)
             step = _step(key_mask, 0, T, input_ids.device)
-        if position_ids is None:
-            rope = self.rope[step.positions]  # within the cache, so within seq_length
-        else:
-            rope = self.rope_at(position_ids)
+        rope, step = self.place(input_ids, step, cache, position_ids)
         x = self.embed(input_ids)
         rope = rope.to(x.dtype)
         for layer in self.layers:
@@ -261,6 +269,13 @@ class GLMTransformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x))
+
+    def place(self, input_ids, step: Step, cache, position_ids) -> tuple[torch.Tensor, Step]:
+        """The rotary table at the new tokens' positions, and what they attend to (`step` as is
+        here; ChatGLM-6B derives 2D positions and its prompt's mask from the ids)."""
+        if position_ids is None:
+            return self.rope[step.positions], step  # within the cache, so within seq_length
+        return self.rope_at(position_ids), step
 
     def decode(self, input_ids: torch.Tensor, cache: KVCache, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """One decode step (a token per row, after the cache): `forward`, compiled if asked for."""

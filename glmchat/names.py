@@ -31,9 +31,19 @@ _NAME_PATTERNS = [
     (r"transformer\.encoder\.layers\.(\d+)\.mlp\.dense_4h_to_h\.weight", "layers.{}.mlp.down.weight"),
     (r"transformer\.encoder\.final_layernorm\.weight", "norm.weight"),
     (r"transformer\.output_layer\.weight", "output.weight"),
+    # The original ChatGLM-6B (glmchat.model_v1): other names, biases on every Linear and LayerNorm.
+    (r"transformer\.word_embeddings\.weight", "embed.weight"),
+    (r"transformer\.layers\.(\d+)\.input_layernorm\.(weight|bias)", "layers.{}.attn_norm.{}"),
+    (r"transformer\.layers\.(\d+)\.attention\.query_key_value\.(weight|bias)", "layers.{}.attn.qkv.{}"),
+    (r"transformer\.layers\.(\d+)\.attention\.dense\.(weight|bias)", "layers.{}.attn.dense.{}"),
+    (r"transformer\.layers\.(\d+)\.post_attention_layernorm\.(weight|bias)", "layers.{}.mlp_norm.{}"),
+    (r"transformer\.layers\.(\d+)\.mlp\.dense_h_to_4h\.(weight|bias)", "layers.{}.mlp.up.{}"),
+    (r"transformer\.layers\.(\d+)\.mlp\.dense_4h_to_h\.(weight|bias)", "layers.{}.mlp.down.{}"),
+    (r"transformer\.final_layernorm\.(weight|bias)", "norm.{}"),
 ]
 _NAME_PATTERNS = [(re.compile(p), target) for p, target in _NAME_PATTERNS]
-_IGNORED = re.compile(r"transformer\.rotary_pos_emb\.inv_freq")  # recomputed in float32
+# Recomputed: rotary frequencies (ChatGLM2/3's, and ChatGLM-6B's per layer).
+_IGNORED = re.compile(r"transformer\.rotary_pos_emb\.inv_freq|transformer\.layers\.\d+\.attention\.rotary_emb\.inv_freq")
 
 QUANTIZED_SUFFIXES = ("qweight", "scales", "scales_zeros")  # a quantized checkpoint's Linear buffers
 

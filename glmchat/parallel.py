@@ -35,6 +35,9 @@ def kv_heads_of_rank(heads: int, groups: int, rank: int, world: int) -> list[int
 
 
 def check_shardable(config, world: int) -> None:
+    if config.network != "glm":
+        raise ShardingError("tensor parallelism covers the GLM network (ChatGLM2/3, GLM-4); the original "
+                            "ChatGLM-6B runs on one device")
     if config.num_attention_heads % world:
         raise ShardingError(f"{world} ranks do not divide the {config.num_attention_heads} attention heads; "
                             "use a divisor of it")

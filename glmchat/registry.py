@@ -56,4 +56,10 @@ KNOWN_CONFIGS.update({
         "intermediate_size": 8192, "tie_word_embeddings": False,
     },
 })
+KNOWN_CONFIGS["THUDM/chatglm-6b"] = {  # the original ChatGLM-6B: its own network (glmchat.model_v1)
+    "model_type": "chatglm", "vocab_size": 130528, "hidden_size": 4096, "num_layers": 28, "num_attention_heads": 32,
+    "inner_hidden_size": 16384, "layernorm_epsilon": 1e-05, "max_sequence_length": 2048, "position_encoding_2d": True,
+    "bos_token_id": 130004, "eos_token_id": 130005, "mask_token_id": 130000, "gmask_token_id": 130001,
+    "pad_token_id": 3, "torch_dtype": "float16",
+}
 KNOWN_CONFIGS["THUDM/GLM-Z1-9B-0414"] = KNOWN_CONFIGS["THUDM/GLM-4-9B-0414"]  # the same network; the id names the family

@@ -99,6 +99,8 @@ class Family:
     rope_scaling: str  # how config.json's rope_ratio applies (GLMConfig.rope_scaling)
     training_time: str  # what the reply's "[[训练时间]]" placeholder becomes
     supports_tools: bool = True
+    # The reference's chat / stream_chat defaults (ChatGLM2/3, GLM-4; ChatGLM-6B's differ).
+    chat_defaults: dict = {"max_length": 8192, "top_p": 0.8, "temperature": 0.8}
 
     def __init__(self, chat: bool = True, label: str | None = None):
         self.chat = chat  # False for base models: generate only

@@ -52,14 +52,14 @@ def round_text(query: str, number: int) -> str:
     return f"[Round {number}]\n\n问：{query}\n\n答："
 
 
-def chatglm2_pairs(messages: list[dict]) -> tuple[str, list[tuple[str, str]]]:
+def chatglm2_pairs(messages: list[dict], label: str = "ChatGLM2") -> tuple[str, list[tuple[str, str]]]:
     """(query, [(query, reply), ...]) from user/assistant messages that alternate and end with the user."""
     roles = [m.get("role") if isinstance(m, dict) else None for m in messages]
     bad = next((r for r in roles if r not in ("user", "assistant")), None)
     if bad is not None or None in roles:
-        raise ValueError(f"ChatGLM2 knows only user and assistant turns, got role {bad!r}")
+        raise ValueError(f"{label} knows only user and assistant turns, got role {bad!r}")
     if roles[-1] != "user" or any(r != ("user" if i % 2 == 0 else "assistant") for i, r in enumerate(roles)):
-        raise ValueError("ChatGLM2 needs alternating user/assistant messages that start and end with the user")
+        raise ValueError(f"{label} needs alternating user/assistant messages that start and end with the user")
     contents = [m["content"] for m in messages]
     return contents[-1], list(zip(contents[:-1:2], contents[1:-1:2]))
 

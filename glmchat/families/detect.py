@@ -1,6 +1,6 @@
 """Which family a checkpoint holds, from its own files (config.json, tokenizer files, chat template).
 
-Structural facts first: GLM-4-0414 has model_type "glm4" (Glm4ForCausalLM: the sandwich norms),
+Structural facts first: the original ChatGLM-6B's config has position_encoding_2d; GLM-4-0414 has model_type "glm4" (Glm4ForCausalLM: the sandwich norms),
 and GLM-Z1-0414 is the one whose template opens the reply with "<think>" (without a template:
 "glm-z1" in the name);
 GLM-4 has model_type "glm" (the -hf layout), a vocabulary over 100 K, a tiktoken-style rank file
@@ -22,12 +22,13 @@ from ..config import ConfigError
 from .base import Family
 from .chatglm2 import ChatGLM2
 from .chatglm3 import ChatGLM3
+from .chatglm6b import ChatGLM1
 from .glm4 import GLM4
 from .glm4_0414 import GLM4_0414
 from .glm_edge import GLMEdge
 from .glm_z1 import GLMZ1
 
-FAMILIES: dict[str, type[Family]] = {f.name: f for f in (ChatGLM2, ChatGLM3, GLM4, GLM4_0414, GLMZ1, GLMEdge)}
+FAMILIES: dict[str, type[Family]] = {f.name: f for f in (ChatGLM1, ChatGLM2, ChatGLM3, GLM4, GLM4_0414, GLMZ1, GLMEdge)}
 
 # Labels of checkpoints whose family label is too general, by a hint in the id or path.
 _LABELS = {
@@ -59,6 +60,8 @@ def detect_family(directory: str | Path | None, raw: dict, name: str = "", famil
         str(x) for x in (name, directory or "", raw.get("_name_or_path", ""), tok_config.get("name_or_path", ""))
     ).lower()
     template = _template_text(tok_config.get("chat_template")) or _read_text(directory, "chat_template.jinja")
+    if raw.get("model_type") == "chatglm" and "position_encoding_2d" in raw:
+        return _variant(ChatGLM1, chat=True, hints=hints)
     if raw.get("model_type") == "glm4":
         chat = "<|assistant|>" in template or (not template and not re.search(r"[-_]base\b", hints))
         reasoning = "<think>" in template or (not template and "glm-z1" in hints)

@@ -62,6 +62,7 @@ class SlotCache:
         self.v = torch.zeros_like(self.k)
         self.lengths = [0] * rows  # filled slots per row
         self.active = 0  # rows 0 .. active-1 are in use
+        self.prompt_marks: torch.Tensor | None = None  # per row, as KVCache.prompt_marks (ChatGLM-6B)
 
     @property
     def rows(self) -> int:
@@ -87,6 +88,10 @@ class SlotCache:
         self._ensure(n)
         self.k[:, row, :, :n] = cache.k[:, 0, :, :n]
         self.v[:, row, :, :n] = cache.v[:, 0, :, :n]
+        if cache.prompt_marks is not None:
+            if self.prompt_marks is None:
+                self.prompt_marks = cache.prompt_marks.new_zeros(self.rows, cache.prompt_marks.shape[1])
+            self.prompt_marks[row] = cache.prompt_marks[0]
         self.lengths[row] = n
         self.active += 1
         return row
@@ -98,6 +103,8 @@ class SlotCache:
             n = self.lengths[last]
             self.k[:, row, :, :n] = self.k[:, last, :, :n]
             self.v[:, row, :, :n] = self.v[:, last, :, :n]
+            if self.prompt_marks is not None:
+                self.prompt_marks[row] = self.prompt_marks[last]
             self.lengths[row] = n
         self.lengths[last] = 0
         self.active -= 1
@@ -341,10 +348,13 @@ class Engine:
         try:
             request.sampler = Sampler(request.sampling, self.model.device)
             request.kv = self.model.new_cache(1, len(request.prompt))
-            for block in self.prefix.match(request.prompt):
-                request.kv.append(block.k[:, None], block.v[:, None])
+            chunk = len(request.prompt)  # a prompt that attends both ways (ChatGLM-6B) goes in one piece
+            if self.model.prompt_is_causal:
+                for block in self.prefix.match(request.prompt):
+                    request.kv.append(block.k[:, None], block.v[:, None])
+                chunk = self.prefix.block
             rest = torch.tensor([request.prompt[request.kv.length :]], dtype=torch.long, device=self.model.device)
-            request.chunks = prefill_chunks(self.model, rest, request.kv, self.prefix.block)
+            request.chunks = prefill_chunks(self.model, rest, request.kv, chunk)
         except Exception as e:
             self._fail(request, e)
             return False
@@ -353,7 +363,8 @@ class Engine:
     def _join(self, request: Request, logits: torch.Tensor) -> None:
         """A prefilled request: its first token, its prompt's blocks to the prefix cache, a row of its own."""
         try:
-            self.prefix.store(request.prompt, request.kv.k[:, 0], request.kv.v[:, 0])
+            if self.model.prompt_is_causal:
+                self.prefix.store(request.prompt, request.kv.k[:, 0], request.kv.v[:, 0])
             [(token, logprobs)] = self._sample([request], logits)
             self.cache.add(request.kv)
         except Exception as e:
