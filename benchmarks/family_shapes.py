@@ -20,7 +20,7 @@ from glmchat.generate import generate_tokens
 from glmchat.loader import load_model
 from glmchat.registry import KNOWN_CONFIGS
 
-DISTINCT = ["THUDM/chatglm3-6b", "THUDM/chatglm3-6b-128k", "THUDM/chatglm2-6b-32k", "THUDM/glm-4-9b-chat"]
+DISTINCT = ["THUDM/chatglm-6b", "THUDM/chatglm3-6b", "THUDM/chatglm3-6b-128k", "THUDM/chatglm2-6b-32k", "THUDM/glm-4-9b-chat"]
 
 
 def current_rss_gib() -> float:
@@ -39,6 +39,8 @@ def main(ids: list[str]) -> None:
         load_s = time.perf_counter() - start
         params = sum(p.numel() for p in model.parameters())
         prompt = torch.randint(100, 60000, (16,), generator=torch.Generator().manual_seed(0)).tolist()
+        if model.config.gmask_token_id is not None:  # ChatGLM-6B's prompts end in [gMASK] <sop>
+            prompt[-2:] = [model.config.gmask_token_id, model.config.bos_token_id]
         t0 = time.perf_counter()
         tokens = list(generate_tokens(model, prompt, max_new_tokens=5))
         first = time.perf_counter()

@@ -166,8 +166,7 @@ class ChatGLM6BTransformer(GLMTransformer):
         if not bool(sop.any(1).all()) or not bool(mask.any(1).all()):
             raise PromptError("a ChatGLM-6B prompt must hold [gMASK] and <sop> (the tokenizer appends them to "
                               "every text: use tokenizer.encode or tokenizer(text))")
-        first = lambda hits: p.gather(1, hits.int().argmax(1, keepdim=True))[:, 0]  # noqa: E731
-        return torch.stack((first(mask), first(sop)), dim=1)
+        return torch.stack((_position_of_first(mask, p), _position_of_first(sop, p)), dim=1)
 
     @staticmethod
     def prompt_mask(p: torch.Tensor, context: torch.Tensor, step: Step) -> torch.Tensor:
@@ -178,3 +177,8 @@ class ChatGLM6BTransformer(GLMTransformer):
             real = step.mask[:, 0, -1, :]
             see = (see & real[:, None, :]) | ~real[:, :, None]
         return see[:, None]
+
+
+def _position_of_first(hits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """[B]: the position p of each row's first hit."""
+    return p.gather(1, hits.int().argmax(1, keepdim=True))[:, 0]

@@ -6,7 +6,10 @@ map to our module names (layers.N.attn.qkv.weight, ...) and back, quantized chec
 model.layers.N.self_attn.q_proj.weight, ...) map to the official ones, with q/k/v joined into
 query_key_value. GLM-4-0414's sandwich norms (post_self_attn_layernorm, post_mlp_layernorm) exist
 only in transformers' layout; their "official" names here are the same words in ChatGLM's
-prefix. `sanitize` applies all of it where tensors enter the loader.
+prefix. The original ChatGLM-6B's names (transformer.layers.N.attention.query_key_value, ...,
+transformer.final_layernorm) map to glmchat.model_v1's modules; written back, the layers shared with
+ChatGLM2/3 take ChatGLM2/3's names (they load back alike). `sanitize` applies all of it where tensors
+enter the loader.
 """
 
 from __future__ import annotations

@@ -161,3 +161,15 @@ def test_quantized_checkpoint_saves_and_chats(tiny_ckpt, tmp_path):
     assert config["torch_dtype"] == "bfloat16"  # --dtype auto: what this (CPU) machine loads, so it loads in place
     data = json.loads(glmchat_cli("run", "--model", out, *COMMON, "--json", "Hello").stdout)
     assert data["completion_tokens"] > 0
+
+
+def test_run_and_chat_answer_with_chatglm_6b(chatglm6b_ckpt):
+    """The original ChatGLM-6B from the command line: one answer, and a second turn after it."""
+    expected = glmchat.load(str(chatglm6b_ckpt), device="cpu", dtype="float32", progress=False)
+    first = expected.chat([{"role": "user", "content": "你好"}], greedy=True, max_new_tokens=12)
+    data = json.loads(glmchat_cli("run", "--model", chatglm6b_ckpt, *COMMON, "--json", "你好").stdout)
+    assert data["text"] == first.text and data["prompt_tokens"] == first.prompt_tokens
+    second = expected.chat([{"role": "user", "content": "你好"}, *first.messages, {"role": "user", "content": "Hi"}],
+                           greedy=True, max_new_tokens=12)
+    out = glmchat_cli("chat", "--model", chatglm6b_ckpt, *COMMON, stdin="你好\nHi\n").stdout
+    assert first.text.strip() and second.text.strip() and first.text in out and second.text in out

@@ -70,6 +70,7 @@ def test_known_hub_configs_have_the_real_shapes():
     got = {name: (lambda c: (c.num_layers, c.hidden_size, c.padded_vocab_size, c.seq_length, c.layernorm_epsilon,
                              c.rope_base, c.rope_position_divisor))(load_config(name)) for name in KNOWN_CONFIGS}
     assert got == {
+        "THUDM/chatglm-6b": (28, 4096, 130528, 2048, 1e-5, 10000.0, 1.0),
         "THUDM/chatglm3-6b": (28, 4096, 65024, 8192, 1e-5, 10000.0, 1.0),
         "THUDM/chatglm3-6b-base": (28, 4096, 65024, 32768, 1e-5, 10000.0, 1.0),
         "THUDM/chatglm3-6b-32k": (28, 4096, 65024, 32768, 1e-5, 500_000.0, 1.0),

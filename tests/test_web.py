@@ -62,6 +62,8 @@ def send(page, text: str) -> str:
 
 
 def test_chat_page_streams_the_answer(page, server):
+    # The page asks /v1/models once it is loaded; on a busy machine that answer can come later.
+    page.wait_for_function("document.getElementById('model').textContent !== 'connecting…'", timeout=30_000)
     assert page.locator("#model").text_content() == "tiny-chatglm3"
     page.fill("#system", SYSTEM)
     page.fill("#temperature", "0")

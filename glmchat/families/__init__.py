@@ -2,6 +2,7 @@
 
 | family   | file        | tokenizer                                | prompt                                          | stops                          | rope_ratio             |
 |----------|-------------|------------------------------------------|-------------------------------------------------|--------------------------------|------------------------|
+| chatglm-6b | chatglm6b.py | ice_text.model (SentencePiece, specials inside) | query alone, then "[Round i]\n问：q\n答：r\n" from 0; [gMASK]<sop> at the end | <eop> | none          |
 | chatglm2 | chatglm2.py | SentencePiece + 5 specials               | [gMASK]sop "[Round N]\\n\\n问：q\\n\\n答：r\\n\\n"   | eos                            | positions / rope_ratio |
 | chatglm3 | chatglm3.py | SentencePiece + 9 specials (role tokens) | [gMASK]sop <|role|>▁\\n content … <|assistant|>   | eos, <|user|>, <|observation|> | base · rope_ratio      |
 | glm4     | glm4.py     | byte-level BPE (tiktoken ranks) + 14     | [gMASK]<sop><|role|>\\ncontent … <|assistant|>    | eos, <|user|>, <|observation|> | base · rope_ratio      |
@@ -10,7 +11,8 @@
 | glm-edge | glm_edge.py | as glm4, its own vocabulary (tokenizer.json) | <|role|>\\ncontent … <|assistant|> (no prefix, no tools) | as glm4            | rope_theta             |
 
 One network (glmchat.model) runs them all (GLM-4-0414: sandwich norms; GLM-Edge: full rotary, tied
-embeddings — set by the config, not the family); `detect.py` tells them apart from a checkpoint's files.
+embeddings — set by the config, not the family) but the original ChatGLM-6B, whose config selects its
+own (glmchat.model_v1); `detect.py` tells them apart from a checkpoint's files.
 Base (pretrained-only) models have no chat template: they generate, and chat refuses.
 """
 

@@ -64,21 +64,23 @@ def _weights(g: torch.Generator, *, vocab: int, hidden: int, num_layers: int, he
     rotary_dim = hidden // heads // 2
     # The reference computes this in float32 and rounds it to float16 before registering the buffer.
     inv_freq = (1.0 / 10000 ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim)).half().float()
+    # Sublayer weights large enough that a layer's output outweighs the alpha-scaled residual: with
+    # tied embeddings a tiny model would otherwise keep predicting the token it was given.
     w = {"transformer.word_embeddings.weight": normal(vocab, hidden, std=0.1)}
     for i in range(num_layers):
         p = f"transformer.layers.{i}."
         w[p + "input_layernorm.weight"] = normal(hidden, std=0.1, mean=1.0)
         w[p + "input_layernorm.bias"] = normal(hidden, std=0.05)
         w[p + "attention.rotary_emb.inv_freq"] = inv_freq.clone()
-        w[p + "attention.query_key_value.weight"] = normal(3 * hidden, hidden, std=0.08)
+        w[p + "attention.query_key_value.weight"] = normal(3 * hidden, hidden, std=0.3)
         w[p + "attention.query_key_value.bias"] = normal(3 * hidden, std=0.05)
-        w[p + "attention.dense.weight"] = normal(hidden, hidden, std=0.05)
+        w[p + "attention.dense.weight"] = normal(hidden, hidden, std=0.3)
         w[p + "attention.dense.bias"] = normal(hidden, std=0.02)
         w[p + "post_attention_layernorm.weight"] = normal(hidden, std=0.1, mean=1.0)
         w[p + "post_attention_layernorm.bias"] = normal(hidden, std=0.05)
-        w[p + "mlp.dense_h_to_4h.weight"] = normal(inner, hidden, std=0.08)
+        w[p + "mlp.dense_h_to_4h.weight"] = normal(inner, hidden, std=0.3)
         w[p + "mlp.dense_h_to_4h.bias"] = normal(inner, std=0.02)
-        w[p + "mlp.dense_4h_to_h.weight"] = normal(hidden, inner, std=0.05)
+        w[p + "mlp.dense_4h_to_h.weight"] = normal(hidden, inner, std=0.3)
         w[p + "mlp.dense_4h_to_h.bias"] = normal(hidden, std=0.02)
     w["transformer.final_layernorm.weight"] = normal(hidden, std=0.1, mean=1.0)
     w["transformer.final_layernorm.bias"] = normal(hidden, std=0.05)
