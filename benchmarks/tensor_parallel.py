@@ -1,11 +1,13 @@
 """Tensor parallelism: each rank's peak memory and the decode/prefill speed at N = 1, 2, ... ranks.
 
 Launches `torchrun --nproc-per-node N` of this script for each N (on the CPU: gloo, the cores split
-among the ranks), every rank drawing only its share of full-size random ChatGLM3-6B weights (bf16).
+among the ranks), every rank drawing only its share of full-size random ChatGLM3-6B weights (bf16;
+--quantize int8/int4: the whole model's quantization, split).
 Each run: a --prompt-tokens prompt prefilled, then --new-tokens decoded greedily; rank 0 reports the
 speeds, every rank its peak resident memory (VmHWM). Prints one table and, with --json, the numbers.
 
     flock /tmp/glmchat-bigmem.lock python benchmarks/tensor_parallel.py --ranks 1 2
+    python benchmarks/tensor_parallel.py --quantize int4 --group-size 64   # 2 ranks need whole groups: 6848 units each
 """
 
 import argparse
@@ -28,7 +30,7 @@ def rank_main(args) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     model = load_model(args.model, dtype="bfloat16", random_weights=True, progress=False,
-                       shard=(rank, world) if world > 1 else None)[0]
+                       shard=(rank, world) if world > 1 else None, quantize=args.quantize, group_size=args.group_size)[0]
     prompt = torch.randint(5, 60000, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         dist.barrier()
@@ -58,6 +60,8 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--quantize", choices=["int8", "int4"], default=None)
+    ap.add_argument("--group-size", type=int, default=128, help="int4 group size")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--rank-main", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -66,7 +70,8 @@ def main() -> None:
     results = []
     for n in args.ranks:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(n), __file__, "--rank-main",
-               "--model", args.model, "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens)]
+               "--model", args.model, "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
+               "--group-size", str(args.group_size), *(["--quantize", args.quantize] if args.quantize else [])]
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode != 0:
             raise SystemExit(f"{n} ranks failed:\n{run.stderr[-3000:]}")
@@ -75,7 +80,8 @@ def main() -> None:
     if args.json:
         print(json.dumps(results, indent=2))
         return
-    print(f"{args.model}, random weights, bf16, CPU ({os.cpu_count()} cores), gloo; "
+    weights = args.quantize + (f" g{args.group_size}" if args.quantize == "int4" else "") if args.quantize else "bf16"
+    print(f"{args.model}, random weights, {weights}, CPU ({os.cpu_count()} cores), gloo; "
           f"prefill {args.prompt_tokens} tokens, decode {args.new_tokens} greedy")
     print("ranks | threads/rank | peak memory per rank, GB | prefill tok/s | decode tok/s | same tokens as 1 rank")
     print("----: | -----------: | -----------------------: | ------------: | -----------: | --------------------:")

@@ -25,7 +25,7 @@ from .model import GLMTransformer
 from .model_v1 import ChatGLM6BTransformer
 from .names import official_name, sanitize
 from .quantize import QuantizedLinear, check_method, quantize_model
-from .parallel import ShardingError, ShardPlan, connect
+from .parallel import ShardingError, ShardPlan, connect, set_quantized_share
 from .random_weights import init_random_weights
 from .registry import KNOWN_CONFIGS
 
@@ -116,7 +116,7 @@ def load_weights(model: GLMTransformer, files: list[Path], progress: bool = True
                 bar.update(tensor.numel() * tensor.element_size())
                 what = f"{file.name}: tensor {official_name(target)!r}"
                 if target in quantized:
-                    _quantize_into(quantized[target], tensor, what)
+                    _quantize_into(quantized[target], tensor, what, target, part)
                     loaded.update(target.removesuffix("weight") + b for b in quantized[target]._buffer_names)
                     continue
                 param = params.get(target)
@@ -168,9 +168,15 @@ def copy_converting(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return dst
 
 
-def _quantize_into(layer: QuantizedLinear, tensor: torch.Tensor, what: str) -> None:
+def _quantize_into(layer: QuantizedLinear, tensor: torch.Tensor, what: str, name: str, part=None) -> None:
+    """Quantize a float weight into layer; with part (a ShardPlan), the rank's share of the whole's quantization."""
     try:
-        layer.set_weight(tensor)
+        if part is None:
+            layer.set_weight(tensor)
+        else:
+            set_quantized_share(layer, name, tensor, part)
+    except ShardingError:
+        raise
     except ValueError as e:
         raise CheckpointError(f"{what}: {e}") from None
 
@@ -290,11 +296,9 @@ def _load(path_or_id, *, device, dtype, random_weights: bool, seed: int, quantiz
             f"{path_or_id} is already quantized ({stored['method']}); load it without a different quantization"
         )
     dtype = parse_dtype(dtype if dtype is not None else config.torch_dtype)
-    plan = None
-    if shard is not None:
-        if quantization:
-            raise ShardingError("tensor parallelism takes bfloat16/float16/float32 weights; load without --quantize")
-        plan = ShardPlan(config, *shard)
+    plan = ShardPlan(config, *shard) if shard is not None else None
+    if plan is not None and quantization and quantization["method"] == "int4":
+        plan.check_int4(config, quantization["group_size"])
     model = empty_model(plan.config if plan else config, dtype, device, quantization)
     if random_weights:
         whole_shapes = None

@@ -8,6 +8,12 @@ columns (their inputs), and their partial outputs are summed across ranks with o
 ChatGLM3 and GLM-4 have only 2 KV groups, so with more ranks than groups each rank keeps a copy of
 the one KV head its query heads read. Embedding, norms and output layer stay whole on every rank.
 
+Quantized layers shard the same way: the whole weight is quantized first and each rank keeps its
+share of the codes and scales (int8: per-row scales follow the rows, a column split keeps them all;
+int4: codes packed in blocks of 64 rows split by whole blocks, group scales by whole groups), so the
+ranks together hold exactly the one-process model's quantization. Checkpoints saved quantized split
+alike.
+
 Run every rank through the same steps (`torchrun`); the backend is torch.distributed's: gloo on
 the CPU, nccl on GPUs (RCCL on AMD). The model then runs as before, its KV cache holding only the
 rank's KV heads.
@@ -22,6 +28,9 @@ import torch.distributed as dist
 from torch import nn
 
 from .model import GLMTransformer
+from .quantize import QuantizedLinear, int4_supported
+
+INT4_ROW_BLOCK = 64  # int4 codes are packed in blocks of this many rows (glmchat.quantize)
 
 
 class ShardingError(ValueError):
@@ -61,38 +70,94 @@ class ShardPlan:
         q_rows = torch.arange(rank * self.heads * d, (rank + 1) * self.heads * d)
         kv_rows = torch.cat([torch.arange(h * d, (h + 1) * d) for h in self.kv])
         offset = heads * d
-        self.qkv_rows = torch.cat([q_rows, offset + kv_rows, offset + config.num_kv_heads * d + kv_rows])
         units = torch.arange(rank * self.ffn, (rank + 1) * self.ffn)
-        self.gate_up_rows = torch.cat([units, config.ffn_hidden_size + units])
-        self.dense_columns = slice(rank * self.heads * d, (rank + 1) * self.heads * d)
-        self.down_columns = slice(rank * self.ffn, (rank + 1) * self.ffn)
+        self.rows = {"qkv": torch.cat([q_rows, offset + kv_rows, offset + config.num_kv_heads * d + kv_rows]),
+                     "gate_up": torch.cat([units, config.ffn_hidden_size + units])}
+        self.columns = {"dense": slice(rank * self.heads * d, (rank + 1) * self.heads * d),
+                        "down": slice(rank * self.ffn, (rank + 1) * self.ffn)}
+        self.whole_inputs = {"dense": heads * d, "down": config.ffn_hidden_size}
         self.config = dataclasses.replace(config, num_attention_heads=self.heads, multi_query_group_num=len(self.kv),
                                           ffn_hidden_size=self.ffn)  # the shapes a rank's model has
 
+    def check_int4(self, whole_config, group_size: int) -> None:
+        """Refuse an int4 split where a layer the whole model packs would stay 16-bit in a rank's
+        share (the ranks would then not hold the one-process model's quantization)."""
+        c, share = whole_config, self.config
+        shapes = {"qkv": ((c.qkv_size, c.hidden_size), (share.qkv_size, c.hidden_size)),
+                  "gate_up": ((2 * c.ffn_hidden_size, c.hidden_size), (2 * share.ffn_hidden_size, c.hidden_size)),
+                  "dense": ((c.hidden_size, self.whole_inputs["dense"]), (c.hidden_size, share.num_attention_heads * c.head_dim)),
+                  "down": ((c.hidden_size, c.ffn_hidden_size), (c.hidden_size, share.ffn_hidden_size))}
+        for layer, (whole, part) in shapes.items():
+            if int4_supported(*whole, group_size) and not int4_supported(*part, group_size):
+                what = ("rows in blocks of 64" if part[0] % INT4_ROW_BLOCK else
+                        f"inputs in groups of {group_size}; use a smaller --group-size or int8")
+                raise ShardingError(f"int4 keeps {what}, and {self.world} ranks' shares of the {layer} layer "
+                                    f"({part[0]}×{part[1]} each) do not hold whole ones")
+
     def __call__(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
-        """The rank's part of the whole tensor `name` (from a checkpoint file or a whole model)."""
-        kind = name.split(".")[-2:]  # e.g. ["qkv", "weight"]
-        if kind[0] == "qkv":
-            return tensor[self.qkv_rows]
-        if kind[0] == "gate_up":
-            return tensor[self.gate_up_rows]
-        if kind == ["dense", "weight"] or kind == ["down", "weight"]:
-            columns = self.dense_columns if kind[0] == "dense" else self.down_columns
-            return tensor[:, columns]
-        if kind[1] == "bias" and kind[0] in ("dense", "down") and self.rank != 0:
-            return torch.zeros_like(tensor)  # the sum of the ranks' outputs adds it once
+        """The rank's part of the whole tensor `name` (from a checkpoint file or a whole model): a
+        weight or bias, or a quantized layer's codes and scales."""
+        layer, kind = name.split(".")[-2:] if "." in name else ("", "")
+        if layer in self.rows:
+            return _rows_of(tensor, kind, self.rows[layer])
+        if layer in self.columns:
+            return _columns_of(tensor, kind, self.columns[layer], self.whole_inputs[layer], self.rank)
         return tensor
+
+
+def _rows_of(t: torch.Tensor, kind: str, rows: torch.Tensor) -> torch.Tensor:
+    if kind == "scales_zeros":  # int4: [K / group, N, 2]
+        return t[:, rows]
+    if kind == "qweight" and t.dtype == torch.uint8:  # int4 codes: [N / 64, K, 32] bytes
+        blocks = rows.view(-1, INT4_ROW_BLOCK)
+        if len(rows) % INT4_ROW_BLOCK or not torch.equal(blocks, blocks[:, :1] + torch.arange(INT4_ROW_BLOCK)) \
+                or bool((blocks[:, 0] % INT4_ROW_BLOCK).any()):
+            raise ShardingError(f"int4 keeps rows in blocks of {INT4_ROW_BLOCK}, and a rank's share here cuts "
+                                "through one; use int8, or another number of ranks")
+        K = t.shape[1] * 2
+        return t.view(-1, K, INT4_ROW_BLOCK // 2)[blocks[:, 0] // INT4_ROW_BLOCK].reshape(len(rows), K // 2)
+    return t[rows]  # weight, bias, int8 codes and scales
+
+
+def _columns_of(t: torch.Tensor, kind: str, columns: slice, whole_inputs: int, rank: int) -> torch.Tensor:
+    if kind == "bias":
+        return t if rank == 0 else torch.zeros_like(t)  # the sum of the ranks' outputs adds it once
+    if kind == "scales":  # int8: one per output row, whatever the columns
+        return t
+    if kind == "scales_zeros":
+        group = whole_inputs // t.shape[0]
+        if columns.start % group or columns.stop % group:
+            raise ShardingError(f"int4 groups of {group} inputs do not split into whole groups per rank "
+                                f"({columns.stop - columns.start} inputs each); use a smaller --group-size or int8")
+        return t[columns.start // group : columns.stop // group]
+    if kind == "qweight" and t.dtype == torch.uint8:
+        N, K = t.shape[0], t.shape[1] * 2
+        return t.view(N // INT4_ROW_BLOCK, K, INT4_ROW_BLOCK // 2)[:, columns].reshape(N, (columns.stop - columns.start) // 2)
+    return t[:, columns]
+
+
+def set_quantized_share(layer: QuantizedLinear, name: str, weight: torch.Tensor, plan: ShardPlan) -> None:
+    """Quantize the whole float `weight` of layer `name` ("layers.0.attn.qkv.weight") and keep the
+    plan's share of its codes and scales: the ranks' shares are the whole layer's quantization."""
+    whole = layer.resized(*weight.shape)
+    whole.set_weight(weight)
+    prefix = name.removesuffix("weight")
+    for buffer in layer._buffer_names:
+        getattr(layer, buffer).copy_(plan(prefix + buffer, getattr(whole, buffer)))
 
 
 def shard(model: GLMTransformer, rank: int, world: int, group=None) -> GLMTransformer:
     """Keep rank's share of a whole `model` (in place) and sum the split products across the group."""
-    _check_float(model)
     plan = ShardPlan(model.config, rank, world)
-    for name, param in model.named_parameters():
-        part = plan(name, param.data)
-        if part is not param.data:
-            module = model.get_submodule(name.rsplit(".", 1)[0])
-            setattr(module, name.rsplit(".", 1)[1], nn.Parameter(part.contiguous(), requires_grad=False))
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        whole = tensor.data
+        part = plan(name, whole)
+        if part is not whole:
+            module, attribute = model.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1]
+            if isinstance(tensor, nn.Parameter):
+                setattr(module, attribute, nn.Parameter(part.contiguous(), requires_grad=False))
+            else:
+                setattr(module, attribute, part.contiguous())
     return connect(model, plan, group)
 
 
@@ -101,19 +166,19 @@ def connect(model: GLMTransformer, plan: ShardPlan, group=None) -> GLMTransforme
     its layers' head counts and sizes, and an all_reduce after each split product."""
     for block in model.layers:
         block.attn.n_heads, block.attn.n_kv_heads = plan.heads, len(plan.kv)
-        for layer in (block.attn.qkv, block.mlp.gate_up):
-            layer.out_features = layer.weight.shape[0]
+        for layer in (block.attn.qkv, block.mlp.gate_up, block.attn.dense, block.mlp.down):
+            layer.out_features, layer.in_features = _weight_shape(layer)
         for layer in (block.attn.dense, block.mlp.down):
-            layer.in_features = layer.weight.shape[1]
             layer.register_forward_hook(lambda module, inputs, output: _summed(output, group))
     model.config = plan.config
     return model
 
 
-def _check_float(model: GLMTransformer) -> None:
-    layers = [m for b in model.layers for m in (b.attn.qkv, b.attn.dense, b.mlp.gate_up, b.mlp.down)]
-    if any(not isinstance(m, nn.Linear) for m in layers):
-        raise ShardingError("tensor parallelism takes bfloat16/float16/float32 weights; load without --quantize")
+def _weight_shape(layer: nn.Module) -> tuple[int, int]:
+    """(out, in) of the weight a float or quantized layer holds (int4: two codes per byte)."""
+    if isinstance(layer, QuantizedLinear):
+        return layer.qweight.shape[0], layer.qweight.shape[1] * (2 if layer.qweight.dtype == torch.uint8 else 1)
+    return tuple(layer.weight.shape)
 
 
 def _summed(output: torch.Tensor, group) -> torch.Tensor:

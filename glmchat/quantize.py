@@ -126,6 +126,12 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._matmul(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
 
+    def resized(self, out_features: int, in_features: int) -> QuantizedLinear:
+        """An empty layer of the same kind (method, group size, dtype, device), without bias, of another shape."""
+        scales = getattr(self, self._buffer_names[1])
+        extra = {"group_size": self.group_size} if hasattr(self, "group_size") else {}
+        return type(self)(in_features, out_features, False, dtype=scales.dtype, device=scales.device, **extra)
+
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] -> x Wᵀ + b [M, N]."""
         y = self._dequantized_linear(x)

@@ -8,6 +8,7 @@ import zlib
 import torch
 from torch import nn
 
+from .parallel import set_quantized_share
 from .quantize import QuantizedLinear
 
 _RANDOM_BLOCK = 1_048_573  # a prime: rows of any width start at different places in the tiled block
@@ -36,9 +37,14 @@ def init_random_weights(model: nn.Module, seed: int = 0, part=None, whole_shapes
             else:
                 _fill_tiled(param, blocks, f"{name}:{seed}")
         for name, layer in model.named_modules():
-            if isinstance(layer, QuantizedLinear):
-                w = torch.empty(layer.out_features, layer.in_features, dtype=model.dtype, device=model.device)
-                layer.set_weight(_fill_tiled(w, blocks, f"{name}.weight:{seed}"))
+            if not isinstance(layer, QuantizedLinear):
+                continue
+            shape = whole_shapes[f"{name}.weight"] if part is not None else (layer.out_features, layer.in_features)
+            w = _fill_tiled(torch.empty(shape, dtype=model.dtype, device=model.device), blocks, f"{name}.weight:{seed}")
+            if part is not None:
+                set_quantized_share(layer, f"{name}.weight", w, part)
+            else:
+                layer.set_weight(w)
 
 
 def _fill_tiled(t: torch.Tensor, blocks: tuple[torch.Tensor, torch.Tensor], key: str) -> torch.Tensor:

@@ -12,7 +12,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from glmchat.export import save_quantized
 from glmchat.generate import generate_tokens
+from glmchat.testing import make_tiny_checkpoint
 from glmchat.loader import load_model
 from glmchat.parallel import ShardingError, check_shardable, kv_heads_of_rank, shard
 
@@ -25,40 +27,62 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(ckpt, ids: list[int], random_weights: bool = False) -> tuple[torch.Tensor, list[int]]:
-    model = load_model(ckpt, dtype="float32", progress=False, random_weights=random_weights)[0]
+def _run(ckpt, ids: list[int], random_weights: bool = False, quantize=None) -> tuple[torch.Tensor, list[int]]:
+    model = load_model(ckpt, dtype="float32", progress=False, random_weights=random_weights, **_quantized(quantize))[0]
     with torch.inference_mode():
         return model(torch.tensor([ids])), list(generate_tokens(model, ids, max_new_tokens=NEW))
 
 
-def _rank(rank: int, world: int, port: int, ckpt, how: str, ids: list[int], results: dict) -> None:
+def _quantized(quantize: str | None) -> dict:
+    return {"quantize": quantize, "group_size": 32} if quantize else {}
+
+
+def _rank(rank: int, world: int, port: int, ckpt, how: str, ids: list[int], results: dict, quantize=None) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
         if how in ("load", "random"):  # the loader reads (draws) only the rank's share
             model = load_model(ckpt, dtype="float32", progress=False, shard=(rank, world),
-                               random_weights=how == "random")[0]
+                               random_weights=how == "random", **_quantized(quantize))[0]
         else:  # a whole model split afterwards
-            model = shard(load_model(ckpt, dtype="float32", progress=False)[0], rank, world)
+            model = shard(load_model(ckpt, dtype="float32", progress=False, **_quantized(quantize))[0], rank, world)
         with torch.inference_mode():
             logits = model(torch.tensor([ids]))
             tokens = list(generate_tokens(model, ids, max_new_tokens=NEW))
-        results[rank] = (logits.clone(), tokens, model.config.num_kv_heads, model.layers[0].attn.qkv.weight.shape[0])
+        results[rank] = (logits.clone(), tokens, model.config.num_kv_heads, model.layers[0].attn.qkv.out_features)
         dist.barrier()  # no rank leaves while another still talks to it
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("fixture, world, how", [("tiny_ckpt", 2, "load"), ("tiny_ckpt", 4, "load"),
-                                                ("glm4_hf_ckpt", 2, "load"), ("glm4_ckpt", 2, "shard"),
-                                                ("tiny_ckpt", 2, "random")])
-def test_sharded_ranks_give_the_whole_models_logits_and_tokens(request, fixture, world, how):
+@pytest.fixture(scope="module")
+def int4_shardable_ckpt(tmp_path_factory, tiny_tokenizer_model):
+    """Heads of 64 channels and 128 MLP units per rank: every share of 2 ranks is whole int4 row blocks."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("int4_tp"), hidden_size=128, kv_channels=64,
+                                ffn_hidden_size=256, tokenizer_model=tiny_tokenizer_model)
+
+
+@pytest.fixture(scope="module")
+def int8_saved_ckpt(tmp_path_factory, tiny_ckpt):
+    """A checkpoint saved quantized by `glmchat quantize`: its codes and scales are split as stored."""
+    return save_quantized(tiny_ckpt, tmp_path_factory.mktemp("int8_saved"), "int8", dtype=torch.float32, progress=False)
+
+
+@pytest.mark.parametrize("fixture, world, how, quantize", [
+    ("tiny_ckpt", 2, "load", None), ("tiny_ckpt", 4, "load", None), ("glm4_hf_ckpt", 2, "load", None),
+    ("glm4_ckpt", 2, "shard", None), ("tiny_ckpt", 2, "random", None),
+    ("tiny_ckpt", 2, "load", "int8"), ("tiny_ckpt", 4, "shard", "int8"), ("tiny_ckpt", 2, "random", "int8"),
+    ("int8_saved_ckpt", 2, "load", None), ("int4_shardable_ckpt", 2, "load", "int4"),
+    ("int4_shardable_ckpt", 2, "random", "int4"), ("int4_shardable_ckpt", 2, "shard", "int4"),
+])
+def test_sharded_ranks_give_the_whole_models_logits_and_tokens(request, fixture, world, how, quantize):
+    """Quantized: the ranks hold the one-process model's quantization, split, so its logits too."""
     ckpt = request.getfixturevalue(fixture)
     ids = list(range(5, 40, 3))
-    expected_logits, expected_tokens = _run(ckpt, ids, random_weights=how == "random")
+    expected_logits, expected_tokens = _run(ckpt, ids, random_weights=how == "random", quantize=quantize)
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_rank, args=(world, _free_port(), ckpt, how, ids, results), nprocs=world, join=True)
+        mp.spawn(_rank, args=(world, _free_port(), ckpt, how, ids, results, quantize), nprocs=world, join=True)
         results = dict(results)
     assert sorted(results) == list(range(world))
     config = load_model(ckpt, dtype="float32", progress=False)[0].config
@@ -76,14 +100,14 @@ def test_kv_heads_replicate_when_ranks_outnumber_groups():
     assert [kv_heads_of_rank(4, 2, r, 1) for r in range(1)] == [[0, 1]]
 
 
-def test_ranks_that_do_not_divide_the_model_are_refused(tiny_ckpt):
+def test_ranks_that_do_not_divide_the_model_are_refused(tiny_ckpt, int4_shardable_ckpt):
     config = load_model(tiny_ckpt, dtype="float32", progress=False)[0].config
     with pytest.raises(ShardingError, match="do not divide the 4 attention heads"):
         check_shardable(config, 3)
-    with pytest.raises(ShardingError, match="--quantize"):
-        shard(load_model(tiny_ckpt, dtype="bfloat16", quantize="int8", progress=False)[0], 0, 2)
-    with pytest.raises(ShardingError, match="--quantize"):
-        load_model(tiny_ckpt, dtype="bfloat16", quantize="int8", progress=False, shard=(0, 2))
+    with pytest.raises(ShardingError, match="blocks of 64"):  # a rank's 2 query heads of 16 rows cut a block
+        load_model(tiny_ckpt, dtype="float32", quantize="int4", group_size=32, progress=False, shard=(0, 2))
+    with pytest.raises(ShardingError, match="--group-size"):  # 64 attention outputs per rank, groups of 128
+        load_model(int4_shardable_ckpt, dtype="float32", quantize="int4", group_size=128, progress=False, shard=(0, 4))
 
 
 def test_glmchat_run_under_torchrun_answers_as_one_process(tiny_ckpt, tmp_path):
