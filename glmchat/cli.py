@@ -11,6 +11,7 @@ import atexit
 import contextlib
 import json
 import os
+import signal
 import sys
 from typing import TYPE_CHECKING
 
@@ -102,7 +103,7 @@ def add_model_options(parser) -> None:
                         "(for trying glmchat and measuring speed)")
     g.add_argument("--tp", type=_number(int, 1), default=1, metavar="N",
                    help="tensor parallelism over N processes, each holding 1/N of the weights: start it with "
-                        "torchrun --nproc-per-node N -m glmchat run --tp N ... (run and bench, for now)")
+                        "torchrun --nproc-per-node N -m glmchat run --tp N ... (run, bench and serve)")
 
 
 def add_sampling_options(parser) -> None:
@@ -214,7 +215,7 @@ def _stats(reply) -> str:
 
 def _single_process(args) -> None:
     if getattr(args, "tp", 1) > 1:
-        raise UsageError(f"--tp works with `glmchat run` and `glmchat bench` for now; `glmchat {args.command}` "
+        raise UsageError(f"--tp works with `glmchat run`, `bench` and `serve`; `glmchat {args.command}` "
                          "runs in one process")
 
 
@@ -405,12 +406,23 @@ class UsageError(ValueError):
 def cmd_serve(args) -> int:
     """OpenAI-compatible HTTP API (chat completions, streaming, tool calls) with continuous batching,
     and a web chat page at /."""
-    from .server import missing_dependencies, serve
+    from .server import follow, missing_dependencies, serve
 
     if hint := missing_dependencies():
         raise UsageError(hint)
-    _single_process(args)
-    serve(load_from_args(args), args)
+    model = load_from_args(args)
+    if args.tp == 1:
+        serve(model, args)
+        return 0
+    from .server.engine import Lockstep
+
+    lockstep = Lockstep()
+    if lockstep.leads:  # rank 0 serves HTTP and tells the others each step of its engine
+        serve(model, args, lockstep)
+    else:  # rank 0 decides when to stop (on its SIGTERM / Ctrl-C) and tells the others
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        follow(model, args, lockstep)
     return 0
 
 

@@ -138,3 +138,72 @@ def test_glmchat_run_under_torchrun_answers_as_one_process(tiny_ckpt, tmp_path):
     assert two.returncode == 0, two.stderr[-2000:]
     counts = [[(p["prompt_tokens"], p["generated_tokens"]) for p in json.loads(run.stdout)["prompts"]] for run in (one, two)]
     assert counts[0] == counts[1] and len(counts[0]) == 8  # one report (rank 0's), the same workload
+
+
+def test_glmchat_serve_under_torchrun_answers_concurrent_clients_as_one_process(tiny_ckpt, tmp_path):
+    """`torchrun --nproc-per-node 2 -m glmchat serve --tp 2`: rank 0 serves, rank 1 follows its engine's
+    steps; concurrent clients (batched decode steps, prefix-cache hits, chunked prefill, a cancelled
+    stream) get one process's greedy answers, and SIGTERM stops both ranks cleanly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+    import openai
+
+    from glmchat.families.chatglm3 import ChatGLM3, ChatGLMTokenizer
+    from glmchat.server import BackgroundServer, build_app
+
+    long = "你好，请介绍一下你自己。Tell me about yourself. " * 12  # > 2 prefill chunks (blocks) of 128 tokens
+    questions = ["你好", "Hello, who are you?", long, "What is 2+2?", "你好"]
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+         "-m", "glmchat", "serve", "--tp", "2", "--model", str(tiny_ckpt), "--device", "cpu", "--dtype", "float32",
+         "--port", str(port)], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    def answers(url: str) -> list[str]:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+        def ask(text):
+            reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": text}],
+                                                   max_tokens=12, temperature=0)
+            return reply.choices[0].message.content
+
+        with client.chat.completions.create(model="m", messages=[{"role": "user", "content": "Tell me a story"}],
+                                            max_tokens=200, temperature=0, stream=True) as stream:
+            next(iter(stream))  # a stream left after its first chunk: cancelled mid-way
+        with ThreadPoolExecutor(len(questions)) as pool:
+            replies = list(pool.map(ask, questions))
+        return replies + [ask(long)]  # its first blocks now come from the prefix cache
+
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                httpx.get(url + "/health", timeout=2)
+                break
+            except httpx.HTTPError:
+                assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.5)
+        together = answers(url)
+        start = time.monotonic()
+        server.send_signal(signal.SIGTERM)  # torchrun passes it on, and then reports it (exit status 1)
+        server.wait(timeout=120)
+        # Rank 1 ignores the signal and leaves when rank 0's engine says stop: long before torchrun
+        # would kill it (30 s).
+        assert time.monotonic() - start < 20
+    finally:
+        if server.poll() is None:
+            server.kill()
+    log = server.stderr.read()
+    assert "Finished server process" in log and "glmchat/" not in log  # rank 0 shut down gracefully, no error
+    model = load_model(tiny_ckpt, dtype="float32", progress=False)[0]
+    with BackgroundServer(build_app(model, ChatGLMTokenizer.from_pretrained(tiny_ckpt), ChatGLM3(), model_id="m")) as one:
+        assert together == answers(one.url)
+    assert all(together)

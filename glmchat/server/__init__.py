@@ -71,12 +71,13 @@ def add_server_options(parser) -> None:
                         "(default: no limit)")
 
 
-def serve(chat_model, args) -> None:
-    """Serve a loaded glmchat.chat.ChatModel with the options of add_server_options, until Ctrl-C."""
+def serve(chat_model, args, lockstep=None) -> None:
+    """Serve a loaded glmchat.chat.ChatModel with the options of add_server_options, until Ctrl-C.
+    lockstep: rank 0 of a tensor-parallel group (glmchat.server.engine.Lockstep), the others `follow`."""
     tokenizer = chat_model.tokenizer
     app = build_app(chat_model.model, tokenizer, chat_model.family, model_id=args.model, api_key=args.api_key,
                     max_batch=args.max_batch, max_queue=args.max_queue, cache_gb=args.cache_gb, timeout=args.timeout,
-                    vocab_limit=tokenizer.vocab_size if chat_model.standin_tokenizer else None)
+                    vocab_limit=tokenizer.vocab_size if chat_model.standin_tokenizer else None, lockstep=lockstep)
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"glmchat: warning: listening on {args.host} without --api-key: anyone who can reach it may use it",
               file=sys.stderr)
@@ -85,9 +86,24 @@ def serve(chat_model, args) -> None:
     run(app, host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout)
 
 
+def follow(chat_model, args, lockstep) -> None:
+    """A tensor-parallel rank other than 0 under `glmchat serve --tp N`: an engine with rank 0's
+    options doing the steps rank 0's engine tells it (Engine.follow), until rank 0 stops."""
+    _engine(chat_model.model, max_batch=args.max_batch, max_queue=args.max_queue, cache_gb=args.cache_gb,
+            lockstep=lockstep).follow()
+
+
+def _engine(model, *, max_batch: int, max_queue: int, cache_gb: float, vocab_limit: int | None = None,
+            prefill_chunk: int | None = None, lockstep=None):
+    from .engine import Engine
+
+    return Engine(model, max_batch=max_batch, max_queue=max_queue, vocab_limit=vocab_limit, lockstep=lockstep,
+                  cache_bytes=int(cache_gb * 2**30), **({"prefill_chunk": prefill_chunk} if prefill_chunk else {}))
+
+
 def build_app(model, tokenizer, family, *, model_id: str, api_key: str | None = None, max_batch: int = 8,
               max_queue: int = 64, vocab_limit: int | None = None, max_body_bytes: int | None = None,
-              cache_gb: float = 2.0, prefill_chunk: int | None = None, timeout: float | None = None):
+              cache_gb: float = 2.0, prefill_chunk: int | None = None, timeout: float | None = None, lockstep=None):
     """The FastAPI app serving `model`; its engine thread runs while the app does.
 
     family: the model's family (glmchat.families), which decides prompts, stops and replies.
@@ -96,12 +112,12 @@ def build_app(model, tokenizer, family, *, model_id: str, api_key: str | None = 
     cache_gb: memory for the prefix cache (KV of prompt prefixes reused across requests; 0: off).
     prefill_chunk: tokens per prefill chunk and cache block (default glmchat.server.prefix_cache.BLOCK).
     timeout: seconds a request may take in all before it is cancelled with a 504 (None: no limit).
+    lockstep: rank 0's engine of a tensor-parallel group tells the other ranks its steps.
     """
     from .app import create_app
-    from .engine import Engine
 
-    engine = Engine(model, max_batch=max_batch, max_queue=max_queue, vocab_limit=vocab_limit,
-                    cache_bytes=int(cache_gb * 2**30), **({"prefill_chunk": prefill_chunk} if prefill_chunk else {}))
+    engine = _engine(model, max_batch=max_batch, max_queue=max_queue, vocab_limit=vocab_limit, cache_gb=cache_gb,
+                     prefill_chunk=prefill_chunk, lockstep=lockstep)
     limit = {} if max_body_bytes is None else {"max_body_bytes": max_body_bytes}
     return create_app(engine, tokenizer, family, model_id=model_id, api_key=api_key, timeout=timeout, **limit)
 

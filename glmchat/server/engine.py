@@ -12,10 +12,14 @@ Each request hears the core's `GenerationResponse` records, their text from the 
 A request's tokens do not depend on the other requests: decode steps keep rows apart (see
 glmchat.kernels.linear and Step.key_lengths) and a prompt's prefill is the same computation
 whether its prefix came from the prefix cache or not.
+
+Under tensor parallelism (glmchat.parallel) every rank has an engine; rank 0's serves and tells the
+others each operation on the model and its caches as it does it (`Lockstep`), and theirs `follow`.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -39,6 +43,31 @@ BANNED = torch.finfo(torch.float32).min
 
 class QueueFullError(RuntimeError):
     """Too many requests are waiting; the caller should retry later."""
+
+
+class Lockstep:
+    """Tensor-parallel ranks' engines in step. Rank 0's engine tells the others every operation on
+    the model and its caches as it does it: a prompt to prefill ("start"), its next chunk, its
+    admission to a batch row ("join"), a decode step's input ids, a row freed. They do the same
+    with their shares of the weights and KV, so every all_reduce inside the model meets its
+    partners. Only rank 0 tokenizes, samples and serves; what it decides (tokens, cancellations,
+    timing) reaches the others as these operations."""
+
+    HEARTBEAT = 60.0  # seconds: an idle rank 0 still speaks this often (collectives would time out)
+
+    def __init__(self, group=None):
+        import torch.distributed as dist
+
+        self._dist, self.group = dist, group
+        self.leads = dist.get_rank(group) == 0
+
+    def tell(self, *operation) -> None:
+        self._dist.broadcast_object_list([operation], src=0, group=self.group)
+
+    def hear(self) -> tuple:
+        box = [None]
+        self._dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
 
 
 class SlotCache:
@@ -163,6 +192,7 @@ class Request:
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     last_token: float | None = None
+    serial: int = 0  # names the request to the other tensor-parallel ranks (Lockstep)
 
     def cancel(self) -> None:
         """Ask the engine to stop this request at the next step boundary (thread-safe)."""
@@ -190,13 +220,16 @@ class Engine:
     """Owns the model in a background thread; `submit` is safe from any thread."""
 
     def __init__(self, model: GLMTransformer, *, max_batch: int = 8, max_queue: int = 64, vocab_limit: int | None = None,
-                 cache_bytes: int = 2 << 30, prefill_chunk: int = BLOCK):
+                 cache_bytes: int = 2 << 30, prefill_chunk: int = BLOCK, lockstep: Lockstep | None = None):
         """vocab_limit: never pick ids >= this (a tokenizer smaller than the model's vocabulary).
         cache_bytes: the prefix cache's budget (0: none). prefill_chunk: tokens per prefill chunk
-        and prefix-cache block."""
+        and prefix-cache block. lockstep: the tensor-parallel group's (rank 0 then serves and tells,
+        the others `follow`); every rank's engine needs the same options."""
         if max_batch < 1 or max_queue < 0 or cache_bytes < 0 or prefill_chunk < 1:
             raise ValueError("max_batch and prefill_chunk must be >= 1, max_queue and cache_bytes >= 0")
         self.model = model
+        self.lockstep = lockstep
+        self._serials = itertools.count()
         self.prefix = PrefixCache(cache_bytes, prefill_chunk)
         self.metrics = Metrics()
         self.max_queue = max_queue
@@ -273,7 +306,7 @@ class Engine:
         request = Request(
             list(prompt), min(max_new_tokens, room), sampling or SamplingConfig(greedy=True), frozenset(stop_ids), emit,
             self._bias_vector(logit_bias or {}) if logit_bias or self.vocab_limit else None, text,
-            presence_penalty, frequency_penalty, logprobs,
+            presence_penalty, frequency_penalty, logprobs, serial=next(self._serials),
         )
         if presence_penalty or frequency_penalty:
             request.counts = torch.zeros(self.model.config.padded_vocab_size, device=self.model.device)
@@ -301,7 +334,8 @@ class Engine:
         while True:
             with self._cond:
                 while not (self._pending or self._prefilling or self._active or self._stopping):
-                    self._cond.wait()
+                    if not self._cond.wait(Lockstep.HEARTBEAT if self.lockstep else None):
+                        self._tell("idle")
                 if self._stopping:
                     break
             with torch.inference_mode():
@@ -312,6 +346,39 @@ class Engine:
         waiting = [self._prefilling] if self._prefilling else []
         for request in [*self._active, *waiting, *self._pending]:
             self._send(request, request.record(finish="cancelled"))
+        self._tell("stop")
+
+    def _tell(self, *operation) -> None:
+        if self.lockstep is not None and self.lockstep.leads:
+            self.lockstep.tell(*operation)
+
+    def follow(self) -> None:
+        """Do what rank 0's engine tells (see Lockstep) until it stops: the loop of every other
+        tensor-parallel rank, with its shares of the weights and KV."""
+        prefilling: dict[int, Request] = {}
+        with torch.inference_mode():
+            while True:
+                operation, *args = self.lockstep.hear()
+                if operation == "start":
+                    serial, prompt = args
+                    prefilling[serial] = Request(prompt, 1, SamplingConfig(greedy=True), frozenset(), lambda record: None,
+                                                 serial=serial)
+                    self._start_prefill(prefilling[serial])
+                elif operation == "chunk":
+                    next(prefilling[args[0]].chunks)
+                elif operation == "join":
+                    self._admit(prefilling.pop(args[0]))
+                elif operation == "drop":
+                    prefilling.pop(args[0], None)
+                elif operation == "decode":
+                    decode_step(self.model, torch.tensor(args[0], dtype=torch.long, device=self.model.device), self.cache)
+                elif operation == "release":
+                    self._release(args[0])
+                elif operation == "clear":
+                    self._active = []
+                    self.cache.clear()
+                elif operation == "stop":
+                    return
 
     def _prefill_some(self) -> None:
         """About one chunk's worth of prompt tokens (whole chunks, from one or several prompts)."""
@@ -327,13 +394,15 @@ class Engine:
                     continue
             request = self._prefilling
             before = request.kv.length
+            cancelled = request.cancelled  # read once: another thread may set it any time
+            self._tell("drop" if cancelled else "chunk", request.serial)
             try:
-                logits = next(request.chunks) if not request.cancelled else None
+                logits = next(request.chunks) if not cancelled else None
             except Exception as e:  # this request fails; the others go on
                 self._fail(request, e)
                 continue
             budget -= request.kv.length - before
-            if request.cancelled:
+            if cancelled:
                 self._prefilling = None
                 self._send(request, request.record(finish="cancelled"))
             elif logits is not None:
@@ -345,6 +414,7 @@ class Engine:
         if request.cancelled:
             self._send(request, request.record(finish="cancelled"))
             return False
+        self._tell("start", request.serial, request.prompt)
         try:
             request.sampler = Sampler(request.sampling, self.model.device)
             request.kv = self.model.new_cache(1, len(request.prompt))
@@ -361,22 +431,30 @@ class Engine:
         return True
 
     def _join(self, request: Request, logits: torch.Tensor) -> None:
-        """A prefilled request: its first token, its prompt's blocks to the prefix cache, a row of its own."""
+        """A prefilled request: a row of its own, then its first token."""
+        self._tell("join", request.serial)
+        self._admit(request)
         try:
-            if self.model.prompt_is_causal:
-                self.prefix.store(request.prompt, request.kv.k[:, 0], request.kv.v[:, 0])
             [(token, logprobs)] = self._sample([request], logits)
-            self.cache.add(request.kv)
         except Exception as e:
-            self._fail(request, e)
+            log.exception("sampling failed")
+            self._send(request, request.record(finish="error", error=f"{type(e).__name__}: {e}"))
+            self._release(len(self._active) - 1)
             return
-        request.kv = request.chunks = None
-        self._active.append(request)
         if self._deliver(request, token, logprobs):
             self._release(len(self._active) - 1)
 
+    def _admit(self, request: Request) -> None:
+        """A prefilled request's prompt blocks to the prefix cache and its KV to a row of the batch."""
+        if self.model.prompt_is_causal:
+            self.prefix.store(request.prompt, request.kv.k[:, 0], request.kv.v[:, 0])
+        self.cache.add(request.kv)
+        request.kv = request.chunks = None
+        self._active.append(request)
+
     def _fail(self, request: Request, error: Exception) -> None:
         log.error("prefill failed", exc_info=error)
+        self._tell("drop", request.serial)
         if self._prefilling is request:
             self._prefilling = None
         request.kv = request.chunks = None
@@ -387,6 +465,7 @@ class Engine:
         start = time.perf_counter()
         padding = [0] * (self.cache.step_rows - len(batch))
         inputs = torch.tensor([r.tokens[-1] for r in batch] + padding, dtype=torch.long, device=self.model.device)
+        self._tell("decode", inputs.tolist())
         try:
             logits = decode_step(self.model, inputs, self.cache)[: len(batch)]
             picks = self._sample(batch, logits)
@@ -394,6 +473,7 @@ class Engine:
             log.exception("decode step failed")
             for request in batch:
                 self._send(request, request.record(finish="error", error=f"{type(e).__name__}: {e}"))
+            self._tell("clear")
             self._active = []
             self.cache.clear()
             return
@@ -459,6 +539,7 @@ class Engine:
             return False
 
     def _release(self, row: int) -> None:
+        self._tell("release", row)
         self.cache.remove(row)
         last = self._active.pop()
         if row < len(self._active):
