@@ -25,7 +25,7 @@ from .model import GLMTransformer
 from .model_v1 import ChatGLM6BTransformer
 from .names import official_name, sanitize
 from .quantize import QuantizedLinear, check_method, quantize_model
-from .parallel import ShardingError, ShardPlan, connect, set_quantized_share
+from .parallel import ShardingError, ShardPlan, check_same_checkpoint, connect, set_quantized_share
 from .random_weights import init_random_weights
 from .registry import KNOWN_CONFIGS
 
@@ -297,6 +297,10 @@ def _load(path_or_id, *, device, dtype, random_weights: bool, seed: int, quantiz
         )
     dtype = parse_dtype(dtype if dtype is not None else config.torch_dtype)
     plan = ShardPlan(config, *shard) if shard is not None else None
+    if plan is not None:
+        check_same_checkpoint({"config": raw, "weights": [(f.name, f.stat().st_size) for f in files],
+                               "dtype": str(dtype), "quantization": quantization, "random_weights": random_weights,
+                               "seed": seed if random_weights else None})
     if plan is not None and quantization and quantization["method"] == "int4":
         plan.check_int4(config, quantization["group_size"])
     model = empty_model(plan.config if plan else config, dtype, device, quantization)

@@ -57,6 +57,21 @@ def check_shardable(config, world: int) -> None:
         raise ShardingError(f"{world} ranks do not divide the MLP's {config.ffn_hidden_size} hidden units")
 
 
+def check_same_checkpoint(description: dict, group=None) -> None:
+    """Refuse, on every rank, a group whose ranks would load different checkpoints (config.json,
+    weight files, dtype, quantization): their shares would not fit together. `description` is this
+    rank's; a no-op outside an initialized torch.distributed group."""
+    if not dist.is_initialized():
+        return
+    descriptions = [None] * dist.get_world_size(group)
+    dist.all_gather_object(descriptions, description, group=group)
+    for rank, other in enumerate(descriptions):
+        if other != descriptions[0]:
+            differ = sorted(key for key in set(other) | set(descriptions[0]) if other.get(key) != descriptions[0].get(key))
+            raise ShardingError(f"the ranks disagree on the checkpoint: rank {rank}'s {', '.join(differ)} differ from "
+                                "rank 0's; give every rank the same --model (the same files) and options")
+
+
 class ShardPlan:
     """Which part of each whole tensor a rank keeps, by state-dict name (norms, embedding and output: all)."""
 

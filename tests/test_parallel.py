@@ -94,6 +94,25 @@ def test_sharded_ranks_give_the_whole_models_logits_and_tokens(request, fixture,
         assert qkv_rows == (heads + 2 * kv_heads) * config.head_dim  # only the rank's share is held
 
 
+def _load_refused(rank: int, world: int, port: int, ckpts: list, results: dict) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        load_model(ckpts[rank], dtype="float32", progress=False, shard=(rank, world))
+        results[rank] = "loaded"
+    except ShardingError as e:
+        results[rank] = str(e)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_given_different_checkpoints_all_refuse_to_load(tiny_ckpt, tiny_ckpt_b):
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_load_refused, args=(2, _free_port(), [tiny_ckpt, tiny_ckpt_b], results), nprocs=2, join=True)
+        results = dict(results)
+    assert results[0] == results[1] and "rank 1's config" in results[0] and "same --model" in results[0]
+
+
 def test_kv_heads_replicate_when_ranks_outnumber_groups():
     assert [kv_heads_of_rank(32, 2, r, 2) for r in range(2)] == [[0], [1]]
     assert [kv_heads_of_rank(32, 2, r, 4) for r in range(4)] == [[0], [0], [1], [1]]
