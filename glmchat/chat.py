@@ -184,7 +184,8 @@ def load(path_or_id: str = DEFAULT_MODEL, *, device: str | torch.device = "auto"
          progress: bool = True, compile: bool = False, shard: tuple[int, int] | None = None) -> ChatModel:
     """Load a checkpoint of the GLM family (a local directory or a Hugging Face id) and its tokenizer.
 
-    The family (ChatGLM-6B, ChatGLM2/3, GLM-4 and their variants; chat or base) is recognised from the checkpoint's own files.
+    The family (ChatGLM-6B, ChatGLM2/3, GLM-4 and their variants; chat or base) is recognised from
+    the checkpoint's own files.
 
     device: "auto" (CUDA/ROCm, then MPS, then CPU), "cpu", "cuda", "cuda:1", "mps".
     dtype: "auto" (see `default_dtype`), None for the checkpoint's stored dtype, or a name/torch dtype.

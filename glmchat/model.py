@@ -8,6 +8,8 @@ See ../shared/spec/chatglm3.md.
 
 Two variants, both set by the config: GLM-4-0414's sandwich norms (`x + RMSNorm(Attention(RMSNorm(x)))`,
 the same around the MLP) and GLM-Edge's tied embeddings (the output layer is the embedding).
+The original ChatGLM-6B (glmchat.model_v1) is another network on this one's cache and decoding: it
+swaps in its block, norm and rotary table, and places its tokens itself (`place`).
 """
 
 from __future__ import annotations

@@ -28,9 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .model import GLMTransformer
-from .quantize import QuantizedLinear, int4_supported
-
-INT4_ROW_BLOCK = 64  # int4 codes are packed in blocks of this many rows (glmchat.quantize)
+from .quantize import INT4_ROW_BLOCK, QuantizedLinear, int4_supported
 
 
 class ShardingError(ValueError):
@@ -104,7 +102,7 @@ class ShardPlan:
                   "down": ((c.hidden_size, c.ffn_hidden_size), (c.hidden_size, share.ffn_hidden_size))}
         for layer, (whole, part) in shapes.items():
             if int4_supported(*whole, group_size) and not int4_supported(*part, group_size):
-                what = ("rows in blocks of 64" if part[0] % INT4_ROW_BLOCK else
+                what = (f"rows in blocks of {INT4_ROW_BLOCK}" if part[0] % INT4_ROW_BLOCK else
                         f"inputs in groups of {group_size}; use a smaller --group-size or int8")
                 raise ShardingError(f"int4 keeps {what}, and {self.world} ranks' shares of the {layer} layer "
                                     f"({part[0]}×{part[1]} each) do not hold whole ones")

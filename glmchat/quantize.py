@@ -21,7 +21,7 @@ from torch import nn
 
 METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
-_ROW_BLOCK = 64  # int4 rows are packed in blocks of 64
+INT4_ROW_BLOCK = 64  # int4 rows are packed in blocks of 64
 
 
 class QuantizationError(ValueError):
@@ -72,7 +72,7 @@ def quantize_int4(w: torch.Tensor, group_size: int, dtype: torch.dtype) -> tuple
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """Codes [N, K] (0..15) -> [N, K/2] uint8 in the CPU kernel's layout (see the module doc)."""
     N, K = q.shape
-    blocks = q.view(N // _ROW_BLOCK, 2, _ROW_BLOCK // 2, K).transpose(2, 3)  # [N/64, 2, K, 32]
+    blocks = q.view(N // INT4_ROW_BLOCK, 2, INT4_ROW_BLOCK // 2, K).transpose(2, 3)  # [N/64, 2, K, 32]
     return (blocks[:, 0] | (blocks[:, 1] << 4)).reshape(N, K // 2)
 
 
@@ -81,15 +81,15 @@ def unpack_int4(packed: torch.Tensor, out: torch.Tensor | None = None) -> torch.
     N, K = packed.shape[0], packed.shape[1] * 2
     if out is None:
         out = torch.empty(N, K, dtype=torch.uint8, device=packed.device)
-    p = packed.view(N // _ROW_BLOCK, K, _ROW_BLOCK // 2)
-    blocks = out.view(N // _ROW_BLOCK, 2, _ROW_BLOCK // 2, K)
+    p = packed.view(N // INT4_ROW_BLOCK, K, INT4_ROW_BLOCK // 2)
+    blocks = out.view(N // INT4_ROW_BLOCK, 2, INT4_ROW_BLOCK // 2, K)
     blocks[:, 0].copy_((p & 15).transpose(1, 2))
     blocks[:, 1].copy_((p >> 4).transpose(1, 2))
     return out
 
 
 def int4_supported(out_features: int, in_features: int, group_size: int) -> bool:
-    return out_features % _ROW_BLOCK == 0 and in_features % group_size == 0
+    return out_features % INT4_ROW_BLOCK == 0 and in_features % group_size == 0
 
 
 # Prefill dequantizes each weight into this reused buffer (fresh allocations cost ~2× the time).
@@ -184,7 +184,7 @@ class Int4Linear(QuantizedLinear):
         super().__init__(in_features, out_features, bias, dtype, device)
         if not int4_supported(out_features, in_features, group_size):
             raise QuantizationError(
-                f"int4 needs out_features divisible by {_ROW_BLOCK} and in_features by the group size "
+                f"int4 needs out_features divisible by {INT4_ROW_BLOCK} and in_features by the group size "
                 f"{group_size}; got {out_features}×{in_features}"
             )
         self.group_size = group_size
@@ -205,8 +205,8 @@ class Int4Linear(QuantizedLinear):
     def _dequantize_into(self, wt: torch.Tensor) -> torch.Tensor:
         """The weight's transpose [K, N] written into wt."""
         N, K, g = self.out_features, self.in_features, self.group_size
-        packed = self.qweight.view(N // _ROW_BLOCK, K, _ROW_BLOCK // 2)
-        halves = wt.view(K, N // _ROW_BLOCK, 2, _ROW_BLOCK // 2)
+        packed = self.qweight.view(N // INT4_ROW_BLOCK, K, INT4_ROW_BLOCK // 2)
+        halves = wt.view(K, N // INT4_ROW_BLOCK, 2, INT4_ROW_BLOCK // 2)
         for half, codes in enumerate((packed & 15, packed >> 4)):
             halves[:, :, half].copy_(codes.view(torch.int8).sub_(8).transpose(0, 1))  # q - 8, exact
         scales, zeros = (t.contiguous()[:, None] for t in self.scales_zeros.to(wt.dtype).unbind(-1))  # [K/g, 1, N]

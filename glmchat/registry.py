@@ -62,4 +62,9 @@ KNOWN_CONFIGS["THUDM/chatglm-6b"] = {  # the original ChatGLM-6B: its own networ
     "bos_token_id": 130004, "eos_token_id": 130005, "mask_token_id": 130000, "gmask_token_id": 130001,
     "pad_token_id": 3, "torch_dtype": "float16",
 }
+KNOWN_CONFIGS["THUDM/GLM-4-32B-0414"] = {  # no attention bias (the 9B has one); evidence: its GGUF's metadata
+    **KNOWN_CONFIGS["THUDM/GLM-4-9B-0414"], "hidden_size": 6144, "num_hidden_layers": 61, "num_attention_heads": 48,
+    "intermediate_size": 23040, "attention_bias": False,
+}
 KNOWN_CONFIGS["THUDM/GLM-Z1-9B-0414"] = KNOWN_CONFIGS["THUDM/GLM-4-9B-0414"]  # the same network; the id names the family
+KNOWN_CONFIGS["THUDM/GLM-Z1-32B-0414"] = KNOWN_CONFIGS["THUDM/GLM-4-32B-0414"]
