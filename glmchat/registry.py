@@ -26,7 +26,7 @@ KNOWN_CONFIGS.update({
     "THUDM/codegeex2-6b": {**_CHATGLM_6B, "seq_length": 8192, "torch_dtype": "bfloat16"},
     "THUDM/glm-4-9b-chat": _GLM4_9B,
     "THUDM/glm-4-9b": {**_GLM4_9B, "seq_length": 8192},
-    "THUDM/glm-4-9b-chat-1m": {**_GLM4_9B, "seq_length": 1048576, "rope_ratio": 10000},
+    "THUDM/glm-4-9b-chat-1m": {**_GLM4_9B, "seq_length": 1048576, "rope_ratio": 10000, "multi_query_group_num": 4},
     "THUDM/glm-4-9b-chat-hf": {
         "model_type": "glm", "hidden_size": 4096, "num_hidden_layers": 40, "num_attention_heads": 32,
         "num_key_value_heads": 2, "head_dim": 128, "intermediate_size": 13696, "vocab_size": 151552,

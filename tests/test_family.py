@@ -69,6 +69,10 @@ def test_known_hub_configs_have_the_real_shapes():
     # into the rotary base and the position divisor by the spec's rules), written out here.
     got = {name: (lambda c: (c.num_layers, c.hidden_size, c.padded_vocab_size, c.seq_length, c.layernorm_epsilon,
                              c.rope_base, c.rope_position_divisor))(load_config(name)) for name in KNOWN_CONFIGS}
+    # KV groups, where the hub's config.json was read (the 1M model has 4, the 128K chat 2).
+    assert {name: load_config(name).num_kv_heads for name in
+            ("THUDM/glm-4-9b-chat", "THUDM/glm-4-9b-chat-1m", "THUDM/chatglm-6b", "THUDM/GLM-4-32B-0414")} == {
+        "THUDM/glm-4-9b-chat": 2, "THUDM/glm-4-9b-chat-1m": 4, "THUDM/chatglm-6b": 32, "THUDM/GLM-4-32B-0414": 2}
     assert got == {
         "THUDM/chatglm-6b": (28, 4096, 130528, 2048, 1e-5, 10000.0, 1.0),
         "THUDM/chatglm3-6b": (28, 4096, 65024, 8192, 1e-5, 10000.0, 1.0),
