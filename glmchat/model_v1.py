@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import model
 from .config import GLMConfig
 from .model import GLMTransformer, Step
 
@@ -54,13 +55,12 @@ def rotate_half_style(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-class Attention(nn.Module):
+class Attention(model.Attention):
+    """The GLM attention's products (and their CPU fast path) with ChatGLM-6B's projections: every
+    head's [q | k | v] rows together, a bias on the output, and the 2D rotary."""
+
     def __init__(self, config: GLMConfig, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.n_heads = config.num_attention_heads
-        self.head_dim = config.head_dim
-        self.qkv = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
+        super().__init__(config, layer_idx)  # qkv: heads × 3 × head_dim rows, with bias
         self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
 
     def forward(self, x, rope, step: Step, cache):
@@ -77,14 +77,6 @@ class Attention(nn.Module):
     def rotate(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         first, second = x.chunk(2, dim=-1)
         return torch.cat((rotate_half_style(first, rope[:, :, 0]), rotate_half_style(second, rope[:, :, 1])), dim=-1)
-
-    def attend(self, q, k, v, step: Step) -> torch.Tensor:
-        scale = 1.0 / math.sqrt(self.head_dim)
-        if step.key_lengths is None:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=step.mask, is_causal=step.is_causal, scale=scale)
-        return torch.cat([F.scaled_dot_product_attention(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n],
-                                                         scale=scale)
-                          for b, n in enumerate(step.key_lengths)])
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:

@@ -99,6 +99,7 @@ def test_cached_decoding_matches_full_forward_passes_of_the_reference(chatglm6b_
 def test_bfloat16_prefill_and_decode_follow_the_float32_reference(chatglm6b_ckpt, tok):
     """The CPU fast paths (bf16 kernels with biases) run ChatGLM-6B's layers too."""
     model = load_checkpoint(chatglm6b_ckpt, dtype=torch.bfloat16, progress=False).model
+    assert type(model.layers[0].attn).__name__ == "CpuAttentionV1"  # its decode steps take the fast product
     prompt = tok.encode(reference_prompt("Hello there! 你好", HISTORY))
     cache = model.new_cache(1, len(prompt) + 1)
     logits = [model(torch.tensor([prompt]), cache=cache)[0, -1], model(torch.tensor([[700]]), cache=cache)[0, -1]]

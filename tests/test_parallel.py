@@ -163,6 +163,7 @@ def test_glmchat_serve_under_torchrun_answers_concurrent_clients_as_one_process(
     """`torchrun --nproc-per-node 2 -m glmchat serve --tp 2`: rank 0 serves, rank 1 follows its engine's
     steps; concurrent clients (batched decode steps, prefix-cache hits, chunked prefill, a cancelled
     stream) get one process's greedy answers, and SIGTERM stops both ranks cleanly."""
+    import contextlib
     import os
     import signal
     import subprocess
@@ -183,7 +184,8 @@ def test_glmchat_serve_under_torchrun_answers_concurrent_clients_as_one_process(
     server = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
          "-m", "glmchat", "serve", "--tp", "2", "--model", str(tiny_ckpt), "--device", "cpu", "--dtype", "float32",
-         "--port", str(port)], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+         "--port", str(port)], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)  # its own process group: a failure below kills the ranks too
 
     def answers(url: str) -> list[str]:
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
@@ -218,8 +220,9 @@ def test_glmchat_serve_under_torchrun_answers_concurrent_clients_as_one_process(
         # would kill it (30 s).
         assert time.monotonic() - start < 20
     finally:
-        if server.poll() is None:
-            server.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)  # whatever of its process group is left (nothing, if all went well)
+        server.wait()
     log = server.stderr.read()
     assert "Finished server process" in log and "glmchat/" not in log  # rank 0 shut down gracefully, no error
     model = load_model(tiny_ckpt, dtype="float32", progress=False)[0]

@@ -11,14 +11,12 @@ import ast
 import json
 import os
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
-import sentencepiece as spm
 import torch
 
 from .base import ROLES, Family, ToolCallParseError, check_message
-from .tokenizer import (BatchEncoding, Tokenizer, TokenizerError, TokenizerNotFoundError, as_id_list, find_file,
+from .tokenizer import (BatchEncoding, Tokenizer, TokenizerError, as_id_list, find_file, load_sentencepiece,
                         read_tokenizer_config)
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -37,14 +35,7 @@ class ChatGLMTokenizer(Tokenizer):
     SPECIALS = SPECIAL_TOKENS
 
     def __init__(self, vocab_file: str | os.PathLike[str]) -> None:
-        path = Path(vocab_file).expanduser()
-        if not path.is_file():
-            raise TokenizerNotFoundError(f"SentencePiece tokenizer file not found: {path}")
-        try:
-            self.sp = spm.SentencePieceProcessor(model_file=str(path))
-        except Exception as exc:  # sentencepiece raises OSError or RuntimeError on bad files
-            raise TokenizerError(f"cannot read SentencePiece model {path}: {exc}") from exc
-        self.vocab_file = path
+        self.vocab_file, self.sp = load_sentencepiece(vocab_file)
         self.n_words: int = self.sp.vocab_size()
         self.special_tokens: dict[str, int] = {name: self.n_words + i for i, name in enumerate(self.SPECIALS)}
         self._special_names: dict[int, str] = {i: name for name, i in self.special_tokens.items()}

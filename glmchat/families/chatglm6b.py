@@ -21,15 +21,13 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
-import sentencepiece as spm
 import torch
 
 from .base import Family, ParsedReply
 from .chatglm2 import chatglm2_pairs
-from .tokenizer import Tokenizer, TokenizerError, TokenizerNotFoundError, as_id_list, find_file, read_tokenizer_config
+from .tokenizer import Tokenizer, TokenizerError, as_id_list, find_file, load_sentencepiece, read_tokenizer_config
 
 TOKENIZER_FILE = "ice_text.model"
 SPECIAL_TOKENS = ("[MASK]", "[gMASK]", "[sMASK]", "<unused_0>", "<sop>", "<eop>", "<ENC>", "<dBLOCK>")
@@ -42,14 +40,7 @@ class ChatGLM6BTokenizer(Tokenizer):
     """ChatGLM-6B's tokenizer (``ice_text.model``)."""
 
     def __init__(self, vocab_file: str | os.PathLike[str], num_image_tokens: int = 20000) -> None:
-        path = Path(vocab_file).expanduser()
-        if not path.is_file():
-            raise TokenizerNotFoundError(f"SentencePiece tokenizer file not found: {path}")
-        try:
-            self.sp = spm.SentencePieceProcessor(model_file=str(path))
-        except Exception as exc:  # sentencepiece raises OSError or RuntimeError on bad files
-            raise TokenizerError(f"cannot read SentencePiece model {path}: {exc}") from exc
-        self.vocab_file = path
+        self.vocab_file, self.sp = load_sentencepiece(vocab_file)
         self.offset = num_image_tokens
         self.n_words = self.sp.vocab_size()
         self.vocab_size = self.offset + self.n_words

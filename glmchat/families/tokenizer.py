@@ -165,6 +165,20 @@ class Tokenizer:
         return out
 
 
+def load_sentencepiece(vocab_file: str | Path):
+    """(path, SentencePieceProcessor) of a SentencePiece model file; a missing or unreadable file
+    raises TokenizerNotFoundError / TokenizerError naming it."""
+    import sentencepiece as spm
+
+    path = Path(vocab_file).expanduser()
+    if not path.is_file():
+        raise TokenizerNotFoundError(f"SentencePiece tokenizer file not found: {path}")
+    try:
+        return path, spm.SentencePieceProcessor(model_file=str(path))
+    except Exception as exc:  # sentencepiece raises OSError or RuntimeError on bad files
+        raise TokenizerError(f"cannot read SentencePiece model {path}: {exc}") from exc
+
+
 def read_tokenizer_config(path_or_dir: str | Path) -> dict:
     """The checkpoint directory's tokenizer_config.json ({} without one, or for a path to a file)."""
     path = Path(path_or_dir).expanduser() / "tokenizer_config.json"

@@ -15,13 +15,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..model import Attention
+from .. import model, model_v1
 from ..quantize import Int4Linear, Int8Linear
 from . import cpu, threads
-from .attention import CpuAttention
+from .attention import CpuAttention, CpuAttentionV1
 from .linear import CpuLinear, FastInt4Linear, FastInt8Linear
 
-_FAST = {nn.Linear: CpuLinear, Int8Linear: FastInt8Linear, Int4Linear: FastInt4Linear, Attention: CpuAttention}
+_FAST = {nn.Linear: CpuLinear, Int8Linear: FastInt8Linear, Int4Linear: FastInt4Linear, model.Attention: CpuAttention,
+         model_v1.Attention: CpuAttentionV1}
 _PORTABLE = {fast: portable for portable, fast in _FAST.items()}
 
 

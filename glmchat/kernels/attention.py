@@ -1,5 +1,5 @@
-"""Attention's fast path on CPU, a subclass of the model's Attention that `glmchat.kernels.install`
-swaps in (its `attention`, the product for given keys and mask).
+"""Attention's fast path on CPU: subclasses of the networks' Attention classes that
+`glmchat.kernels.install` swaps in (their `attention`, the product for given keys and mask).
 
 For a decode step (one new token per row) PyTorch's CPU scaled_dot_product_attention is slow:
 at ChatGLM3-6B's shapes (32 query heads over 2 KV heads, bf16, 2 threads) it took 0.39 ms per
@@ -15,12 +15,15 @@ import math
 
 import torch
 
-from ..model import Attention
+from .. import model, model_v1
 
 
-class CpuAttention(Attention):
+class CpuDecodeAttention:
+    """The fast decode product, for any attention class whose `attention(q, k, v, mask, is_causal)`
+    is the model's (the GLM network's and ChatGLM-6B's)."""
+
     @staticmethod
-    def applies_to(layer: Attention) -> bool:
+    def applies_to(layer) -> bool:
         return next(itertools.chain(layer.parameters(), layer.buffers())).device.type == "cpu"
 
     def attention(self, q, k, v, mask, is_causal) -> torch.Tensor:
@@ -34,3 +37,11 @@ class CpuAttention(Attention):
             scores.masked_fill_(~mask, float("-inf"))
         out = torch.matmul(torch.softmax(scores, dim=-1), v.float())
         return out.to(q.dtype).reshape(B, H, 1, D)
+
+
+class CpuAttention(CpuDecodeAttention, model.Attention):
+    pass
+
+
+class CpuAttentionV1(CpuDecodeAttention, model_v1.Attention):
+    pass
