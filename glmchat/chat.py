@@ -203,7 +203,7 @@ def load(path_or_id: str = DEFAULT_MODEL, *, device: str | torch.device = "auto"
     model, tokenizer, family = loaded.model, loaded.tokenizer, loaded.family
     processors, standin = [], tokenizer is None
     if standin:  # random weights, no tokenizer at hand: the stand-in speaks ChatGLM3's format
-        tokenizer, family = standin_tokenizer(), ChatGLM3()
+        tokenizer, family = standin_tokenizer(), ChatGLM3(label=family.label)  # the model's name, the stand-in's format
         processors.append(vocab_limit(tokenizer.vocab_size))
         # Its [gMASK] and sop are the ones that place ChatGLM-6B's 2D positions.
         model.config.gmask_token_id, model.config.bos_token_id = tokenizer.get_command("[gMASK]"), tokenizer.get_command("sop")

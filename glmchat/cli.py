@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 # importing torch (seconds); each command imports what it needs when it runs.
 from . import __version__
 from .device import DEVICES, DeviceError
+from .options import number
 from .hub import DEFAULT_MODEL
 from .sampling import SamplingConfig
 from .server import add_server_options
@@ -59,20 +60,6 @@ class Parser(argparse.ArgumentParser):
 # Options
 
 
-def _number(kind, low=None, high=None, low_open=False):
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a{'n integer' if kind is int else ' number'}, got {text!r}")
-        if (low is not None and (value < low or (low_open and value == low))) or (high is not None and value > high):
-            bounds = f"{'(' if low_open else '['}{low}, {high if high is not None else '∞'}{']' if high is not None else ')'}"
-            raise argparse.ArgumentTypeError(f"must be in {bounds}, got {text}")
-        return value
-
-    return parse
-
-
 def _device(text):
     from .device import pick_device  # imports torch: only once the command line is parsed
 
@@ -101,7 +88,7 @@ def add_model_options(parser) -> None:
     g.add_argument("--random-weights", action="store_true",
                    help="the real architecture with random weights: no download, meaningless text "
                         "(for trying glmchat and measuring speed)")
-    g.add_argument("--tp", type=_number(int, 1), default=1, metavar="N",
+    g.add_argument("--tp", type=number(int, 1), default=1, metavar="N",
                    help="tensor parallelism over N processes, each holding 1/N of the weights: start it with "
                         "torchrun --nproc-per-node N -m glmchat run --tp N ... (run, bench and serve)")
 
@@ -109,13 +96,13 @@ def add_model_options(parser) -> None:
 def add_sampling_options(parser) -> None:
     d = SamplingConfig()  # the reference chat's defaults
     g = parser.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=_number(int, 1), default=1024, metavar="N",
+    g.add_argument("--max-new-tokens", type=number(int, 1), default=1024, metavar="N",
                    help="stop an answer after N tokens (default 1024)")
-    g.add_argument("--temperature", type=_number(float, 0), default=d.temperature, metavar="T",
+    g.add_argument("--temperature", type=number(float, 0), default=d.temperature, metavar="T",
                    help=f"sampling temperature, 0 = greedy (default {d.temperature})")
-    g.add_argument("--top-p", type=_number(float, 0, 1, low_open=True), default=d.top_p, metavar="P",
+    g.add_argument("--top-p", type=number(float, 0, 1, low_open=True), default=d.top_p, metavar="P",
                    help=f"nucleus sampling (default {d.top_p})")
-    g.add_argument("--top-k", type=_number(int, 0), default=d.top_k, metavar="K", help=f"0 = off (default {d.top_k})")
+    g.add_argument("--top-k", type=number(int, 0), default=d.top_k, metavar="K", help=f"0 = off (default {d.top_k})")
     g.add_argument("--seed", type=int, default=None, help="sampling seed, for repeatable answers")
     g.add_argument("--greedy", action="store_true", help="always pick the most likely token")
     g.add_argument("--system", default=None, metavar="TEXT", help="a system prompt")
@@ -445,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print one JSON object with the answer, token counts and timings")
     run.add_argument("--verbose", "-v", action="store_true", help="load time and speed on stderr")
     bench = register(sub, "bench", cmd_bench, "time the seed's bilingual workload", add_model_options)
-    bench.add_argument("--max-new-tokens", type=_number(int, 1), default=256, metavar="N",
+    bench.add_argument("--max-new-tokens", type=number(int, 1), default=256, metavar="N",
                        help="tokens per prompt; with random weights exactly N, stop tokens ignored (default 256)")
     bench.add_argument("--json", action="store_true", help="print the results as JSON")
     bench.add_argument("--plot", metavar="FILE.png", help="save a bar chart (needs glmchat[plot])")

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import sys
 import threading
 import time
+
+from ..options import number
 
 INSTALL_HINT = "the server needs FastAPI and uvicorn: pip install 'glmchat[server]'"
 
@@ -22,48 +23,22 @@ def missing_dependencies() -> str | None:
     return None
 
 
-def _integer(low: int, high: int | None = None):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be {low}..{high}, got {value}" if high else f"must be >= {low}, got {value}")
-        return value
-
-    return parse
-
-
-def _number(what: str, positive: bool = False):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number of {what}, got {text!r}") from None
-        if not (0 < value if positive else 0 <= value) or value == float("inf"):
-            raise argparse.ArgumentTypeError(f"must be {'>' if positive else '>='} 0 and finite, got {text}")
-        return value
-
-    return parse
-
-
-_gigabytes, _seconds = _number("gigabytes"), _number("seconds", positive=True)
+_gigabytes, _seconds = number(float, 0, what="gigabytes"), number(float, 0, low_open=True, what="seconds")
 
 
 def add_server_options(parser) -> None:
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    g.add_argument("--port", type=_integer(1, 65535), default=8000, help="port (default 8000)")
+    g.add_argument("--port", type=number(int, 1, 65535), default=8000, help="port (default 8000)")
     g.add_argument("--api-key", default=os.environ.get("GLMCHAT_API_KEY") or None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1 (default: $GLMCHAT_API_KEY, else no key)")
-    g.add_argument("--max-batch", type=_integer(1), default=8, metavar="N",
+    g.add_argument("--max-batch", type=number(int, 1), default=8, metavar="N",
                    help="requests generated together in one batch (default 8)")
-    g.add_argument("--max-queue", type=_integer(0), default=64, metavar="N",
+    g.add_argument("--max-queue", type=number(int, 0), default=64, metavar="N",
                    help="requests that may wait for a free batch slot; more get 503 (default 64)")
     g.add_argument("--cache-gb", type=_gigabytes, default=2.0, metavar="GB",
                    help="memory for the KV of prompt prefixes reused across requests (default 2; 0: off)")
-    g.add_argument("--shutdown-timeout", type=_number("seconds"), default=30.0, metavar="SECONDS",
+    g.add_argument("--shutdown-timeout", type=number(float, 0, what="seconds"), default=30.0, metavar="SECONDS",
                    help="on SIGTERM / Ctrl-C: how long requests in flight may take to finish before they are "
                         "cancelled (default 30); no new ones are accepted")
     g.add_argument("--timeout", type=_seconds, default=None, metavar="SECONDS",
