@@ -64,6 +64,15 @@ def train_tokenizer(out_dir: str | os.PathLike[str], vocab_size: int = DEFAULT_V
     return path
 
 
+def place_tokenizer(out: Path, name: str, tokenizer_model, train) -> Path:
+    """out/name: a copy of tokenizer_model, or (None) one trained by train(out)."""
+    if tokenizer_model is None:
+        train(out)
+    elif Path(tokenizer_model).resolve() != (out / name).resolve():
+        shutil.copyfile(tokenizer_model, out / name)
+    return out / name
+
+
 def random_weights(
     generator: torch.Generator,
     *,
@@ -241,10 +250,7 @@ def make_tiny_checkpoint(
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    if tokenizer_model is None:
-        train_tokenizer(out)
-    elif Path(tokenizer_model).resolve() != (out / TOKENIZER_FILE).resolve():
-        shutil.copyfile(tokenizer_model, out / TOKENIZER_FILE)
+    place_tokenizer(out, TOKENIZER_FILE, tokenizer_model, train_tokenizer)
     n_words = spm.SentencePieceProcessor(model_file=str(out / TOKENIZER_FILE)).vocab_size()
     padded_vocab_size = math.ceil((n_words + len(SPECIAL_TOKENS)) / 64) * 64
 

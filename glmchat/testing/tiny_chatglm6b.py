@@ -13,13 +13,12 @@ import io
 import json
 import math
 import os
-import shutil
 from pathlib import Path
 
 import sentencepiece as spm
 import torch
 
-from .tiny_chatglm import WEIGHT_FORMATS, corpus_lines, write_weights
+from .tiny_chatglm import WEIGHT_FORMATS, corpus_lines, place_tokenizer, write_weights
 
 ICE_TOKENIZER_FILE = "ice_text.model"
 ICE_VOCAB_SIZE = 1200
@@ -105,11 +104,8 @@ def make_tiny_chatglm6b_checkpoint(
         raise ValueError("head_dim = hidden/heads must be a multiple of 4 (two rotary halves, in pairs)")
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    if tokenizer_model is None:
-        train_ice_tokenizer(out)
-    elif Path(tokenizer_model).resolve() != (out / ICE_TOKENIZER_FILE).resolve():
-        shutil.copyfile(tokenizer_model, out / ICE_TOKENIZER_FILE)
-    sp = spm.SentencePieceProcessor(model_file=str(out / ICE_TOKENIZER_FILE))
+    sp = spm.SentencePieceProcessor(model_file=str(place_tokenizer(out, ICE_TOKENIZER_FILE, tokenizer_model,
+                                                                    train_ice_tokenizer)))
     vocab_size = math.ceil(sp.vocab_size() / 64) * 64
 
     weights = _weights(torch.Generator().manual_seed(seed), vocab=vocab_size, hidden=hidden_size,
