@@ -61,7 +61,7 @@ class Attention(model.Attention):
 
     def __init__(self, config: GLMConfig, layer_idx: int):
         super().__init__(config, layer_idx)  # qkv: heads × 3 × head_dim rows, with bias
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=True)
+        self.dense = nn.Linear(config.num_attention_heads * config.head_dim, config.hidden_size, bias=True)
 
     def forward(self, x, rope, step: Step, cache):
         """rope: [B, T, 2, d/2, 2], the tables at the position and at the block position."""

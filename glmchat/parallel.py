@@ -7,6 +7,8 @@ sharded by rows. The attention output projection and the MLP's down projection a
 columns (their inputs), and their partial outputs are summed across ranks with one all_reduce each.
 ChatGLM3 and GLM-4 have only 2 KV groups, so with more ranks than groups each rank keeps a copy of
 the one KV head its query heads read. Embedding, norms and output layer stay whole on every rank.
+The original ChatGLM-6B (glmchat.model_v1) splits alike: its fused projection holds each head's
+[q | k | v] rows together, so a rank keeps its heads' rows; its ungated MLP splits by units.
 
 Quantized layers shard the same way: the whole weight is quantized first and each rank keeps its
 share of the codes and scales (int8: per-row scales follow the rows, a column split keeps them all;
@@ -42,9 +44,6 @@ def kv_heads_of_rank(heads: int, groups: int, rank: int, world: int) -> list[int
 
 
 def check_shardable(config, world: int) -> None:
-    if config.network != "glm":
-        raise ShardingError("tensor parallelism covers the GLM network (ChatGLM2/3, GLM-4); the original "
-                            "ChatGLM-6B runs on one device")
     if config.num_attention_heads % world:
         raise ShardingError(f"{world} ranks do not divide the {config.num_attention_heads} attention heads; "
                             "use a divisor of it")
@@ -84,8 +83,11 @@ class ShardPlan:
         kv_rows = torch.cat([torch.arange(h * d, (h + 1) * d) for h in self.kv])
         offset = heads * d
         units = torch.arange(rank * self.ffn, (rank + 1) * self.ffn)
-        self.rows = {"qkv": torch.cat([q_rows, offset + kv_rows, offset + config.num_kv_heads * d + kv_rows]),
-                     "gate_up": torch.cat([units, config.ffn_hidden_size + units])}
+        if config.network == "chatglm-6b":  # every head's [q | k | v] rows together; the MLP's up, ungated
+            self.rows = {"qkv": torch.arange(rank * self.heads * 3 * d, (rank + 1) * self.heads * 3 * d), "up": units}
+        else:
+            self.rows = {"qkv": torch.cat([q_rows, offset + kv_rows, offset + config.num_kv_heads * d + kv_rows]),
+                         "gate_up": torch.cat([units, config.ffn_hidden_size + units])}
         self.columns = {"dense": slice(rank * self.heads * d, (rank + 1) * self.heads * d),
                         "down": slice(rank * self.ffn, (rank + 1) * self.ffn)}
         self.whole_inputs = {"dense": heads * d, "down": config.ffn_hidden_size}
@@ -179,10 +181,12 @@ def connect(model: GLMTransformer, plan: ShardPlan, group=None) -> GLMTransforme
     its layers' head counts and sizes, and an all_reduce after each split product."""
     for block in model.layers:
         block.attn.n_heads, block.attn.n_kv_heads = plan.heads, len(plan.kv)
-        for layer in (block.attn.qkv, block.mlp.gate_up, block.attn.dense, block.mlp.down):
-            layer.out_features, layer.in_features = _weight_shape(layer)
-        for layer in (block.attn.dense, block.mlp.down):
-            layer.register_forward_hook(lambda module, inputs, output: _summed(output, group))
+        for name, layer in block.named_modules():
+            kind = name.rsplit(".", 1)[-1]
+            if kind in plan.rows or kind in plan.columns:
+                layer.out_features, layer.in_features = _weight_shape(layer)
+            if kind in plan.columns:
+                layer.register_forward_hook(lambda module, inputs, output: _summed(output, group))
     model.config = plan.config
     return model
 

@@ -74,11 +74,15 @@ def int8_saved_ckpt(tmp_path_factory, tiny_ckpt):
     ("tiny_ckpt", 2, "load", "int8"), ("tiny_ckpt", 4, "shard", "int8"), ("tiny_ckpt", 2, "random", "int8"),
     ("int8_saved_ckpt", 2, "load", None), ("int4_shardable_ckpt", 2, "load", "int4"),
     ("int4_shardable_ckpt", 2, "random", "int4"), ("int4_shardable_ckpt", 2, "shard", "int4"),
+    ("chatglm6b_ckpt", 2, "load", None), ("chatglm6b_ckpt", 4, "shard", "int8"),
 ])
 def test_sharded_ranks_give_the_whole_models_logits_and_tokens(request, fixture, world, how, quantize):
     """Quantized: the ranks hold the one-process model's quantization, split, so its logits too."""
     ckpt = request.getfixturevalue(fixture)
     ids = list(range(5, 40, 3))
+    marks = json.loads((Path(ckpt) / "config.json").read_text())
+    if "gmask_token_id" in marks:  # ChatGLM-6B: a prompt of plain ids, ending in [gMASK] <sop>
+        ids = list(range(12, 48, 3)) + [marks["gmask_token_id"], marks["bos_token_id"]]
     expected_logits, expected_tokens = _run(ckpt, ids, random_weights=how == "random", quantize=quantize)
     with mp.Manager() as manager:
         results = manager.dict()
