@@ -34,7 +34,8 @@ from .model import GLMTransformer, Step
 
 
 def rotary_table_v1(config: GLMConfig, device=None) -> torch.Tensor:
-    """cos/sin [seq_length, d/2, 2] for half a head (d = head_dim / 2), angles in float32.
+    """cos/sin [seq_length, d, 2] for half a head (d = head_dim / 2) in rotate-half layout (the d/2
+    angles twice), computed in float32.
 
     The reference keeps its inverse frequencies in float16 (`inv_freq.half()`), whatever the
     model's dtype, so they are rounded the same way here. (It then computes the angles in the
@@ -44,13 +45,13 @@ def rotary_table_v1(config: GLMConfig, device=None) -> torch.Tensor:
     theta = 1.0 / (10000.0 ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
     theta = theta.half().float()
     angles = torch.outer(torch.arange(config.seq_length, dtype=torch.float32, device=device), theta)
+    angles = torch.cat((angles, angles), dim=-1)
     return torch.stack((torch.cos(angles), torch.sin(angles)), dim=-1)
 
 
 def rotate_half_style(x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """x [B, heads, T, d] rotated in (x[j], x[j + d/2]) pairs; rope [B, T, d/2, 2]."""
-    cos = torch.cat((rope[..., 0], rope[..., 0]), dim=-1)[:, None]
-    sin = torch.cat((rope[..., 1], rope[..., 1]), dim=-1)[:, None]
+    """x [B, heads, T, d] rotated in (x[j], x[j + d/2]) pairs; rope [B, T, d, 2]."""
+    cos, sin = rope[:, None, ..., 0], rope[:, None, ..., 1]
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
@@ -64,7 +65,7 @@ class Attention(model.Attention):
         self.dense = nn.Linear(config.num_attention_heads * config.head_dim, config.hidden_size, bias=True)
 
     def forward(self, x, rope, step: Step, cache):
-        """rope: [B, T, 2, d/2, 2], the tables at the position and at the block position."""
+        """rope: [B, T, 2, d, 2], the tables at the position and at the block position."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).view(B, T, self.n_heads, 3 * self.head_dim).transpose(1, 2).chunk(3, dim=-1)
         q, k = self.rotate(q, rope), self.rotate(k, rope)
