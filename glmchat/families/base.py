@@ -99,6 +99,7 @@ class Family:
     rope_scaling: str  # how config.json's rope_ratio applies (GLMConfig.rope_scaling)
     training_time: str  # what the reply's "[[训练时间]]" placeholder becomes
     supports_tools: bool = True
+    reasons: bool = False  # its models think before they answer (see `reasoning`)
     # The reference's chat / stream_chat defaults (ChatGLM2/3, GLM-4; ChatGLM-6B's differ).
     chat_defaults: dict = {"max_length": 8192, "top_p": 0.8, "temperature": 0.8}
 

@@ -63,6 +63,7 @@ class GLMZ1(GLM4_0414):
     name = "glm-z1"
     label = "GLM-Z1-0414"
     base_label = "GLM-Z1-0414 (base)"
+    reasons = True
 
     def load_tokenizer(self, directory) -> GLMZ1Tokenizer:
         return GLMZ1Tokenizer.from_pretrained(directory)

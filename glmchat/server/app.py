@@ -207,7 +207,7 @@ class Generation:
         self.tool_calls: list[dict] = []
         self.logprobs: list[tuple[int, float, list]] | None = [] if body.top_alternatives is not None else None
         # A reasoning model's thinking so far (None: not asked for, or the family does not reason).
-        self.reasoning: str | None = "" if reasoning and family.reasoning("") is not None else None
+        self.reasoning: str | None = "" if reasoning and family.reasons else None
         self._logprobs_taken = 0
         self._next_check = 0.0
         self.request = engine.submit(
@@ -295,7 +295,7 @@ def _start(engine: Engine, tokenizer, family: Family, body: ChatRequest, timeout
     visible = functools.partial(family.visible_text, tool_calls=tools)
     return _submit(engine, tokenizer, family, body, prompt, body.max_completion_tokens or body.max_tokens, timeout,
                    lambda: TextStream(tokenizer, visible, stop_ids=family.stop_ids(tokenizer), stop_strings=stop_strings,
-                                      reasoning=family.reasoning),
+                                      reasoning=family.reasoning if family.reasons else None),
                    tools, reasoning=body.include_reasoning is not False)
 
 
