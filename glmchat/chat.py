@@ -110,8 +110,8 @@ class ChatModel:
                **sampling) -> Iterator[Chunk]:
         """Chunks of the answer's text as it is generated; the last chunk carries the Reply.
 
-        Joined, the chunks' texts equal reply.text (and their reasoning reply.reasoning). Sampling options (temperature, top_p, top_k,
-        repetition_penalty, seed) default to the reference chat's (`SamplingConfig`); greedy=True
+        Joined, the chunks' texts equal reply.text (and their reasoning reply.reasoning). Sampling
+        options (temperature, top_p, top_k, repetition_penalty, seed) default to the reference chat's (`SamplingConfig`); greedy=True
         (or temperature=0) picks the most likely token. max_new_tokens None: until the model
         stops or the context is full.
         """
@@ -202,11 +202,12 @@ def load(path_or_id: str = DEFAULT_MODEL, *, device: str | torch.device = "auto"
                              quantize=quantize, group_size=group_size, progress=progress)
     model, tokenizer, family = loaded.model, loaded.tokenizer, loaded.family
     processors, standin = [], tokenizer is None
-    if standin:  # random weights, no tokenizer at hand: the stand-in speaks ChatGLM3's format
-        tokenizer, family = standin_tokenizer(), ChatGLM3(label=family.label)  # the model's name, the stand-in's format
+    if standin:  # random weights, no tokenizer at hand: the model's name, the stand-in's ChatGLM3 format
+        tokenizer, family = standin_tokenizer(), ChatGLM3(label=family.label)
         processors.append(vocab_limit(tokenizer.vocab_size))
         # Its [gMASK] and sop are the ones that place ChatGLM-6B's 2D positions.
-        model.config.gmask_token_id, model.config.bos_token_id = tokenizer.get_command("[gMASK]"), tokenizer.get_command("sop")
+        model.config.gmask_token_id = tokenizer.get_command("[gMASK]")
+        model.config.bos_token_id = tokenizer.get_command("sop")
     if compile:
         model.compile_decode()
     return ChatModel(model, tokenizer, family, load_seconds=time.perf_counter() - start,
