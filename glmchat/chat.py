@@ -111,9 +111,9 @@ class ChatModel:
         """Chunks of the answer's text as it is generated; the last chunk carries the Reply.
 
         Joined, the chunks' texts equal reply.text (and their reasoning reply.reasoning). Sampling
-        options (temperature, top_p, top_k, repetition_penalty, seed) default to the reference chat's (`SamplingConfig`); greedy=True
-        (or temperature=0) picks the most likely token. max_new_tokens None: until the model
-        stops or the context is full.
+        options (temperature, top_p, top_k, repetition_penalty, seed) default to the reference
+        chat's (`SamplingConfig`); greedy=True (or temperature=0) picks the most likely token.
+        max_new_tokens None: until the model stops or the context is full.
         """
         options = SamplingConfig(greedy=greedy, **sampling)
         prompt = self.family.prompt_ids(self.tokenizer, messages)
