@@ -90,26 +90,17 @@ def vocab_limit(limit: int) -> Processor:
     return process
 
 
-def prefill(model: GLMTransformer, input_ids: torch.Tensor, cache, attention_mask=None, position_ids=None,
-            chunk: int | None = None) -> torch.Tensor:
-    """Run a prompt [B, T] into the cache; the logits of its last position, [B, vocab].
-
-    chunk: run it in pieces that end at multiples of `chunk` cache positions. A prompt then takes
-    the same computations in the same shapes whether the cache started empty or held a prefix of it
-    (the server's prefix cache): the same KV and logits, bit for bit.
-    """
-    if chunk is None:
-        return model(input_ids, cache=cache, attention_mask=attention_mask, position_ids=position_ids, last_only=True)[:, -1]
-    if attention_mask is not None or position_ids is not None:
-        raise ValueError("chunked prefill takes unpadded prompts with default positions")
-    for logits in prefill_chunks(model, input_ids, cache, chunk):
-        pass
-    return logits
+def prefill(model: GLMTransformer, input_ids: torch.Tensor, cache, attention_mask=None, position_ids=None) -> torch.Tensor:
+    """Run a prompt [B, T] into the cache; the logits of its last position, [B, vocab]."""
+    return model(input_ids, cache=cache, attention_mask=attention_mask, position_ids=position_ids, last_only=True)[:, -1]
 
 
 def prefill_chunks(model: GLMTransformer, input_ids: torch.Tensor, cache, chunk: int) -> Iterator[torch.Tensor | None]:
-    """`prefill(..., chunk=chunk)` one chunk per step, for a caller that does other work in between
-    (the server decodes its running requests): None after each chunk but the last, then the logits."""
+    """A prompt [1, T] prefilled in pieces that end at multiples of `chunk` cache positions, one per
+    step, for a caller that does other work in between (the server decodes its running requests):
+    None after each piece but the last, then the logits of its last position. The prompt then takes
+    the same computations in the same shapes whether the cache started empty or held a prefix of it
+    (the server's prefix cache): the same KV and logits, bit for bit."""
     start, T = 0, input_ids.shape[1]
     while start < T:
         end = min(T, start + chunk - cache.length % chunk)

@@ -22,7 +22,7 @@ import torch
 
 from glmchat.families.chatglm3 import TOOLS_PROMPT, ChatGLM3, ChatGLMTokenizer, format_tool_call, parse_tool_call
 from glmchat.families.chatglm3 import chatglm3_prompt_ids as build_prompt_ids
-from glmchat.generate import generate_tokens, prefill
+from glmchat.generate import generate_tokens, prefill_chunks
 from glmchat.loader import load_model
 from glmchat.server import BackgroundServer, build_app
 from glmchat.server.engine import Engine, SlotCache
@@ -153,13 +153,13 @@ def test_prefill_after_a_cached_prefix_equals_prefill_from_scratch(tiny_ckpt_4k,
     try:
         with torch.inference_mode():
             whole = model.new_cache(1, len(prompt))
-            logits = prefill(model, torch.tensor([prompt]), whole, chunk=16)
+            *_, logits = prefill_chunks(model, torch.tensor([prompt]), whole, 16)
             chunks, pieces[:] = list(pieces), []
             assert all(start % 16 == 0 for start, _ in chunks) and sum(n for _, n in chunks) == len(prompt)
             for hit in (16, 64, 160, (len(prompt) - 1) // 16 * 16):
                 cache = model.new_cache(1, len(prompt) + hit)
                 cache.append(whole.k[:, :, :, :hit].clone(), whole.v[:, :, :, :hit].clone())
-                assert torch.equal(prefill(model, torch.tensor([prompt[hit:]]), cache, chunk=16), logits), hit
+                assert torch.equal([*prefill_chunks(model, torch.tensor([prompt[hit:]]), cache, 16)][-1], logits), hit
                 assert pieces == [c for c in chunks if c[0] >= hit]  # the same chunks as from scratch
                 pieces.clear()
                 assert torch.equal(cache.k[:, :, :, : len(prompt)], whole.k) and torch.equal(cache.v[:, :, :, : len(prompt)], whole.v)

@@ -1,7 +1,7 @@
 """Automatic prefix caching: the KV of prompt prefixes computed for earlier requests, reused.
 
 A chat client resends the whole conversation every turn. The engine prefills every prompt in
-chunks that end at multiples of BLOCK positions (glmchat.generate.prefill), and keeps each full
+chunks that end at multiples of BLOCK positions (glmchat.generate.prefill_chunks), and keeps each full
 chunk's keys and values here as a block, keyed by its tokens and by the block before it (a chain
 from the prompt's start, like vLLM's block hashes). A later prompt that starts with the same
 tokens takes those blocks and prefills only the rest, chunk by chunk as before: the same
