@@ -24,7 +24,8 @@ def save_quantized(src, dst, method: str, group_size: int = 128, dtype=None, pro
         raise QuantizationError(f"{dst} is the checkpoint being quantized; save the quantized copy to another directory")
     model, info = load_model(src_dir, dtype=dtype, quantize=method, group_size=group_size, progress=progress)
     dst.mkdir(parents=True, exist_ok=True)
-    save_shards({official_name(name): t for name, t in model.state_dict().items()}, dst)  # aligned: loads in place
+    network = model.config.network
+    save_shards({official_name(name, network): t for name, t in model.state_dict().items()}, dst)  # aligned: loads in place
     config = json.loads((src_dir / "config.json").read_text(encoding="utf-8"))
     config["quantization"] = info.quantization
     config["torch_dtype"] = str(model.dtype).removeprefix("torch.")

@@ -114,7 +114,7 @@ def load_weights(model: GLMTransformer, files: list[Path], progress: bool = True
         for file in files:
             for target, tensor in sanitize(iter_tensors(file), pending, source=file.name):
                 bar.update(tensor.numel() * tensor.element_size())
-                what = f"{file.name}: tensor {official_name(target)!r}"
+                what = f"{file.name}: tensor {official_name(target, model.config.network)!r}"
                 if target in quantized:
                     _quantize_into(quantized[target], tensor, what, target, part)
                     loaded.update(target.removesuffix("weight") + b for b in quantized[target]._buffer_names)

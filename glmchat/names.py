@@ -7,9 +7,8 @@ model.layers.N.self_attn.q_proj.weight, ...) map to the official ones, with q/k/
 query_key_value. GLM-4-0414's sandwich norms (post_self_attn_layernorm, post_mlp_layernorm) exist
 only in transformers' layout; their "official" names here are the same words in ChatGLM's
 prefix. The original ChatGLM-6B's names (transformer.layers.N.attention.query_key_value, ...,
-transformer.final_layernorm) map to glmchat.model_v1's modules; written back, the layers shared with
-ChatGLM2/3 take ChatGLM2/3's names (they load back alike). `sanitize` applies all of it where tensors
-enter the loader.
+transformer.final_layernorm, lm_head) map to glmchat.model_v1's modules and back: names are written
+in the layout of the model's network. `sanitize` applies all of it where tensors enter the loader.
 """
 
 from __future__ import annotations
@@ -21,30 +20,35 @@ import torch
 
 from .checkpoint import CheckpointError
 
-# official name -> our module name; a group is the layer (and weight|bias).
-_NAME_PATTERNS = [
-    (r"transformer\.embedding\.word_embeddings\.weight", "embed.weight"),
-    (r"transformer\.encoder\.layers\.(\d+)\.input_layernorm\.weight", "layers.{}.attn_norm.weight"),
-    (r"transformer\.encoder\.layers\.(\d+)\.self_attention\.query_key_value\.(weight|bias)", "layers.{}.attn.qkv.{}"),
-    (r"transformer\.encoder\.layers\.(\d+)\.self_attention\.dense\.weight", "layers.{}.attn.dense.weight"),
-    (r"transformer\.encoder\.layers\.(\d+)\.post_attention_layernorm\.weight", "layers.{}.mlp_norm.weight"),
-    (r"transformer\.encoder\.layers\.(\d+)\.post_self_attn_layernorm\.weight", "layers.{}.post_attn_norm.weight"),
-    (r"transformer\.encoder\.layers\.(\d+)\.post_mlp_layernorm\.weight", "layers.{}.post_mlp_norm.weight"),
-    (r"transformer\.encoder\.layers\.(\d+)\.mlp\.dense_h_to_4h\.weight", "layers.{}.mlp.gate_up.weight"),
-    (r"transformer\.encoder\.layers\.(\d+)\.mlp\.dense_4h_to_h\.weight", "layers.{}.mlp.down.weight"),
-    (r"transformer\.encoder\.final_layernorm\.weight", "norm.weight"),
-    (r"transformer\.output_layer\.weight", "output.weight"),
+# official name -> our module name, per network (GLMConfig.network); a group is the layer (and weight|bias).
+_NAME_PATTERNS = {
+    "glm": [
+        (r"transformer\.embedding\.word_embeddings\.weight", "embed.weight"),
+        (r"transformer\.encoder\.layers\.(\d+)\.input_layernorm\.weight", "layers.{}.attn_norm.weight"),
+        (r"transformer\.encoder\.layers\.(\d+)\.self_attention\.query_key_value\.(weight|bias)", "layers.{}.attn.qkv.{}"),
+        (r"transformer\.encoder\.layers\.(\d+)\.self_attention\.dense\.weight", "layers.{}.attn.dense.weight"),
+        (r"transformer\.encoder\.layers\.(\d+)\.post_attention_layernorm\.weight", "layers.{}.mlp_norm.weight"),
+        (r"transformer\.encoder\.layers\.(\d+)\.post_self_attn_layernorm\.weight", "layers.{}.post_attn_norm.weight"),
+        (r"transformer\.encoder\.layers\.(\d+)\.post_mlp_layernorm\.weight", "layers.{}.post_mlp_norm.weight"),
+        (r"transformer\.encoder\.layers\.(\d+)\.mlp\.dense_h_to_4h\.weight", "layers.{}.mlp.gate_up.weight"),
+        (r"transformer\.encoder\.layers\.(\d+)\.mlp\.dense_4h_to_h\.weight", "layers.{}.mlp.down.weight"),
+        (r"transformer\.encoder\.final_layernorm\.weight", "norm.weight"),
+        (r"transformer\.output_layer\.weight", "output.weight"),
+    ],
     # The original ChatGLM-6B (glmchat.model_v1): other names, biases on every Linear and LayerNorm.
-    (r"transformer\.word_embeddings\.weight", "embed.weight"),
-    (r"transformer\.layers\.(\d+)\.input_layernorm\.(weight|bias)", "layers.{}.attn_norm.{}"),
-    (r"transformer\.layers\.(\d+)\.attention\.query_key_value\.(weight|bias)", "layers.{}.attn.qkv.{}"),
-    (r"transformer\.layers\.(\d+)\.attention\.dense\.(weight|bias)", "layers.{}.attn.dense.{}"),
-    (r"transformer\.layers\.(\d+)\.post_attention_layernorm\.(weight|bias)", "layers.{}.mlp_norm.{}"),
-    (r"transformer\.layers\.(\d+)\.mlp\.dense_h_to_4h\.(weight|bias)", "layers.{}.mlp.up.{}"),
-    (r"transformer\.layers\.(\d+)\.mlp\.dense_4h_to_h\.(weight|bias)", "layers.{}.mlp.down.{}"),
-    (r"transformer\.final_layernorm\.(weight|bias)", "norm.{}"),
-]
-_NAME_PATTERNS = [(re.compile(p), target) for p, target in _NAME_PATTERNS]
+    "chatglm-6b": [
+        (r"transformer\.word_embeddings\.weight", "embed.weight"),
+        (r"transformer\.layers\.(\d+)\.input_layernorm\.(weight|bias)", "layers.{}.attn_norm.{}"),
+        (r"transformer\.layers\.(\d+)\.attention\.query_key_value\.(weight|bias)", "layers.{}.attn.qkv.{}"),
+        (r"transformer\.layers\.(\d+)\.attention\.dense\.(weight|bias)", "layers.{}.attn.dense.{}"),
+        (r"transformer\.layers\.(\d+)\.post_attention_layernorm\.(weight|bias)", "layers.{}.mlp_norm.{}"),
+        (r"transformer\.layers\.(\d+)\.mlp\.dense_h_to_4h\.(weight|bias)", "layers.{}.mlp.up.{}"),
+        (r"transformer\.layers\.(\d+)\.mlp\.dense_4h_to_h\.(weight|bias)", "layers.{}.mlp.down.{}"),
+        (r"transformer\.final_layernorm\.(weight|bias)", "norm.{}"),
+        (r"lm_head\.weight", "output.weight"),  # the embedding, tied (a copy in the official files)
+    ],
+}
+_NAME_PATTERNS = {network: [(re.compile(p), target) for p, target in rows] for network, rows in _NAME_PATTERNS.items()}
 # Recomputed: rotary frequencies (ChatGLM2/3's, and ChatGLM-6B's per layer).
 _IGNORED = re.compile(r"transformer\.rotary_pos_emb\.inv_freq|transformer\.layers\.\d+\.attention\.rotary_emb\.inv_freq")
 
@@ -58,7 +62,7 @@ def native_name(official: str) -> str | None:
     base, _, suffix = official.rpartition(".")
     if suffix in QUANTIZED_SUFFIXES:
         return native_name(base + ".weight").removesuffix("weight") + suffix
-    for pattern, target in _NAME_PATTERNS:
+    for pattern, target in (row for rows in _NAME_PATTERNS.values() for row in rows):
         m = pattern.fullmatch(official)
         if m:
             return target.format(*m.groups())
@@ -70,15 +74,15 @@ def _reversed(pattern: re.Pattern, target: str) -> tuple[re.Pattern, str]:
     return re.compile(re.escape(target).replace(r"\{\}", r"(\w+)")), re.sub(r"\([^)]*\)", "{}", pattern.pattern).replace("\\.", ".")
 
 
-_OFFICIAL_NAMES = [_reversed(p, t) for p, t in _NAME_PATTERNS]
+_OFFICIAL_NAMES = {network: [_reversed(p, t) for p, t in rows] for network, rows in _NAME_PATTERNS.items()}
 
 
-def official_name(native: str) -> str:
-    """The checkpoint name of one of our tensors (the inverse of native_name)."""
+def official_name(native: str, network: str = "glm") -> str:
+    """The checkpoint name of one of our tensors in `network`'s official layout (the inverse of native_name)."""
     base, _, suffix = native.rpartition(".")
     if suffix in QUANTIZED_SUFFIXES:
-        return official_name(base + ".weight").removesuffix("weight") + suffix
-    for pattern, template in _OFFICIAL_NAMES:
+        return official_name(base + ".weight", network).removesuffix("weight") + suffix
+    for pattern, template in _OFFICIAL_NAMES[network]:
         m = pattern.fullmatch(native)
         if m:
             return template.format(*m.groups())

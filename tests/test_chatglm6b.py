@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 import torch
+from safetensors import safe_open
 
 import glmchat
 from glmchat import AutoModel, AutoTokenizer
@@ -221,6 +222,11 @@ def test_quantized_copy_saved_by_glmchat_quantize_loads_back(chatglm6b_ckpt, tok
     from glmchat.export import save_quantized
 
     saved = save_quantized(chatglm6b_ckpt, tmp_path / "int8", "int8", dtype=torch.float32, progress=False)
+    names = set(json.loads((saved / "model.safetensors.index.json").read_text())["weight_map"]) if (
+        saved / "model.safetensors.index.json").exists() else set(safe_open(saved / "model.safetensors", "pt").keys())
+    assert {"transformer.word_embeddings.weight", "transformer.layers.0.attention.query_key_value.qweight",
+            "transformer.final_layernorm.bias", "lm_head.qweight"} <= names  # ChatGLM-6B's own layout
+    assert not any("encoder" in name for name in names)
     direct = load_checkpoint(chatglm6b_ckpt, dtype=torch.float32, quantize="int8", progress=False).model
     reloaded = load_checkpoint(saved, progress=False)
     assert isinstance(reloaded.family, ChatGLM1) and reloaded.info.quantization == {"method": "int8"}
