@@ -31,14 +31,18 @@ def bench_prompts() -> list[str]:
     return [p for en, zh in PROMPT_PAIRS for p in (en + SUFFIX_EN, zh + SUFFIX_ZH)]
 
 
-def memory_bandwidth(gigabytes: float = 4.0, passes: int = 5) -> float:
-    """B: this machine's memory read bandwidth in bytes/s, the best of `passes` float32 sums over a
-    buffer far larger than the caches (the yardstick the benchmarks state speeds against)."""
-    buf = torch.ones(int(gigabytes * 1e9) // 4)
+def memory_bandwidth(gigabytes: float = 4.0, passes: int = 5, device="cpu") -> float:
+    """B: the memory read bandwidth of `device` (this machine's by default) in bytes/s, the best of
+    `passes` float32 sums over a buffer far larger than the caches (the yardstick the benchmarks
+    state speeds against)."""
+    device = torch.device(device)
+    buf = torch.ones(int(gigabytes * 1e9) // 4, device=device)
     best = float("inf")
     for _ in range(passes):
+        synchronize(device)
         start = time.perf_counter()
         buf.sum()
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return buf.nbytes / best
 
