@@ -154,7 +154,7 @@ def test_dropin_chat_and_stream_chat_give_the_references_answer(chatglm6b_ckpt, 
     new = reference_greedy(chatglm6b_ckpt, prompt, max_new_tokens=40, eos_id=tok.eos_token_id)
     expected = reference_process_response(reference_decode(chatglm6b_ckpt, new))
     response, new_history = model.chat(tokenizer, "你好", history=history, do_sample=False, max_length=len(prompt) + 40)
-    assert response == expected
+    assert response == expected and expected.strip()  # text to compare, not two empty strings
     assert new_history == HISTORY + [("你好", expected)] and history == HISTORY  # the caller's list untouched
     yields = list(model.stream_chat(tokenizer, "你好", history=history, do_sample=False, max_length=len(prompt) + 40))
     # A yield per generated token but the last, each the processed text so far.
@@ -173,6 +173,7 @@ def test_native_chat_answers_each_turn_as_from_scratch(chatglm6b_ckpt, tok):
         new = reference_greedy(chatglm6b_ckpt, prompt, max_new_tokens=16, eos_id=tok.eos_token_id)
         stopped = new[-1] == tok.eos_token_id
         assert reply.text == reference_process_response(reference_decode(chatglm6b_ckpt, new[:-1] if stopped else new))
+        assert reply.text.strip()
         messages += reply.messages + [{"role": "user", "content": query}]
 
 
@@ -188,7 +189,7 @@ def test_server_answers_concurrent_clients_as_each_alone(loaded, tok):
         alone = [ask(t) for t in TEXTS[:4]]
         with ThreadPoolExecutor(4) as pool:
             together = list(pool.map(ask, TEXTS[:4]))
-    assert together == alone
+    assert together == alone and all(text.strip() for text in alone)
     prompt = tok.encode(TEXTS[0])
     new = reference_greedy(loaded.directory, prompt, max_new_tokens=12, eos_id=tok.eos_token_id)
     assert alone[0] == reference_process_response(reference_decode(loaded.directory, new))
