@@ -65,7 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--groups", type=int, nargs="+", default=[128])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rows", type=int, default=1, help=f"rows of x (int8/int4 kernels: up to {cpu_kernels.MAX_ROWS_INT8}/{cpu_kernels.MAX_ROWS_INT4})")
+    ap.add_argument("--rows", type=int, default=1, help="rows of x (a decode step of this many streams)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

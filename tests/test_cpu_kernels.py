@@ -101,24 +101,93 @@ def test_int4_prefill_dequantization_kernel_equals_pytorchs(group):
     torch.testing.assert_close(layer(x).float(), _portable_reference(layer, x), atol=3e-2, rtol=3e-2)
 
 
+# ---- prompt kernels (many rows, x in 8 bits) ------------------------------------------------------
+
+def _assert_within_8bit_x(got, layer, x, group):
+    """The prompt kernels round each x entry to 8 bits per group of `group` columns: off by at most
+    max|x_g| / 254. So y[m, n] may move by Σ_g max|x[m, g]| / 254 · Σ_(k in g) |W[n, k]| from the
+    exact product (W dequantized as documented), plus the output's bf16 rounding."""
+    x = x.float().reshape(-1, x.shape[-1])
+    w = quant_reference.weight(layer).abs()
+    K = x.shape[1]
+    bound = torch.zeros(x.shape[0], w.shape[0])
+    for k0 in range(0, K, group):
+        top = x[:, k0 : k0 + group].abs().amax(dim=1, keepdim=True)  # [M, 1]
+        bound += top / 254 * w[:, k0 : k0 + group].sum(dim=1)  # [M, N]
+    ref = quant_reference.linear(layer, x)
+    slack = bound * 1.001 + ref.abs() * 2**-8 + 1e-6  # bf16 output rounding: 2^-9 relative
+    assert got.shape[-1] == ref.shape[-1]
+    excess = (got.float().reshape(ref.shape) - ref).abs() - slack
+    assert excess.max() <= 0, f"off by {excess.max():.3g} beyond the 8-bit bound"
+    # and the bound is not loose to the point of meaning nothing: the error is mostly far inside it
+    assert ((got.float().reshape(ref.shape) - ref).abs() <= slack / 2).float().mean() > 0.9
+
+
+def _prompt_kernel(layer):
+    if layer.method == "int8":
+        return lambda x: cpu_kernels.int8_gemm(x, layer.qweight, layer.scales, layer.bias)
+    return lambda x: cpu_kernels.int4_gemm(x, layer.qweight, layer.scales_zeros, layer.group_size, layer.bias)
+
+
+@needs_kernels
+@pytest.mark.parametrize("method,group,n,k", [
+    ("int4", 32, 64, 32), ("int4", 64, 192, 320), ("int4", 128, 128, 1024), ("int4", 32, 64, 4096),
+    ("int8", None, 64, 4), ("int8", None, 128, 100), ("int8", None, 192, 1028), ("int8", None, 64, 4096),
+])
+@pytest.mark.parametrize("rows", [2, 5, 37])
+@pytest.mark.parametrize("bias", [True, False])
+def test_prompt_kernels_equal_the_documented_product_within_8bit_x(method, group, n, k, rows, bias):
+    """Odd row counts, K past the last whole group (int8 groups x by 128), every int4 group size;
+    the layer's prompt path is the kernel."""
+    layer = _layer(method, n, k, group=group or 128, bias=bias, seed=rows)
+    x = _randn(rows, k, seed=rows + k).bfloat16()
+    y = _prompt_kernel(layer)(x)
+    assert y is not None and y.dtype == torch.bfloat16
+    _assert_within_8bit_x(y, layer, x, group or 128)
+    assert torch.equal(layer(x), y)
+
+
 @needs_kernels
 @pytest.mark.parametrize("method", ["int8", "int4"])
-@pytest.mark.parametrize("rows", [2, 3, "most"])
-def test_integer_kernels_take_a_few_rows(method, rows):
-    most = cpu_kernels.MAX_ROWS_INT8 if method == "int8" else cpu_kernels.MAX_ROWS_INT4
-    rows = most if rows == "most" else rows
-    k = 320 if method == "int8" else 256  # int8: some columns past the last multiple of 64
-    layer = _layer(method, 198 if method == "int8" else 192, k, group=64)
-    kernel = (lambda x: cpu_kernels.int8_gemv(x, layer.qweight, layer.scales, layer.bias)) if method == "int8" else \
-        (lambda x: cpu_kernels.int4_gemv(x, layer.qweight, layer.scales_zeros, 64, layer.bias))
-    x = _randn(rows, k, seed=9).bfloat16()
+def test_prompt_kernel_rows_are_computed_alone(method):
+    """A prompt row comes out bit for bit the same whatever rows share the call: chunked prefill
+    and the prefix cache give the same keys as one prefill."""
+    layer = _layer(method, 128, 512, group=64)
+    kernel = _prompt_kernel(layer)
+    x = _randn(45, 512, seed=3).bfloat16()
     y = kernel(x)
-    assert y is not None and y.shape == (rows, layer.out_features)
-    _assert_bf16_close(y, _portable_reference(layer, x))
-    assert torch.equal(layer(x), y)
-    for i in range(rows):  # each row as computed alone
-        assert torch.equal(y[i], kernel(x[i]))
-    assert kernel(_randn(most + 1, k).bfloat16()) is None
+    for rows in (2, 3, 4, 5, 9, 16):
+        for start in (0, 6, 45 - rows):
+            assert torch.equal(kernel(x[start : start + rows]), y[start : start + rows]), (rows, start)
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_prompt_kernels_with_activation_outliers(method):
+    """An entry 300x the others takes its group's 8-bit range: the rest of that group rounds coarsely,
+    within the bound, and the other groups keep their precision."""
+    layer = _layer(method, 128, 4096, group=128)
+    x = _randn(3, 4096, seed=8)
+    x[:, ::97] *= 300
+    x = x.bfloat16()
+    _assert_within_8bit_x(_prompt_kernel(layer)(x), layer, x, 128)
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_prompt_kernels_decline_what_they_do_not_take(method):
+    """Non-finite x (and for int8, whose shapes are free: rows of weights not in blocks of 64, K not
+    a multiple of 4): None, and the layer answers through PyTorch's ops instead."""
+    layer = _layer(method, 64, 128, group=32)
+    x = _randn(3, 128, seed=7).bfloat16()
+    x[1, 5] = float("inf")
+    assert _prompt_kernel(layer)(x) is None
+    assert not torch.isfinite(layer(x)[1]).all() and torch.isfinite(layer(x)[0]).all()
+    if method == "int8":
+        for n, k in ((96, 128), (64, 130)):
+            odd, x = _layer("int8", n, k), _randn(3, k, seed=7).bfloat16()
+            assert _prompt_kernel(odd)(x) is None
+            _assert_bf16_close(odd(x), _portable_reference(odd, x))
 
 
 @needs_kernels
@@ -142,9 +211,9 @@ def test_kernel_rows_are_computed_alone(n, k):
     int8, int4 = _layer("int8", 64 * (n // 64 + 1), k), _layer("int4", 64 * (n // 64 + 1), 64 * (k // 64 + 1), group=64)
     kernels = {
         "bf16": (lambda x: cpu_kernels.bf16_gemv(x, w), k, lambda x: F.linear(x.float(), w.float())),
-        "int8": (lambda x: cpu_kernels.int8_gemv(x, int8.qweight, int8.scales, int8.bias, max_rows=None), k,
+        "int8": (lambda x: cpu_kernels.int8_gemv(x, int8.qweight, int8.scales, int8.bias), k,
                  lambda x: _portable_reference(int8, x)),
-        "int4": (lambda x: cpu_kernels.int4_gemv(x, int4.qweight, int4.scales_zeros, 64, int4.bias, max_rows=None),
+        "int4": (lambda x: cpu_kernels.int4_gemv(x, int4.qweight, int4.scales_zeros, 64, int4.bias),
                  int4.in_features, lambda x: _portable_reference(int4, x)),
     }
     for name, (kernel, width, reference) in kernels.items():
@@ -265,25 +334,28 @@ def test_kernels_and_torch_ops_alternate_without_deadlock_on_torchs_openmp_runti
 
 @needs_kernels
 @pytest.mark.parametrize("method", ["int8", "int4"])
-def test_bf16_decode_step_uses_kernels_and_matches_the_portable_path(tiny_ckpt, monkeypatch, method):
+def test_bf16_prefill_and_decode_use_kernels_and_match_the_portable_path(tiny_ckpt, monkeypatch, method):
     from glmchat.loader import load_model
 
     model, _ = load_model(tiny_ckpt, dtype="bfloat16", quantize=method, group_size=32, progress=False)
-    calls = []
-    name = f"{method}_gemv"
-    kernel = getattr(cpu_kernels, name)
-    monkeypatch.setattr(cpu_kernels, name, lambda *a: calls.append(1) or kernel(*a))
+    calls = {"gemm": 0, "gemv": 0}
+    for kind in calls:
+        name = f"{method}_{kind}"
+        kernel = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, kind=kind, kernel=kernel: calls.update({kind: calls[kind] + 1})
+                            or kernel(*a))
     ids = torch.randint(5, 1000, (1, 6), generator=torch.Generator().manual_seed(0))
     logits = {}
     with torch.inference_mode():
         for fast in (True, False):
             install(model, enabled=fast)
             cache = model.new_cache(1, 16)
-            model(ids[:, :5], cache=cache)
-            logits[fast] = model.decode(ids[:, 5:], cache).float()
-    assert calls, "the decode step did not reach the C kernel"
+            prefill = model(ids[:, :5], cache=cache).float()
+            logits[fast] = torch.cat([prefill, model.decode(ids[:, 5:], cache).float()], dim=1)
+    assert calls["gemm"] and calls["gemv"], f"the prompt or the decode step did not reach the C kernels: {calls}"
     scale = float(logits[False].abs().max())
-    # both round to bf16 along the way (the portable path its dequantized weights): ~1% of the scale
+    # both round to bf16 along the way (the portable path its dequantized weights, the prompt kernels
+    # x to 8 bits): ~1% of the scale
     torch.testing.assert_close(logits[True], logits[False], rtol=0.03, atol=0.03 * scale)
 
 

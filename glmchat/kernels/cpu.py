@@ -1,10 +1,16 @@
-"""Optional C kernels for decode on CPU: y = x·Wᵀ (+ b) for a few bf16 rows x, with W in bf16,
-int8 or int4 (the layouts of glmchat.quantize). Each row of x goes through the same arithmetic
-whatever the other rows are, so a row's result does not depend on how many rows share the call
-(the server's batch invariance rests on this). See csrc/gemv.c for the data layouts. bf16 sums in float32;
-int8 and int4 sum exactly in int32 over x in 15-bit fixed point per group of columns (256 / the
-quantization group): exact for entries within 2^6 of the group's largest, otherwise off by at most
-2^-15 of it, far below the output's bf16 rounding.
+"""Optional C kernels for CPU: y = x·Wᵀ (+ b) for bf16 rows x, with W in bf16, int8 or int4 (the
+layouts of glmchat.quantize). Each row of x goes through the same arithmetic whatever the other
+rows are, so a row's result does not depend on how many rows share the call (the server's batch
+invariance rests on this). See csrc/gemv.c for the data layouts.
+
+Decode steps (*_gemv, a few rows): bf16 sums in float32; int8 and int4 sum exactly in int32 over x
+in 15-bit fixed point per group of columns (256 / the quantization group): exact for entries within
+2^6 of the group's largest, otherwise off by at most 2^-15 of it, far below the output's bf16 rounding.
+
+Prompts (*_gemm, many rows): int8 and int4 weights are unpacked tile by tile into cache, never
+dequantized as a whole, and multiplied with x in 8 bits per group of 128 columns (the int4 group):
+half the integer products of the decode kernels. Each entry of x is off by at most 1/254 of its
+group's largest magnitude, as with llama.cpp's 8-bit activations.
 
 The C source is compiled at first use with the system compiler (`$CC`, `cc` or `gcc`,
 -O3 -march=native -fopenmp) into the user cache (~/.cache/glmchat/kernels) and loaded with
@@ -44,6 +50,8 @@ _SIGNATURES = {
     "glm_gemv_int8": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
     "glm_gemv_int4": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int]),
     "glm_dequant_int4_t": (None, [_ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
+    "glm_gemm_int8": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
+    "glm_gemm_int4": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int]),
 }
 
 
@@ -63,12 +71,6 @@ def _cpu_flags() -> str:
 
 
 HAS_AMX = "amx_bf16" in _cpu_flags().split()
-# Rows of x up to which the int8 / int4 kernels take a product (all rows per block of weights, so the
-# weights are read once): where they beat PyTorch's weight-only ops and dequantize + bf16 GEMM, as
-# measured on each kind of CPU. With AMX (Xeon) the GEMM is fast, so few rows. Without it (AMD EPYC,
-# AVX512-BF16, 2 threads, ChatGLM3-6B's shapes) the int4 kernel kept pace with a bf16 GEMM up to 128
-# rows (64 rows: 39 ms against dequantize + GEMM's 65 for the MLP's up projection), int8 up to 32.
-MAX_ROWS_INT8, MAX_ROWS_INT4 = (4, 4) if HAS_AMX else (32, 128)
 
 
 def _compiler() -> str | None:
@@ -151,12 +153,9 @@ def unavailable_reason() -> str | None:
     return None
 
 
-def _usable(x: torch.Tensor, k: int, *tensors: torch.Tensor | None, max_rows: int | None = None) -> bool:
-    """Whether the kernels apply: bf16 CPU rows of k values (up to max_rows; None: any number),
-    contiguous CPU operands."""
+def _usable(x: torch.Tensor, k: int, *tensors: torch.Tensor | None) -> bool:
+    """Whether the kernels apply: bf16 CPU rows of k values, contiguous CPU operands."""
     if not enabled or x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.shape[-1] != k:
-        return False
-    if max_rows is not None and x.numel() > k * max_rows:
         return False
     if x.requires_grad and torch.is_grad_enabled():
         return False
@@ -190,36 +189,63 @@ def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     return y
 
 
-def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None,
-              max_rows: int | None = MAX_ROWS_INT8) -> torch.Tensor | None:
-    """bf16 x [..., K] of M ≤ max_rows rows times int8 codes [N, K] with bf16 scales [N] (+ bias):
-    [..., N] bf16, or None."""
-    N, K = qweight.shape
-    if not (_usable(x, K, qweight, scales, bias, max_rows=max_rows) and qweight.dtype == torch.int8
-            and scales.dtype == torch.bfloat16 and _bf16_or_none(bias)):
-        return None
-    y = torch.empty(*x.shape[:-1], N, dtype=torch.bfloat16)
+def _int8_operands(x, qweight, scales, bias) -> bool:
+    return (_usable(x, qweight.shape[1], qweight, scales, bias) and qweight.dtype == torch.int8
+            and scales.dtype == torch.bfloat16 and _bf16_or_none(bias))
+
+
+def _int4_operands(x, qweight, scales_zeros, bias) -> bool:
+    return (_usable(x, qweight.shape[1] * 2, qweight, scales_zeros, bias) and qweight.dtype == torch.uint8
+            and scales_zeros.dtype == torch.bfloat16 and _bf16_or_none(bias) and qweight.shape[0] % 64 == 0)
+
+
+def _call(kernel, x: torch.Tensor, weights: tuple, sizes: tuple) -> torch.Tensor | None:
+    """y [..., N] = kernel(x, *weights, y, rows, *sizes) where sizes = (N, K[, group]); None when
+    the kernel declines (non-finite x, an unsupported shape, no memory)."""
+    y = torch.empty(*x.shape[:-1], sizes[0], dtype=torch.bfloat16)
     x = _row(x)
-    rc = _lib.glm_gemv_int8(x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), _addr(bias), y.data_ptr(),
-                            x.numel() // K, N, K, torch.get_num_threads())
+    rc = kernel(x.data_ptr(), *weights, y.data_ptr(), x.numel() // x.shape[-1], *sizes, torch.get_num_threads())
     return y if rc == 0 else None
+
+
+def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Decode steps: bf16 x [..., K] (a few rows) times int8 codes [N, K] with bf16 scales [N]
+    (+ bias): [..., N] bf16, or None."""
+    if not _int8_operands(x, qweight, scales, bias):
+        return None
+    return _call(_lib.glm_gemv_int8, x, (qweight.data_ptr(), scales.data_ptr(), _addr(bias)), tuple(qweight.shape))
 
 
 def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
-              bias: torch.Tensor | None = None, max_rows: int | None = MAX_ROWS_INT4) -> torch.Tensor | None:
-    """bf16 x [..., K] of M ≤ max_rows rows times packed int4 codes [N, K/2] with bf16
+              bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Decode steps: bf16 x [..., K] (a few rows) times packed int4 codes [N, K/2] with bf16
     scales_zeros [K/group, N, 2] (+ bias): [..., N] bf16, or None."""
     N, K = qweight.shape[0], qweight.shape[1] * 2
-    if not (_usable(x, K, qweight, scales_zeros, bias, max_rows=max_rows) and qweight.dtype == torch.uint8
-            and scales_zeros.dtype == torch.bfloat16 and _bf16_or_none(bias)
-            and N % 64 == 0 and group_size in (16, 32, 64, 128) and K % group_size == 0):
+    if not (_int4_operands(x, qweight, scales_zeros, bias) and group_size in (16, 32, 64, 128) and K % group_size == 0):
         return None
-    rows = x.numel() // K
-    y = torch.empty(*x.shape[:-1], N, dtype=torch.bfloat16)
-    x = _row(x)
-    rc = _lib.glm_gemv_int4(x.data_ptr(), qweight.data_ptr(), scales_zeros.data_ptr(), _addr(bias), y.data_ptr(),
-                            rows, N, K, group_size, torch.get_num_threads())
-    return y if rc == 0 else None
+    return _call(_lib.glm_gemv_int4, x, (qweight.data_ptr(), scales_zeros.data_ptr(), _addr(bias)), (N, K, group_size))
+
+
+def int8_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+              bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Prompts: like int8_gemv for any number of rows, x in 8 bits per group of 128 columns;
+    N a multiple of 64 and K of 4, else None."""
+    N, K = qweight.shape
+    if not (_int8_operands(x, qweight, scales, bias) and N % 64 == 0 and K % 4 == 0):
+        return None
+    return _call(_lib.glm_gemm_int8, x, (qweight.data_ptr(), scales.data_ptr(), _addr(bias)), (N, K))
+
+
+def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
+              bias: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Prompts: like int4_gemv for any number of rows, x in 8 bits per quantization group (a
+    multiple of 4 up to 128), else None."""
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    if not (_int4_operands(x, qweight, scales_zeros, bias) and group_size % 4 == 0 and group_size <= 128
+            and K % group_size == 0):
+        return None
+    return _call(_lib.glm_gemm_int4, x, (qweight.data_ptr(), scales_zeros.data_ptr(), _addr(bias)), (N, K, group_size))
 
 
 def int4_dequantize_t(qweight: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,

@@ -8,8 +8,8 @@ this for any number of rows with the weights read once (glmchat.kernels.cpu); wh
 apply (no AVX-512 BF16, float16 / float32) the rows go one at a time.
 
 Prompts take the fastest product for their size. bf16: W @ xᵀ up to MAX_ROWS_TRANSPOSED rows,
-F.linear beyond. int8 / int4: glmchat's C kernels up to cpu.MAX_ROWS_INT8 / MAX_ROWS_INT4 rows
-(chosen by the CPU's kind), PyTorch's weight-only ops up to FAST_MAX_ROWS, the portable
+F.linear beyond. int8 / int4: glmchat's C prompt kernels (8-bit x, the weights unpacked tile by
+tile); where they do not apply, PyTorch's weight-only ops up to FAST_MAX_ROWS, the portable
 dequantize + GEMM beyond (int4 dequantizing through the C kernel).
 """
 
@@ -93,10 +93,11 @@ def _transposed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 class _FastQuantized:
-    """The quantized layers' CPU paths: decode steps row by row (the C kernels take any number of
-    rows, each alone), prompts by size before the portable dequantize + GEMM."""
+    """The quantized layers' CPU paths: decode steps through the decode kernels (any number of rows,
+    each alone), prompts through the prompt kernels, then PyTorch's ops where those do not apply."""
 
     has_op: bool  # whether this PyTorch has the layer's CPU weight-only op
+    op_k_multiple = 1  # in_features the op takes: multiples of this
 
     @staticmethod
     def applies_to(layer) -> bool:
@@ -106,27 +107,31 @@ class _FastQuantized:
         if x.device.type != "cpu" or not is_decode_step(x):
             return super().forward(x)
         x2 = x.reshape(-1, self.in_features)
-        y = self._native(x2, max_rows=None)
+        y = self._decode_kernel(x2)
         if y is None:
             y = one_row_at_a_time(x2, self._matmul)
         return y.view(*x.shape[:-1], self.out_features)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
-            y = self._native(x)  # glmchat's C kernel, bias included; None where it does not apply (too many rows...)
+            y = self._prompt_kernel(x)  # bias included; None where it does not apply (shape, non-finite x...)
             if y is not None:
                 return y
-        if x.shape[0] <= FAST_MAX_ROWS and self.has_op and x.device.type == "cpu":
-            y = self._fast(x.contiguous())
-            return y if self.bias is None else y + self.bias
+            if x.shape[0] <= FAST_MAX_ROWS and self.has_op and self.in_features % self.op_k_multiple == 0:
+                y = self._fast(x.contiguous())
+                return y if self.bias is None else y + self.bias
         return super()._matmul(x)
 
 
 class FastInt8Linear(_FastQuantized, Int8Linear):
     has_op = HAS_INT8_OP
+    op_k_multiple = 16  # torch 2.13's op returns wrong sums for K = 136 or 200 and crashes for K = 132
 
-    def _native(self, x, max_rows=cpu.MAX_ROWS_INT8):
-        return cpu.int8_gemv(x, self.qweight, self.scales, self.bias, max_rows)
+    def _decode_kernel(self, x):
+        return cpu.int8_gemv(x, self.qweight, self.scales, self.bias)
+
+    def _prompt_kernel(self, x):
+        return cpu.int8_gemm(x, self.qweight, self.scales, self.bias)
 
     def _fast(self, x):
         return _ops._weight_int8pack_mm(x, self.qweight, self.scales.to(x.dtype))
@@ -135,8 +140,11 @@ class FastInt8Linear(_FastQuantized, Int8Linear):
 class FastInt4Linear(_FastQuantized, Int4Linear):
     has_op = HAS_INT4_OP
 
-    def _native(self, x, max_rows=cpu.MAX_ROWS_INT4):
-        return cpu.int4_gemv(x, self.qweight, self.scales_zeros, self.group_size, self.bias, max_rows)
+    def _decode_kernel(self, x):
+        return cpu.int4_gemv(x, self.qweight, self.scales_zeros, self.group_size, self.bias)
+
+    def _prompt_kernel(self, x):
+        return cpu.int4_gemm(x, self.qweight, self.scales_zeros, self.group_size, self.bias)
 
     def _fast(self, x):
         return _ops._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, self.scales_zeros.to(x.dtype))

@@ -1,9 +1,11 @@
-/* Matrix-vector products for decode on x86-64 CPUs with AVX-512 (F, BW, BF16, VBMI, VNNI).
+/* Matrix products on x86-64 CPUs with AVX-512 (F, BW, BF16, VBMI, VNNI): the glm_gemv_* kernels
+ * for decode steps (a few rows), the glm_gemm_* kernels for prompts (many rows; at the end).
  *
- * Every kernel computes y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for a few rows x[m], with x,
- * y and bias in bf16 and float32 sums (int8/int4: exact int32 sums over x in 15-bit fixed point,
- * see there). Each row goes through the same instructions whatever the other rows are, so a row's
- * result does not depend on how many rows share the call (the server's batch invariance).
+ * Every kernel computes y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for rows x[m], with x, y and
+ * bias in bf16 and float32 sums (int8/int4: exact int32 sums over x in 15-bit fixed point for
+ * decode, in 8 bits for prompts, see there). Each row goes through the same instructions whatever
+ * the other rows are, so a row's result does not depend on how many rows share the call (the
+ * server's batch invariance).
  * W is one of:
  *   bf16  w[N, K] row-major.
  *   int8  q[N, K] row-major, scales s[N] bf16:  W[n, k] = q[n, k] * s[n].
@@ -131,6 +133,11 @@ void glm_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, u
 INLINE __m512 load16_bf16(const uint16_t *x)
 {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
+}
+
+INLINE __m512 maskz_load16_bf16(__mmask16 mask, const uint16_t *x) /* zeros where mask is clear */
+{
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, x)), 16));
 }
 
 /* x[k] ~ xscale[g] * (128 * xh[k] + xl[k]) per group g of G columns (the last one may be
@@ -467,4 +474,240 @@ void glm_dequant_int4_t(const uint8_t *packed, const uint16_t *sz, uint16_t *wt,
             }
         }
     }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Prompts (many rows of x): integer products over x in 8 bits, tile by tile.
+ * Each row of x is quantized per group of G columns, x[k] ~ xs[g] * xq[k] with xq int8 (round to
+ * nearest, the group's largest |x| maps to 127), like llama.cpp's q8 activations: half the
+ * products of the 15-bit decode kernels above, for a precision far beyond the int4/int8 weights'.
+ * The weights are never dequantized as a whole: for one 64-row block and one group of columns at
+ * a time, their codes are unpacked into a panel of unsigned bytes (c = q for int4, q + 128 for
+ * int8; W = c * s + z per row and group), 4 columns of 16 rows per vector, which stays in L1
+ * while every row of x, 4 at a time, multiplies it with vpdpbusd (4 u8 x s8 products per lane):
+ *   y[m, n] += xs * (s[n] * sum c xq + z[n] * sum xq)    (exact int32 sums, float per group).
+ * Each row of x takes the same instructions whatever the other rows are, so its result does not
+ * depend on how many rows share the call. */
+
+#define QROWS 4 /* rows of x per pass over a panel: 16 int32 accumulators */
+
+typedef struct {
+    const int8_t *xq;    /* [groups, M, G]: group-major, so that a panel's rows of x lie together */
+    const float *xs;     /* [M, groups]: the group's scale */
+    const int32_t *xsum; /* [M, groups]: sum of xq over the group */
+    int64_t M, N, K, G, groups;
+} q8_x;
+
+typedef struct {                 /* one 64-row block, one group of columns */
+    __m512i c[128 / 4 * 4];      /* [steps][4]: vector v holds rows 16v..16v+15, 4 columns per lane */
+    float s[64], z[64];
+} panel;
+
+/* x's rows in 8 bits per group (the last group may be shorter, padded with zeros; lengths multiples
+ * of 4). -1 when x holds an inf or NaN. */
+static int quantize_x8(const uint16_t *x, q8_x *X, int8_t *xq, float *xs, int32_t *xsum, int nthreads)
+{
+    const int64_t M = X->M, K = X->K, G = X->G, groups = X->groups;
+    int bad = 0;
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(| : bad)
+    for (int64_t m = 0; m < M; m++) {
+        const __m512 inf = _mm512_set1_ps(__builtin_inff());
+        for (int64_t g = 0; g < groups && !bad; g++) {
+            int64_t k0 = g * G, end = k0 + G < K ? k0 + G : K;
+            int8_t *out = xq + (g * M + m) * G - k0;
+            __m512 top = _mm512_setzero_ps();
+            for (int64_t k = k0; k < end; k += 16) {
+                __mmask16 mask = end - k >= 16 ? 0xffff : (__mmask16)((1u << (end - k)) - 1);
+                __m512 a = _mm512_abs_ps(maskz_load16_bf16(mask, x + m * K + k));
+                bad |= _mm512_cmp_ps_mask(a, inf, _CMP_NLT_UQ) != 0;
+                top = _mm512_max_ps(top, a);
+            }
+            float big = _mm512_reduce_max_ps(top);
+            const __m512 inv = _mm512_set1_ps(big > 0 ? 127.0f / big : 1.0f);
+            __m512i sum = _mm512_setzero_si512();
+            memset(out + end, 0, (size_t)(k0 + G - end));
+            for (int64_t k = k0; k < end; k += 16) {
+                __mmask16 mask = end - k >= 16 ? 0xffff : (__mmask16)((1u << (end - k)) - 1);
+                __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(maskz_load16_bf16(mask, x + m * K + k), inv));
+                _mm_mask_storeu_epi8(out + k, mask, _mm512_cvtepi32_epi8(v));
+                sum = _mm512_add_epi32(sum, v);
+            }
+            xs[m * groups + g] = big > 0 ? big / 127.0f : 1.0f;
+            xsum[m * groups + g] = _mm512_reduce_add_epi32(sum);
+        }
+    }
+    X->xq = xq, X->xs = xs, X->xsum = xsum;
+    return bad ? -1 : 0;
+}
+
+/* Rows m0..m0+R-1 of x times the panel of group g (steps of 4 columns), added into out[m][64]. */
+INLINE void q8_panel_rows(const q8_x *X, const panel *P, int64_t g, int64_t steps, int64_t m0, int R,
+                          float (*out)[64])
+{
+    __m512i acc[QROWS][4];
+    for (int m = 0; m < R; m++)
+        for (int v = 0; v < 4; v++)
+            acc[m][v] = _mm512_setzero_si512();
+    const int8_t *x0 = X->xq + (g * X->M + m0) * X->G;
+    for (int64_t s = 0; s < steps; s++) {
+        const __m512i *c = P->c + 4 * s;
+        for (int m = 0; m < R; m++) {
+            __m512i x4 = _mm512_set1_epi32(*(const int32_t *)(x0 + m * X->G + 4 * s));
+            for (int v = 0; v < 4; v++)
+                acc[m][v] = _mm512_dpbusd_epi32(acc[m][v], c[v], x4);
+        }
+    }
+    for (int m = 0; m < R; m++) {
+        int64_t i = (m0 + m) * X->groups + g;
+        const __m512 xs = _mm512_set1_ps(X->xs[i]), xz = _mm512_set1_ps(X->xs[i] * (float)X->xsum[i]);
+        for (int v = 0; v < 4; v++) {
+            __m512 o = _mm512_loadu_ps(out[m] + 16 * v);
+            o = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][v]), _mm512_mul_ps(_mm512_loadu_ps(P->s + 16 * v), xs), o);
+            o = _mm512_fmadd_ps(_mm512_loadu_ps(P->z + 16 * v), xz, o);
+            _mm512_storeu_ps(out[m] + 16 * v, o);
+        }
+    }
+}
+
+/* The int4 codes of block b, group g into a panel (see glm_gemv_int4 for the layout). */
+static void int4_panel(const uint8_t *packed, const uint16_t *sz, int64_t N, int64_t K, int64_t G, int64_t b,
+                       int64_t g, const __m512i idx[2], panel *P)
+{
+    const __m512i low4 = _mm512_set1_epi8(15);
+    const uint8_t *p = packed + (b * K + g * G) * 32;
+    for (int64_t s = 0; s < G / 4; s++) {
+        __m512i v0 = _mm512_loadu_si512(p + 4 * s * 32), v1 = _mm512_loadu_si512(p + (4 * s + 2) * 32);
+        for (int i = 0; i < 2; i++) {
+            __m512i bytes = _mm512_permutex2var_epi8(v0, idx[i], v1); /* lane j: rows 16i+j, 32+16i+j */
+            P->c[4 * s + i] = _mm512_and_si512(bytes, low4);
+            P->c[4 * s + 2 + i] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4);
+        }
+    }
+    const uint16_t *pair = sz + (g * N + b * 64) * 2;
+    for (int j = 0; j < 64; j++) { /* W = (c - 8) * scale + zero */
+        float scale = bf16_to_f32(pair[2 * j]);
+        P->s[j] = scale;
+        P->z[j] = bf16_to_f32(pair[2 * j + 1]) - 8 * scale;
+    }
+}
+
+/* out[s] = dword s of each of the 16 vectors in (lane j from in[j]): a 16 x 16 dword transpose. */
+INLINE void transpose16(__m512i in[16])
+{
+    __m512i a[16], b[16];
+    for (int i = 0; i < 16; i += 2) {
+        a[i] = _mm512_unpacklo_epi32(in[i], in[i + 1]);
+        a[i + 1] = _mm512_unpackhi_epi32(in[i], in[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4)
+        for (int j = 0; j < 2; j++) {
+            b[i + 2 * j] = _mm512_unpacklo_epi64(a[i + j], a[i + j + 2]);
+            b[i + 2 * j + 1] = _mm512_unpackhi_epi64(a[i + j], a[i + j + 2]);
+        }
+    for (int i = 0; i < 16; i += 8)
+        for (int j = 0; j < 4; j++) {
+            a[i + j] = _mm512_shuffle_i32x4(b[i + j], b[i + j + 4], 0x88);
+            a[i + j + 4] = _mm512_shuffle_i32x4(b[i + j], b[i + j + 4], 0xdd);
+        }
+    for (int j = 0; j < 8; j++) {
+        in[j] = _mm512_shuffle_i32x4(a[j], a[j + 8], 0x88);
+        in[j + 8] = _mm512_shuffle_i32x4(a[j], a[j + 8], 0xdd);
+    }
+}
+
+/* The int8 codes of rows 64b.. and columns g*G.. (steps of 4) into a panel, plus 128 each. */
+static void int8_panel(const int8_t *q, const uint16_t *scales, int64_t K, int64_t G, int64_t b, int64_t g,
+                       int64_t steps, panel *P)
+{
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    for (int64_t s0 = 0; s0 < steps; s0 += 16) {
+        int64_t n = steps - s0 < 16 ? steps - s0 : 16;
+        __mmask64 mask = n == 16 ? ~0ull : (1ull << (4 * n)) - 1;
+        for (int v = 0; v < 4; v++) {
+            __m512i t[16];
+            for (int j = 0; j < 16; j++)
+                t[j] = _mm512_maskz_loadu_epi8(mask, q + (64 * b + 16 * v + j) * K + g * G + 4 * s0);
+            transpose16(t);
+            for (int i = 0; i < n; i++)
+                P->c[4 * (s0 + i) + v] = _mm512_xor_si512(t[i], flip);
+        }
+    }
+    for (int j = 0; j < 64; j++) { /* W = (c - 128) * scale */
+        float scale = bf16_to_f32(scales[64 * b + j]);
+        P->s[j] = scale;
+        P->z[j] = -128 * scale;
+    }
+}
+
+/* y = x Wᵀ (+ bias) for W int4 (int8 == 0) or int8, x quantized per group of G columns. */
+static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, const uint16_t *bias, uint16_t *y,
+                   int64_t M, int64_t N, int64_t K, int64_t G, int int8, int nthreads)
+{
+    if (G % 4 || G > 128 || K % 4 || N % 64 || (!int8 && K % G))
+        return -2;
+    q8_x X = {.M = M, .N = N, .K = K, .G = G, .groups = (K + G - 1) / G};
+    int64_t padded = X.groups * G * M;
+    char *mem = malloc((size_t)(padded + 8 * M * X.groups));
+    if (!mem)
+        return -1;
+    if (quantize_x8(x, &X, (int8_t *)mem, (float *)(mem + padded), (int32_t *)(mem + padded + 4 * M * X.groups),
+                    nthreads)) {
+        free(mem);
+        return -3;
+    }
+    uint8_t gather[2][64];
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 16; j++)
+            for (int c = 0; c < 4; c++)
+                gather[i][4 * j + c] = (uint8_t)(32 * c + 16 * i + j);
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        const __m512i idx[2] = {_mm512_loadu_si512(gather[0]), _mm512_loadu_si512(gather[1])};
+        panel *P = aligned_alloc(64, sizeof(panel));
+        float (*out)[64] = aligned_alloc(64, (size_t)M * 64 * sizeof(float));
+        failed = !P || !out;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < N / 64; b++) {
+            if (failed)
+                continue;
+            memset(out, 0, (size_t)M * 64 * sizeof(float));
+            for (int64_t g = 0; g < X.groups; g++) {
+                int64_t steps = ((g + 1) * G < K ? G : K - g * G) / 4;
+                if (int8)
+                    int8_panel(q, scales, K, G, b, g, steps, P);
+                else
+                    int4_panel(q, scales, N, K, G, b, g, idx, P);
+                int64_t m0 = 0;
+                for (; m0 + QROWS <= M; m0 += QROWS)
+                    q8_panel_rows(&X, P, g, steps, m0, QROWS, out + m0);
+                for (; m0 < M; m0++)
+                    q8_panel_rows(&X, P, g, steps, m0, 1, out + m0);
+            }
+            for (int64_t m = 0; m < M; m++)
+                for (int v = 0; v < 4; v++) {
+                    int64_t n0 = b * 64 + 16 * v;
+                    __m512 o = _mm512_loadu_ps(out[m] + 16 * v);
+                    if (bias)
+                        o = _mm512_add_ps(o, load16_bf16(bias + n0));
+                    _mm256_storeu_si256((__m256i *)(y + m * N + n0), (__m256i)_mm512_cvtneps_pbh(o));
+                }
+        }
+        free(P);
+        free(out);
+    }
+    free(mem);
+    return failed ? -1 : 0;
+}
+
+int glm_gemm_int4(const uint16_t *x, const uint8_t *packed, const uint16_t *sz, const uint16_t *bias, uint16_t *y,
+                  int64_t M, int64_t N, int64_t K, int64_t G, int nthreads)
+{
+    return gemm_q8(x, packed, sz, bias, y, M, N, K, G, 0, nthreads);
+}
+
+int glm_gemm_int8(const uint16_t *x, const int8_t *q, const uint16_t *scales, const uint16_t *bias, uint16_t *y,
+                  int64_t M, int64_t N, int64_t K, int nthreads)
+{
+    return gemm_q8(x, q, scales, bias, y, M, N, K, 128, 1, nthreads);
 }
