@@ -60,6 +60,17 @@ def test_bf16_gemv_equals_float_linear(n, k, bias):
 
 
 @needs_kernels
+def test_bf16_gemv_passes_non_finite_inputs_on_like_float_linear():
+    w = _randn(64, 128, scale=0.05).bfloat16()
+    x = _randn(3, 128, seed=2).bfloat16()
+    x[0, 3], x[1, 7] = float("inf"), float("nan")
+    y, ref = cpu_kernels.bf16_gemv(x, w).float(), F.linear(x.float(), w.float())
+    assert ref[0].isinf().all() and ref[1].isnan().all()
+    assert torch.equal(y[:2], ref[:2])  # the same infinities (signs included) and NaNs
+    _assert_bf16_close(y[2], ref[2])
+
+
+@needs_kernels
 @pytest.mark.parametrize("n,k", [(1, 1), (5, 17), (130, 1000), (257, 4096)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_int8_kernel_equals_portable_path(n, k, bias):
