@@ -57,7 +57,7 @@ def formats(n: int, k: int, groups: list[int], rows: int = 1):
     for g in groups:
         q4, sz = quantize_int4(w, g, torch.bfloat16)
         yield (f"int4 g{g}", n * k // 2 + (k // g) * n * 4, (q4, sz),
-               lambda q, sz, g=g: cpu_kernels.int4_gemv(x, q, sz, g),
+               lambda q, sz, g=g: cpu_kernels.int4_gemm(x, q, sz, g),
                lambda q, sz, g=g: torch.ops.aten._weight_int4pack_mm_for_cpu(x, q, g, sz))
 
 

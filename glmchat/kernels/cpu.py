@@ -3,14 +3,16 @@ layouts of glmchat.quantize). Each row of x goes through the same arithmetic wha
 rows are, so a row's result does not depend on how many rows share the call (the server's batch
 invariance rests on this). See csrc/gemv.c for the data layouts.
 
-Decode steps (*_gemv, a few rows): bf16 sums in float32; int8 and int4 sum exactly in int32 over x
-in 15-bit fixed point per group of columns (256 / the quantization group): exact for entries within
-2^6 of the group's largest, otherwise off by at most 2^-15 of it, far below the output's bf16 rounding.
+Decode steps (*_gemv, a few rows): bf16 sums in float32; int8 sums exactly in int32 over x in
+15-bit fixed point per group of 256 columns: exact for entries within 2^6 of the group's largest,
+otherwise off by at most 2^-15 of it, far below the output's bf16 rounding.
 
-Prompts (*_gemm, many rows): int8 and int4 weights are unpacked tile by tile into cache, never
-dequantized as a whole, and multiplied with x in 8 bits per group of 128 columns (the int4 group):
-half the integer products of the decode kernels. Each entry of x is off by at most 1/254 of its
-group's largest magnitude, as with llama.cpp's 8-bit activations.
+int8 prompts and every int4 product (*_gemm): the weights are unpacked tile by tile into cache,
+never dequantized as a whole, and multiplied with x in 8 bits per group of 128 columns (the int4
+group): half the integer products of the 15-bit kernel. Each entry of x is off by at most 1/254 of
+its group's largest magnitude, as with llama.cpp's 8-bit activations. int4 decode steps take this
+path too: int4's own rounding is ~16x int8's and hides the 8 bits of x, and a batch of decode rows
+then costs little more than one (the server's throughput).
 
 The C source is compiled at first use with the system compiler (`$CC`, `cc` or `gcc`,
 -O3 -march=native -fopenmp) into the user cache (~/.cache/glmchat/kernels) and loaded with
@@ -48,8 +50,7 @@ _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
     "glm_gemv_bf16": (None, [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
     "glm_gemv_int8": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
-    "glm_gemv_int4": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int]),
-    "glm_dequant_int4_t": (None, [_ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
+        "glm_dequant_int4_t": (None, [_ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
     "glm_gemm_int8": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
     "glm_gemm_int4": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int]),
 }
@@ -217,19 +218,9 @@ def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     return _call(_lib.glm_gemv_int8, x, (qweight.data_ptr(), scales.data_ptr(), _addr(bias)), tuple(qweight.shape))
 
 
-def int4_gemv(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
-              bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Decode steps: bf16 x [..., K] (a few rows) times packed int4 codes [N, K/2] with bf16
-    scales_zeros [K/group, N, 2] (+ bias): [..., N] bf16, or None."""
-    N, K = qweight.shape[0], qweight.shape[1] * 2
-    if not (_int4_operands(x, qweight, scales_zeros, bias) and group_size in (16, 32, 64, 128) and K % group_size == 0):
-        return None
-    return _call(_lib.glm_gemv_int4, x, (qweight.data_ptr(), scales_zeros.data_ptr(), _addr(bias)), (N, K, group_size))
-
-
 def int8_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Prompts: like int8_gemv for any number of rows, x in 8 bits per group of 128 columns;
+    """int8 prompts: like int8_gemv for any number of rows, x in 8 bits per group of 128 columns;
     N a multiple of 64 and K of 4, else None."""
     N, K = qweight.shape
     if not (_int8_operands(x, qweight, scales, bias) and N % 64 == 0 and K % 4 == 0):
@@ -239,8 +230,9 @@ def int8_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 
 def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
               bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Prompts: like int4_gemv for any number of rows, x in 8 bits per quantization group (a
-    multiple of 4 up to 128), else None."""
+    """Every int4 product, decode steps and prompts: bf16 x [..., K] times packed int4 codes [N, K/2]
+    with bf16 scales_zeros [K/group, N, 2] (+ bias), x in 8 bits per quantization group (a multiple
+    of 4 up to 128): [..., N] bf16, else None."""
     N, K = qweight.shape[0], qweight.shape[1] * 2
     if not (_int4_operands(x, qweight, scales_zeros, bias) and group_size % 4 == 0 and group_size <= 128
             and K % group_size == 0):

@@ -9,8 +9,8 @@ apply (no AVX-512 BF16, float16 / float32) the rows go one at a time.
 
 Prompts take the fastest product for their size. bf16: W @ xᵀ up to MAX_ROWS_TRANSPOSED rows,
 F.linear beyond. int8 / int4: glmchat's C prompt kernels (8-bit x, the weights unpacked tile by
-tile); where they do not apply, PyTorch's weight-only ops up to FAST_MAX_ROWS, the portable
-dequantize + GEMM beyond (int4 dequantizing through the C kernel).
+tile; int4 decode steps take the same kernel); where they do not apply, PyTorch's weight-only ops
+up to FAST_MAX_ROWS, the portable dequantize + GEMM beyond (int4 dequantizing through the C kernel).
 """
 
 from __future__ import annotations
@@ -140,11 +140,10 @@ class FastInt8Linear(_FastQuantized, Int8Linear):
 class FastInt4Linear(_FastQuantized, Int4Linear):
     has_op = HAS_INT4_OP
 
-    def _decode_kernel(self, x):
-        return cpu.int4_gemv(x, self.qweight, self.scales_zeros, self.group_size, self.bias)
-
     def _prompt_kernel(self, x):
         return cpu.int4_gemm(x, self.qweight, self.scales_zeros, self.group_size, self.bias)
+
+    _decode_kernel = _prompt_kernel  # one arithmetic for every row count (see glmchat.kernels.cpu)
 
     def _fast(self, x):
         return _ops._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, self.scales_zeros.to(x.dtype))

@@ -1,11 +1,12 @@
-/* Matrix products on x86-64 CPUs with AVX-512 (F, BW, BF16, VBMI, VNNI): the glm_gemv_* kernels
- * for decode steps (a few rows), the glm_gemm_* kernels for prompts (many rows; at the end).
+/* Matrix products on x86-64 CPUs with AVX-512 (F, BW, BF16, VBMI, VNNI): glm_gemv_bf16 and
+ * glm_gemv_int8 for decode steps (a few rows), glm_gemm_int8 for int8 prompts and glm_gemm_int4 for
+ * every int4 product (at the end).
  *
  * Every kernel computes y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for rows x[m], with x, y and
- * bias in bf16 and float32 sums (int8/int4: exact int32 sums over x in 15-bit fixed point for
- * decode, in 8 bits for prompts, see there). Each row goes through the same instructions whatever
- * the other rows are, so a row's result does not depend on how many rows share the call (the
- * server's batch invariance).
+ * bias in bf16 and float32 sums (int8/int4: exact int32 sums over x in 15-bit fixed point for int8
+ * decode steps, in 8 bits otherwise, see there). Each row goes through the same instructions
+ * whatever the other rows are, so a row's result does not depend on how many rows share the call
+ * (the server's batch invariance).
  * W is one of:
  *   bf16  w[N, K] row-major.
  *   int8  q[N, K] row-major, scales s[N] bf16:  W[n, k] = q[n, k] * s[n].
@@ -13,8 +14,8 @@
  *         the code of row 64b+j in its low nibble and of row 64b+32+j in its high nibble.
  *         sz[K/G, N, 2] bf16 holds (scale, zero) per group of G columns:
  *         W[n, k] = (q - 8) * scale + zero.
- * Weight rows are split into tiles (4 rows for bf16/int8, one 64-row block for int4); OpenMP
- * threads take contiguous ranges of tiles, so each thread streams through one stretch of the
+ * Weight rows are split into tiles (4 rows for the gemv kernels, 64-row blocks for the gemm ones);
+ * OpenMP threads take contiguous ranges of tiles, so each thread streams through one stretch of the
  * weights once, the rows of x taking turns on each tile while it is in cache.
  */
 #include <immintrin.h>
@@ -143,8 +144,7 @@ INLINE __m512 maskz_load16_bf16(__mmask16 mask, const uint16_t *x) /* zeros wher
 /* x[k] ~ xscale[g] * (128 * xh[k] + xl[k]) per group g of G columns (the last one may be
  * shorter; K and G multiples of 16). Returns -1 (the caller then lets PyTorch compute) when x
  * holds an inf or NaN. */
-static int fixed_point_x(const uint16_t *x, int64_t K, int64_t G, int8_t *xh, int8_t *xl,
-                         float *xscale, int32_t *xsum)
+static int fixed_point_x(const uint16_t *x, int64_t K, int64_t G, int8_t *xh, int8_t *xl, float *xscale)
 {
     const __m512 inf = _mm512_set1_ps(__builtin_inff());
     for (int64_t g = 0; g * G < K; g++) {
@@ -159,16 +159,13 @@ static int fixed_point_x(const uint16_t *x, int64_t K, int64_t G, int8_t *xh, in
         float m = _mm512_reduce_max_ps(top);
         float scale = m > 0 ? m / X_ONE : 1.0f;
         const __m512 inv = _mm512_set1_ps(m > 0 ? X_ONE / m : 1.0f), by128 = _mm512_set1_ps(1.0f / 128);
-        __m512i sum = _mm512_setzero_si512();
         for (int64_t k = g * G; k < end; k += 16) {
             __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load16_bf16(x + k), inv)); /* nearest even */
             __m512i h = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_cvtepi32_ps(v), by128));
             _mm_storeu_si128((__m128i *)(xh + k), _mm512_cvtepi32_epi8(h));
             _mm_storeu_si128((__m128i *)(xl + k), _mm512_cvtepi32_epi8(_mm512_sub_epi32(v, _mm512_slli_epi32(h, 7))));
-            sum = _mm512_add_epi32(sum, v);
         }
         xscale[g] = scale;
-        xsum[g] = _mm512_reduce_add_epi32(sum);
     }
     return 0;
 }
@@ -258,11 +255,10 @@ static int prepare_int8_x(const uint16_t *x, int64_t M, int8_x *X, char *mem)
     __m512i *base = (__m512i *)mem;
     int8_t *xh = (int8_t *)(base + M * groups), *xl = xh + M * K64;
     float *xscale = (float *)(xl + M * K64), *xtail = xscale + M * groups;
-    int32_t *xsum = (int32_t *)(xtail + M * tail); /* not needed here */
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     for (int64_t m = 0; m < M; m++) {
         const uint16_t *xm = x + m * K;
-        if (groups && fixed_point_x(xm, K64, X8_GROUP, xh + m * K64, xl + m * K64, xscale + m * groups, xsum))
+        if (groups && fixed_point_x(xm, K64, X8_GROUP, xh + m * K64, xl + m * K64, xscale + m * groups))
             return -1;
         for (int64_t k = K64; k < K; k++)
             xtail[m * tail + k - K64] = bf16_to_f32(xm[k]);
@@ -284,7 +280,7 @@ int glm_gemv_int8(const uint16_t *x, const int8_t *q, const uint16_t *scales, co
 {
     int8_x X = {.K = K, .K64 = K / 64 * 64};
     X.groups = (X.K64 + X8_GROUP - 1) / X8_GROUP;
-    size_t bytes = (size_t)M * (64 * X.groups + 2 * X.K64 + 8 * X.groups + 4 * (K - X.K64));
+    size_t bytes = (size_t)M * (64 * X.groups + 2 * X.K64 + 4 * X.groups + 4 * (K - X.K64));
     char *mem = aligned_alloc(64, (bytes + 63) / 64 * 64);
     if (!mem)
         return -1;
@@ -316,126 +312,6 @@ int glm_gemv_int8(const uint16_t *x, const int8_t *q, const uint16_t *scales, co
         }
     }
     free(mem);
-    return 0;
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* int4: integer dot products (VNNI vpdpbusd: 4 u8 x s8 products per 32-bit lane).
- * x is written per group as 15-bit fixed point, x[k] ~ xscale[g] * (128 * xh[k] + xl[k]) with
- * xh, xl int8: exact for every bf16 value within 2^6 of the group's largest magnitude, and off by
- * at most 2^-15 of that largest magnitude otherwise. One 64-row block at a time, four columns
- * per step: their 128 bytes hold 4 codes per row; vpermt2b gathers each row's 4 bytes into one
- * lane. Lanes multiply whole bytes b = 16 hi + lo and low nibbles lo, which gives the high
- * nibbles' sums as (sum b - sum lo) / 16 without shifting or masking them out.
- * Per group: y += scale * xscale * sum x16 (q - 8) + zero * xscale * sum x16.
- * Takes a few rows of x (M, small): two at a time per block, reading the weights from memory once. */
-
-typedef struct {
-    const int8_t *xh, *xl;       /* [M, K] */
-    const float *xscale;         /* [M, K / G] */
-    const int32_t *xsum;         /* [M, K / G]: sum of x16 per group */
-    const uint16_t *sz, *bias;
-    uint16_t *y;                 /* [M, N] */
-    int64_t N, K, G;
-    __m512i idx[2];              /* vpermt2b indices: lane j of rows 16i+j, columns k..k+3 */
-} int4_args;
-
-/* Rows m0..m0+R-1 of x times the 64-row block b. */
-INLINE void int4_block(const int4_args *A, const uint8_t *p, int64_t b, int64_t m0, int R)
-{
-    const int64_t N = A->N, K = A->K, G = A->G, groups = K / G;
-    const __m512i low4 = _mm512_set1_epi8(15), hi_mask = _mm512_set1_epi32((int)0xffff0000u);
-    __m512 out[PAIR][4];
-    for (int m = 0; m < R; m++)
-        for (int r = 0; r < 4; r++)
-            out[m][r] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < groups; g++) {
-        /* [m][i]: x row m, rows 16i..16i+15 (whole bytes B*, low nibbles L*) times xh (*h) or xl (*l) */
-        __m512i Bh[PAIR][2], Bl[PAIR][2], Lh[PAIR][2], Ll[PAIR][2];
-        for (int m = 0; m < R; m++)
-            for (int i = 0; i < 2; i++)
-                Bh[m][i] = Bl[m][i] = Lh[m][i] = Ll[m][i] = _mm512_setzero_si512();
-        for (int64_t k = g * G; k < (g + 1) * G; k += 4) {
-            __m512i v0 = _mm512_loadu_si512(p + k * 32), v1 = _mm512_loadu_si512(p + (k + 2) * 32);
-            PREFETCH(p + k * 32);
-            PREFETCH(p + k * 32 + 64);
-            __m512i bytes[2], lo[2];
-            for (int i = 0; i < 2; i++) {
-                bytes[i] = _mm512_permutex2var_epi8(v0, A->idx[i], v1);
-                lo[i] = _mm512_and_si512(bytes[i], low4);
-            }
-            for (int m = 0; m < R; m++) {
-                __m512i h4 = _mm512_set1_epi32(*(const int32_t *)(A->xh + (m0 + m) * K + k));
-                __m512i l4 = _mm512_set1_epi32(*(const int32_t *)(A->xl + (m0 + m) * K + k));
-                for (int i = 0; i < 2; i++) {
-                    Bh[m][i] = _mm512_dpbusd_epi32(Bh[m][i], bytes[i], h4);
-                    Bl[m][i] = _mm512_dpbusd_epi32(Bl[m][i], bytes[i], l4);
-                    Lh[m][i] = _mm512_dpbusd_epi32(Lh[m][i], lo[i], h4);
-                    Ll[m][i] = _mm512_dpbusd_epi32(Ll[m][i], lo[i], l4);
-                }
-            }
-        }
-        for (int r = 0; r < 4; r++) { /* 16 rows of (scale, zero) bf16 pairs */
-            __m512i pair = _mm512_loadu_si512(A->sz + (g * N + b * 64 + 16 * r) * 2);
-            __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
-            __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, hi_mask));
-            for (int m = 0; m < R; m++) {
-                int i = r % 2;
-                __m512i low = combine(Lh[m][i], Ll[m][i]); /* sum x16 * q of rows 16r.. */
-                __m512i dots = r < 2 ? low : _mm512_srai_epi32(_mm512_sub_epi32(combine(Bh[m][i], Bl[m][i]), low), 4);
-                float xs = A->xscale[(m0 + m) * groups + g];
-                int32_t sum = A->xsum[(m0 + m) * groups + g];
-                __m512 dot = _mm512_cvtepi32_ps(_mm512_sub_epi32(dots, _mm512_set1_epi32(8 * sum)));
-                out[m][r] = _mm512_fmadd_ps(dot, _mm512_mul_ps(scale, _mm512_set1_ps(xs)), out[m][r]);
-                out[m][r] = _mm512_fmadd_ps(zero, _mm512_set1_ps(xs * (float)sum), out[m][r]);
-            }
-        }
-    }
-    for (int m = 0; m < R; m++)
-        for (int r = 0; r < 4; r++) {
-            int64_t n0 = b * 64 + 16 * r;
-            __m512 v = out[m][r];
-            if (A->bias)
-                v = _mm512_add_ps(v, load16_bf16(A->bias + n0));
-            _mm256_storeu_si256((__m256i *)(A->y + (m0 + m) * N + n0), (__m256i)_mm512_cvtneps_pbh(v));
-        }
-}
-
-int glm_gemv_int4(const uint16_t *x, const uint8_t *packed, const uint16_t *sz, const uint16_t *bias,
-                  uint16_t *y, int64_t M, int64_t N, int64_t K, int64_t G, int nthreads)
-{
-    if (G % 16 || G > 128 || K % G || N % 64) /* larger groups could overflow the int32 sums */
-        return -2;
-    int64_t groups = K / G;
-    int8_t *xq = malloc((size_t)(M * (2 * K + 8 * groups)));
-    if (!xq)
-        return -1;
-    int8_t *xh = xq, *xl = xq + M * K;
-    float *xscale = (float *)(xq + 2 * M * K);
-    int32_t *xsum = (int32_t *)(xscale + M * groups);
-    for (int64_t m = 0; m < M; m++)
-        if (fixed_point_x(x + m * K, K, G, xh + m * K, xl + m * K, xscale + m * groups, xsum + m * groups)) {
-            free(xq);
-            return -3;
-        }
-    uint8_t gather[2][64];
-    for (int i = 0; i < 2; i++)
-        for (int j = 0; j < 16; j++)
-            for (int c = 0; c < 4; c++)
-                gather[i][4 * j + c] = (uint8_t)(32 * c + 16 * i + j);
-    const int4_args A = {.xh = xh, .xl = xl, .xscale = xscale, .xsum = xsum, .sz = sz, .bias = bias, .y = y,
-                         .N = N, .K = K, .G = G,
-                         .idx = {_mm512_loadu_si512(gather[0]), _mm512_loadu_si512(gather[1])}};
-
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t b = 0; b < N / 64; b++) /* later pairs of x rows find the block in L2 */
-        for (int64_t m0 = 0; m0 < M; m0 += PAIR) {
-            if (M - m0 >= PAIR)
-                int4_block(&A, packed + b * K * 32, b, m0, PAIR);
-            else
-                int4_block(&A, packed + b * K * 32, b, m0, 1);
-        }
-    free(xq);
     return 0;
 }
 
@@ -477,19 +353,26 @@ void glm_dequant_int4_t(const uint8_t *packed, const uint16_t *sz, uint16_t *wt,
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* Prompts (many rows of x): integer products over x in 8 bits, tile by tile.
+/* int8 prompts and all int4 products: integer products over x in 8 bits, tile by tile.
  * Each row of x is quantized per group of G columns, x[k] ~ xs[g] * xq[k] with xq int8 (round to
  * nearest, the group's largest |x| maps to 127), like llama.cpp's q8 activations: half the
- * products of the 15-bit decode kernels above, for a precision far beyond the int4/int8 weights'.
+ * products of the 15-bit int8 decode kernel above. int4 decode steps take it too: int4's own
+ * rounding is ~16x int8's and hides the 8 bits of x, which halve a batch's products.
  * The weights are never dequantized as a whole: for one 64-row block and one group of columns at
  * a time, their codes are unpacked into a panel of unsigned bytes (c = q for int4, q + 128 for
  * int8; W = c * s + z per row and group), 4 columns of 16 rows per vector, which stays in L1
  * while every row of x, 4 at a time, multiplies it with vpdpbusd (4 u8 x s8 products per lane):
  *   y[m, n] += xs * (s[n] * sum c xq + z[n] * sum xq)    (exact int32 sums, float per group).
  * Each row of x takes the same instructions whatever the other rows are, so its result does not
- * depend on how many rows share the call. */
+ * depend on how many rows share the call. int4 with up to DIRECT_ROWS rows (decode steps) unpacks
+ * the codes in registers as they stream from memory rather than into a panel: the same integer
+ * sums and float epilogue, so the same results. */
 
 #define QROWS 4 /* rows of x per pass over a panel: 16 int32 accumulators */
+#ifndef DIRECT_ROWS
+#define DIRECT_ROWS 16 /* int4 up to this many rows: codes unpacked in registers per pass of 4 rows, no panel
+                           (8 and 16 rows: as fast as the panel or faster, measured) */
+#endif
 
 typedef struct {
     const int8_t *xq;    /* [groups, M, G]: group-major, so that a panel's rows of x lie together */
@@ -509,7 +392,7 @@ static int quantize_x8(const uint16_t *x, q8_x *X, int8_t *xq, float *xs, int32_
 {
     const int64_t M = X->M, K = X->K, G = X->G, groups = X->groups;
     int bad = 0;
-#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(| : bad)
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(| : bad) if (M > 1)
     for (int64_t m = 0; m < M; m++) {
         const __m512 inf = _mm512_set1_ps(__builtin_inff());
         for (int64_t g = 0; g < groups && !bad; g++) {
@@ -540,6 +423,23 @@ static int quantize_x8(const uint16_t *x, q8_x *X, int8_t *xq, float *xs, int32_
     return bad ? -1 : 0;
 }
 
+/* out[m] += what group g adds to rows m0+m of y, from the integer sums acc[m][v] of rows 16v.. of the
+ * block: xs * (s * acc + z * sum xq). The one float epilogue of both int4 paths and of int8. */
+INLINE void q8_add_group(const q8_x *X, const float *s, const float *z, int64_t g, int64_t m0, int R,
+                         __m512i acc[QROWS][4], float (*out)[64])
+{
+    for (int m = 0; m < R; m++) {
+        int64_t i = (m0 + m) * X->groups + g;
+        const __m512 xs = _mm512_set1_ps(X->xs[i]), xz = _mm512_set1_ps(X->xs[i] * (float)X->xsum[i]);
+        for (int v = 0; v < 4; v++) {
+            __m512 o = _mm512_loadu_ps(out[m] + 16 * v);
+            o = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][v]), _mm512_mul_ps(_mm512_loadu_ps(s + 16 * v), xs), o);
+            o = _mm512_fmadd_ps(_mm512_loadu_ps(z + 16 * v), xz, o);
+            _mm512_storeu_ps(out[m] + 16 * v, o);
+        }
+    }
+}
+
 /* Rows m0..m0+R-1 of x times the panel of group g (steps of 4 columns), added into out[m][64]. */
 INLINE void q8_panel_rows(const q8_x *X, const panel *P, int64_t g, int64_t steps, int64_t m0, int R,
                           float (*out)[64])
@@ -557,38 +457,82 @@ INLINE void q8_panel_rows(const q8_x *X, const panel *P, int64_t g, int64_t step
                 acc[m][v] = _mm512_dpbusd_epi32(acc[m][v], c[v], x4);
         }
     }
-    for (int m = 0; m < R; m++) {
-        int64_t i = (m0 + m) * X->groups + g;
-        const __m512 xs = _mm512_set1_ps(X->xs[i]), xz = _mm512_set1_ps(X->xs[i] * (float)X->xsum[i]);
-        for (int v = 0; v < 4; v++) {
-            __m512 o = _mm512_loadu_ps(out[m] + 16 * v);
-            o = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][v]), _mm512_mul_ps(_mm512_loadu_ps(P->s + 16 * v), xs), o);
-            o = _mm512_fmadd_ps(_mm512_loadu_ps(P->z + 16 * v), xz, o);
-            _mm512_storeu_ps(out[m] + 16 * v, o);
-        }
+    q8_add_group(X, P->s, P->z, g, m0, R, acc, out);
+}
+
+/* The 4 code vectors of int4 columns k..k+3 of a block at p (vector v: rows 16v..16v+15). Their
+ * 128 bytes hold 4 codes per row; vpermt2b gathers each row's 4 bytes into one lane (low nibbles:
+ * rows 16i+j, high nibbles: rows 32+16i+j). */
+INLINE void int4_codes(const uint8_t *p, int64_t k, const __m512i idx[2], __m512i c[4])
+{
+    const __m512i low4 = _mm512_set1_epi8(15);
+    __m512i v0 = _mm512_loadu_si512(p + k * 32), v1 = _mm512_loadu_si512(p + (k + 2) * 32);
+    for (int i = 0; i < 2; i++) {
+        __m512i bytes = _mm512_permutex2var_epi8(v0, idx[i], v1); /* lane j: rows 16i+j, 32+16i+j */
+        c[i] = _mm512_and_si512(bytes, low4);
+        c[2 + i] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4);
     }
 }
 
-/* The int4 codes of block b, group g into a panel (see glm_gemv_int4 for the layout). */
+/* Scales s and zeros z of block b, group g: W = (c - 8) * scale + zero = c * s + z. */
+INLINE void int4_scales(const uint16_t *sz, int64_t N, int64_t b, int64_t g, float *s, float *z)
+{
+    const __m512i hi_mask = _mm512_set1_epi32((int)0xffff0000u);
+    for (int v = 0; v < 4; v++) {
+        __m512i pair = _mm512_loadu_si512(sz + (g * N + b * 64 + 16 * v) * 2);
+        __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(pair, 16));
+        __m512 zero = _mm512_castsi512_ps(_mm512_and_si512(pair, hi_mask));
+        _mm512_storeu_ps(s + 16 * v, scale);
+        _mm512_storeu_ps(z + 16 * v, _mm512_fmadd_ps(scale, _mm512_set1_ps(-8.0f), zero));
+    }
+}
+
+/* A few rows (decode steps): rows m0..m0+R-1 of x times int4 block b, group g, the codes unpacked
+ * in registers as they stream from memory instead of into a panel. The same integer sums: lanes
+ * multiply whole bytes (16 hi + lo) and low nibbles, and the high nibbles' sums are their
+ * difference / 16, exactly, without shifting the high nibbles out. */
+INLINE void int4_direct_rows(const q8_x *X, const uint8_t *block, const float *s, const float *z, int64_t g,
+                             int64_t m0, int R, const __m512i idx[2], float (*out)[64])
+{
+    const __m512i low4 = _mm512_set1_epi8(15);
+    __m512i whole[QROWS][2], low[QROWS][2];
+    for (int m = 0; m < R; m++)
+        for (int i = 0; i < 2; i++)
+            whole[m][i] = low[m][i] = _mm512_setzero_si512();
+    const int8_t *x0 = X->xq + (g * X->M + m0) * X->G;
+    for (int64_t k = g * X->G, s4 = 0; k < (g + 1) * X->G; k += 4, s4 += 4) {
+        PREFETCH(block + k * 32);
+        PREFETCH(block + k * 32 + 64);
+        __m512i v0 = _mm512_loadu_si512(block + k * 32), v1 = _mm512_loadu_si512(block + (k + 2) * 32);
+        __m512i bytes[2], lo[2];
+        for (int i = 0; i < 2; i++) {
+            bytes[i] = _mm512_permutex2var_epi8(v0, idx[i], v1);
+            lo[i] = _mm512_and_si512(bytes[i], low4);
+        }
+        for (int m = 0; m < R; m++) {
+            __m512i x4 = _mm512_set1_epi32(*(const int32_t *)(x0 + m * X->G + s4));
+            for (int i = 0; i < 2; i++) {
+                whole[m][i] = _mm512_dpbusd_epi32(whole[m][i], bytes[i], x4);
+                low[m][i] = _mm512_dpbusd_epi32(low[m][i], lo[i], x4);
+            }
+        }
+    }
+    __m512i acc[QROWS][4];
+    for (int m = 0; m < R; m++)
+        for (int i = 0; i < 2; i++) {
+            acc[m][i] = low[m][i];
+            acc[m][2 + i] = _mm512_srai_epi32(_mm512_sub_epi32(whole[m][i], low[m][i]), 4);
+        }
+    q8_add_group(X, s, z, g, m0, R, acc, out);
+}
+
+/* The int4 codes of block b, group g into a panel. */
 static void int4_panel(const uint8_t *packed, const uint16_t *sz, int64_t N, int64_t K, int64_t G, int64_t b,
                        int64_t g, const __m512i idx[2], panel *P)
 {
-    const __m512i low4 = _mm512_set1_epi8(15);
-    const uint8_t *p = packed + (b * K + g * G) * 32;
-    for (int64_t s = 0; s < G / 4; s++) {
-        __m512i v0 = _mm512_loadu_si512(p + 4 * s * 32), v1 = _mm512_loadu_si512(p + (4 * s + 2) * 32);
-        for (int i = 0; i < 2; i++) {
-            __m512i bytes = _mm512_permutex2var_epi8(v0, idx[i], v1); /* lane j: rows 16i+j, 32+16i+j */
-            P->c[4 * s + i] = _mm512_and_si512(bytes, low4);
-            P->c[4 * s + 2 + i] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4);
-        }
-    }
-    const uint16_t *pair = sz + (g * N + b * 64) * 2;
-    for (int j = 0; j < 64; j++) { /* W = (c - 8) * scale + zero */
-        float scale = bf16_to_f32(pair[2 * j]);
-        P->s[j] = scale;
-        P->z[j] = bf16_to_f32(pair[2 * j + 1]) - 8 * scale;
-    }
+    for (int64_t s = 0; s < G / 4; s++)
+        int4_codes(packed + b * K * 32, g * G + 4 * s, idx, P->c + 4 * s);
+    int4_scales(sz, N, b, g, P->s, P->z);
 }
 
 /* out[s] = dword s of each of the 16 vectors in (lane j from in[j]): a 16 x 16 dword transpose. */
@@ -674,6 +618,14 @@ static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, con
             memset(out, 0, (size_t)M * 64 * sizeof(float));
             for (int64_t g = 0; g < X.groups; g++) {
                 int64_t steps = ((g + 1) * G < K ? G : K - g * G) / 4;
+                if (!int8 && M <= DIRECT_ROWS) {
+                    int4_scales(scales, N, b, g, P->s, P->z);
+                    for (int64_t m0 = 0; m0 < M; m0 += QROWS) {
+                        int R = M - m0 < QROWS ? (int)(M - m0) : QROWS;
+                        int4_direct_rows(&X, (const uint8_t *)q + b * K * 32, P->s, P->z, g, m0, R, idx, out + m0);
+                    }
+                    continue;
+                }
                 if (int8)
                     int8_panel(q, scales, K, G, b, g, steps, P);
                 else
