@@ -620,10 +620,16 @@ static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, con
                 int64_t steps = ((g + 1) * G < K ? G : K - g * G) / 4;
                 if (!int8 && M <= DIRECT_ROWS) {
                     int4_scales(scales, N, b, g, P->s, P->z);
-                    for (int64_t m0 = 0; m0 < M; m0 += QROWS) {
-                        int R = M - m0 < QROWS ? (int)(M - m0) : QROWS;
-                        int4_direct_rows(&X, (const uint8_t *)q + b * K * 32, P->s, P->z, g, m0, R, idx, out + m0);
-                    }
+                    const uint8_t *block = (const uint8_t *)q + b * K * 32;
+                    int64_t m0 = 0; /* constant row counts: the accumulators stay in registers */
+                    for (; m0 + QROWS <= M; m0 += QROWS)
+                        int4_direct_rows(&X, block, P->s, P->z, g, m0, QROWS, idx, out + m0);
+                    if (M - m0 == 3)
+                        int4_direct_rows(&X, block, P->s, P->z, g, m0, 3, idx, out + m0);
+                    else if (M - m0 == 2)
+                        int4_direct_rows(&X, block, P->s, P->z, g, m0, 2, idx, out + m0);
+                    else if (M - m0 == 1)
+                        int4_direct_rows(&X, block, P->s, P->z, g, m0, 1, idx, out + m0);
                     continue;
                 }
                 if (int8)
