@@ -354,15 +354,12 @@ def test_bf16_prefill_and_decode_use_kernels_and_match_the_portable_path(tiny_ck
     from glmchat.loader import load_model
 
     model, _ = load_model(tiny_ckpt, dtype="bfloat16", quantize=method, group_size=32, progress=False)
-    calls = {"prompt": 0, "decode": 0}  # int8: int8_gemm for prompts, int8_gemv for decode; int4: int4_gemm for both
-    for name in {f"{method}_gemm", f"{method}_gemv" if method == "int8" else f"{method}_gemm"}:
-        kernel = getattr(cpu_kernels, name)
-
-        def counted(x, *a, kernel=kernel, name=name):
-            decode = x.numel() == x.shape[-1] and (method == "int4" or name.endswith("gemv"))
-            calls["decode" if decode else "prompt"] += 1
-            return kernel(x, *a)
-        monkeypatch.setattr(cpu_kernels, name, counted)
+    calls = set()  # (kernel, rows)
+    for name in (f"{method}_gemm", f"{method}_gemv"):
+        if hasattr(cpu_kernels, name):
+            kernel = getattr(cpu_kernels, name)
+            monkeypatch.setattr(cpu_kernels, name, lambda x, *a, kernel=kernel, name=name:
+                                calls.add((name, x.numel() // x.shape[-1])) or kernel(x, *a))
     ids = torch.randint(5, 1000, (1, 6), generator=torch.Generator().manual_seed(0))
     logits = {}
     with torch.inference_mode():
@@ -371,7 +368,10 @@ def test_bf16_prefill_and_decode_use_kernels_and_match_the_portable_path(tiny_ck
             cache = model.new_cache(1, 16)
             prefill = model(ids[:, :5], cache=cache).float()
             logits[fast] = torch.cat([prefill, model.decode(ids[:, 5:], cache).float()], dim=1)
-    assert calls["prompt"] and calls["decode"], f"the prompt or the decode step did not reach the C kernels: {calls}"
+    # the 5-token prompt through the prompt kernel; the decode step through int8's 15-bit kernel, or
+    # int4's one kernel
+    decode_kernel = "int8_gemv" if method == "int8" else "int4_gemm"
+    assert {(f"{method}_gemm", 5), (decode_kernel, 1)} <= calls, calls
     scale = float(logits[False].abs().max())
     # both round to bf16 along the way (the portable path its dequantized weights, the prompt kernels
     # x to 8 bits): ~1% of the scale
