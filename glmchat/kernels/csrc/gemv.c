@@ -526,6 +526,22 @@ INLINE void int4_direct_rows(const q8_x *X, const uint8_t *block, const float *s
     q8_add_group(X, s, z, g, m0, R, acc, out);
 }
 
+/* Every row of x times int4 block b, group g, unpacking in registers: 4 rows at a time, then the
+ * rest, in constant counts (with a run-time count the accumulators would live on the stack). */
+static void int4_direct_group(const q8_x *X, const uint8_t *block, const float *s, const float *z, int64_t g,
+                              const __m512i idx[2], float (*out)[64])
+{
+    int64_t m0 = 0, M = X->M;
+    for (; m0 + QROWS <= M; m0 += QROWS)
+        int4_direct_rows(X, block, s, z, g, m0, QROWS, idx, out + m0);
+    if (M - m0 == 3)
+        int4_direct_rows(X, block, s, z, g, m0, 3, idx, out + m0);
+    else if (M - m0 == 2)
+        int4_direct_rows(X, block, s, z, g, m0, 2, idx, out + m0);
+    else if (M - m0 == 1)
+        int4_direct_rows(X, block, s, z, g, m0, 1, idx, out + m0);
+}
+
 /* The int4 codes of block b, group g into a panel. */
 static void int4_panel(const uint8_t *packed, const uint16_t *sz, int64_t N, int64_t K, int64_t G, int64_t b,
                        int64_t g, const __m512i idx[2], panel *P)
@@ -620,16 +636,7 @@ static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, con
                 int64_t steps = ((g + 1) * G < K ? G : K - g * G) / 4;
                 if (!int8 && M <= DIRECT_ROWS) {
                     int4_scales(scales, N, b, g, P->s, P->z);
-                    const uint8_t *block = (const uint8_t *)q + b * K * 32;
-                    int64_t m0 = 0; /* constant row counts: the accumulators stay in registers */
-                    for (; m0 + QROWS <= M; m0 += QROWS)
-                        int4_direct_rows(&X, block, P->s, P->z, g, m0, QROWS, idx, out + m0);
-                    if (M - m0 == 3)
-                        int4_direct_rows(&X, block, P->s, P->z, g, m0, 3, idx, out + m0);
-                    else if (M - m0 == 2)
-                        int4_direct_rows(&X, block, P->s, P->z, g, m0, 2, idx, out + m0);
-                    else if (M - m0 == 1)
-                        int4_direct_rows(&X, block, P->s, P->z, g, m0, 1, idx, out + m0);
+                    int4_direct_group(&X, (const uint8_t *)q + b * K * 32, P->s, P->z, g, idx, out);
                     continue;
                 }
                 if (int8)
