@@ -28,10 +28,21 @@
 #error "these kernels need AVX-512 F/BW/BF16/VBMI/VNNI"
 #endif
 
+/* Software prefetch of the weight streams, into L2 (T1): ~1.4x faster from DRAM than without it.
+ * Into L2 rather than L1 and, for int8's four row streams, further ahead: measured on an AMD EPYC
+ * (2 threads, 16 layer products in turns with the alternatives, median time, three runs) bf16
+ * 0.79-0.88x, int8 0.86-0.90x and int4 0.95-0.98x the time with T0 at 4096 bytes. */
 #ifndef PF_DIST
-#define PF_DIST 4096 /* bytes ahead to prefetch in each weight stream: ~1.4x faster from DRAM (measured) */
+#define PF_DIST 4096
 #endif
-#define PREFETCH(p) _mm_prefetch((const char *)(p) + PF_DIST, _MM_HINT_T0)
+#ifndef PF_DIST_INT8
+#define PF_DIST_INT8 8192
+#endif
+#ifndef PF_HINT
+#define PF_HINT _MM_HINT_T1
+#endif
+#define PREFETCH(p) _mm_prefetch((const char *)(p) + PF_DIST, PF_HINT)
+#define PREFETCH_INT8(p) _mm_prefetch((const char *)(p) + PF_DIST_INT8, PF_HINT)
 #define TILE 4 /* rows per tile for bf16 and int8: x is loaded once for all of them */
 #define INLINE static inline __attribute__((always_inline))
 
@@ -212,7 +223,7 @@ INLINE void int8_tile(const int8_x *X, const int8_t *q, int rows, int64_t m0, in
         for (int64_t k = g0; k < end; k += 64) {
             __m512i w[TILE];
             for (int r = 0; r < rows; r++) {
-                PREFETCH(q + r * K + k);
+                PREFETCH_INT8(q + r * K + k);
                 w[r] = _mm512_xor_si512(_mm512_loadu_si512(q + r * K + k), flip);
             }
             for (int m = 0; m < R; m++) {
