@@ -48,7 +48,7 @@ _loaded = False
 _lock = threading.Lock()
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
-    "glm_gemv_bf16": (None, [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
+    "glm_gemv_bf16": (_int, [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
     "glm_gemv_int8": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
     "glm_dequant_int4_t": (None, [_ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
     "glm_gemm_int8": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
@@ -176,6 +176,15 @@ def _bf16_or_none(t: torch.Tensor | None) -> bool:
     return t is None or t.dtype == torch.bfloat16
 
 
+def _call(kernel, x: torch.Tensor, weights: tuple, sizes: tuple) -> torch.Tensor | None:
+    """y [..., N] = kernel(x, *weights, y, rows, *sizes) where sizes = (N, K[, group]); None when
+    the kernel declines (non-finite x, an unsupported shape, no memory)."""
+    y = torch.empty(*x.shape[:-1], sizes[0], dtype=torch.bfloat16)
+    x = _row(x)
+    rc = kernel(x.data_ptr(), *weights, y.data_ptr(), x.numel() // x.shape[-1], *sizes, torch.get_num_threads())
+    return y if rc == 0 else None
+
+
 def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """x [..., K] · weight[N, K]ᵀ + bias, all bf16, as a [..., N] bf16 tensor; None when the kernel
     does not apply (unavailable, other dtypes). The weights are read once for all rows of x, but each
@@ -183,11 +192,7 @@ def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     N, K = weight.shape
     if not (_usable(x, K, weight, bias) and weight.dtype == torch.bfloat16 and _bf16_or_none(bias)):
         return None
-    y = torch.empty(*x.shape[:-1], N, dtype=torch.bfloat16)
-    x = _row(x)
-    _lib.glm_gemv_bf16(x.data_ptr(), weight.data_ptr(), _addr(bias), y.data_ptr(), x.numel() // K, N, K,
-                       torch.get_num_threads())
-    return y
+    return _call(_lib.glm_gemv_bf16, x, (weight.data_ptr(), _addr(bias)), (N, K))
 
 
 def _int8_operands(x, qweight, scales, bias) -> bool:
@@ -198,15 +203,6 @@ def _int8_operands(x, qweight, scales, bias) -> bool:
 def _int4_operands(x, qweight, scales_zeros, bias) -> bool:
     return (_usable(x, qweight.shape[1] * 2, qweight, scales_zeros, bias) and qweight.dtype == torch.uint8
             and scales_zeros.dtype == torch.bfloat16 and _bf16_or_none(bias) and qweight.shape[0] % 64 == 0)
-
-
-def _call(kernel, x: torch.Tensor, weights: tuple, sizes: tuple) -> torch.Tensor | None:
-    """y [..., N] = kernel(x, *weights, y, rows, *sizes) where sizes = (N, K[, group]); None when
-    the kernel declines (non-finite x, an unsupported shape, no memory)."""
-    y = torch.empty(*x.shape[:-1], sizes[0], dtype=torch.bfloat16)
-    x = _row(x)
-    rc = kernel(x.data_ptr(), *weights, y.data_ptr(), x.numel() // x.shape[-1], *sizes, torch.get_num_threads())
-    return y if rc == 0 else None
 
 
 def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,

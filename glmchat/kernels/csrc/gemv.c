@@ -111,8 +111,8 @@ INLINE void bf16_tile(const uint16_t *x, int R, const uint16_t *w, int64_t K, in
 
 /* M rows of x, XROWS at a time per tile of weight rows: the weights are read from memory once,
  * later passes find the tile in L1/L2. */
-void glm_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y,
-                   int64_t M, int64_t N, int64_t K, int nthreads)
+int glm_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y,
+                  int64_t M, int64_t N, int64_t K, int nthreads)
 {
     int64_t tiles = (N + TILE - 1) / TILE;
 #pragma omp parallel for num_threads(nthreads) schedule(static)
@@ -135,10 +135,11 @@ void glm_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, u
                     store(y + (m0 + m) * N, bias, n0 + r, out[m][r]);
         }
     }
+    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* x in fixed point, for the integer kernels below. */
+/* x in fixed point, for the int8 decode kernel below. */
 
 #define X_ONE 16256 /* the group's largest |x| maps to 127 * 128: xh in [-127, 127], xl in [-64, 64] */
 
@@ -388,8 +389,8 @@ void glm_dequant_int4_t(const uint8_t *packed, const uint16_t *sz, uint16_t *wt,
 typedef struct {
     const int8_t *xq;    /* [groups, M, G]: group-major, so that a panel's rows of x lie together */
     const float *xs;     /* [M, groups]: the group's scale */
-    const int32_t *xsum; /* [M, groups]: sum of xq over the group */
-    int64_t M, N, K, G, groups;
+    const float *xz;     /* [M, groups]: xs * the sum of xq over the group (what the zeros multiply) */
+    int64_t M, K, G, groups;
 } q8_x;
 
 typedef struct {                 /* one 64-row block, one group of columns */
@@ -399,7 +400,7 @@ typedef struct {                 /* one 64-row block, one group of columns */
 
 /* x's rows in 8 bits per group (the last group may be shorter, padded with zeros; lengths multiples
  * of 4). -1 when x holds an inf or NaN. */
-static int quantize_x8(const uint16_t *x, q8_x *X, int8_t *xq, float *xs, int32_t *xsum, int nthreads)
+static int quantize_x8(const uint16_t *x, q8_x *X, int8_t *xq, float *xs, float *xz, int nthreads)
 {
     const int64_t M = X->M, K = X->K, G = X->G, groups = X->groups;
     int bad = 0;
@@ -427,10 +428,10 @@ static int quantize_x8(const uint16_t *x, q8_x *X, int8_t *xq, float *xs, int32_
                 sum = _mm512_add_epi32(sum, v);
             }
             xs[m * groups + g] = big > 0 ? big / 127.0f : 1.0f;
-            xsum[m * groups + g] = _mm512_reduce_add_epi32(sum);
+            xz[m * groups + g] = xs[m * groups + g] * (float)_mm512_reduce_add_epi32(sum);
         }
     }
-    X->xq = xq, X->xs = xs, X->xsum = xsum;
+    X->xq = xq, X->xs = xs, X->xz = xz;
     return bad ? -1 : 0;
 }
 
@@ -441,7 +442,7 @@ INLINE void q8_add_group(const q8_x *X, const float *s, const float *z, int64_t 
 {
     for (int m = 0; m < R; m++) {
         int64_t i = (m0 + m) * X->groups + g;
-        const __m512 xs = _mm512_set1_ps(X->xs[i]), xz = _mm512_set1_ps(X->xs[i] * (float)X->xsum[i]);
+        const __m512 xs = _mm512_set1_ps(X->xs[i]), xz = _mm512_set1_ps(X->xz[i]);
         for (int v = 0; v < 4; v++) {
             __m512 o = _mm512_loadu_ps(out[m] + 16 * v);
             o = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][v]), _mm512_mul_ps(_mm512_loadu_ps(s + 16 * v), xs), o);
@@ -616,12 +617,12 @@ static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, con
 {
     if (G % 4 || G > 128 || K % 4 || N % 64 || (!int8 && K % G))
         return -2;
-    q8_x X = {.M = M, .N = N, .K = K, .G = G, .groups = (K + G - 1) / G};
+    q8_x X = {.M = M, .K = K, .G = G, .groups = (K + G - 1) / G};
     int64_t padded = X.groups * G * M;
     char *mem = malloc((size_t)(padded + 8 * M * X.groups));
     if (!mem)
         return -1;
-    if (quantize_x8(x, &X, (int8_t *)mem, (float *)(mem + padded), (int32_t *)(mem + padded + 4 * M * X.groups),
+    if (quantize_x8(x, &X, (int8_t *)mem, (float *)(mem + padded), (float *)(mem + padded + 4 * M * X.groups),
                     nthreads)) {
         free(mem);
         return -3;
