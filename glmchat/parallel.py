@@ -124,8 +124,8 @@ def _rows_of(t: torch.Tensor, kind: str, rows: torch.Tensor) -> torch.Tensor:
     if kind == "scales_zeros":  # int4: [K / group, N, 2]
         return t[:, rows]
     if kind == "qweight" and t.dtype == torch.uint8:  # int4 codes: [N / 64, K, 32] bytes
-        blocks = rows.view(-1, INT4_ROW_BLOCK)
-        if len(rows) % INT4_ROW_BLOCK or not torch.equal(blocks, blocks[:, :1] + torch.arange(INT4_ROW_BLOCK)) \
+        blocks = rows.view(-1, INT4_ROW_BLOCK) if len(rows) % INT4_ROW_BLOCK == 0 else None
+        if blocks is None or not torch.equal(blocks, blocks[:, :1] + torch.arange(INT4_ROW_BLOCK)) \
                 or bool((blocks[:, 0] % INT4_ROW_BLOCK).any()):
             raise ShardingError(f"int4 keeps rows in blocks of {INT4_ROW_BLOCK}, and a rank's share here cuts "
                                 "through one; use int8, or another number of ranks")
@@ -154,11 +154,9 @@ def _columns_of(t: torch.Tensor, kind: str, columns: slice, whole_inputs: int, r
 def set_quantized_share(layer: QuantizedLinear, name: str, weight: torch.Tensor, plan: ShardPlan) -> None:
     """Quantize the whole float `weight` of layer `name` ("layers.0.attn.qkv.weight") and keep the
     plan's share of its codes and scales: the ranks' shares are the whole layer's quantization."""
-    whole = layer.resized(*weight.shape)
-    whole.set_weight(weight)
     prefix = name.removesuffix("weight")
-    for buffer in layer._buffer_names:
-        getattr(layer, buffer).copy_(plan(prefix + buffer, getattr(whole, buffer)))
+    for buffer, whole in layer.quantized(weight).items():
+        getattr(layer, buffer).copy_(plan(prefix + buffer, whole))
 
 
 def shard(model: GLMTransformer, rank: int, world: int, group=None) -> GLMTransformer:

@@ -126,12 +126,6 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._matmul(x.reshape(-1, self.in_features)).view(*x.shape[:-1], self.out_features)
 
-    def resized(self, out_features: int, in_features: int) -> QuantizedLinear:
-        """An empty layer of the same kind (method, group size, dtype, device), without bias, of another shape."""
-        scales = getattr(self, self._buffer_names[1])
-        extra = {"group_size": self.group_size} if hasattr(self, "group_size") else {}
-        return type(self)(in_features, out_features, False, dtype=scales.dtype, device=scales.device, **extra)
-
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] -> x Wᵀ + b [M, N]."""
         y = self._dequantized_linear(x)
@@ -144,8 +138,13 @@ class QuantizedLinear(nn.Module):
         """Quantize a float weight [out, in] into this layer's buffers."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
             raise ValueError(f"weight of shape {tuple(weight.shape)} for a {self.out_features}×{self.in_features} layer")
-        for name, value in zip(self._buffer_names, self._quantize(weight.detach().to(self.qweight.device))):
+        for name, value in self.quantized(weight).items():
             getattr(self, name).copy_(value)
+
+    def quantized(self, weight: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The buffers (codes, scales) this layer's method gives a float weight of any shape, by name,
+        without storing them (tensor parallelism keeps a share of a whole layer's)."""
+        return dict(zip(self._buffer_names, self._quantize(weight.detach().to(self.qweight.device))))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
