@@ -159,7 +159,6 @@ class ChatModel:
         if self._cache is None or self._cache.max_len < needed:
             self._cache = resized_cache(self.model, self._cache, n, needed)
         self._cache.length = n
-        self._cache.prompt_marks = None  # facts of the previous prompt (set again by the prefill)
         return self._cache, n
 
 
@@ -171,6 +170,7 @@ def resized_cache(model: GLMTransformer, cache: KVCache | None, length: int, cap
         new.v[:, :, :, :length] = cache.v[:, :, :, :length]
         if cache.key_mask is not None:
             new.key_mask = cache.key_mask[:, :length].clone()
+        new.prompt_marks = cache.prompt_marks
     new.length = length
     return new
 

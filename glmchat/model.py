@@ -101,6 +101,8 @@ class KVCache:
         if end > self.max_len:
             raise ContextLengthError(f"{end} positions exceed the KV cache's {self.max_len} slots")
         self.key_mask = _extend_key_mask(self.key_mask, attention_mask, self.k.shape[1], start, end, self.k.device)
+        if start == 0:  # a new prompt: the previous one's facts no longer hold
+            self.prompt_marks = None
         self._start, self.length = start, end
         return _step(self.key_mask, start, end, self.k.device)
 

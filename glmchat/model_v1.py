@@ -144,7 +144,7 @@ class ChatGLM6BTransformer(GLMTransformer):
         mask_position, context = marks[:, 0, None], marks[:, 1, None]
         position = torch.where(p < context, p, mask_position)
         block = (p - context + 1).clamp(min=0)
-        rope = torch.stack((self.rope_at(position), self.rope_at(block)), dim=2)
+        rope = self.rope_at(torch.stack((position, block), dim=2))  # [B, T, 2, ...]: one check, one gather
         if prompt:
             step = Step(step.positions, self.prompt_mask(p, context, step), is_causal=False)
         return rope, step

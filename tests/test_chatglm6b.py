@@ -14,6 +14,7 @@ from safetensors import safe_open
 
 import glmchat
 from glmchat import AutoModel, AutoTokenizer
+from glmchat.chat import resized_cache
 from glmchat.config import ConfigError
 from glmchat.families import detect_family
 from glmchat.families.chatglm6b import ChatGLM1, ChatGLM6BTokenizer
@@ -95,6 +96,17 @@ def test_cached_decoding_matches_full_forward_passes_of_the_reference(chatglm6b_
         assert int(logits.argmax()) == token
         logits = loaded.model(torch.tensor([[token]]), cache=ours)[:, -1]
     assert int(logits.argmax()) == new[-1]
+
+
+def test_a_grown_or_copied_cache_decodes_like_the_original(loaded, tok):
+    """The drop-in copies its cache when past_key_values outgrows it or is reused from an earlier
+    length (chat.resized_cache): the copy keeps the prompt's [gMASK]/<sop> positions."""
+    prompt = tok.encode(reference_prompt("Write a poem", HISTORY[:1]))
+    model, token = loaded.model, torch.tensor([[tok.encode("poem", add_special_tokens=False)[0]]])
+    cache = model.new_cache(1, len(prompt) + 1)
+    model(torch.tensor([prompt]), cache=cache)
+    grown = resized_cache(model, cache, len(prompt), len(prompt) + 8)
+    torch.testing.assert_close(model(token, cache=grown), model(token, cache=cache), rtol=0, atol=0)
 
 
 def test_bfloat16_prefill_and_decode_follow_the_float32_reference(chatglm6b_ckpt, tok):
