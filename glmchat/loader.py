@@ -114,6 +114,8 @@ def load_weights(model: GLMTransformer, files: list[Path], progress: bool = True
         for file in files:
             for target, tensor in sanitize(iter_tensors(file), pending, source=file.name):
                 bar.update(tensor.numel() * tensor.element_size())
+                if model.config.tie_word_embeddings and target.startswith("output."):
+                    continue  # made from the embedding below, whatever the files hold
                 what = f"{file.name}: tensor {official_name(target, model.config.network)!r}"
                 if target in quantized:
                     _quantize_into(quantized[target], tensor, what, target, part)
@@ -132,7 +134,7 @@ def load_weights(model: GLMTransformer, files: list[Path], progress: bool = True
                     else:
                         copy_converting(param, tensor)
                 loaded.add(target)
-    if model.config.tie_word_embeddings:  # the output layer is the embedding, whatever the files hold
+    if model.config.tie_word_embeddings:  # the output layer is the embedding
         model.tie_weights()
         loaded.update(name for name in params if name.startswith("output."))
     missing = sorted(set(params) - loaded)
