@@ -143,11 +143,13 @@ def _join_tensor_parallel_group(args) -> tuple[int, int]:
     cuda = args.device in ("auto", "cuda") and torch.cuda.is_available()
     if cuda:
         args.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(args.device)  # NCCL's collectives, object broadcasts too, use the current device
     dist.init_process_group("nccl" if cuda else "gloo")
     atexit.register(_leave_group)
     rank = dist.get_rank()
     if hasattr(args, "seed"):  # a command that samples: one seed for every rank
-        seed = torch.tensor([args.seed if args.seed is not None else int(torch.randint(0, 2**62, ()))])
+        seed = torch.tensor([args.seed if args.seed is not None else int(torch.randint(0, 2**62, ()))],
+                            device=args.device if cuda else "cpu")  # NCCL sends only CUDA tensors
         dist.broadcast(seed, 0)
         args.seed = int(seed)
     if rank != 0:

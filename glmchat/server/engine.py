@@ -356,6 +356,7 @@ class Engine:
         """Do what rank 0's engine tells (see Lockstep) until it stops: the loop of every other
         tensor-parallel rank, with its shares of the weights and KV."""
         prefilling: dict[int, Request] = {}
+        self.model.output = torch.nn.Identity()  # rank 0 alone samples: the logits here would go unread
         with torch.inference_mode():
             while True:
                 operation, *args = self.lockstep.hear()
@@ -463,9 +464,9 @@ class Engine:
     def _decode_step(self) -> None:
         batch = self._active
         start = time.perf_counter()
-        padding = [0] * (self.cache.step_rows - len(batch))
-        inputs = torch.tensor([r.tokens[-1] for r in batch] + padding, dtype=torch.long, device=self.model.device)
-        self._tell("decode", inputs.tolist())
+        ids = [r.tokens[-1] for r in batch] + [0] * (self.cache.step_rows - len(batch))  # padding rows: 0
+        self._tell("decode", ids)
+        inputs = torch.tensor(ids, dtype=torch.long, device=self.model.device)
         try:
             logits = decode_step(self.model, inputs, self.cache)[: len(batch)]
             picks = self._sample(batch, logits)
