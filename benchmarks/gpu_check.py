@@ -22,13 +22,9 @@ import torch
 from glmchat.bench import memory_bandwidth, random_prompt, time_generation
 from glmchat.chat import load
 from glmchat.hub import DEFAULT_MODEL
+from glmchat.loader import weight_bytes
 from glmchat.server import BackgroundServer, build_app
 from serve_concurrency import run_level
-
-
-def weight_bytes(model) -> int:
-    tensors = {t.data_ptr(): t for t in model.state_dict().values()}  # a tied output layer counts once
-    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def decode_rate(model, new_tokens: int) -> float:

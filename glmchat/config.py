@@ -82,7 +82,7 @@ class GLMConfig:
     @classmethod
     def from_dict(cls, raw: dict, source: str = "config.json") -> "GLMConfig":
         model_type = raw.get("model_type")
-        if model_type == "chatglm" and "position_encoding_2d" in raw:
+        if is_chatglm_v1(raw):
             raw = _from_chatglm_v1(raw, source)
         elif model_type == "chatglm" and raw.get("tie_word_embeddings", False) is not False:
             # The reference's ChatGLM model never ties its output layer, whatever the key says.
@@ -219,6 +219,11 @@ def _from_transformers_glm(raw: dict, source: str) -> dict:
         }
     except KeyError as e:
         raise ConfigError(f"{source}: model_type {raw.get('model_type')!r} config lacks {e.args[0]!r}") from None
+
+
+def is_chatglm_v1(raw: dict) -> bool:
+    """Whether a config.json is the original ChatGLM-6B's (its 2D positions set it apart)."""
+    return raw.get("model_type") == "chatglm" and "position_encoding_2d" in raw
 
 
 def _from_chatglm_v1(raw: dict, source: str) -> dict:

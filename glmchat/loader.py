@@ -318,7 +318,12 @@ def _load(path_or_id, *, device, dtype, random_weights: bool, seed: int, quantiz
     if plan is not None:
         connect(model, plan)
     kernels.install(model)
-    tensors = {t.data_ptr(): t for t in model.state_dict().values()}  # a tied output layer counts once
-    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    info = LoadInfo(os.fspath(path_or_id), time.perf_counter() - start, nbytes, random_weights, quantization)
+    info = LoadInfo(os.fspath(path_or_id), time.perf_counter() - start, weight_bytes(model), random_weights,
+                    quantization)
     return model, info, located
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's weights and buffers (a tied output layer counted once)."""
+    tensors = {t.data_ptr(): t for t in model.state_dict().values()}
+    return sum(t.numel() * t.element_size() for t in tensors.values())

@@ -18,7 +18,7 @@ import json
 import re
 from pathlib import Path
 
-from ..config import ConfigError
+from ..config import ConfigError, is_chatglm_v1
 from .base import Family
 from .chatglm2 import ChatGLM2
 from .chatglm3 import ChatGLM3
@@ -60,7 +60,7 @@ def detect_family(directory: str | Path | None, raw: dict, name: str = "", famil
         str(x) for x in (name, directory or "", raw.get("_name_or_path", ""), tok_config.get("name_or_path", ""))
     ).lower()
     template = _template_text(tok_config.get("chat_template")) or _read_text(directory, "chat_template.jinja")
-    if raw.get("model_type") == "chatglm" and "position_encoding_2d" in raw:
+    if is_chatglm_v1(raw):
         return _variant(ChatGLM1, chat=True, hints=hints)
     if raw.get("model_type") == "glm4":
         chat = "<|assistant|>" in template or (not template and not re.search(r"[-_]base\b", hints))
