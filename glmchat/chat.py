@@ -118,7 +118,7 @@ class ChatModel:
         options = SamplingConfig(greedy=greedy, **sampling)
         prompt = self.family.prompt_ids(self.tokenizer, messages)
         text = TextStream(self.tokenizer, self.family.visible_text, stop_ids=self.family.stop_ids(self.tokenizer),
-                          reasoning=self.family.reasoning if self.family.reasons else None)
+                          reasoning=self.family.reasoning_rule)
         max_new = self.model.config.seq_length if max_new_tokens is None else max_new_tokens
         cache, reused = self._prefix_cache(prompt, len(prompt) + max_new)
         self._cache_ids, self._cache_valid = list(prompt), reused

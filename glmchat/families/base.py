@@ -195,6 +195,12 @@ class Family:
         one). Before the end (final=False) it only grows as text is added."""
         return None
 
+    @property
+    def reasoning_rule(self):
+        """`reasoning` for a TextStream to split a streamed reply with, or None where this family's
+        models do not reason (no rule to run on every token)."""
+        return self.reasoning if self.reasons else None
+
     # ---- the server's conversation (OpenAI messages -> turns) ------------------------------
 
     def tools_turn(self, functions: list[dict]) -> dict:

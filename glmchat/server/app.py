@@ -295,7 +295,7 @@ def _start(engine: Engine, tokenizer, family: Family, body: ChatRequest, timeout
     visible = functools.partial(family.visible_text, tool_calls=tools)
     return _submit(engine, tokenizer, family, body, prompt, body.max_completion_tokens or body.max_tokens, timeout,
                    lambda: TextStream(tokenizer, visible, stop_ids=family.stop_ids(tokenizer), stop_strings=stop_strings,
-                                      reasoning=family.reasoning if family.reasons else None),
+                                      reasoning=family.reasoning_rule),
                    tools, reasoning=body.include_reasoning is not False)
 
 
