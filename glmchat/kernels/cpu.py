@@ -3,16 +3,14 @@ layouts of glmchat.quantize). Each row of x goes through the same arithmetic wha
 rows are, so a row's result does not depend on how many rows share the call (the server's batch
 invariance rests on this). See csrc/gemv.c for the data layouts.
 
-Decode steps (*_gemv, a few rows): bf16 sums in float32; int8 sums exactly in int32 over x in
-15-bit fixed point per group of 256 columns: exact for entries within 2^6 of the group's largest,
-otherwise off by at most 2^-15 of it, far below the output's bf16 rounding.
-
-int8 prompts and every int4 product (*_gemm): the weights are unpacked tile by tile into cache,
-never dequantized as a whole, and multiplied with x in 8 bits per group of 128 columns (the int4
-group): half the integer products of the 15-bit kernel. Each entry of x is off by at most 1/254 of
-its group's largest magnitude, as with llama.cpp's 8-bit activations. int4 decode steps take this
-path too: int4's own rounding is ~16x int8's and hides the 8 bits of x, and a batch of decode rows
-then costs little more than one (the server's throughput).
+Decode steps (*_gemv, a few rows): bf16 sums in float32. Integer products (int8 and int4, decode
+steps and prompts alike) take x in 8 bits per group of columns (128, or the int4 group), with exact
+int32 sums per group and float across groups: each entry of x is off by at most 1/254 of its
+group's largest magnitude, as with llama.cpp's 8-bit activations. One integer product per weight
+and row of x, so a batch of decode rows costs little more than one (the server's throughput).
+int8 decode steps (int8_gemv) read the weights in their own row-major layout, a tile of rows at
+a time; int8 prompts and every int4 product (*_gemm) unpack the codes tile by tile into cache
+(int4 decode steps in registers), never dequantizing the weights as a whole.
 
 The C source is compiled at first use with the system compiler (`$CC`, `cc` or `gcc`,
 -O3 -march=native -fopenmp) into the user cache (~/.cache/glmchat/kernels) and loaded with

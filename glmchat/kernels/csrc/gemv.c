@@ -3,8 +3,8 @@
  * every int4 product (at the end).
  *
  * Every kernel computes y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for rows x[m], with x, y and
- * bias in bf16 and float32 sums (int8/int4: exact int32 sums over x in 15-bit fixed point for int8
- * decode steps, in 8 bits otherwise, see there). Each row goes through the same instructions
+ * bias in bf16 and float32 sums (int8/int4: exact int32 sums per group of columns over x in 8 bits
+ * per group, see there). Each row goes through the same instructions
  * whatever the other rows are, so a row's result does not depend on how many rows share the call
  * (the server's batch invariance).
  * W is one of:
@@ -139,9 +139,7 @@ int glm_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, ui
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* x in fixed point, for the int8 decode kernel below. */
-
-#define X_ONE 16256 /* the group's largest |x| maps to 127 * 128: xh in [-127, 127], xl in [-64, 64] */
+/* bf16 to float, 16 at a time. */
 
 INLINE __m512 load16_bf16(const uint16_t *x)
 {
@@ -151,180 +149,6 @@ INLINE __m512 load16_bf16(const uint16_t *x)
 INLINE __m512 maskz_load16_bf16(__mmask16 mask, const uint16_t *x) /* zeros where mask is clear */
 {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, x)), 16));
-}
-
-/* x[k] ~ xscale[g] * (128 * xh[k] + xl[k]) per group g of G columns (the last one may be
- * shorter; K and G multiples of 16). Returns -1 (the caller then lets PyTorch compute) when x
- * holds an inf or NaN. */
-static int fixed_point_x(const uint16_t *x, int64_t K, int64_t G, int8_t *xh, int8_t *xl, float *xscale)
-{
-    const __m512 inf = _mm512_set1_ps(__builtin_inff());
-    for (int64_t g = 0; g * G < K; g++) {
-        int64_t end = (g + 1) * G < K ? (g + 1) * G : K;
-        __m512 top = _mm512_setzero_ps();
-        for (int64_t k = g * G; k < end; k += 16) {
-            __m512 a = _mm512_abs_ps(load16_bf16(x + k));
-            if (_mm512_cmp_ps_mask(a, inf, _CMP_NLT_UQ)) /* inf or NaN */
-                return -1;
-            top = _mm512_max_ps(top, a);
-        }
-        float m = _mm512_reduce_max_ps(top);
-        float scale = m > 0 ? m / X_ONE : 1.0f;
-        const __m512 inv = _mm512_set1_ps(m > 0 ? X_ONE / m : 1.0f), by128 = _mm512_set1_ps(1.0f / 128);
-        for (int64_t k = g * G; k < end; k += 16) {
-            __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(load16_bf16(x + k), inv)); /* nearest even */
-            __m512i h = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_cvtepi32_ps(v), by128));
-            _mm_storeu_si128((__m128i *)(xh + k), _mm512_cvtepi32_epi8(h));
-            _mm_storeu_si128((__m128i *)(xl + k), _mm512_cvtepi32_epi8(_mm512_sub_epi32(v, _mm512_slli_epi32(h, 7))));
-        }
-        xscale[g] = scale;
-    }
-    return 0;
-}
-
-INLINE __m512i combine(__m512i hi, __m512i lo) /* 128 * hi + lo */
-{
-    return _mm512_add_epi32(_mm512_slli_epi32(hi, 7), lo);
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* int8: integer dot products (VNNI vpdpbusd: 4 u8 x s8 products per 32-bit lane) over x in
- * 15-bit fixed point per group of X8_GROUP columns (see fixed_point_x). The unsigned side is
- * the codes plus 128 (q ^ 0x80); the extra 128 * x per lane is the same for every row, so it is
- * computed once per call (base) and subtracted exactly in int32. Columns past the last multiple
- * of 64 go through float FMA. */
-
-#define X8_GROUP 256 /* 16 columns per lane: sums stay far below 2^31 (16 * 255 * 127 * 128) */
-
-#define PAIR 2 /* x rows per pass over the weights: their accumulators fill the vector registers */
-
-typedef struct {                 /* x prepared, per row m of M: */
-    const int8_t *xh, *xl;       /* [M, K64] */
-    const float *xscale;         /* [M, groups] */
-    const float *xtail;          /* [M, K - K64]: x in float from column K64 on */
-    const __m512i *base;         /* [M, groups]: the lanes' sums for all-zero codes */
-    int64_t K, K64, groups;
-} int8_x;
-
-/* out[m][r] = x row m0+m . weight row r of the tile at q, for m < R, r < rows. */
-INLINE void int8_tile(const int8_x *X, const int8_t *q, int rows, int64_t m0, int R, float out[PAIR][TILE])
-{
-    const int64_t K = X->K, K64 = X->K64, tail = K - K64;
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-    __m512 acc[PAIR][TILE];
-    for (int m = 0; m < R; m++)
-        for (int r = 0; r < rows; r++)
-            acc[m][r] = _mm512_setzero_ps();
-    for (int64_t g = 0, g0 = 0; g0 < K64; g++, g0 += X8_GROUP) {
-        int64_t end = g0 + X8_GROUP < K64 ? g0 + X8_GROUP : K64;
-        __m512i hi[PAIR][TILE], lo[PAIR][TILE];
-        for (int m = 0; m < R; m++)
-            for (int r = 0; r < rows; r++)
-                hi[m][r] = lo[m][r] = _mm512_setzero_si512();
-        for (int64_t k = g0; k < end; k += 64) {
-            __m512i w[TILE];
-            for (int r = 0; r < rows; r++) {
-                PREFETCH_INT8(q + r * K + k);
-                w[r] = _mm512_xor_si512(_mm512_loadu_si512(q + r * K + k), flip);
-            }
-            for (int m = 0; m < R; m++) {
-                __m512i xh = _mm512_loadu_si512(X->xh + (m0 + m) * K64 + k);
-                __m512i xl = _mm512_loadu_si512(X->xl + (m0 + m) * K64 + k);
-                for (int r = 0; r < rows; r++) {
-                    hi[m][r] = _mm512_dpbusd_epi32(hi[m][r], w[r], xh);
-                    lo[m][r] = _mm512_dpbusd_epi32(lo[m][r], w[r], xl);
-                }
-            }
-        }
-        for (int m = 0; m < R; m++) {
-            const __m512 xs = _mm512_set1_ps(X->xscale[(m0 + m) * X->groups + g]);
-            const __m512i base = X->base[(m0 + m) * X->groups + g];
-            for (int r = 0; r < rows; r++) {
-                __m512i dot = _mm512_sub_epi32(combine(hi[m][r], lo[m][r]), base);
-                acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), xs, acc[m][r]);
-            }
-        }
-    }
-    for (int64_t k = K64; k < K; k += 16) {
-        __mmask16 mask = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1);
-        for (int r = 0; r < rows; r++) {
-            __m512 c = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask, q + r * K + k)));
-            for (int m = 0; m < R; m++) {
-                __m512 xv = _mm512_maskz_loadu_ps(mask, X->xtail + (m0 + m) * tail + (k - K64));
-                acc[m][r] = _mm512_fmadd_ps(c, xv, acc[m][r]);
-            }
-        }
-    }
-    for (int m = 0; m < R; m++)
-        for (int r = 0; r < rows; r++)
-            out[m][r] = _mm512_reduce_add_ps(acc[m][r]);
-}
-
-/* x's rows in fixed point (see fixed_point_x) plus the per-group lane sums for all-zero codes. */
-static int prepare_int8_x(const uint16_t *x, int64_t M, int8_x *X, char *mem)
-{
-    const int64_t K = X->K, K64 = X->K64, groups = X->groups, tail = K - K64;
-    __m512i *base = (__m512i *)mem;
-    int8_t *xh = (int8_t *)(base + M * groups), *xl = xh + M * K64;
-    float *xscale = (float *)(xl + M * K64), *xtail = xscale + M * groups;
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-    for (int64_t m = 0; m < M; m++) {
-        const uint16_t *xm = x + m * K;
-        if (groups && fixed_point_x(xm, K64, X8_GROUP, xh + m * K64, xl + m * K64, xscale + m * groups))
-            return -1;
-        for (int64_t k = K64; k < K; k++)
-            xtail[m * tail + k - K64] = bf16_to_f32(xm[k]);
-        for (int64_t g = 0; g < groups; g++) {
-            __m512i hi = _mm512_setzero_si512(), lo = _mm512_setzero_si512();
-            for (int64_t k = g * X8_GROUP; k < (g + 1) * X8_GROUP && k < K64; k += 64) {
-                hi = _mm512_dpbusd_epi32(hi, flip, _mm512_loadu_si512(xh + m * K64 + k));
-                lo = _mm512_dpbusd_epi32(lo, flip, _mm512_loadu_si512(xl + m * K64 + k));
-            }
-            base[m * groups + g] = combine(hi, lo);
-        }
-    }
-    X->xh = xh, X->xl = xl, X->xscale = xscale, X->xtail = xtail, X->base = base;
-    return 0;
-}
-
-int glm_gemv_int8(const uint16_t *x, const int8_t *q, const uint16_t *scales, const uint16_t *bias,
-                  uint16_t *y, int64_t M, int64_t N, int64_t K, int nthreads)
-{
-    int8_x X = {.K = K, .K64 = K / 64 * 64};
-    X.groups = (X.K64 + X8_GROUP - 1) / X8_GROUP;
-    size_t bytes = (size_t)M * (64 * X.groups + 2 * X.K64 + 4 * X.groups + 4 * (K - X.K64));
-    char *mem = aligned_alloc(64, (bytes + 63) / 64 * 64);
-    if (!mem)
-        return -1;
-    if (prepare_int8_x(x, M, &X, mem)) {
-        free(mem);
-        return -3;
-    }
-    int64_t tiles = (N + TILE - 1) / TILE;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
-        int64_t n0 = t * TILE, rows = N - n0 < TILE ? N - n0 : TILE;
-        for (int64_t m0 = 0; m0 < M; m0 += PAIR) { /* later pairs find the tile in L1/L2 */
-            float out[PAIR][TILE];
-            int R = M - m0 >= PAIR ? PAIR : 1;
-            if (rows == TILE && R == PAIR)
-                int8_tile(&X, q + n0 * K, TILE, m0, PAIR, out);
-            else if (rows == TILE)
-                int8_tile(&X, q + n0 * K, TILE, m0, 1, out);
-            else
-                for (int r = 0; r < rows; r++) {
-                    float one[PAIR][TILE];
-                    int8_tile(&X, q + (n0 + r) * K, 1, m0, R, one);
-                    for (int m = 0; m < R; m++)
-                        out[m][r] = one[m][0];
-                }
-            for (int m = 0; m < R; m++)
-                for (int r = 0; r < rows; r++)
-                    store(y + (m0 + m) * N, bias, n0 + r, out[m][r] * bf16_to_f32(scales[n0 + r]));
-        }
-    }
-    free(mem);
-    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -367,9 +191,9 @@ void glm_dequant_int4_t(const uint8_t *packed, const uint16_t *sz, uint16_t *wt,
 /* ------------------------------------------------------------------------------------------ */
 /* int8 prompts and all int4 products: integer products over x in 8 bits, tile by tile.
  * Each row of x is quantized per group of G columns, x[k] ~ xs[g] * xq[k] with xq int8 (round to
- * nearest, the group's largest |x| maps to 127), like llama.cpp's q8 activations: half the
- * products of the 15-bit int8 decode kernel above. int4 decode steps take it too: int4's own
- * rounding is ~16x int8's and hides the 8 bits of x, which halve a batch's products.
+ * nearest, the group's largest |x| maps to 127), like llama.cpp's q8 activations: one integer
+ * product per weight and row. int4 decode steps take it too; int8's (glm_gemv_int8, at the end)
+ * share the arithmetic in the weights' own layout.
  * The weights are never dequantized as a whole: for one 64-row block and one group of columns at
  * a time, their codes are unpacked into a panel of unsigned bytes (c = q for int4, q + 128 for
  * int8; W = c * s + z per row and group), 4 columns of 16 rows per vector, which stays in L1
@@ -381,6 +205,8 @@ void glm_dequant_int4_t(const uint8_t *packed, const uint16_t *sz, uint16_t *wt,
  * sums and float epilogue, so the same results. */
 
 #define QROWS 4 /* rows of x per pass over a panel: 16 int32 accumulators */
+#define Q8_GROUP 128 /* int8: x's quantization group, prompts and decode steps alike */
+#define XPAIR 2 /* int8 decode: rows of x per pass over a tile (8 int32, 8 float accumulators) */
 #ifndef DIRECT_ROWS
 #define DIRECT_ROWS 16 /* int4 up to this many rows: codes unpacked in registers per pass of 4 rows, no panel
                            (8 and 16 rows: as fast as the panel or faster, measured) */
@@ -686,5 +512,98 @@ int glm_gemm_int4(const uint16_t *x, const uint8_t *packed, const uint16_t *sz, 
 int glm_gemm_int8(const uint16_t *x, const int8_t *q, const uint16_t *scales, const uint16_t *bias, uint16_t *y,
                   int64_t M, int64_t N, int64_t K, int nthreads)
 {
-    return gemm_q8(x, q, scales, bias, y, M, N, K, 128, 1, nthreads);
+    return gemm_q8(x, q, scales, bias, y, M, N, K, Q8_GROUP, 1, nthreads);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* int8 decode steps: the prompt kernels' arithmetic (x in 8 bits per group of Q8_GROUP columns,
+ * exact int32 sums per group, float across groups) in the weights' own row-major layout, with no
+ * panel to build: a tile of TILE weight rows streams from memory once, 64 columns (a vector per
+ * row) at a time, and each row of x multiplies it while it is in cache. The unsigned side of
+ * vpdpbusd is the codes plus 128 (q ^ 0x80); the 128 * sum xq that adds is taken off once per row
+ * of x at the end. Any N and K (the last vector of a group masked). */
+
+/* out[m][r] = sum over groups of xs * (the lanes' int32 sums), for rows m0..m0+R-1 of x and the
+ * `rows` weight rows at q, lanes still apart (reduced by the caller). */
+INLINE void int8_tile(const q8_x *X, const int8_t *q, int rows, int64_t m0, int R, float out[XPAIR][TILE])
+{
+    const int64_t K = X->K, G = X->G;
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512 acc[XPAIR][TILE];
+    for (int m = 0; m < R; m++)
+        for (int r = 0; r < rows; r++)
+            acc[m][r] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < X->groups; g++) {
+        const int64_t k0 = g * G, end = k0 + G < K ? k0 + G : K;
+        __m512i dot[XPAIR][TILE];
+        for (int m = 0; m < R; m++)
+            for (int r = 0; r < rows; r++)
+                dot[m][r] = _mm512_setzero_si512();
+        for (int64_t k = k0; k < end; k += 64) {
+            const __mmask64 mask = end - k >= 64 ? ~0ull : (1ull << (end - k)) - 1;
+            __m512i w[TILE];
+            for (int r = 0; r < rows; r++) {
+                PREFETCH_INT8(q + r * K + k);
+                w[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, q + r * K + k), flip); /* x is 0 past end */
+            }
+            for (int m = 0; m < R; m++) {
+                const __m512i xv = _mm512_loadu_si512(X->xq + (g * X->M + m0 + m) * G + (k - k0));
+                for (int r = 0; r < rows; r++)
+                    dot[m][r] = _mm512_dpbusd_epi32(dot[m][r], w[r], xv);
+            }
+        }
+        for (int m = 0; m < R; m++) {
+            const __m512 xs = _mm512_set1_ps(X->xs[(m0 + m) * X->groups + g]);
+            for (int r = 0; r < rows; r++)
+                acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[m][r]), xs, acc[m][r]);
+        }
+    }
+    for (int m = 0; m < R; m++)
+        for (int r = 0; r < rows; r++)
+            out[m][r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+
+int glm_gemv_int8(const uint16_t *x, const int8_t *q, const uint16_t *scales, const uint16_t *bias,
+                  uint16_t *y, int64_t M, int64_t N, int64_t K, int nthreads)
+{
+    q8_x X = {.M = M, .K = K, .G = Q8_GROUP, .groups = (K + Q8_GROUP - 1) / Q8_GROUP};
+    int64_t padded = X.groups * X.G * M;
+    char *mem = malloc((size_t)(padded + 8 * M * X.groups + 4 * M));
+    if (!mem)
+        return -1;
+    float *xs = (float *)(mem + padded), *xz = xs + M * X.groups, *zsum = xz + M * X.groups;
+    if (quantize_x8(x, &X, (int8_t *)mem, xs, xz, nthreads)) {
+        free(mem);
+        return -3;
+    }
+    for (int64_t m = 0; m < M; m++) { /* what the codes' +128 added to row m's sums, over 128 */
+        zsum[m] = 0;
+        for (int64_t g = 0; g < X.groups; g++)
+            zsum[m] += xz[m * X.groups + g];
+    }
+    int64_t tiles = (N + TILE - 1) / TILE;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        int64_t n0 = t * TILE, rows = N - n0 < TILE ? N - n0 : TILE;
+        for (int64_t m0 = 0; m0 < M; m0 += XPAIR) { /* later rows of x find the tile in L1/L2 */
+            float out[XPAIR][TILE];
+            int R = M - m0 >= XPAIR ? XPAIR : 1;
+            if (rows == TILE && R == XPAIR) /* constant counts: the accumulators stay in registers */
+                int8_tile(&X, q + n0 * K, TILE, m0, XPAIR, out);
+            else if (rows == TILE)
+                int8_tile(&X, q + n0 * K, TILE, m0, 1, out);
+            else
+                for (int r = 0; r < rows; r++) {
+                    float one[XPAIR][TILE];
+                    int8_tile(&X, q + (n0 + r) * K, 1, m0, R, one);
+                    for (int m = 0; m < R; m++)
+                        out[m][r] = one[m][0];
+                }
+            for (int m = 0; m < R; m++)
+                for (int r = 0; r < rows; r++)
+                    store(y + (m0 + m) * N, bias, n0 + r, (out[m][r] - 128 * zsum[m0 + m]) * bf16_to_f32(scales[n0 + r]));
+        }
+    }
+    free(mem);
+    return 0;
 }
