@@ -459,6 +459,36 @@ def test_decode_attention_equals_naive_attention(dtype, tol, cached, padded):
     torch.testing.assert_close(out.double(), _naive_attention(q, k, v, key_mask), atol=tol, rtol=tol)
 
 
+@needs_kernels
+@pytest.mark.parametrize("heads, groups, dim", [(32, 2, 128), (6, 2, 64), (3, 3, 32), (5, 1, 128)])
+def test_decode_attention_kernel_takes_each_row_over_its_own_keys(heads, groups, dim):
+    """The server's slots: rows of a decode step at their own lengths, the keys a view of a bigger
+    cache (rows and heads at a stride). Each row equals naive attention over its first keys, and
+    comes out bit for bit the same alone as beside the other rows."""
+    cache_k, cache_v = _randn(5, groups, 40, dim, seed=1).bfloat16(), _randn(5, groups, 40, dim, seed=2).bfloat16()
+    k, v = cache_k[:4, :, :33], cache_v[:4, :, :33]
+    lengths = [1, 33, 17, 30]
+    q = _randn(4, heads, 1, dim, seed=3).bfloat16()
+    out = cpu_kernels.decode_attention(q, k, v, lengths, dim**-0.5)
+    assert out is not None and out.shape == q.shape and out.dtype == torch.bfloat16
+    for b, n in enumerate(lengths):
+        expected = _naive_attention(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n])
+        torch.testing.assert_close(out[b : b + 1].double(), expected, atol=2e-3, rtol=8e-3)  # one bf16 rounding
+        assert torch.equal(cpu_kernels.decode_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], [n], dim**-0.5),
+                           out[b : b + 1])
+
+
+@needs_kernels
+def test_decode_attention_kernel_declines_what_it_does_not_take():
+    q, k = _randn(2, 4, 1, 64).bfloat16(), _randn(2, 2, 8, 64).bfloat16()
+    assert cpu_kernels.decode_attention(q, k, k, [3, 0], 0.125) is None  # a row with no keys
+    assert cpu_kernels.decode_attention(q, k, k, [3, 9], 0.125) is None  # more keys than the cache holds
+    assert cpu_kernels.decode_attention(q.float(), k.float(), k.float(), [3, 8], 0.125) is None
+    for dim in (256, 48):  # head_dim past 128, or not a multiple of 32
+        kv = _randn(2, 2, 3, dim).bfloat16()
+        assert cpu_kernels.decode_attention(kv[:, :, :1], kv, kv, [3, 3], 1.0) is None
+
+
 def test_prompt_attention_keeps_sdpa():
     from glmchat.config import GLMConfig
     from glmchat.model import Attention, Step

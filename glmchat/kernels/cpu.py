@@ -51,6 +51,7 @@ _SIGNATURES = {
     "glm_dequant_int4_t": (None, [_ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
     "glm_gemm_int8": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
     "glm_gemm_int4": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int]),
+    "glm_decode_attention": (_int, [_ptr] * 5 + [_i64] * 6 + [ctypes.c_float, _int]),
 }
 
 
@@ -248,3 +249,23 @@ def int4_dequantize_t(qweight: torch.Tensor, scales_zeros: torch.Tensor, group_s
     _lib.glm_dequant_int4_t(qweight.data_ptr(), scales_zeros.data_ptr(), out.data_ptr(), N, K, group_size,
                             torch.get_num_threads())
     return out
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int],
+                     scale: float) -> torch.Tensor | None:
+    """A decode step's attention, bf16: q [B, H, 1, D] over k and v [B, G, S, D] (views of a cache:
+    rows and heads at any stride, each head's slots contiguous), row b over its first lengths[b]
+    keys, query heads g*H/G.. reading KV head g. [B, H, 1, D], or None where it does not apply
+    (then PyTorch's ops)."""
+    B, H, T, D = q.shape
+    if not (enabled and T == 1 and q.device.type == k.device.type == v.device.type == "cpu"
+            and q.dtype == k.dtype == v.dtype == torch.bfloat16 and k.shape == v.shape and k.stride() == v.stride()
+            and k.stride(3) == 1 and k.stride(2) == D and len(lengths) == B and 1 <= min(lengths)
+            and max(lengths) <= k.shape[2] and _load() is not None):
+        return None
+    q = _row(q)
+    out = torch.empty_like(q)
+    rows = torch.tensor(lengths, dtype=torch.int64)
+    rc = _lib.glm_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), rows.data_ptr(), out.data_ptr(), B, H,
+                                   k.shape[1], D, k.stride(0), k.stride(1), scale, torch.get_num_threads())
+    return out if rc == 0 else None

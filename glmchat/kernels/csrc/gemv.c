@@ -607,3 +607,109 @@ int glm_gemv_int8(const uint16_t *x, const int8_t *q, const uint16_t *scales, co
     free(mem);
     return 0;
 }
+
+/* ------------------------------------------------------------------------------------------ */
+/* Attention for decode steps: one new token per row b, over that row's own first lengths[b] keys.
+ * q and out [B, H, D], k and v [B, G, >= lengths[b], D] (rows and KV heads at the given strides,
+ * in elements), all bf16; query heads g*H/G .. (g+1)*H/G - 1 read KV head g. Per (row, KV head):
+ * scores by vdpbf16ps in float, softmax in float, then the values' weighted sum in float, rounded
+ * to bf16 once. A row's result never depends on the other rows. */
+
+INLINE __m512 exp16(__m512 x) /* e^x, relative error ~1e-7 (Cephes' expf); NaN stays NaN */
+{
+    x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x); /* below, e^x is 0 in float anyway */
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x); /* x - n ln 2, in two parts */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n); /* p * 2^n */
+}
+
+/* p[s] = softmax over s < n of scale * (q . k[s]), for one query head. */
+INLINE void attention_weights(const uint16_t *qh, const uint16_t *kb, int64_t n, int64_t D, float scale, float *p)
+{
+    float top = -__builtin_inff();
+    for (int64_t s = 0; s < n; s++) {
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 32)
+            acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(qh + d), (__m512bh)_mm512_loadu_si512(kb + s * D + d));
+        p[s] = _mm512_reduce_add_ps(acc) * scale;
+        top = p[s] > top ? p[s] : top;
+    }
+    const __m512 shift = _mm512_set1_ps(top);
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t s = 0; s < n; s += 16) {
+        __mmask16 mask = n - s >= 16 ? 0xffff : (__mmask16)((1u << (n - s)) - 1);
+        __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, p + s), shift));
+        _mm512_mask_storeu_ps(p + s, mask, e);
+        total = _mm512_add_ps(total, _mm512_maskz_mov_ps(mask, e));
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
+    for (int64_t s = 0; s < n; s += 16) {
+        __mmask16 mask = n - s >= 16 ? 0xffff : (__mmask16)((1u << (n - s)) - 1);
+        _mm512_mask_storeu_ps(p + s, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, p + s), inv));
+    }
+}
+
+/* out[h] = sum over s < n of p[h][s] * v[s] for H2 (1 or 2) query heads, D <= 128. */
+INLINE void attention_values(const float *p, int64_t n, const uint16_t *vb, int64_t D, int H2, uint16_t *out)
+{
+    __m512 acc[2][8];
+    const int64_t V = D / 16;
+    for (int h = 0; h < H2; h++)
+        for (int64_t j = 0; j < V; j++)
+            acc[h][j] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < n; s++)
+        for (int64_t j = 0; j < V; j++) {
+            __m512 vj = load16_bf16(vb + s * D + 16 * j);
+            for (int h = 0; h < H2; h++)
+                acc[h][j] = _mm512_fmadd_ps(_mm512_set1_ps(p[h * n + s]), vj, acc[h][j]);
+        }
+    for (int h = 0; h < H2; h++)
+        for (int64_t j = 0; j < V; j++)
+            _mm256_storeu_si256((__m256i *)(out + h * D + 16 * j), (__m256i)_mm512_cvtneps_pbh(acc[h][j]));
+}
+
+int glm_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, const int64_t *lengths, uint16_t *out,
+                         int64_t B, int64_t H, int64_t G, int64_t D, int64_t row_stride, int64_t head_stride,
+                         float scale, int nthreads)
+{
+    if (D % 32 || D > 128 || G < 1 || H % G)
+        return -2;
+    for (int64_t b = 0; b < B; b++)
+        if (lengths[b] < 1)
+            return -2;
+    const int64_t rep = H / G;
+    int failed = 0;
+#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static) reduction(| : failed)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t g = 0; g < G; g++) {
+            const int64_t n = lengths[b];
+            const uint16_t *kb = k + b * row_stride + g * head_stride, *vb = v + b * row_stride + g * head_stride;
+            const int64_t h0 = b * H + g * rep; /* the group's first query head, in q and out */
+            float *p = malloc((size_t)(2 * n) * sizeof(float));
+            if (!p) {
+                failed = 1;
+                continue;
+            }
+            for (int64_t h = 0; h < rep; h += 2) {
+                int H2 = rep - h >= 2 ? 2 : 1;
+                for (int i = 0; i < H2; i++)
+                    attention_weights(q + (h0 + h + i) * D, kb, n, D, scale, p + i * n);
+                if (D == 128 && H2 == 2) /* constant sizes: the sums stay in registers */
+                    attention_values(p, n, vb, 128, 2, out + (h0 + h) * D);
+                else
+                    for (int i = 0; i < H2; i++)
+                        attention_values(p + i * n, n, vb, D, 1, out + (h0 + h + i) * D);
+            }
+            free(p);
+        }
+    return failed ? -1 : 0;
+}
