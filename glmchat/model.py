@@ -136,16 +136,21 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, step: Step, cache: KVCache | None):
         B, T, _ = x.shape
-        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        q, k, v = self.heads(self.qkv(x), rope)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         out = self.attend(q, k, v, step)
-        return self.dense(out.transpose(1, 2).reshape(B, T, q_size))
+        return self.dense(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def heads(self, qkv: torch.Tensor, rope: torch.Tensor):
+        """The fused projection [B, T, ...] split into q, k, v [B, heads, T, d], q and k rotated."""
+        B, T, _ = qkv.shape
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rotary(q, rope), apply_rotary(k, rope), v
 
     def attend(self, q, k, v, step: Step) -> torch.Tensor:
         """softmax(q·kᵀ/√d)·v: q [B, heads, T, d], k and v [B, kv_heads, S, d]."""
@@ -169,8 +174,12 @@ class MLP(nn.Module):
         self.down = nn.Linear(config.ffn_hidden_size, config.hidden_size, bias=False)
 
     def forward(self, x):
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(self.activation(self.gate_up(x)))
+
+    def activation(self, h: torch.Tensor) -> torch.Tensor:
+        """SwiGLU: silu(gate) * up, h = [..., gate | up]."""
+        gate, up = h.chunk(2, dim=-1)
+        return F.silu(gate) * up
 
 
 class Block(nn.Module):

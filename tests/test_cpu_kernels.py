@@ -489,6 +489,50 @@ def test_decode_attention_kernel_declines_what_it_does_not_take():
         assert cpu_kernels.decode_attention(kv[:, :, :1], kv, kv, [3, 3], 1.0) is None
 
 
+@needs_kernels
+@pytest.mark.parametrize("heads, groups, dim, rotary_dim", [(32, 2, 128, 64), (6, 2, 64, 64), (4, 4, 32, 8)])
+def test_decode_heads_split_and_rotated_bit_for_bit_as_pytorch(heads, groups, dim, rotary_dim):
+    """A decode step's q, k, v out of the fused projection, q and k rotated: the one-pass kernel
+    gives PyTorch's bf16 ops' bits (the network's own path), for half or all channels rotated."""
+    from glmchat.config import GLMConfig
+    from glmchat.kernels.attention import CpuAttention
+    from glmchat.model import Attention, rotary_table
+
+    config = GLMConfig(hidden_size=heads * dim, num_attention_heads=heads, kv_channels=dim,
+                       multi_query_group_num=groups, partial_rotary_factor=rotary_dim / dim, seq_length=64)
+    assert config.rotary_dim == rotary_dim
+    layer = install(Attention(config, 0).bfloat16())
+    assert isinstance(layer, CpuAttention)
+    qkv = _randn(5, 1, (heads + 2 * groups) * dim, seed=4, scale=3).bfloat16()
+    rope = rotary_table(config)[torch.tensor([[0], [3], [17], [40], [63]])].bfloat16()  # [B, 1, rot/2, 2]
+    fast = layer.heads(qkv, rope)
+    portable = Attention.heads(layer, qkv, rope)
+    for got, expected in zip(fast, portable):
+        assert got.shape == expected.shape and torch.equal(got, expected)
+
+
+@needs_kernels
+def test_swiglu_kernel_equals_silu_times_up():
+    """silu(gate) * up in one pass: PyTorch's bits but where its silu's exponential and ours round a
+    float apart across a bf16 boundary (then one bf16 step); widths not a multiple of 16, large and
+    non-finite entries."""
+    from glmchat.config import GLMConfig
+    from glmchat.kernels.mlp import CpuMLP
+    from glmchat.model import MLP
+
+    h = _randn(7, 2 * 1003, seed=5, scale=4).bfloat16()
+    h[0, :6] = torch.tensor([100.0, -100.0, float("inf"), float("-inf"), float("nan"), 0.0])
+    got = cpu_kernels.swiglu(h)
+    expected = F.silu(h[:, :1003]) * h[:, 1003:]
+    assert got.shape == expected.shape
+    same = (got == expected) | (got.isnan() & expected.isnan())
+    assert same.float().mean() > 0.999
+    torch.testing.assert_close(got.float()[~same], expected.float()[~same], rtol=2**-7, atol=0)
+    mlp = install(MLP(GLMConfig(hidden_size=32, ffn_hidden_size=48)).bfloat16())
+    assert isinstance(mlp, CpuMLP)
+    assert torch.equal(mlp.activation(h[1:, :96]), cpu_kernels.swiglu(h[1:, :96]))
+
+
 def test_prompt_attention_keeps_sdpa():
     from glmchat.config import GLMConfig
     from glmchat.model import Attention, Step

@@ -16,7 +16,6 @@ to 7 ms.
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
@@ -29,9 +28,7 @@ class CpuDecodeAttention:
     """The fast decode product, for any attention class whose `attention(q, k, v, mask, is_causal)`
     is the model's (the GLM network's and ChatGLM-6B's)."""
 
-    @staticmethod
-    def applies_to(layer) -> bool:
-        return next(itertools.chain(layer.parameters(), layer.buffers())).device.type == "cpu"
+    applies_to = staticmethod(cpu.on_cpu)
 
     def attend(self, q, k, v, step) -> torch.Tensor:
         if q.shape[2] == 1 and step.mask is None:  # every row over all its keys, or its own first ones
@@ -55,7 +52,12 @@ class CpuDecodeAttention:
 
 
 class CpuAttention(CpuDecodeAttention, model.Attention):
-    pass
+    def heads(self, qkv, rope):
+        if qkv.shape[1] == 1:  # decode steps: split and rotated in one pass (glmchat.kernels.cpu)
+            heads = cpu.rotary_heads(qkv, rope, self.n_heads, self.n_kv_heads, self.head_dim)
+            if heads is not None:
+                return heads
+        return super().heads(qkv, rope)
 
 
 class CpuAttentionV1(CpuDecodeAttention, model_v1.Attention):

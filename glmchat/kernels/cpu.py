@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import logging
 import os
 import platform
@@ -52,6 +53,8 @@ _SIGNATURES = {
     "glm_gemm_int8": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
     "glm_gemm_int4": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int]),
     "glm_decode_attention": (_int, [_ptr] * 5 + [_i64] * 6 + [ctypes.c_float, _int]),
+    "glm_rotary_heads": (_int, [_ptr] * 5 + [_i64] * 5),
+    "glm_swiglu": (_int, [_ptr, _ptr, _i64, _i64, _int]),
 }
 
 
@@ -151,6 +154,12 @@ def unavailable_reason() -> str | None:
             return str(exc)
         return "not supported on this platform"
     return None
+
+
+def on_cpu(module: torch.nn.Module) -> bool:
+    """Whether a layer's tensors are on the CPU (where these kernels and their callers apply)."""
+    tensor = next(itertools.chain(module.parameters(), module.buffers()), None)
+    return tensor is not None and tensor.device.type == "cpu"
 
 
 def _usable(x: torch.Tensor, k: int, *tensors: torch.Tensor | None) -> bool:
@@ -269,3 +278,35 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     rc = _lib.glm_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), rows.data_ptr(), out.data_ptr(), B, H,
                                    k.shape[1], D, k.stride(0), k.stride(1), scale, torch.get_num_threads())
     return out if rc == 0 else None
+
+
+def rotary_heads(qkv: torch.Tensor, rope: torch.Tensor, heads: int, kv_heads: int, head_dim: int):
+    """A decode step's fused projection qkv [B, 1, (heads + 2 kv_heads) * head_dim] split into
+    q [B, heads, 1, head_dim], k and v [B, kv_heads, 1, head_dim], q and k rotated by rope
+    [B, 1, rot/2, 2] (see glmchat.model.apply_rotary), bit for bit as PyTorch's bf16 ops do it;
+    None where it does not apply."""
+    B = qkv.shape[0]
+    if not (enabled and qkv.dim() == 3 and qkv.shape[1] == 1 and qkv.shape[2] == (heads + 2 * kv_heads) * head_dim
+            and qkv.dtype == rope.dtype == torch.bfloat16 and qkv.device.type == rope.device.type == "cpu"
+            and rope.shape[:2] == (B, 1) and _load() is not None):
+        return None
+    qkv, rope = _row(qkv), _row(rope)
+    q = torch.empty(B, heads, 1, head_dim, dtype=torch.bfloat16)
+    k, v = torch.empty(B, kv_heads, 1, head_dim, dtype=torch.bfloat16), torch.empty(B, kv_heads, 1, head_dim, dtype=torch.bfloat16)
+    rc = _lib.glm_rotary_heads(qkv.data_ptr(), rope.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), B, heads,
+                               kv_heads, head_dim, rope.shape[2] * 2)
+    return (q, k, v) if rc == 0 else None
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up for h = [..., gate | up] in bf16, as F.silu(gate) * up computes it (silu
+    rounded to bf16, then the product) up to the last bit of the silu's exponential; None where it
+    does not apply."""
+    if not (enabled and h.dtype == torch.bfloat16 and h.device.type == "cpu" and h.shape[-1] % 2 == 0
+            and _load() is not None):
+        return None
+    h = _row(h)
+    F = h.shape[-1] // 2
+    y = torch.empty(*h.shape[:-1], F, dtype=torch.bfloat16)
+    _lib.glm_swiglu(h.data_ptr(), y.data_ptr(), h.numel() // h.shape[-1], F, torch.get_num_threads())
+    return y
