@@ -147,7 +147,7 @@ def _prompt_kernel(layer):
     ("int4", 32, 64, 32), ("int4", 64, 192, 320), ("int4", 128, 128, 1024), ("int4", 32, 64, 4096),
     ("int8", None, 64, 4), ("int8", None, 128, 100), ("int8", None, 192, 1028), ("int8", None, 64, 4096),
 ])
-@pytest.mark.parametrize("rows", [2, 5, 37])
+@pytest.mark.parametrize("rows", [2, 5, 37, 70])  # int4: codes unpacked in registers up to 48 rows, then a panel
 @pytest.mark.parametrize("bias", [True, False])
 def test_prompt_kernels_equal_the_documented_product_within_8bit_x(method, group, n, k, rows, bias):
     """Odd row counts, K past the last whole group (int8 groups x by 128), every int4 group size;
@@ -167,10 +167,10 @@ def test_prompt_kernel_rows_are_computed_alone(method):
     and the prefix cache give the same keys as one prefill."""
     layer = _layer(method, 128, 512, group=64)
     kernel = _prompt_kernel(layer)
-    x = _randn(45, 512, seed=3).bfloat16()
+    x = _randn(70, 512, seed=3).bfloat16()  # int4: 70 rows through a panel, up to 48 unpacked in registers
     y = kernel(x)
-    for rows in (2, 3, 4, 5, 9, 16):
-        for start in (0, 6, 45 - rows):
+    for rows in (2, 3, 4, 5, 9, 16, 48, 49):
+        for start in (0, 6, 70 - rows):
             assert torch.equal(kernel(x[start : start + rows]), y[start : start + rows]), (rows, start)
 
 
