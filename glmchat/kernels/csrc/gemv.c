@@ -524,8 +524,8 @@ int glm_gemm_int8(const uint16_t *x, const int8_t *q, const uint16_t *scales, co
  * vpdpbusd is the codes plus 128 (q ^ 0x80); the 128 * sum xq that adds is taken off once per row
  * of x at the end. Any N and K (the last vector of a group masked). */
 
-/* out[m][r] = sum over groups of xs * (the lanes' int32 sums), for rows m0..m0+R-1 of x and the
- * `rows` weight rows at q, lanes still apart (reduced by the caller). */
+/* out[m][r] = sum over groups of xs * (the int32 sum of row m0+m of x times weight row r plus 128),
+ * for R rows of x and the `rows` weight rows at q; the caller takes the 128s off. */
 INLINE void int8_tile(const q8_x *X, const int8_t *q, int rows, int64_t m0, int R, float out[XPAIR][TILE])
 {
     const int64_t K = X->K, G = X->G;
