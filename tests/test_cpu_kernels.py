@@ -533,6 +533,26 @@ def test_swiglu_kernel_equals_silu_times_up():
     assert torch.equal(mlp.activation(h[1:, :96]), cpu_kernels.swiglu(h[1:, :96]))
 
 
+@needs_kernels
+@pytest.mark.parametrize("rows, dim", [(1, 4096), (40, 1003), (3, 8)])
+def test_rmsnorm_kernel_equals_the_networks_rmsnorm(rows, dim):
+    """RMSNorm in one pass: the network's float32 arithmetic in the same order, so its bits but where
+    the sum of squares, added in another order, moves a result across a bf16 boundary."""
+    from glmchat.kernels.norm import CpuRMSNorm
+    from glmchat.model import RMSNorm
+
+    norm = install(RMSNorm(dim, 1e-5).bfloat16())
+    assert isinstance(norm, CpuRMSNorm)
+    norm.weight.data.copy_(_randn(dim, seed=6))
+    x = _randn(rows, 1, dim, seed=7, scale=20).bfloat16()
+    x[0, 0, :3] = torch.tensor([1e4, -1e-3, 0.0])[:min(3, dim)]
+    got, expected = norm(x), RMSNorm.forward(norm, x)
+    assert got.shape == expected.shape and got.dtype == torch.bfloat16
+    same = got == expected
+    assert same.float().mean() > 0.99
+    torch.testing.assert_close(got.float()[~same], expected.float()[~same], rtol=2**-7, atol=0)
+
+
 def test_prompt_attention_keeps_sdpa():
     from glmchat.config import GLMConfig
     from glmchat.model import Attention, Step

@@ -2,8 +2,8 @@
 
 `install(model)` gives each Linear layer the fast-path class that fits its device and dtype
 (glmchat.kernels.linear: nn.Linear and the int8/int4 layers on CPU), each attention layer its
-CPU decode path (glmchat.kernels.attention), each MLP its one-pass activation
-(glmchat.kernels.mlp), and the portable class
+CPU decode path (glmchat.kernels.attention), each MLP and RMSNorm its one-pass CPU kernel
+(glmchat.kernels.mlp, .norm), and the portable class
 everywhere else; `install(model, enabled=False)` puts the portable classes back (tests compare
 the two). The loader calls it once the weights are in place; call it again after moving a model
 to another device or dtype. On the CPU it also attaches glmchat.kernels.threads' governor, which
@@ -22,9 +22,11 @@ from . import cpu, threads
 from .attention import CpuAttention, CpuAttentionV1
 from .linear import CpuLinear, FastInt4Linear, FastInt8Linear
 from .mlp import CpuMLP
+from .norm import CpuRMSNorm
 
 _FAST = {nn.Linear: CpuLinear, Int8Linear: FastInt8Linear, Int4Linear: FastInt4Linear, model.Attention: CpuAttention,
-         model_v1.Attention: CpuAttentionV1, model.MLP: CpuMLP}
+         model_v1.Attention: CpuAttentionV1, model.MLP: CpuMLP,
+         model.RMSNorm: CpuRMSNorm}
 _PORTABLE = {fast: portable for portable, fast in _FAST.items()}
 
 

@@ -55,6 +55,7 @@ _SIGNATURES = {
     "glm_decode_attention": (_int, [_ptr] * 5 + [_i64] * 6 + [ctypes.c_float, _int]),
     "glm_rotary_heads": (_int, [_ptr] * 5 + [_i64] * 5),
     "glm_swiglu": (_int, [_ptr, _ptr, _i64, _i64, _int]),
+    "glm_rmsnorm": (_int, [_ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float, _int]),
 }
 
 
@@ -309,4 +310,19 @@ def swiglu(h: torch.Tensor) -> torch.Tensor | None:
     F = h.shape[-1] // 2
     y = torch.empty(*h.shape[:-1], F, dtype=torch.bfloat16)
     _lib.glm_swiglu(h.data_ptr(), y.data_ptr(), h.numel() // h.shape[-1], F, torch.get_num_threads())
+    return y
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """RMSNorm of bf16 rows x [..., D] with a bf16 weight [D], as glmchat.model.RMSNorm computes it
+    (float32, the same order of operations; the sum of squares in another order); None where it
+    does not apply."""
+    D = x.shape[-1]
+    if not (enabled and x.dtype == weight.dtype == torch.bfloat16 and x.device.type == weight.device.type == "cpu"
+            and weight.shape == (D,) and weight.is_contiguous() and not (x.requires_grad and torch.is_grad_enabled())
+            and _load() is not None):
+        return None
+    x = _row(x)
+    y = torch.empty_like(x)
+    _lib.glm_rmsnorm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // D, D, eps, torch.get_num_threads())
     return y

@@ -769,3 +769,27 @@ int glm_swiglu(const uint16_t *h, uint16_t *y, int64_t M, int64_t F, int nthread
         }
     return 0;
 }
+
+/* RMSNorm of rows x [M, D]: y = w * (x * 1 / sqrt(mean(x^2) + eps)), in float in that order (as the
+ * network's RMSNorm computes it), rounded to bf16 once; w bf16. */
+int glm_rmsnorm(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, int64_t D, float eps, int nthreads)
+{
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (M > 16)
+    for (int64_t m = 0; m < M; m++) {
+        const uint16_t *xm = x + m * D;
+        __m512 sum = _mm512_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) {
+            __mmask16 mask = D - d >= 16 ? 0xffff : (__mmask16)((1u << (D - d)) - 1);
+            __m512 v = maskz_load16_bf16(mask, xm + d);
+            sum = _mm512_fmadd_ps(v, v, sum);
+        }
+        const float mean = _mm512_reduce_add_ps(sum) / (float)D;
+        const __m512 r = _mm512_set1_ps(1.0f / _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss(mean + eps))));
+        for (int64_t d = 0; d < D; d += 16) {
+            __mmask16 mask = D - d >= 16 ? 0xffff : (__mmask16)((1u << (D - d)) - 1);
+            __m512 v = _mm512_mul_ps(maskz_load16_bf16(mask, w + d), _mm512_mul_ps(maskz_load16_bf16(mask, xm + d), r));
+            _mm256_mask_storeu_epi16(y + m * D + d, mask, (__m256i)_mm512_cvtneps_pbh(v));
+        }
+    }
+    return 0;
+}
