@@ -553,6 +553,23 @@ def test_rmsnorm_kernel_equals_the_networks_rmsnorm(rows, dim):
     torch.testing.assert_close(got.float()[~same], expected.float()[~same], rtol=2**-7, atol=0)
 
 
+@needs_kernels
+def test_small_kernels_leave_autograd_to_pytorch():
+    """With gradients wanted, the one-pass kernels step aside and the results can be differentiated."""
+    from glmchat.config import GLMConfig
+    from glmchat.model import MLP, Attention, RMSNorm, Step
+
+    config = GLMConfig(hidden_size=64, num_attention_heads=2, kv_channels=32, multi_query_group_num=1,
+                       ffn_hidden_size=48, seq_length=16)
+    norm, mlp = install(RMSNorm(64, 1e-5).bfloat16()), install(MLP(config).bfloat16())
+    attention = install(Attention(config, 0).bfloat16())
+    x = _randn(2, 1, 64, seed=9).bfloat16().requires_grad_()
+    rope = torch.ones(2, 1, 8, 2, dtype=torch.bfloat16)
+    y = attention(mlp(norm(x)), rope, Step(torch.zeros(2, 1, dtype=torch.long), None, False), None)
+    y.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
 def test_prompt_attention_keeps_sdpa():
     from glmchat.config import GLMConfig
     from glmchat.model import Attention, Step

@@ -163,11 +163,16 @@ def on_cpu(module: torch.nn.Module) -> bool:
     return tensor is not None and tensor.device.type == "cpu"
 
 
+def _grad_wanted(*tensors: torch.Tensor) -> bool:
+    """Whether autograd would track these inputs (the kernels leave it to PyTorch's ops then)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _usable(x: torch.Tensor, k: int, *tensors: torch.Tensor | None) -> bool:
     """Whether the kernels apply: bf16 CPU rows of k values, contiguous CPU operands."""
     if not enabled or x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.shape[-1] != k:
         return False
-    if x.requires_grad and torch.is_grad_enabled():
+    if _grad_wanted(x):
         return False
     return all(t is None or (t.device.type == "cpu" and t.is_contiguous()) for t in tensors) and _load() is not None
 
@@ -271,7 +276,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     if not (enabled and T == 1 and q.device.type == k.device.type == v.device.type == "cpu"
             and q.dtype == k.dtype == v.dtype == torch.bfloat16 and k.shape == v.shape and k.stride() == v.stride()
             and k.stride(3) == 1 and k.stride(2) == D and len(lengths) == B and 1 <= min(lengths)
-            and max(lengths) <= k.shape[2] and _load() is not None):
+            and max(lengths) <= k.shape[2] and not _grad_wanted(q, k, v) and _load() is not None):
         return None
     q = _row(q)
     out = torch.empty_like(q)
@@ -289,11 +294,11 @@ def rotary_heads(qkv: torch.Tensor, rope: torch.Tensor, heads: int, kv_heads: in
     B = qkv.shape[0]
     if not (enabled and qkv.dim() == 3 and qkv.shape[1] == 1 and qkv.shape[2] == (heads + 2 * kv_heads) * head_dim
             and qkv.dtype == rope.dtype == torch.bfloat16 and qkv.device.type == rope.device.type == "cpu"
-            and rope.shape[:2] == (B, 1) and _load() is not None):
+            and rope.shape[:2] == (B, 1) and not _grad_wanted(qkv) and _load() is not None):
         return None
     qkv, rope = _row(qkv), _row(rope)
     q = torch.empty(B, heads, 1, head_dim, dtype=torch.bfloat16)
-    k, v = torch.empty(B, kv_heads, 1, head_dim, dtype=torch.bfloat16), torch.empty(B, kv_heads, 1, head_dim, dtype=torch.bfloat16)
+    k, v = (torch.empty(B, kv_heads, 1, head_dim, dtype=torch.bfloat16) for _ in range(2))
     rc = _lib.glm_rotary_heads(qkv.data_ptr(), rope.data_ptr(), q.data_ptr(), k.data_ptr(), v.data_ptr(), B, heads,
                                kv_heads, head_dim, rope.shape[2] * 2)
     return (q, k, v) if rc == 0 else None
@@ -304,7 +309,7 @@ def swiglu(h: torch.Tensor) -> torch.Tensor | None:
     rounded to bf16, then the product) up to the last bit of the silu's exponential; None where it
     does not apply."""
     if not (enabled and h.dtype == torch.bfloat16 and h.device.type == "cpu" and h.shape[-1] % 2 == 0
-            and _load() is not None):
+            and not _grad_wanted(h) and _load() is not None):
         return None
     h = _row(h)
     F = h.shape[-1] // 2
@@ -319,8 +324,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor |
     does not apply."""
     D = x.shape[-1]
     if not (enabled and x.dtype == weight.dtype == torch.bfloat16 and x.device.type == weight.device.type == "cpu"
-            and weight.shape == (D,) and weight.is_contiguous() and not (x.requires_grad and torch.is_grad_enabled())
-            and _load() is not None):
+            and weight.shape == (D,) and weight.is_contiguous() and not _grad_wanted(x, weight) and _load() is not None):
         return None
     x = _row(x)
     y = torch.empty_like(x)
