@@ -6,8 +6,8 @@ invariance rests on this). See csrc/gemv.c for the data layouts.
 Decode steps (*_gemv, a few rows): bf16 sums in float32. Integer products (int8 and int4, decode
 steps and prompts alike) take x in 8 bits per group of columns (128, or the int4 group), with exact
 int32 sums per group and float across groups: each entry of x is off by at most 1/254 of its
-group's largest magnitude, as with llama.cpp's 8-bit activations. One integer product per weight
-and row of x, so a batch of decode rows costs little more than one (the server's throughput).
+group's largest magnitude, as with llama.cpp's 8-bit activations, and each weight costs one
+integer product per row of x (a batch of decode rows is compute-bound on few cores).
 int8 decode steps (int8_gemv) read the weights in their own row-major layout, a tile of rows at
 a time; int8 prompts and every int4 product (*_gemm) unpack the codes tile by tile into cache
 (int4 decode steps in registers), never dequantizing the weights as a whole.
@@ -275,7 +275,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     B, H, T, D = q.shape
     if not (enabled and T == 1 and q.device.type == k.device.type == v.device.type == "cpu"
             and q.dtype == k.dtype == v.dtype == torch.bfloat16 and k.shape == v.shape and k.stride() == v.stride()
-            and k.stride(3) == 1 and k.stride(2) == D and len(lengths) == B and 1 <= min(lengths)
+            and k.stride(3) == 1 and k.stride(2) == D and len(lengths) == B
             and max(lengths) <= k.shape[2] and not _grad_wanted(q, k, v) and _load() is not None):
         return None
     q = _row(q)

@@ -139,16 +139,31 @@ int glm_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, ui
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* bf16 to float, 16 at a time. */
+/* bf16 to float, 16 at a time, and the masks of a row's last, partial vector. */
+
+INLINE __m512 bf16x16_to_ps(__m256i h)
+{
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
 
 INLINE __m512 load16_bf16(const uint16_t *x)
 {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)x)), 16));
+    return bf16x16_to_ps(_mm256_loadu_si256((const __m256i *)x));
 }
 
 INLINE __m512 maskz_load16_bf16(__mmask16 mask, const uint16_t *x) /* zeros where mask is clear */
 {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, x)), 16));
+    return bf16x16_to_ps(_mm256_maskz_loadu_epi16(mask, x));
+}
+
+INLINE __mmask16 first16(int64_t left) /* the first min(left, 16) lanes */
+{
+    return left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
+}
+
+INLINE __mmask64 first64(int64_t left) /* the first min(left, 64) bytes */
+{
+    return left >= 64 ? ~0ull : (1ull << left) - 1;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -209,8 +224,8 @@ void glm_dequant_int4_t(const uint8_t *packed, const uint16_t *sz, uint16_t *wt,
 #define XPAIR 2 /* int8 decode: rows of x per pass over a tile (8 int32, 8 float accumulators) */
 #ifndef DIRECT_ROWS
 #define DIRECT_ROWS 48 /* int4 up to this many rows: codes unpacked in registers per pass of 4 rows, no panel.
-                           113 full-size layer products, in turns: 20-48 rows 0.75-0.82x the panel's time,
-                           64 level, 128 the panel ahead (EPYC, 2 threads) */
+                           113 full-size layer products, in turns, best of 3: 20-48 rows 0.74-0.96x the panel's
+                           time, 64 level, 128 the panel ahead (EPYC, 2 threads) */
 #endif
 
 typedef struct {
@@ -239,7 +254,7 @@ static int quantize_x8(const uint16_t *x, q8_x *X, int8_t *xq, float *xs, float 
             int8_t *out = xq + (g * M + m) * G - k0;
             __m512 top = _mm512_setzero_ps();
             for (int64_t k = k0; k < end; k += 16) {
-                __mmask16 mask = end - k >= 16 ? 0xffff : (__mmask16)((1u << (end - k)) - 1);
+                __mmask16 mask = first16(end - k);
                 __m512 a = _mm512_abs_ps(maskz_load16_bf16(mask, x + m * K + k));
                 bad |= _mm512_cmp_ps_mask(a, inf, _CMP_NLT_UQ) != 0;
                 top = _mm512_max_ps(top, a);
@@ -249,7 +264,7 @@ static int quantize_x8(const uint16_t *x, q8_x *X, int8_t *xq, float *xs, float 
             __m512i sum = _mm512_setzero_si512();
             memset(out + end, 0, (size_t)(k0 + G - end));
             for (int64_t k = k0; k < end; k += 16) {
-                __mmask16 mask = end - k >= 16 ? 0xffff : (__mmask16)((1u << (end - k)) - 1);
+                __mmask16 mask = first16(end - k);
                 __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(maskz_load16_bf16(mask, x + m * K + k), inv));
                 _mm_mask_storeu_epi8(out + k, mask, _mm512_cvtepi32_epi8(v));
                 sum = _mm512_add_epi32(sum, v);
@@ -421,7 +436,7 @@ static void int8_panel(const int8_t *q, const uint16_t *scales, int64_t K, int64
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     for (int64_t s0 = 0; s0 < steps; s0 += 16) {
         int64_t n = steps - s0 < 16 ? steps - s0 : 16;
-        __mmask64 mask = n == 16 ? ~0ull : (1ull << (4 * n)) - 1;
+        __mmask64 mask = first64(4 * n);
         for (int v = 0; v < 4; v++) {
             __m512i t[16];
             for (int j = 0; j < 16; j++)
@@ -541,7 +556,7 @@ INLINE void int8_tile(const q8_x *X, const int8_t *q, int rows, int64_t m0, int 
             for (int r = 0; r < rows; r++)
                 dot[m][r] = _mm512_setzero_si512();
         for (int64_t k = k0; k < end; k += 64) {
-            const __mmask64 mask = end - k >= 64 ? ~0ull : (1ull << (end - k)) - 1;
+            const __mmask64 mask = first64(end - k);
             __m512i w[TILE];
             for (int r = 0; r < rows; r++) {
                 PREFETCH_INT8(q + r * K + k);
@@ -647,14 +662,14 @@ INLINE void attention_weights(const uint16_t *qh, const uint16_t *kb, int64_t n,
     const __m512 shift = _mm512_set1_ps(top);
     __m512 total = _mm512_setzero_ps();
     for (int64_t s = 0; s < n; s += 16) {
-        __mmask16 mask = n - s >= 16 ? 0xffff : (__mmask16)((1u << (n - s)) - 1);
+        __mmask16 mask = first16(n - s);
         __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(mask, p + s), shift));
         _mm512_mask_storeu_ps(p + s, mask, e);
         total = _mm512_add_ps(total, _mm512_maskz_mov_ps(mask, e));
     }
     const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(total));
     for (int64_t s = 0; s < n; s += 16) {
-        __mmask16 mask = n - s >= 16 ? 0xffff : (__mmask16)((1u << (n - s)) - 1);
+        __mmask16 mask = first16(n - s);
         _mm512_mask_storeu_ps(p + s, mask, _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, p + s), inv));
     }
 }
@@ -684,34 +699,39 @@ int glm_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v
 {
     if (D % 32 || D > 128 || G < 1 || H % G)
         return -2;
-    for (int64_t b = 0; b < B; b++)
+    int64_t longest = 0;
+    for (int64_t b = 0; b < B; b++) {
         if (lengths[b] < 1)
             return -2;
+        longest = lengths[b] > longest ? lengths[b] : longest;
+    }
     const int64_t rep = H / G;
     int failed = 0;
-#pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static) reduction(| : failed)
-    for (int64_t b = 0; b < B; b++)
-        for (int64_t g = 0; g < G; g++) {
-            const int64_t n = lengths[b];
-            const uint16_t *kb = k + b * row_stride + g * head_stride, *vb = v + b * row_stride + g * head_stride;
-            const int64_t h0 = b * H + g * rep; /* the group's first query head, in q and out */
-            float *p = malloc((size_t)(2 * n) * sizeof(float));
-            if (!p) {
-                failed = 1;
-                continue;
-            }
-            for (int64_t h = 0; h < rep; h += 2) {
-                int H2 = rep - h >= 2 ? 2 : 1;
-                for (int i = 0; i < H2; i++)
-                    attention_weights(q + (h0 + h + i) * D, kb, n, D, scale, p + i * n);
-                if (D == 128 && H2 == 2) /* constant sizes: the sums stay in registers */
-                    attention_values(p, n, vb, 128, 2, out + (h0 + h) * D);
-                else
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        float *p = malloc((size_t)(2 * longest) * sizeof(float)); /* two query heads' weights */
+        failed = !p;
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t g = 0; g < G; g++) {
+                if (failed)
+                    continue;
+                const int64_t n = lengths[b];
+                const uint16_t *kb = k + b * row_stride + g * head_stride, *vb = v + b * row_stride + g * head_stride;
+                const int64_t h0 = b * H + g * rep; /* the group's first query head, in q and out */
+                for (int64_t h = 0; h < rep; h += 2) {
+                    int H2 = rep - h >= 2 ? 2 : 1;
                     for (int i = 0; i < H2; i++)
-                        attention_values(p + i * n, n, vb, D, 1, out + (h0 + h + i) * D);
+                        attention_weights(q + (h0 + h + i) * D, kb, n, D, scale, p + i * n);
+                    if (D == 128 && H2 == 2) /* constant sizes: the sums stay in registers */
+                        attention_values(p, n, vb, 128, 2, out + (h0 + h) * D);
+                    else
+                        for (int i = 0; i < H2; i++)
+                            attention_values(p + i * n, n, vb, D, 1, out + (h0 + h + i) * D);
+                }
             }
-            free(p);
-        }
+        free(p);
+    }
     return failed ? -1 : 0;
 }
 
@@ -761,10 +781,10 @@ int glm_swiglu(const uint16_t *h, uint16_t *y, int64_t M, int64_t F, int nthread
 #pragma omp parallel for collapse(2) num_threads(nthreads) schedule(static) if (M * F > 32768)
     for (int64_t m = 0; m < M; m++)
         for (int64_t f = 0; f < F; f += 16) {
-            __mmask16 mask = F - f >= 16 ? 0xffff : (__mmask16)((1u << (F - f)) - 1);
+            __mmask16 mask = first16(F - f);
             __m512 g = maskz_load16_bf16(mask, h + m * 2 * F + f), u = maskz_load16_bf16(mask, h + m * 2 * F + F + f);
             __m512 s = _mm512_div_ps(g, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-            s = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(s)), 16));
+            s = bf16x16_to_ps((__m256i)_mm512_cvtneps_pbh(s)); /* silu rounded to bf16, as PyTorch keeps it */
             _mm256_mask_storeu_epi16(y + m * F + f, mask, (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(s, u)));
         }
     return 0;
@@ -779,14 +799,14 @@ int glm_rmsnorm(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, in
         const uint16_t *xm = x + m * D;
         __m512 sum = _mm512_setzero_ps();
         for (int64_t d = 0; d < D; d += 16) {
-            __mmask16 mask = D - d >= 16 ? 0xffff : (__mmask16)((1u << (D - d)) - 1);
+            __mmask16 mask = first16(D - d);
             __m512 v = maskz_load16_bf16(mask, xm + d);
             sum = _mm512_fmadd_ps(v, v, sum);
         }
         const float mean = _mm512_reduce_add_ps(sum) / (float)D;
         const __m512 r = _mm512_set1_ps(1.0f / _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss(mean + eps))));
         for (int64_t d = 0; d < D; d += 16) {
-            __mmask16 mask = D - d >= 16 ? 0xffff : (__mmask16)((1u << (D - d)) - 1);
+            __mmask16 mask = first16(D - d);
             __m512 v = _mm512_mul_ps(maskz_load16_bf16(mask, w + d), _mm512_mul_ps(maskz_load16_bf16(mask, xm + d), r));
             _mm256_mask_storeu_epi16(y + m * D + d, mask, (__m256i)_mm512_cvtneps_pbh(v));
         }
