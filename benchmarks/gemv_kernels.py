@@ -51,9 +51,10 @@ def formats(n: int, k: int, groups: list[int], rows: int = 1):
                lambda w: cpu_kernels.bf16_gemv(x, w),
                lambda w: torch.mv(w, x[0]))
     q, s = quantize_int8(w, torch.bfloat16)
-    yield ("int8", n * k + n * 2, (q, s),
-           lambda q, s: cpu_kernels.int8_gemv(x, q, s),
-           lambda q, s: torch.ops.aten._weight_int8pack_mm(x, q, s))
+    blocked = cpu_kernels.block_int8(q)  # the kernel's layout (None without the kernels: not timed then)
+    yield ("int8", n * k + n * 2, (q, s) if blocked is None else (q, blocked, s),
+           lambda q, b, s: cpu_kernels.int8_gemm(x, b, s),
+           lambda q, *rest: torch.ops.aten._weight_int8pack_mm(x, q, rest[-1]))
     for g in groups:
         q4, sz = quantize_int4(w, g, torch.bfloat16)
         yield (f"int4 g{g}", n * k // 2 + (k // g) * n * 4, (q4, sz),

@@ -7,6 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
+from . import kernels
 from .checkpoint import save_shards
 from .hub import TOKENIZER_FILES, resolve_checkpoint
 from .loader import load_model
@@ -25,6 +26,7 @@ def save_quantized(src, dst, method: str, group_size: int = 128, dtype=None, pro
     model, info = load_model(src_dir, dtype=dtype, quantize=method, group_size=group_size, progress=progress)
     dst.mkdir(parents=True, exist_ok=True)
     network = model.config.network
+    kernels.install(model, enabled=False)  # the portable layouts, saved without a copy
     save_shards({official_name(name, network): t for name, t in model.state_dict().items()}, dst)  # aligned: loads in place
     config = json.loads((src_dir / "config.json").read_text(encoding="utf-8"))
     config["quantization"] = info.quantization

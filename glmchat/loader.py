@@ -317,9 +317,9 @@ def _load(path_or_id, *, device, dtype, random_weights: bool, seed: int, quantiz
         load_weights(model, files, progress=progress, part=plan)
     if plan is not None:
         connect(model, plan)
+    nbytes = weight_bytes(model)  # before the kernels' layouts (their state dict converts back)
     kernels.install(model)
-    info = LoadInfo(os.fspath(path_or_id), time.perf_counter() - start, weight_bytes(model), random_weights,
-                    quantization)
+    info = LoadInfo(os.fspath(path_or_id), time.perf_counter() - start, nbytes, random_weights, quantization)
     return model, info, located
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import kernels
 from .model import GLMTransformer
 from .quantize import INT4_ROW_BLOCK, QuantizedLinear, int4_supported
 
@@ -162,6 +163,7 @@ def set_quantized_share(layer: QuantizedLinear, name: str, weight: torch.Tensor,
 def shard(model: GLMTransformer, rank: int, world: int, group=None) -> GLMTransformer:
     """Keep rank's share of a whole `model` (in place) and sum the split products across the group."""
     plan = ShardPlan(model.config, rank, world)
+    kernels.install(model, enabled=False)  # the portable layouts, which the plan splits
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         whole = tensor.data
         part = plan(name, whole)
@@ -171,7 +173,7 @@ def shard(model: GLMTransformer, rank: int, world: int, group=None) -> GLMTransf
                 setattr(module, attribute, nn.Parameter(part.contiguous(), requires_grad=False))
             else:
                 setattr(module, attribute, part.contiguous())
-    return connect(model, plan, group)
+    return kernels.install(connect(model, plan, group))
 
 
 def connect(model: GLMTransformer, plan: ShardPlan, group=None) -> GLMTransformer:

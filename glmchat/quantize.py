@@ -162,16 +162,22 @@ class Int8Linear(QuantizedLinear):
     def _quantize(self, weight):
         return quantize_int8(weight, self.scales.dtype)
 
+    def codes(self) -> torch.Tensor:
+        """The int8 codes [out, in], row-major (a CPU kernel class may hold them in another layout)."""
+        return self.qweight
+
     def dequantize(self, dtype, reuse_buffer: bool = False) -> torch.Tensor:
-        shape = tuple(self.qweight.shape)
-        w = _workspace(shape, dtype, self.qweight.device) if reuse_buffer else torch.empty(shape, dtype=dtype, device=self.qweight.device)
-        return w.copy_(self.qweight).mul_(self.scales.to(dtype)[:, None])
+        codes = self.codes()
+        shape = tuple(codes.shape)
+        w = _workspace(shape, dtype, codes.device) if reuse_buffer else torch.empty(shape, dtype=dtype, device=codes.device)
+        return w.copy_(codes).mul_(self.scales.to(dtype)[:, None])
 
     def _dequantized_linear(self, x):
         if x.dtype == torch.float16:  # x·qᵀ can exceed fp16's range before scaling
             return super()._dequantized_linear(x)
         # (x · qᵀ) · s: the codes convert exactly and the scales apply to the small output (~2× faster)
-        codes = _workspace(tuple(self.qweight.shape), x.dtype, x.device).copy_(self.qweight)
+        codes = self.codes()
+        codes = _workspace(tuple(codes.shape), x.dtype, x.device).copy_(codes)
         return F.linear(x, codes).mul_(self.scales.to(x.dtype))
 
 

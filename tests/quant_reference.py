@@ -35,10 +35,12 @@ def int4_weight(qweight: torch.Tensor, scales_zeros: torch.Tensor, group_size: i
 
 
 def weight(layer) -> torch.Tensor:
-    """The float32 weight [N, K] a quantized layer's buffers stand for."""
+    """The float32 weight [N, K] a quantized layer's buffers stand for, read from its state dict (the
+    documented formats, whatever layout a kernel class holds them in)."""
+    buffers = layer.state_dict()
     if layer.method == "int8":
-        return int8_weight(layer.qweight, layer.scales)
-    return int4_weight(layer.qweight, layer.scales_zeros, layer.group_size)
+        return int8_weight(buffers["qweight"], buffers["scales"])
+    return int4_weight(buffers["qweight"], buffers["scales_zeros"], layer.group_size)
 
 
 def linear(layer, x: torch.Tensor) -> torch.Tensor:

@@ -71,14 +71,32 @@ def test_bf16_gemv_passes_non_finite_inputs_on_like_float_linear():
 
 
 @needs_kernels
+@pytest.mark.parametrize("n,k", [(1, 1), (5, 17), (64, 6), (130, 1000), (257, 4096)])
+def test_int8_blocked_layout_is_the_documented_one(n, k):
+    """block_int8 lays the codes out as csrc/gemv.c documents (written here from that text), past N
+    and K padded with code 0, and unblock_int8 gives the row-major codes back."""
+    codes = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(n + k))
+    blocks, steps = -(-n // 64), -(-k // 4)
+    padded = torch.zeros(blocks * 64, steps * 4, dtype=torch.int16)
+    padded[:n, :k] = codes
+    expected = torch.empty(blocks, steps, 256, dtype=torch.uint8)
+    for b in range(blocks):  # byte (b, t, 4r + j) = q[64b + r, 4t + j] + 128
+        for t in range(steps):
+            expected[b, t] = (padded[64 * b : 64 * b + 64, 4 * t : 4 * t + 4] + 128).to(torch.uint8).flatten()
+    blocked = cpu_kernels.block_int8(codes)
+    assert torch.equal(blocked, expected)
+    assert torch.equal(cpu_kernels.unblock_int8(blocked, n, k), codes)
+
+
+@needs_kernels
 @pytest.mark.parametrize("n,k", [(1, 1), (5, 17), (130, 1000), (257, 4096)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_int8_decode_kernel_equals_the_documented_product_within_8bit_x(n, k, bias):
-    """Any shape (K past the last whole group of 128, weight rows not in tiles of 4): x in 8 bits per
-    group of 128 columns, as in the prompt kernel."""
+def test_int8_decode_step_equals_the_documented_product_within_8bit_x(n, k, bias):
+    """Any shape (K past the last whole group of 128, weight rows not in blocks of 64): x in 8 bits
+    per group of 128 columns."""
     layer = _layer("int8", n, k, bias=bias)
     x = _randn(1, k, seed=3).bfloat16()
-    y = cpu_kernels.int8_gemv(x, layer.qweight, layer.scales, layer.bias)
+    y = cpu_kernels.int8_gemm(x, layer.qweight, layer.scales, layer.bias)
     assert y is not None and y.shape == (1, n)
     _assert_within_8bit_x(y, layer, x, 128)
     assert torch.equal(layer(x), y)  # the layer takes this path for one bf16 row
@@ -146,12 +164,13 @@ def _prompt_kernel(layer):
 @pytest.mark.parametrize("method,group,n,k", [
     ("int4", 32, 64, 32), ("int4", 64, 192, 320), ("int4", 128, 128, 1024), ("int4", 32, 64, 4096),
     ("int8", None, 64, 4), ("int8", None, 128, 100), ("int8", None, 192, 1028), ("int8", None, 64, 4096),
+    ("int8", None, 96, 130), ("int8", None, 5, 17),
 ])
 @pytest.mark.parametrize("rows", [2, 5, 37, 70])  # int4: codes unpacked in registers up to 48 rows, then a panel
 @pytest.mark.parametrize("bias", [True, False])
 def test_prompt_kernels_equal_the_documented_product_within_8bit_x(method, group, n, k, rows, bias):
-    """Odd row counts, K past the last whole group (int8 groups x by 128), every int4 group size;
-    the layer's prompt path is the kernel."""
+    """Odd row counts, K past the last whole group (int8 groups x by 128; any N and K), every int4
+    group size; the layer's prompt path is the kernel."""
     layer = _layer(method, n, k, group=group or 128, bias=bias, seed=rows)
     x = _randn(rows, k, seed=rows + k).bfloat16()
     y = _prompt_kernel(layer)(x)
@@ -178,31 +197,26 @@ def test_prompt_kernel_rows_are_computed_alone(method):
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_integer_kernels_with_activation_outliers(method):
     """An entry 300x the others takes its group's 8-bit range: the rest of that group rounds coarsely,
-    within the bound, and the other groups keep their precision (prompts and int8's decode kernel)."""
+    within the bound, and the other groups keep their precision."""
     layer = _layer(method, 128, 4096, group=128)
     x = _randn(3, 4096, seed=8)
     x[:, ::97] *= 300
     x = x.bfloat16()
     _assert_within_8bit_x(_prompt_kernel(layer)(x), layer, x, 128)
-    if method == "int8":
-        _assert_within_8bit_x(cpu_kernels.int8_gemv(x, layer.qweight, layer.scales, layer.bias), layer, x, 128)
 
 
 @needs_kernels
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_prompt_kernels_decline_what_they_do_not_take(method):
-    """Non-finite x (and for int8, whose shapes are free: rows of weights not in blocks of 64, K not
-    a multiple of 4): None, and the layer answers through PyTorch's ops instead."""
+    """Non-finite x: None, and the layer answers through PyTorch's ops instead (for int8 from the
+    blocked codes, unblocked for the occasion)."""
     layer = _layer(method, 64, 128, group=32)
     x = _randn(3, 128, seed=7).bfloat16()
     x[1, 5] = float("inf")
     assert _prompt_kernel(layer)(x) is None
-    assert not torch.isfinite(layer(x)[1]).all() and torch.isfinite(layer(x)[0]).all()
-    if method == "int8":
-        for n, k in ((96, 128), (64, 130)):
-            odd, x = _layer("int8", n, k), _randn(3, k, seed=7).bfloat16()
-            assert _prompt_kernel(odd)(x) is None
-            _assert_bf16_close(odd(x), _portable_reference(odd, x))
+    y = layer(x)
+    assert not torch.isfinite(y[1]).all() and torch.isfinite(y[0]).all()
+    _assert_bf16_close(y[[0, 2]], _portable_reference(layer, x[[0, 2]]))
 
 
 @needs_kernels
@@ -225,11 +239,11 @@ def test_kernel_rows_are_computed_alone(n, k):
     """Each row of x comes out bit for bit as when it is alone, whatever rows share the call (the
     server's batch invariance rests on this), and the rows are right."""
     w = _randn(n, k, scale=0.05).bfloat16()
-    int8, int4 = _layer("int8", 64 * (n // 64 + 1), k), _layer("int4", 64 * (n // 64 + 1), 64 * (k // 64 + 1), group=64)
+    int8, int4 = _layer("int8", n, k), _layer("int4", 64 * (n // 64 + 1), 64 * (k // 64 + 1), group=64)
     kernels = {
         "bf16": (lambda x: cpu_kernels.bf16_gemv(x, w), k,
                  lambda y, x: _assert_bf16_close(y, F.linear(x.float(), w.float()))),
-        "int8": (lambda x: cpu_kernels.int8_gemv(x, int8.qweight, int8.scales, int8.bias), k,
+        "int8": (lambda x: cpu_kernels.int8_gemm(x, int8.qweight, int8.scales, int8.bias), k,
                  lambda y, x: _assert_within_8bit_x(y, int8, x, 128)),
         "int4": (lambda x: cpu_kernels.int4_gemm(x, int4.qweight, int4.scales_zeros, 64, int4.bias),
                  int4.in_features, lambda y, x: _assert_within_8bit_x(y, int4, x, 64)),
@@ -249,7 +263,7 @@ def test_other_dtypes_fall_back():
     w = _randn(64, 128).bfloat16()
     assert cpu_kernels.bf16_gemv(_randn(128).half(), w) is None
     assert cpu_kernels.bf16_gemv(_randn(2, 128), w.float()) is None
-    assert cpu_kernels.int8_gemv(_randn(1, 128), layer.qweight, layer.scales) is None
+    assert cpu_kernels.int8_gemm(_randn(1, 128), layer.qweight, layer.scales) is None
     for x in (_randn(1, 128).half(), _randn(1, 128), _randn(3, 128).bfloat16()):
         torch.testing.assert_close(layer(x).float(), _portable_reference(layer, x), rtol=3e-2, atol=3e-2)
 
@@ -263,7 +277,7 @@ def test_integer_kernels_leave_non_finite_inputs_to_pytorch(method):
     if method == "int4":
         assert cpu_kernels.int4_gemm(x, layer.qweight, layer.scales_zeros, 32) is None
     else:
-        assert cpu_kernels.int8_gemv(x, layer.qweight, layer.scales) is None
+        assert cpu_kernels.int8_gemm(x, layer.qweight, layer.scales) is None
     assert layer(x).isnan().all()
 
 
@@ -346,11 +360,8 @@ def test_bf16_prefill_and_decode_use_kernels_and_match_the_portable_path(tiny_ck
 
     model, _ = load_model(tiny_ckpt, dtype="bfloat16", quantize=method, group_size=32, progress=False)
     calls = set()  # (kernel, rows)
-    for name in (f"{method}_gemm", f"{method}_gemv"):
-        if hasattr(cpu_kernels, name):
-            kernel = getattr(cpu_kernels, name)
-            monkeypatch.setattr(cpu_kernels, name, lambda x, *a, kernel=kernel, name=name:
-                                calls.add((name, x.numel() // x.shape[-1])) or kernel(x, *a))
+    kernel = getattr(cpu_kernels, f"{method}_gemm")
+    monkeypatch.setattr(cpu_kernels, f"{method}_gemm", lambda x, *a: calls.add(x.numel() // x.shape[-1]) or kernel(x, *a))
     ids = torch.randint(5, 1000, (1, 6), generator=torch.Generator().manual_seed(0))
     logits = {}
     with torch.inference_mode():
@@ -359,10 +370,7 @@ def test_bf16_prefill_and_decode_use_kernels_and_match_the_portable_path(tiny_ck
             cache = model.new_cache(1, 16)
             prefill = model(ids[:, :5], cache=cache).float()
             logits[fast] = torch.cat([prefill, model.decode(ids[:, 5:], cache).float()], dim=1)
-    # the 5-token prompt through the prompt kernel; the decode step through int8's decode kernel, or
-    # int4's one kernel
-    decode_kernel = "int8_gemv" if method == "int8" else "int4_gemm"
-    assert {(f"{method}_gemm", 5), (decode_kernel, 1)} <= calls, calls
+    assert {5, 1} <= calls, calls  # the 5-token prompt and the decode step through the one kernel
     scale = float(logits[False].abs().max())
     # both round to bf16 along the way (the portable path its dequantized weights, the prompt kernels
     # x to 8 bits): ~1% of the scale
@@ -382,10 +390,14 @@ def test_install_swaps_the_fast_paths_in_where_they_apply_and_back(tiny_ckpt):
     assert type(fp32.layers[0].mlp.down) is CpuLinear  # decode steps row by row in every dtype
     assert type(int4.layers[0].mlp.gate_up) is FastInt4Linear and type(int8.output) is FastInt8Linear
     weight, keys = bf16.output.weight, list(bf16.state_dict())
+    int8_buffers = {name: t.clone() for name, t in int8.state_dict().items()}
     install(bf16, enabled=False)
     install(int8, enabled=False)
     assert type(bf16.output) is torch.nn.Linear and type(int8.output) is Int8Linear
     assert bf16.output.weight is weight and list(bf16.state_dict()) == keys
+    # int8's codes come back row-major from the kernels' blocked layout: the same state dict either way
+    assert int8.output.qweight.shape == (int8.output.out_features, int8.output.in_features)
+    assert all(torch.equal(t, int8_buffers[name]) for name, t in int8.state_dict().items())
     install(bf16.to(torch.float64))  # moved to a dtype it does not take: the portable class
     assert type(bf16.output) is torch.nn.Linear
     install(bf16.bfloat16())

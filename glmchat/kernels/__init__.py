@@ -32,7 +32,8 @@ _PORTABLE = {fast: portable for portable, fast in _FAST.items()}
 
 def install(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Swap the fast paths into `model`'s layers (in place: the same modules, parameters and
-    state dict, only their class changes) where they apply, the portable ones elsewhere."""
+    state dict; only their class changes, and a kernel's own layout of a buffer where it has one)
+    where they apply, the portable ones elsewhere."""
     bf16_fast = False
     for layer in model.modules():
         portable = _PORTABLE.get(type(layer), type(layer))
@@ -40,7 +41,12 @@ def install(model: nn.Module, enabled: bool = True) -> nn.Module:
         if fast is None:
             continue
         use = enabled and fast.applies_to(layer)
-        layer.__class__ = fast if use else portable
+        new = fast if use else portable
+        if type(layer) is not new and hasattr(layer, "on_swap_out"):
+            layer.on_swap_out()  # the portable layout back
+        layer.__class__ = new
+        if hasattr(layer, "on_swap_in"):
+            layer.on_swap_in()  # a kernel's own layout (FastInt8Linear's blocked codes)
         bf16_fast |= use and _float_dtype(layer) == torch.bfloat16
     if bf16_fast:  # the only dtype the C kernels take
         cpu.available()  # compiles them on first use (seconds), here rather than in the first answer

@@ -3,14 +3,14 @@ layouts of glmchat.quantize). Each row of x goes through the same arithmetic wha
 rows are, so a row's result does not depend on how many rows share the call (the server's batch
 invariance rests on this). See csrc/gemv.c for the data layouts.
 
-Decode steps (*_gemv, a few rows): bf16 sums in float32. Integer products (int8 and int4, decode
+bf16 decode steps (bf16_gemv, a few rows): sums in float32. Integer products (int8 and int4, decode
 steps and prompts alike) take x in 8 bits per group of columns (128, or the int4 group), with exact
 int32 sums per group and float across groups: each entry of x is off by at most 1/254 of its
 group's largest magnitude, as with llama.cpp's 8-bit activations, and each weight costs one
 integer product per row of x (a batch of decode rows is compute-bound on few cores).
-int8 decode steps (int8_gemv) read the weights in their own row-major layout, a tile of rows at
-a time; int8 prompts and every int4 product (*_gemm) unpack the codes tile by tile into cache
-(int4 decode steps in registers), never dequantizing the weights as a whole.
+int8 codes are held in a blocked layout (block_int8: 4 columns of 16 rows per 64 bytes, the operand
+of the integer products), so they stream from memory straight into them; int4 codes are unpacked
+tile by tile into cache (decode steps in registers). The weights are never dequantized as a whole.
 
 The C source is compiled at first use with the system compiler (`$CC`, `cc` or `gcc`,
 -O3 -march=native -fopenmp) into the user cache (~/.cache/glmchat/kernels) and loaded with
@@ -48,7 +48,7 @@ _lock = threading.Lock()
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
     "glm_gemv_bf16": (_int, [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
-    "glm_gemv_int8": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
+    "glm_block_int8": (None, [_ptr, _ptr, _i64, _i64, _int]),
     "glm_dequant_int4_t": (None, [_ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
     "glm_gemm_int8": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
     "glm_gemm_int4": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int]),
@@ -209,33 +209,42 @@ def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     return _call(_lib.glm_gemv_bf16, x, (weight.data_ptr(), _addr(bias)), (N, K))
 
 
-def _int8_operands(x, qweight, scales, bias) -> bool:
-    return (_usable(x, qweight.shape[1], qweight, scales, bias) and qweight.dtype == torch.int8
-            and scales.dtype == torch.bfloat16 and _bf16_or_none(bias))
-
-
 def _int4_operands(x, qweight, scales_zeros, bias) -> bool:
     return (_usable(x, qweight.shape[1] * 2, qweight, scales_zeros, bias) and qweight.dtype == torch.uint8
             and scales_zeros.dtype == torch.bfloat16 and _bf16_or_none(bias) and qweight.shape[0] % 64 == 0)
 
 
-def int8_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-              bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Decode steps: bf16 x [..., K] (a few rows) times int8 codes [N, K] with bf16 scales [N]
-    (+ bias): [..., N] bf16, or None."""
-    if not _int8_operands(x, qweight, scales, bias):
+def block_int8(codes: torch.Tensor) -> torch.Tensor | None:
+    """int8 codes [N, K] (row-major) in the blocked layout int8_gemm reads: uint8
+    [ceil(N/64), ceil(K/4), 256], byte (b, t, 4r + j) = codes[64b + r, 4t + j] + 128 (128 past N or
+    K); None where the kernels are unavailable."""
+    N, K = codes.shape
+    if not (enabled and codes.device.type == "cpu" and codes.dtype == torch.int8 and _load() is not None):
         return None
-    return _call(_lib.glm_gemv_int8, x, (qweight.data_ptr(), scales.data_ptr(), _addr(bias)), tuple(qweight.shape))
+    codes = _row(codes)
+    blocked = torch.empty(-(-N // 64), -(-K // 4), 256, dtype=torch.uint8)
+    _lib.glm_block_int8(codes.data_ptr(), blocked.data_ptr(), N, K, torch.get_num_threads())
+    return blocked
 
 
-def int8_gemm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+def unblock_int8(blocked: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """The row-major int8 codes [N, K] of a blocked tensor (any device: PyTorch's ops)."""
+    words = blocked.view(torch.int32).view(blocked.shape[0], blocked.shape[1], 64) ^ -0x7F7F7F80  # - 128 per byte
+    rows = words.transpose(1, 2).reshape(-1).view(torch.int8).view(blocked.shape[0] * 64, -1)
+    return rows[:N, :K].contiguous()
+
+
+def int8_gemm(x: torch.Tensor, blocked: torch.Tensor, scales: torch.Tensor,
               bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """int8 prompts: like int8_gemv for any number of rows, x in 8 bits per group of 128 columns;
-    N a multiple of 64 and K of 4, else None."""
-    N, K = qweight.shape
-    if not (_int8_operands(x, qweight, scales, bias) and N % 64 == 0 and K % 4 == 0):
+    """Every int8 product, decode steps and prompts: bf16 x [..., K] times int8 codes in the blocked
+    layout of block_int8 with bf16 scales [N] (+ bias), x in 8 bits per group of 128 columns:
+    [..., N] bf16, or None."""
+    N, K = scales.shape[0], x.shape[-1]
+    if not (_usable(x, K, blocked, scales, bias) and blocked.dtype == torch.uint8
+            and tuple(blocked.shape) == (-(-N // 64), -(-K // 4), 256)
+            and scales.dtype == torch.bfloat16 and _bf16_or_none(bias)):
         return None
-    return _call(_lib.glm_gemm_int8, x, (qweight.data_ptr(), scales.data_ptr(), _addr(bias)), (N, K))
+    return _call(_lib.glm_gemm_int8, x, (blocked.data_ptr(), scales.data_ptr(), _addr(bias)), (N, K))
 
 
 def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,

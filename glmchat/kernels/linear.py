@@ -8,9 +8,9 @@ this for any number of rows with the weights read once (glmchat.kernels.cpu); wh
 apply (no AVX-512 BF16, float16 / float32) the rows go one at a time.
 
 Prompts take the fastest product for their size. bf16: W @ xᵀ up to MAX_ROWS_TRANSPOSED rows,
-F.linear beyond. int8 / int4: glmchat's C prompt kernels (8-bit x, the weights unpacked tile by
-tile; int4 decode steps take the same kernel); where they do not apply, PyTorch's weight-only ops
-up to FAST_MAX_ROWS, the portable dequantize + GEMM beyond (int4 dequantizing through the C kernel).
+F.linear beyond. int8 / int4: glmchat's C kernels (8-bit x, the weights read tile by tile; decode
+steps take the same kernel); where they do not apply, PyTorch's weight-only ops up to FAST_MAX_ROWS,
+the portable dequantize + GEMM beyond (int4 dequantizing through the C kernel).
 """
 
 from __future__ import annotations
@@ -124,17 +124,45 @@ class _FastQuantized:
 
 
 class FastInt8Linear(_FastQuantized, Int8Linear):
+    """While this class is swapped in, the codes are held in the C kernels' blocked layout where the
+    kernels take them (bf16 scales: cpu.block_int8, the operand of their integer products, read
+    straight from memory; 8 decode rows ~0.55× the time of the row-major layout they replace), and
+    row-major again once it is swapped out. The state dict holds them row-major either way."""
+
     has_op = HAS_INT8_OP
     op_k_multiple = 16  # torch 2.13's op returns wrong sums for K = 136 or 200 and crashes for K = 132
 
-    def _decode_kernel(self, x):
-        return cpu.int8_gemv(x, self.qweight, self.scales, self.bias)
+    def on_swap_in(self) -> None:
+        """Block the codes where the kernels will take them, unblock them where they no longer will
+        (install calls it each time: the device or dtype may have changed since)."""
+        wanted = self.scales.dtype == torch.bfloat16 and self.qweight.device.type == "cpu"
+        if wanted and not self._blocked():
+            blocked = cpu.block_int8(self.qweight)
+            if blocked is not None:
+                self.qweight = blocked
+        elif not wanted:
+            self.on_swap_out()
 
-    def _prompt_kernel(self, x):
+    def on_swap_out(self) -> None:
+        self.qweight = self.codes()
+
+    def _blocked(self) -> bool:
+        return self.qweight.dim() == 3
+
+    def codes(self) -> torch.Tensor:
+        return cpu.unblock_int8(self.qweight, self.out_features, self.in_features) if self._blocked() else self.qweight
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "qweight"] = self.codes()
+
+    def _decode_kernel(self, x):
         return cpu.int8_gemm(x, self.qweight, self.scales, self.bias)
 
+    _prompt_kernel = _decode_kernel  # one arithmetic for every row count, like int4
+
     def _fast(self, x):
-        return _ops._weight_int8pack_mm(x, self.qweight, self.scales.to(x.dtype))
+        return _ops._weight_int8pack_mm(x, self.codes(), self.scales.to(x.dtype))
 
 
 class FastInt4Linear(_FastQuantized, Int4Linear):

@@ -1,6 +1,6 @@
-/* Matrix products on x86-64 CPUs with AVX-512 (F, BW, BF16, VBMI, VNNI): glm_gemv_bf16 and
- * glm_gemv_int8 for decode steps (a few rows), glm_gemm_int8 for int8 prompts and glm_gemm_int4 for
- * every int4 product (at the end).
+/* Matrix products on x86-64 CPUs with AVX-512 (F, BW, BF16, VBMI, VNNI): glm_gemv_bf16 for bf16
+ * decode steps (a few rows), glm_gemm_int8 and glm_gemm_int4 for every int8 and int4 product,
+ * decode steps and prompts alike.
  *
  * Every kernel computes y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for rows x[m], with x, y and
  * bias in bf16 and float32 sums (int8/int4: exact int32 sums per group of columns over x in 8 bits
@@ -9,12 +9,15 @@
  * (the server's batch invariance).
  * W is one of:
  *   bf16  w[N, K] row-major.
- *   int8  q[N, K] row-major, scales s[N] bf16:  W[n, k] = q[n, k] * s[n].
+ *   int8  blocked codes c[ceil(N/64), ceil(K/4), 64, 4] uint8 (glmchat.kernels.cpu.block_int8),
+ *         c[b, t, r, j] = q[64b + r, 4t + j] + 128 (128 past N or K), scales s[N] bf16:
+ *         W[n, k] = q[n, k] * s[n]. A vector of 64 bytes holds 4 columns of 16 rows, the operand
+ *         the integer products take, so the codes stream from memory straight into them.
  *   int4  PyTorch's CPU int4 layout: uint8 bytes viewed as [N/64, K, 32]; byte (b, k, j) holds
  *         the code of row 64b+j in its low nibble and of row 64b+32+j in its high nibble.
  *         sz[K/G, N, 2] bf16 holds (scale, zero) per group of G columns:
  *         W[n, k] = (q - 8) * scale + zero.
- * Weight rows are split into tiles (4 rows for the gemv kernels, 64-row blocks for the gemm ones);
+ * Weight rows are split into tiles (4 rows for the bf16 kernel, 64-row blocks for the others);
  * OpenMP threads take contiguous ranges of tiles, so each thread streams through one stretch of the
  * weights once, the rows of x taking turns on each tile while it is in cache.
  */
@@ -29,21 +32,16 @@
 #endif
 
 /* Software prefetch of the weight streams, into L2 (T1): ~1.4x faster from DRAM than without it.
- * Into L2 rather than L1 and, for int8's four row streams, further ahead: measured on an AMD EPYC
- * (2 threads, 16 layer products in turns with the alternatives, median time, three runs) bf16
- * 0.79-0.88x, int8 0.86-0.90x and int4 0.95-0.98x the time with T0 at 4096 bytes. */
+ * Into L2 rather than L1: measured on an AMD EPYC (2 threads, 16 layer products in turns with the
+ * alternatives, median time, three runs) bf16 0.79-0.88x and int4 0.95-0.98x the time with T0. */
 #ifndef PF_DIST
 #define PF_DIST 4096
-#endif
-#ifndef PF_DIST_INT8
-#define PF_DIST_INT8 8192
 #endif
 #ifndef PF_HINT
 #define PF_HINT _MM_HINT_T1
 #endif
 #define PREFETCH(p) _mm_prefetch((const char *)(p) + PF_DIST, PF_HINT)
-#define PREFETCH_INT8(p) _mm_prefetch((const char *)(p) + PF_DIST_INT8, PF_HINT)
-#define TILE 4 /* rows per tile for bf16 and int8: x is loaded once for all of them */
+#define TILE 4 /* rows per tile for bf16: x is loaded once for all of them */
 #define INLINE static inline __attribute__((always_inline))
 
 INLINE float bf16_to_f32(uint16_t h)
@@ -204,15 +202,15 @@ void glm_dequant_int4_t(const uint8_t *packed, const uint16_t *sz, uint16_t *wt,
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* int8 prompts and all int4 products: integer products over x in 8 bits, tile by tile.
+/* int8 and int4 products: integer products over x in 8 bits, tile by tile.
  * Each row of x is quantized per group of G columns, x[k] ~ xs[g] * xq[k] with xq int8 (round to
  * nearest, the group's largest |x| maps to 127), like llama.cpp's q8 activations: one integer
- * product per weight and row. int4 decode steps take it too; int8's (glm_gemv_int8, at the end)
- * share the arithmetic in the weights' own layout.
+ * product per weight and row.
  * The weights are never dequantized as a whole: for one 64-row block and one group of columns at
- * a time, their codes are unpacked into a panel of unsigned bytes (c = q for int4, q + 128 for
- * int8; W = c * s + z per row and group), 4 columns of 16 rows per vector, which stays in L1
- * while every row of x, 4 at a time, multiplies it with vpdpbusd (4 u8 x s8 products per lane):
+ * a time, their codes are taken as unsigned bytes (c = q for int4, q + 128 for int8; W = c * s + z
+ * per row and group), 4 columns of 16 rows per vector, which stay in L1 while every row of x, 4 at
+ * a time, multiplies them with vpdpbusd (4 u8 x s8 products per lane). int8 codes are stored that
+ * way (blocked); int4 codes are unpacked into a panel:
  *   y[m, n] += xs * (s[n] * sum c xq + z[n] * sum xq)    (exact int32 sums, float per group).
  * Each row of x takes the same instructions whatever the other rows are, so its result does not
  * depend on how many rows share the call. int4 with up to DIRECT_ROWS rows (decode steps) unpacks
@@ -220,8 +218,7 @@ void glm_dequant_int4_t(const uint8_t *packed, const uint16_t *sz, uint16_t *wt,
  * sums and float epilogue, so the same results. */
 
 #define QROWS 4 /* rows of x per pass over a panel: 16 int32 accumulators */
-#define Q8_GROUP 128 /* int8: x's quantization group, prompts and decode steps alike */
-#define XPAIR 2 /* int8 decode: rows of x per pass over a tile (8 int32, 8 float accumulators) */
+#define Q8_GROUP 128 /* int8: x's quantization group */
 #ifndef DIRECT_ROWS
 #define DIRECT_ROWS 48 /* int4 up to this many rows: codes unpacked in registers per pass of 4 rows, no panel.
                            113 full-size layer products, in turns, best of 3: 20-48 rows 0.74-0.96x the panel's
@@ -235,7 +232,7 @@ typedef struct {
     int64_t M, K, G, groups;
 } q8_x;
 
-typedef struct {                 /* one 64-row block, one group of columns */
+typedef struct {                 /* int4: one 64-row block, one group of columns */
     __m512i c[128 / 4 * 4];      /* [steps][4]: vector v holds rows 16v..16v+15, 4 columns per lane */
     float s[64], z[64];
 } panel;
@@ -294,24 +291,40 @@ INLINE void q8_add_group(const q8_x *X, const float *s, const float *z, int64_t 
     }
 }
 
-/* Rows m0..m0+R-1 of x times the panel of group g (steps of 4 columns), added into out[m][64]. */
-INLINE void q8_panel_rows(const q8_x *X, const panel *P, int64_t g, int64_t steps, int64_t m0, int R,
-                          float (*out)[64])
+/* Rows m0..m0+R-1 of x times the codes c of group g of a block (steps of 4 columns, 4 vectors each:
+ * a panel, or int8's blocked codes, which `stream` prefetches from memory), added into out[m][64]. */
+INLINE void q8_rows(const q8_x *X, const __m512i *codes, const float *s, const float *z, int64_t g, int64_t steps,
+                    int64_t m0, int R, int stream, float (*out)[64])
 {
     __m512i acc[QROWS][4];
     for (int m = 0; m < R; m++)
         for (int v = 0; v < 4; v++)
             acc[m][v] = _mm512_setzero_si512();
     const int8_t *x0 = X->xq + (g * X->M + m0) * X->G;
-    for (int64_t s = 0; s < steps; s++) {
-        const __m512i *c = P->c + 4 * s;
-        for (int m = 0; m < R; m++) {
-            __m512i x4 = _mm512_set1_epi32(*(const int32_t *)(x0 + m * X->G + 4 * s));
+    for (int64_t t = 0; t < steps; t++) {
+        const __m512i *c = codes + 4 * t;
+        if (stream)
             for (int v = 0; v < 4; v++)
-                acc[m][v] = _mm512_dpbusd_epi32(acc[m][v], c[v], x4);
+                PREFETCH(c + v);
+        for (int m = 0; m < R; m++) {
+            __m512i x4 = _mm512_set1_epi32(*(const int32_t *)(x0 + m * X->G + 4 * t));
+            for (int v = 0; v < 4; v++)
+                acc[m][v] = _mm512_dpbusd_epi32(acc[m][v], _mm512_loadu_si512(c + v), x4);
         }
     }
-    q8_add_group(X, P->s, P->z, g, m0, R, acc, out);
+    q8_add_group(X, s, z, g, m0, R, acc, out);
+}
+
+/* Every row of x times the codes of group g of a block, 4 rows at a time, then one by one; the
+ * first pass streams int8's codes from memory, the later ones find them in L1. */
+static void q8_group(const q8_x *X, const __m512i *codes, const float *s, const float *z, int64_t g, int64_t steps,
+                     int stream, float (*out)[64])
+{
+    int64_t m0 = 0;
+    for (; m0 + QROWS <= X->M; m0 += QROWS)
+        q8_rows(X, codes, s, z, g, steps, m0, QROWS, stream && m0 == 0, out + m0);
+    for (; m0 < X->M; m0++)
+        q8_rows(X, codes, s, z, g, steps, m0, 1, stream && m0 == 0, out + m0);
 }
 
 /* The 4 code vectors of int4 columns k..k+3 of a block at p (vector v: rows 16v..16v+15). Their
@@ -405,62 +418,23 @@ static void int4_panel(const uint8_t *packed, const uint16_t *sz, int64_t N, int
     int4_scales(sz, N, b, g, P->s, P->z);
 }
 
-/* out[s] = dword s of each of the 16 vectors in (lane j from in[j]): a 16 x 16 dword transpose. */
-INLINE void transpose16(__m512i in[16])
+/* Scales s and zeros z of int8 block b: W = (c - 128) * scale; rows past N get 0. */
+static void int8_scales(const uint16_t *scales, int64_t N, int64_t b, float *s, float *z)
 {
-    __m512i a[16], b[16];
-    for (int i = 0; i < 16; i += 2) {
-        a[i] = _mm512_unpacklo_epi32(in[i], in[i + 1]);
-        a[i + 1] = _mm512_unpackhi_epi32(in[i], in[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4)
-        for (int j = 0; j < 2; j++) {
-            b[i + 2 * j] = _mm512_unpacklo_epi64(a[i + j], a[i + j + 2]);
-            b[i + 2 * j + 1] = _mm512_unpackhi_epi64(a[i + j], a[i + j + 2]);
-        }
-    for (int i = 0; i < 16; i += 8)
-        for (int j = 0; j < 4; j++) {
-            a[i + j] = _mm512_shuffle_i32x4(b[i + j], b[i + j + 4], 0x88);
-            a[i + j + 4] = _mm512_shuffle_i32x4(b[i + j], b[i + j + 4], 0xdd);
-        }
-    for (int j = 0; j < 8; j++) {
-        in[j] = _mm512_shuffle_i32x4(a[j], a[j + 8], 0x88);
-        in[j + 8] = _mm512_shuffle_i32x4(a[j], a[j + 8], 0xdd);
+    for (int64_t j = 0; j < 64; j++) {
+        s[j] = 64 * b + j < N ? bf16_to_f32(scales[64 * b + j]) : 0.0f;
+        z[j] = -128 * s[j];
     }
 }
 
-/* The int8 codes of rows 64b.. and columns g*G.. (steps of 4) into a panel, plus 128 each. */
-static void int8_panel(const int8_t *q, const uint16_t *scales, int64_t K, int64_t G, int64_t b, int64_t g,
-                       int64_t steps, panel *P)
-{
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-    for (int64_t s0 = 0; s0 < steps; s0 += 16) {
-        int64_t n = steps - s0 < 16 ? steps - s0 : 16;
-        __mmask64 mask = first64(4 * n);
-        for (int v = 0; v < 4; v++) {
-            __m512i t[16];
-            for (int j = 0; j < 16; j++)
-                t[j] = _mm512_maskz_loadu_epi8(mask, q + (64 * b + 16 * v + j) * K + g * G + 4 * s0);
-            transpose16(t);
-            for (int i = 0; i < n; i++)
-                P->c[4 * (s0 + i) + v] = _mm512_xor_si512(t[i], flip);
-        }
-    }
-    for (int j = 0; j < 64; j++) { /* W = (c - 128) * scale */
-        float scale = bf16_to_f32(scales[64 * b + j]);
-        P->s[j] = scale;
-        P->z[j] = -128 * scale;
-    }
-}
-
-/* y = x Wᵀ (+ bias) for W int4 (int8 == 0) or int8, x quantized per group of G columns. */
+/* y = x Wᵀ (+ bias) for W int4 (int8 == 0) or int8 (blocked), x quantized per group of G columns. */
 static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, const uint16_t *bias, uint16_t *y,
                    int64_t M, int64_t N, int64_t K, int64_t G, int int8, int nthreads)
 {
-    if (G % 4 || G > 128 || K % 4 || N % 64 || (!int8 && K % G))
+    if (G % 4 || G > 128 || (!int8 && (K % G || N % 64)))
         return -2;
     q8_x X = {.M = M, .K = K, .G = G, .groups = (K + G - 1) / G};
-    int64_t padded = X.groups * G * M;
+    int64_t padded = X.groups * G * M, steps_k = (K + 3) / 4;
     char *mem = malloc((size_t)(padded + 8 * M * X.groups));
     if (!mem)
         return -1;
@@ -482,34 +456,32 @@ static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, con
         float (*out)[64] = aligned_alloc(64, (size_t)M * 64 * sizeof(float));
         failed = !P || !out;
 #pragma omp for schedule(static)
-        for (int64_t b = 0; b < N / 64; b++) {
+        for (int64_t b = 0; b < (N + 63) / 64; b++) {
             if (failed)
                 continue;
             memset(out, 0, (size_t)M * 64 * sizeof(float));
+            if (int8)
+                int8_scales(scales, N, b, P->s, P->z);
             for (int64_t g = 0; g < X.groups; g++) {
-                int64_t steps = ((g + 1) * G < K ? G : K - g * G) / 4;
-                if (!int8 && M <= DIRECT_ROWS) {
+                int64_t steps = ((g + 1) * G < K ? G : K - g * G + 3) / 4;
+                if (int8) {
+                    const uint8_t *codes = (const uint8_t *)q + (b * steps_k + g * G / 4) * 256;
+                    q8_group(&X, (const __m512i *)codes, P->s, P->z, g, steps, 1, out);
+                } else if (M <= DIRECT_ROWS) {
                     int4_scales(scales, N, b, g, P->s, P->z);
                     int4_direct_group(&X, (const uint8_t *)q + b * K * 32, P->s, P->z, g, idx, out);
-                    continue;
-                }
-                if (int8)
-                    int8_panel(q, scales, K, G, b, g, steps, P);
-                else
+                } else {
                     int4_panel(q, scales, N, K, G, b, g, idx, P);
-                int64_t m0 = 0;
-                for (; m0 + QROWS <= M; m0 += QROWS)
-                    q8_panel_rows(&X, P, g, steps, m0, QROWS, out + m0);
-                for (; m0 < M; m0++)
-                    q8_panel_rows(&X, P, g, steps, m0, 1, out + m0);
+                    q8_group(&X, P->c, P->s, P->z, g, steps, 0, out);
+                }
             }
             for (int64_t m = 0; m < M; m++)
-                for (int v = 0; v < 4; v++) {
-                    int64_t n0 = b * 64 + 16 * v;
-                    __m512 o = _mm512_loadu_ps(out[m] + 16 * v);
+                for (int64_t n0 = b * 64; n0 < b * 64 + 64 && n0 < N; n0 += 16) {
+                    __mmask16 mask = first16(N - n0);
+                    __m512 o = _mm512_loadu_ps(out[m] + n0 - b * 64);
                     if (bias)
-                        o = _mm512_add_ps(o, load16_bf16(bias + n0));
-                    _mm256_storeu_si256((__m256i *)(y + m * N + n0), (__m256i)_mm512_cvtneps_pbh(o));
+                        o = _mm512_add_ps(o, maskz_load16_bf16(mask, bias + n0));
+                    _mm256_mask_storeu_epi16(y + m * N + n0, mask, (__m256i)_mm512_cvtneps_pbh(o));
                 }
         }
         free(P);
@@ -525,103 +497,38 @@ int glm_gemm_int4(const uint16_t *x, const uint8_t *packed, const uint16_t *sz, 
     return gemm_q8(x, packed, sz, bias, y, M, N, K, G, 0, nthreads);
 }
 
-int glm_gemm_int8(const uint16_t *x, const int8_t *q, const uint16_t *scales, const uint16_t *bias, uint16_t *y,
+/* int8 codes q[N, K] row-major into the blocked layout the products read (see the top). */
+void glm_block_int8(const int8_t *q, uint8_t *blocked, int64_t N, int64_t K, int nthreads)
+{
+    const int64_t steps = (K + 3) / 4;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t b = 0; b < (N + 63) / 64; b++)
+        for (int64_t t0 = 0; t0 < steps; t0 += 16) { /* 64 rows x 64 columns at a time: whole cache lines */
+            uint32_t *out = (uint32_t *)blocked + (b * steps + t0) * 64;
+            const int64_t n = t0 + 16 <= steps ? 16 : steps - t0;
+            for (int64_t r = 0; r < 64; r++) {
+                const int8_t *row = q + (64 * b + r) * K + 4 * t0;
+                if (64 * b + r < N && 4 * (t0 + n) <= K)
+                    for (int64_t t = 0; t < n; t++) {
+                        uint32_t word;
+                        memcpy(&word, row + 4 * t, 4);
+                        out[t * 64 + r] = word ^ 0x80808080u;
+                    }
+                else /* past N or at a ragged end of K: 0 codes (128 stored) where there is no weight */
+                    for (int64_t t = 0; t < n; t++) {
+                        uint8_t word[4] = {128, 128, 128, 128};
+                        for (int64_t j = 0; j < 4 && 64 * b + r < N && 4 * (t0 + t) + j < K; j++)
+                            word[j] = (uint8_t)(row[4 * t + j] ^ 0x80);
+                        memcpy(out + t * 64 + r, word, 4);
+                    }
+            }
+        }
+}
+
+int glm_gemm_int8(const uint16_t *x, const uint8_t *blocked, const uint16_t *scales, const uint16_t *bias, uint16_t *y,
                   int64_t M, int64_t N, int64_t K, int nthreads)
 {
-    return gemm_q8(x, q, scales, bias, y, M, N, K, Q8_GROUP, 1, nthreads);
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* int8 decode steps: the prompt kernels' arithmetic (x in 8 bits per group of Q8_GROUP columns,
- * exact int32 sums per group, float across groups) in the weights' own row-major layout, with no
- * panel to build: a tile of TILE weight rows streams from memory once, 64 columns (a vector per
- * row) at a time, and each row of x multiplies it while it is in cache. The unsigned side of
- * vpdpbusd is the codes plus 128 (q ^ 0x80); the 128 * sum xq that adds is taken off once per row
- * of x at the end. Any N and K (the last vector of a group masked). */
-
-/* out[m][r] = sum over groups of xs * (the int32 sum of row m0+m of x times weight row r plus 128),
- * for R rows of x and the `rows` weight rows at q; the caller takes the 128s off. */
-INLINE void int8_tile(const q8_x *X, const int8_t *q, int rows, int64_t m0, int R, float out[XPAIR][TILE])
-{
-    const int64_t K = X->K, G = X->G;
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-    __m512 acc[XPAIR][TILE];
-    for (int m = 0; m < R; m++)
-        for (int r = 0; r < rows; r++)
-            acc[m][r] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < X->groups; g++) {
-        const int64_t k0 = g * G, end = k0 + G < K ? k0 + G : K;
-        __m512i dot[XPAIR][TILE];
-        for (int m = 0; m < R; m++)
-            for (int r = 0; r < rows; r++)
-                dot[m][r] = _mm512_setzero_si512();
-        for (int64_t k = k0; k < end; k += 64) {
-            const __mmask64 mask = first64(end - k);
-            __m512i w[TILE];
-            for (int r = 0; r < rows; r++) {
-                PREFETCH_INT8(q + r * K + k);
-                w[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, q + r * K + k), flip); /* x is 0 past end */
-            }
-            for (int m = 0; m < R; m++) {
-                const __m512i xv = _mm512_loadu_si512(X->xq + (g * X->M + m0 + m) * G + (k - k0));
-                for (int r = 0; r < rows; r++)
-                    dot[m][r] = _mm512_dpbusd_epi32(dot[m][r], w[r], xv);
-            }
-        }
-        for (int m = 0; m < R; m++) {
-            const __m512 xs = _mm512_set1_ps(X->xs[(m0 + m) * X->groups + g]);
-            for (int r = 0; r < rows; r++)
-                acc[m][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[m][r]), xs, acc[m][r]);
-        }
-    }
-    for (int m = 0; m < R; m++)
-        for (int r = 0; r < rows; r++)
-            out[m][r] = _mm512_reduce_add_ps(acc[m][r]);
-}
-
-int glm_gemv_int8(const uint16_t *x, const int8_t *q, const uint16_t *scales, const uint16_t *bias,
-                  uint16_t *y, int64_t M, int64_t N, int64_t K, int nthreads)
-{
-    q8_x X = {.M = M, .K = K, .G = Q8_GROUP, .groups = (K + Q8_GROUP - 1) / Q8_GROUP};
-    int64_t padded = X.groups * X.G * M;
-    char *mem = malloc((size_t)(padded + 8 * M * X.groups + 4 * M));
-    if (!mem)
-        return -1;
-    float *xs = (float *)(mem + padded), *xz = xs + M * X.groups, *zsum = xz + M * X.groups;
-    if (quantize_x8(x, &X, (int8_t *)mem, xs, xz, nthreads)) {
-        free(mem);
-        return -3;
-    }
-    for (int64_t m = 0; m < M; m++) { /* what the codes' +128 added to row m's sums, over 128 */
-        zsum[m] = 0;
-        for (int64_t g = 0; g < X.groups; g++)
-            zsum[m] += xz[m * X.groups + g];
-    }
-    int64_t tiles = (N + TILE - 1) / TILE;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
-        int64_t n0 = t * TILE, rows = N - n0 < TILE ? N - n0 : TILE;
-        for (int64_t m0 = 0; m0 < M; m0 += XPAIR) { /* later rows of x find the tile in L1/L2 */
-            float out[XPAIR][TILE];
-            int R = M - m0 >= XPAIR ? XPAIR : 1;
-            if (rows == TILE && R == XPAIR) /* constant counts: the accumulators stay in registers */
-                int8_tile(&X, q + n0 * K, TILE, m0, XPAIR, out);
-            else if (rows == TILE)
-                int8_tile(&X, q + n0 * K, TILE, m0, 1, out);
-            else
-                for (int r = 0; r < rows; r++) {
-                    float one[XPAIR][TILE];
-                    int8_tile(&X, q + (n0 + r) * K, 1, m0, R, one);
-                    for (int m = 0; m < R; m++)
-                        out[m][r] = one[m][0];
-                }
-            for (int m = 0; m < R; m++)
-                for (int r = 0; r < rows; r++)
-                    store(y + (m0 + m) * N, bias, n0 + r, (out[m][r] - 128 * zsum[m0 + m]) * bf16_to_f32(scales[n0 + r]));
-        }
-    }
-    free(mem);
-    return 0;
+    return gemm_q8(x, blocked, scales, bias, y, M, N, K, Q8_GROUP, 1, nthreads);
 }
 
 /* ------------------------------------------------------------------------------------------ */
