@@ -21,6 +21,7 @@ from glmchat.bench import memory_bandwidth, random_prompt, time_generation
 from glmchat.config import GLMConfig
 from glmchat.hub import DEFAULT_MODEL
 from glmchat.kernels import install
+from glmchat.loader import weight_bytes
 from glmchat.loader import empty_model
 from glmchat.random_weights import init_random_weights
 from glmchat.registry import KNOWN_CONFIGS
@@ -30,7 +31,7 @@ FORMATS = ["bf16", "fp16", "int8", "int4", "bf16-compile", "int4-compile", "tran
 
 def bytes_per_token(model) -> int:
     """Weight bytes one decode step reads: everything but the embedding table (one row of it)."""
-    return sum(t.nbytes for name, t in model.state_dict().items() if "embed" not in name)
+    return weight_bytes(model, skip="embed")
 
 
 def glmchat_model(config: GLMConfig, fmt: str, group_size: int):

@@ -317,13 +317,20 @@ def _load(path_or_id, *, device, dtype, random_weights: bool, seed: int, quantiz
         load_weights(model, files, progress=progress, part=plan)
     if plan is not None:
         connect(model, plan)
-    nbytes = weight_bytes(model)  # before the kernels' layouts (their state dict converts back)
     kernels.install(model)
-    info = LoadInfo(os.fspath(path_or_id), time.perf_counter() - start, nbytes, random_weights, quantization)
+    info = LoadInfo(os.fspath(path_or_id), time.perf_counter() - start, weight_bytes(model), random_weights,
+                    quantization)
     return model, info, located
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the model's weights and buffers (a tied output layer counted once)."""
-    tensors = {t.data_ptr(): t for t in model.state_dict().values()}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+def weight_bytes(model: torch.nn.Module, skip: str | None = None) -> int:
+    """Bytes of the model's weights and persistent buffers as held in memory (a tied output layer
+    counted once), leaving out names that contain `skip`. Not through state_dict, which would copy
+    what a kernel holds in its own layout (FastInt8Linear's blocked codes) back into the portable one."""
+    held = {}
+    for prefix, module in model.named_modules():
+        tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+        for name, t in tensors:
+            if name not in module._non_persistent_buffers_set and not (skip and skip in f"{prefix}.{name}"):
+                held[t.data_ptr()] = t.nbytes
+    return sum(held.values())
