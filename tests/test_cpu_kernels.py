@@ -402,6 +402,10 @@ def test_install_swaps_the_fast_paths_in_where_they_apply_and_back(tiny_ckpt):
     assert type(bf16.output) is torch.nn.Linear
     install(bf16.bfloat16())
     assert type(bf16.output) is CpuLinear
+    install(int8)
+    install(int8.float())  # float32 scales, which the kernels do not take: the codes row-major again
+    assert int8.output.qweight.shape == (int8.output.out_features, int8.output.in_features)
+    assert all(torch.equal(t, int8_buffers[name].to(t.dtype)) for name, t in int8.state_dict().items())
 
 
 @pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "no-kernels"])
