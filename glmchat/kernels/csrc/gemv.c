@@ -137,7 +137,7 @@ int glm_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, ui
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* bf16 to float, 16 at a time, and the masks of a row's last, partial vector. */
+/* bf16 to float, 16 at a time, and the mask of a row's last, partial vector. */
 
 INLINE __m512 bf16x16_to_ps(__m256i h)
 {
@@ -157,11 +157,6 @@ INLINE __m512 maskz_load16_bf16(__mmask16 mask, const uint16_t *x) /* zeros wher
 INLINE __mmask16 first16(int64_t left) /* the first min(left, 16) lanes */
 {
     return left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1);
-}
-
-INLINE __mmask64 first64(int64_t left) /* the first min(left, 64) bytes */
-{
-    return left >= 64 ? ~0ull : (1ull << left) - 1;
 }
 
 /* ------------------------------------------------------------------------------------------ */
