@@ -291,8 +291,10 @@ class GLMTransformer(nn.Module):
         return self.rope_at(position_ids), step
 
     def decode(self, input_ids: torch.Tensor, cache: KVCache, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """One decode step (a token per row, after the cache): `forward`, compiled if asked for."""
-        step = self._compiled_decode or self.forward
+        """One decode step (a token per row, after the cache): `forward`, compiled if asked for
+        (uncompiled through the module's call, so that forward hooks such as the CPU thread
+        governor see decode steps too)."""
+        step = self if self._compiled_decode is None else self._compiled_decode
         return step(input_ids, cache=cache, position_ids=position_ids)
 
     def compile_decode(self) -> None:

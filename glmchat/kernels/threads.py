@@ -7,8 +7,11 @@ for it: on 2 cores with a busy loop pinned to one, int4 decode (8 of ChatGLM3-6B
 at most every `interval` seconds, the governor reads how much CPU time other processes took since
 its last look (the busy time of this process's CPUs in /proc/stat, less this process's own CPU
 time) and sets PyTorch's thread count, which the C kernels follow too, to the cores left: at most
-the count it found (or the count a caller set since), at least one. A model whose decode step is
-compiled (--compile) is left alone: compiled code is built for one thread count.
+the count it found (or the count a caller set since), at least one. While a thread of ours runs on
+every CPU, a program that wants a whole core only gets a share of one, so then any share of note
+gives a core up, and the next look (with a core to spare) sees what the program really takes. A
+model whose decode step is compiled (--compile) is left alone: compiled code is built for one
+thread count.
 """
 
 from __future__ import annotations
@@ -23,6 +26,10 @@ import torch
 enabled = os.environ.get("GLMCHAT_FIXED_THREADS", "") in ("", "0")  # 1: keep PyTorch's thread count as it is
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 _BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user nice system irq softirq steal ("guest" is inside user)
+# Others' busy share, in cores, that means they wait for one while we run a thread on every CPU. A
+# busy loop pinned to one of 2 cores showed as 0.20-0.35 next to 2 threads of int4/int8 decode (which
+# fell to 0.24-0.46x its quiet speed, the governor keeping both threads); quiet, 0.00-0.09.
+CONTENDED = 0.15
 
 
 def cpu_busy_seconds(cpus: set[int], stat: str | None = None) -> float | None:
@@ -45,8 +52,11 @@ def own_cpu_seconds() -> float:
     return t.user + t.system
 
 
-def threads_for(max_threads: int, cpus: int, others: float) -> int:
-    """Threads to run when other processes keep `others` of our `cpus` CPUs busy."""
+def threads_for(max_threads: int, cpus: int, others: float, running: int | None = None) -> int:
+    """Threads to run when other processes kept `others` of our `cpus` CPUs busy while we ran
+    `running` threads (None: not known)."""
+    if running is not None and running >= cpus and others >= CONTENDED:  # their share, not their want
+        return max(1, min(max_threads, running - max(1, round(others))))
     return max(1, min(max_threads, round(cpus - others)))
 
 
@@ -76,7 +86,7 @@ class ThreadGovernor:
         if self._last is not None:
             (_, busy0, own0), elapsed = self._last, now - self._last[0]
             self.others = max(0.0, (busy - busy0) - (sample[2] - own0)) / elapsed
-            self._set = threads_for(self.max_threads, len(self.cpus), self.others)
+            self._set = threads_for(self.max_threads, len(self.cpus), self.others, torch.get_num_threads())
             if self._set != torch.get_num_threads():
                 torch.set_num_threads(self._set)
         self._last = sample
