@@ -89,6 +89,15 @@ def test_int8_blocked_layout_is_the_documented_one(n, k):
 
 
 @needs_kernels
+def test_a_new_weight_set_into_a_blocked_int8_layer_is_blocked_too():
+    layer, fresh = _layer("int8", 96, 200, bias=False, seed=1), _layer("int8", 96, 200, bias=False, seed=2)
+    layer.set_weight(_randn(96, 200, seed=2, scale=0.05))  # the weight `fresh` was made with
+    assert torch.equal(layer.qweight, fresh.qweight) and layer.qweight.dim() == 3  # still blocked
+    x = _randn(3, 200, seed=4).bfloat16()
+    assert torch.equal(layer(x), fresh(x))
+
+
+@needs_kernels
 @pytest.mark.parametrize("n,k", [(1, 1), (5, 17), (130, 1000), (257, 4096)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_int8_decode_step_equals_the_documented_product_within_8bit_x(n, k, bias):

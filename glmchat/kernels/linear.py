@@ -152,6 +152,11 @@ class FastInt8Linear(_FastQuantized, Int8Linear):
     def codes(self) -> torch.Tensor:
         return cpu.unblock_int8(self.qweight, self.out_features, self.in_features) if self._blocked() else self.qweight
 
+    def set_weight(self, weight: torch.Tensor) -> None:
+        self.on_swap_out()  # quantized into the portable layout, then blocked again
+        super().set_weight(weight)
+        self.on_swap_in()
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "qweight"] = self.codes()
