@@ -93,8 +93,8 @@ def _transposed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 
 class _FastQuantized:
-    """The quantized layers' CPU paths: decode steps through the decode kernels (any number of rows,
-    each alone), prompts through the prompt kernels, then PyTorch's ops where those do not apply."""
+    """The quantized layers' CPU paths: decode steps and prompts through glmchat's C kernel (one
+    arithmetic for every row count, each row alone), then PyTorch's ops where it does not apply."""
 
     has_op: bool  # whether this PyTorch has the layer's CPU weight-only op
     op_k_multiple = 1  # in_features the op takes: multiples of this
@@ -107,14 +107,14 @@ class _FastQuantized:
         if x.device.type != "cpu" or not is_decode_step(x):
             return super().forward(x)
         x2 = x.reshape(-1, self.in_features)
-        y = self._decode_kernel(x2)
+        y = self._kernel(x2)
         if y is None:
             y = one_row_at_a_time(x2, self._matmul)
         return y.view(*x.shape[:-1], self.out_features)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
-            y = self._prompt_kernel(x)  # bias included; None where it does not apply (shape, non-finite x...)
+            y = self._kernel(x)  # bias included; None where it does not apply (shape, non-finite x...)
             if y is not None:
                 return y
             if x.shape[0] <= FAST_MAX_ROWS and self.has_op and self.in_features % self.op_k_multiple == 0:
@@ -161,10 +161,8 @@ class FastInt8Linear(_FastQuantized, Int8Linear):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "qweight"] = self.codes()
 
-    def _decode_kernel(self, x):
+    def _kernel(self, x):
         return cpu.int8_gemm(x, self.qweight, self.scales, self.bias)
-
-    _prompt_kernel = _decode_kernel  # one arithmetic for every row count, like int4
 
     def _fast(self, x):
         return _ops._weight_int8pack_mm(x, self.codes(), self.scales.to(x.dtype))
@@ -173,10 +171,8 @@ class FastInt8Linear(_FastQuantized, Int8Linear):
 class FastInt4Linear(_FastQuantized, Int4Linear):
     has_op = HAS_INT4_OP
 
-    def _prompt_kernel(self, x):
+    def _kernel(self, x):
         return cpu.int4_gemm(x, self.qweight, self.scales_zeros, self.group_size, self.bias)
-
-    _decode_kernel = _prompt_kernel  # one arithmetic for every row count (see glmchat.kernels.cpu)
 
     def _fast(self, x):
         return _ops._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, self.scales_zeros.to(x.dtype))
