@@ -21,8 +21,7 @@ from glmchat.bench import memory_bandwidth, random_prompt, time_generation
 from glmchat.config import GLMConfig
 from glmchat.hub import DEFAULT_MODEL
 from glmchat.kernels import install
-from glmchat.loader import weight_bytes
-from glmchat.loader import empty_model
+from glmchat.loader import empty_model, weight_bytes
 from glmchat.random_weights import init_random_weights
 from glmchat.registry import KNOWN_CONFIGS
 

@@ -17,7 +17,7 @@
  *         the code of row 64b+j in its low nibble and of row 64b+32+j in its high nibble.
  *         sz[K/G, N, 2] bf16 holds (scale, zero) per group of G columns:
  *         W[n, k] = (q - 8) * scale + zero.
- * Weight rows are split into tiles (4 rows for the bf16 kernel, 64-row blocks for the others);
+ * Weight rows are split into tiles (4 or 8 rows for the bf16 kernel, 64-row blocks for the others);
  * OpenMP threads take contiguous ranges of tiles, so each thread streams through one stretch of the
  * weights once, the rows of x taking turns on each tile while it is in cache.
  */
@@ -122,7 +122,7 @@ int glm_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, ui
         for (int64_t m0 = 0; m0 < M; m0 += XROWS) {
             int R = M - m0 < XROWS ? (int)(M - m0) : XROWS;
             float out[XROWS][TILE1];
-            if (rows == TILE1 && M == 1) /* constant counts: the sums stay in registers */
+            if (rows == TILE1) /* one row of x (constant counts: the sums stay in registers) */
                 bf16_tile(x, 1, w + n0 * K, K, TILE1, out);
             else if (rows == TILE)
                 bf16_tile(x + m0 * K, R, w + n0 * K, K, TILE, out);
