@@ -7,7 +7,6 @@ import json
 import shutil
 from pathlib import Path
 
-from . import kernels
 from .checkpoint import save_shards
 from .hub import TOKENIZER_FILES, resolve_checkpoint
 from .loader import load_model
@@ -23,10 +22,10 @@ def save_quantized(src, dst, method: str, group_size: int = 128, dtype=None, pro
     src_dir, dst = resolve_checkpoint(src), Path(dst)
     if dst.resolve() == src_dir.resolve():  # the loaded model reads the source files in place
         raise QuantizationError(f"{dst} is the checkpoint being quantized; save the quantized copy to another directory")
-    model, info = load_model(src_dir, dtype=dtype, quantize=method, group_size=group_size, progress=progress)
+    model, info = load_model(src_dir, dtype=dtype, quantize=method, group_size=group_size, progress=progress,
+                             install_kernels=False)  # the portable layouts: saved as they are, no conversion
     dst.mkdir(parents=True, exist_ok=True)
     network = model.config.network
-    kernels.install(model, enabled=False)  # the portable layouts, saved without a copy
     save_shards({official_name(name, network): t for name, t in model.state_dict().items()}, dst)  # aligned: loads in place
     config = json.loads((src_dir / "config.json").read_text(encoding="utf-8"))
     config["quantization"] = info.quantization

@@ -275,14 +275,18 @@ def load_model(
     quantize: str | None = None,
     group_size: int = 128,
     shard: tuple[int, int] | None = None,
+    install_kernels: bool = True,
 ) -> tuple[GLMTransformer, LoadInfo]:
-    """The model alone (no tokenizer), as load_checkpoint loads it."""
+    """The model alone (no tokenizer), as load_checkpoint loads it; install_kernels=False leaves the
+    portable layers (and their layouts) in place, for a caller that only saves the weights."""
     return _load(path_or_id, device=device, dtype=dtype, random_weights=random_weights, seed=seed,
-                 quantize=quantize, group_size=group_size, progress=progress, shard=shard)[:2]
+                 quantize=quantize, group_size=group_size, progress=progress, shard=shard,
+                 install_kernels=install_kernels)[:2]
 
 
 def _load(path_or_id, *, device, dtype, random_weights: bool, seed: int, quantize: str | None, group_size: int,
-          progress: bool, shard: tuple[int, int] | None = None) -> tuple[GLMTransformer, LoadInfo, tuple]:
+          progress: bool, shard: tuple[int, int] | None = None,
+          install_kernels: bool = True) -> tuple[GLMTransformer, LoadInfo, tuple]:
     """(model, LoadInfo, what _locate found)."""
     start = time.perf_counter()
     device = torch.device(device)
@@ -317,7 +321,8 @@ def _load(path_or_id, *, device, dtype, random_weights: bool, seed: int, quantiz
         load_weights(model, files, progress=progress, part=plan)
     if plan is not None:
         connect(model, plan)
-    kernels.install(model)
+    if install_kernels:
+        kernels.install(model)
     info = LoadInfo(os.fspath(path_or_id), time.perf_counter() - start, weight_bytes(model), random_weights,
                     quantization)
     return model, info, located
