@@ -102,7 +102,8 @@ def _workspace(shape, dtype, device) -> torch.Tensor:
     buf = _workspaces.get(key)
     if buf is None or buf.numel() < numel:
         _workspaces.pop(key, None)
-        buf = _workspaces[key] = torch.empty(numel, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # a normal tensor: written in and out of inference mode alike
+            buf = _workspaces[key] = torch.empty(numel, dtype=dtype, device=device)
     return buf[:numel].view(shape)
 
 

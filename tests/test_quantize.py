@@ -163,3 +163,19 @@ def test_random_weights_are_seeded_and_quantize_like_the_float_model(tiny_ckpt):
     assert got.keys() == expected.keys()
     for name in got:
         assert torch.equal(got[name], expected[name]), name
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_a_prompt_outside_inference_mode_after_one_inside(method):
+    """The dequantization workspace is shared across calls: one made inside torch.inference_mode
+    is written again under plain no_grad (an inference tensor would refuse the in-place write)."""
+    from glmchat import quantize
+
+    quantize.release_workspaces()
+    layer = install(quantize_model(torch.nn.Sequential(_linear(64, 128, torch.float32)), method, group_size=32),
+                    enabled=False)[0]
+    x = torch.randn(40, 128, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        inside = layer(x)
+    with torch.no_grad():
+        assert torch.equal(layer(x), inside)
