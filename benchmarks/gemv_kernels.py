@@ -57,9 +57,10 @@ def formats(n: int, k: int, groups: list[int], rows: int = 1):
            lambda q, *rest: torch.ops.aten._weight_int8pack_mm(x, q, rest[-1]))
     for g in groups:
         q4, sz = quantize_int4(w, g, torch.bfloat16)
-        yield (f"int4 g{g}", n * k // 2 + (k // g) * n * 4, (q4, sz),
-               lambda q, sz, g=g: cpu_kernels.int4_gemm(x, q, sz, g),
-               lambda q, sz, g=g: torch.ops.aten._weight_int4pack_mm_for_cpu(x, q, g, sz))
+        blocked4 = cpu_kernels.block_int4(q4)
+        yield (f"int4 g{g}", n * k // 2 + (k // g) * n * 4, (q4, sz) if blocked4 is None else (q4, blocked4, sz),
+               lambda q, b, sz, g=g: cpu_kernels.int4_gemm(x, b, sz, g),
+               lambda q, *rest, g=g: torch.ops.aten._weight_int4pack_mm_for_cpu(x, q, g, rest[-1]))
 
 
 def main() -> None:

@@ -200,6 +200,11 @@ class Int4Linear(QuantizedLinear):
     def _quantize(self, weight):
         return quantize_int4(weight, self.group_size, self.scales_zeros.dtype)
 
+    def codes(self) -> torch.Tensor:
+        """The packed codes [out, in / 2] in PyTorch's CPU int4 layout (a CPU kernel class may hold
+        them in another layout)."""
+        return self.qweight
+
     def dequantize(self, dtype, reuse_buffer: bool = False) -> torch.Tensor:
         """The [N, K] weight as a transposed view of a [K, N] buffer: the packed layout unpacks into
         that in contiguous runs of 32 (into [N, K] it needs an element-wise transpose), and the
@@ -211,7 +216,7 @@ class Int4Linear(QuantizedLinear):
     def _dequantize_into(self, wt: torch.Tensor) -> torch.Tensor:
         """The weight's transpose [K, N] written into wt."""
         N, K, g = self.out_features, self.in_features, self.group_size
-        packed = self.qweight.view(N // INT4_ROW_BLOCK, K, INT4_ROW_BLOCK // 2)
+        packed = self.codes().view(N // INT4_ROW_BLOCK, K, INT4_ROW_BLOCK // 2)
         halves = wt.view(K, N // INT4_ROW_BLOCK, 2, INT4_ROW_BLOCK // 2)
         for half, codes in enumerate((packed & 15, packed >> 4)):
             halves[:, :, half].copy_(codes.view(torch.int8).sub_(8).transpose(0, 1))  # q - 8, exact

@@ -89,11 +89,36 @@ def test_int8_blocked_layout_is_the_documented_one(n, k):
 
 
 @needs_kernels
-def test_a_new_weight_set_into_a_blocked_int8_layer_is_blocked_too():
-    layer, fresh = _layer("int8", 96, 200, bias=False, seed=1), _layer("int8", 96, 200, bias=False, seed=2)
-    layer.set_weight(_randn(96, 200, seed=2, scale=0.05))  # the weight `fresh` was made with
+@pytest.mark.parametrize("n,k", [(64, 4), (128, 64), (192, 4096)])
+def test_int4_blocked_layout_is_the_documented_one(n, k):
+    """block_int4 lays the codes out as csrc/gemv.c documents (written here from that text, from the
+    codes themselves), and unblock_int4 gives PyTorch's layout back."""
+    codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=torch.Generator().manual_seed(n + k))
+    packed = torch.empty(n // 64, k, 32, dtype=torch.uint8)  # PyTorch's: byte (b, k, j) = rows 64b+j | 64b+32+j
+    for b in range(n // 64):
+        packed[b] = codes[64 * b : 64 * b + 32].T | (codes[64 * b + 32 : 64 * b + 64].T << 4)
+    packed = packed.view(n, k // 2)
+    assert torch.equal(quant_reference.int4_codes(packed), codes.int())  # the tests' own reading of it
+    expected = torch.empty(n // 64, k // 4, 128, dtype=torch.uint8)
+    for b in range(n // 64):  # byte (b, t, 64i + 4j + c): row 64b+16i+j, column 4t+c | row 64b+32+16i+j << 4
+        for i in range(2):
+            for j in range(16):
+                for c in range(4):
+                    r = 64 * b + 16 * i + j
+                    expected[b, :, 64 * i + 4 * j + c] = codes[r, c::4] | (codes[r + 32, c::4] << 4)
+    blocked = cpu_kernels.block_int4(packed)
+    assert torch.equal(blocked, expected)
+    assert torch.equal(cpu_kernels.unblock_int4(blocked), packed)
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_a_new_weight_set_into_a_blocked_layer_is_blocked_too(method):
+    n, k = (96, 200) if method == "int8" else (128, 256)
+    layer, fresh = _layer(method, n, k, group=64, bias=False, seed=1), _layer(method, n, k, group=64, bias=False, seed=2)
+    layer.set_weight(_randn(n, k, seed=2, scale=0.05))  # the weight `fresh` was made with
     assert torch.equal(layer.qweight, fresh.qweight) and layer.qweight.dim() == 3  # still blocked
-    x = _randn(3, 200, seed=4).bfloat16()
+    x = _randn(3, k, seed=4).bfloat16()
     assert torch.equal(layer(x), fresh(x))
 
 
@@ -130,15 +155,11 @@ def test_int4_decode_step_takes_the_8bit_kernel(group, n, k_groups, bias):
 
 @needs_kernels
 @pytest.mark.parametrize("group", [32, 64, 128])
-def test_int4_prefill_dequantization_kernel_equals_pytorchs(group):
+def test_a_blocked_int4_layer_dequantizes_as_documented(group):
     layer = _layer("int4", 192, 4 * group, group=group, bias=False)
-    fast = layer.dequantize(torch.bfloat16).clone()
-    torch.testing.assert_close(fast.float(), quant_reference.weight(layer), rtol=8e-3, atol=1e-6)  # one bf16 rounding
-    install(layer, enabled=False)
-    assert torch.equal(fast, layer.dequantize(torch.bfloat16))  # same float32 math, rounded once
-    x = _randn(2, 40, 4 * group, seed=3).to(torch.bfloat16)  # prefill-sized: the dequantize + GEMM path
-    install(layer)
-    torch.testing.assert_close(layer(x).float(), _portable_reference(layer, x), atol=3e-2, rtol=3e-2)
+    assert layer.qweight.dim() == 3  # the kernels' layout
+    torch.testing.assert_close(layer.dequantize(torch.bfloat16).float(), quant_reference.weight(layer),
+                               rtol=8e-3, atol=1e-6)  # one bf16 rounding
 
 
 # ---- prompt kernels (many rows, x in 8 bits) ------------------------------------------------------
@@ -215,17 +236,22 @@ def test_integer_kernels_with_activation_outliers(method):
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows", [3, 40], ids=["weight-only-op", "dequantize-gemm"])
 @pytest.mark.parametrize("method", ["int8", "int4"])
-def test_prompt_kernels_decline_what_they_do_not_take(method):
-    """Non-finite x: None, and the layer answers through PyTorch's ops instead (for int8 from the
-    blocked codes, unblocked for the occasion)."""
+def test_prompt_kernels_decline_what_they_do_not_take(method, rows):
+    """Non-finite x: None, and the layer answers through PyTorch's ops instead (from the blocked
+    codes, unblocked for the occasion): its weight-only op for a few rows, dequantize + GEMM beyond."""
     layer = _layer(method, 64, 128, group=32)
-    x = _randn(3, 128, seed=7).bfloat16()
+    x = _randn(rows, 128, seed=7).bfloat16()
     x[1, 5] = float("inf")
     assert _prompt_kernel(layer)(x) is None
     y = layer(x)
     assert not torch.isfinite(y[1]).all() and torch.isfinite(y[0]).all()
-    _assert_bf16_close(y[[0, 2]], _portable_reference(layer, x[[0, 2]]))
+    finite = [0] + list(range(2, rows))
+    if rows == 3:
+        _assert_bf16_close(y[finite], _portable_reference(layer, x[finite]))
+    else:  # the dequantized weight is rounded to bf16 too
+        torch.testing.assert_close(y[finite].float(), _portable_reference(layer, x[finite]), rtol=3e-2, atol=3e-2)
 
 
 @needs_kernels
@@ -395,18 +421,26 @@ def test_install_swaps_the_fast_paths_in_where_they_apply_and_back(tiny_ckpt):
     fp32, _ = load_model(tiny_ckpt, dtype="float32", progress=False)
     int4, _ = load_model(tiny_ckpt, dtype="float32", quantize="int4", group_size=32, progress=False)
     int8, _ = load_model(tiny_ckpt, dtype="bfloat16", quantize="int8", progress=False)
+    int4_bf16, _ = load_model(tiny_ckpt, dtype="bfloat16", quantize="int4", group_size=32, progress=False)
     assert type(bf16.layers[0].attn.qkv) is CpuLinear and type(bf16.output) is CpuLinear
     assert type(fp32.layers[0].mlp.down) is CpuLinear  # decode steps row by row in every dtype
     assert type(int4.layers[0].mlp.gate_up) is FastInt4Linear and type(int8.output) is FastInt8Linear
     weight, keys = bf16.output.weight, list(bf16.state_dict())
     int8_buffers = {name: t.clone() for name, t in int8.state_dict().items()}
+    int4_buffers = {name: t.clone() for name, t in int4_bf16.state_dict().items()}
+    assert int4.layers[0].mlp.gate_up.qweight.dim() == 2  # float32 scales: the kernels do not take them
+    assert int4_bf16.layers[0].mlp.gate_up.qweight.dim() == 3 and int8.output.qweight.dim() == 3  # blocked
     install(bf16, enabled=False)
     install(int8, enabled=False)
+    install(int4_bf16, enabled=False)
     assert type(bf16.output) is torch.nn.Linear and type(int8.output) is Int8Linear
     assert bf16.output.weight is weight and list(bf16.state_dict()) == keys
-    # int8's codes come back row-major from the kernels' blocked layout: the same state dict either way
+    # the codes come back in the portable layouts from the kernels' blocked ones: the same state dict either way
     assert int8.output.qweight.shape == (int8.output.out_features, int8.output.in_features)
+    gate_up = int4_bf16.layers[0].mlp.gate_up
+    assert gate_up.qweight.shape == (gate_up.out_features, gate_up.in_features // 2)
     assert all(torch.equal(t, int8_buffers[name]) for name, t in int8.state_dict().items())
+    assert all(torch.equal(t, int4_buffers[name]) for name, t in int4_bf16.state_dict().items())
     install(bf16.to(torch.float64))  # moved to a dtype it does not take: the portable class
     assert type(bf16.output) is torch.nn.Linear
     install(bf16.bfloat16())

@@ -8,9 +8,9 @@ steps and prompts alike) take x in 8 bits per group of columns (128, or the int4
 int32 sums per group and float across groups: each entry of x is off by at most 1/254 of its
 group's largest magnitude, as with llama.cpp's 8-bit activations, and each weight costs one
 integer product per row of x (a batch of decode rows is compute-bound on few cores).
-int8 codes are held in a blocked layout (block_int8: 4 columns of 16 rows per 64 bytes, the operand
-of the integer products), so they stream from memory straight into them; int4 codes are unpacked
-tile by tile into cache (decode steps in registers). The weights are never dequantized as a whole.
+int8 and int4 codes are held in blocked layouts (block_int8, block_int4: 4 columns of 16 rows per
+lane, the operand of the integer products), so that they stream from memory straight into them
+(int4's nibbles taken apart in registers). The weights are never dequantized as a whole.
 
 The C source is compiled at first use with the system compiler (`$CC`, `cc` or `gcc`,
 -O3 -march=native -fopenmp) into the user cache (~/.cache/glmchat/kernels) and loaded with
@@ -49,7 +49,7 @@ _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
 _SIGNATURES = {
     "glm_gemv_bf16": (_int, [_ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
     "glm_block_int8": (None, [_ptr, _ptr, _i64, _i64, _int]),
-    "glm_dequant_int4_t": (None, [_ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
+    "glm_block_int4": (None, [_ptr, _ptr, _i64, _i64, _int]),
     "glm_gemm_int8": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
     "glm_gemm_int4": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int]),
     "glm_decode_attention": (_int, [_ptr] * 5 + [_i64] * 6 + [ctypes.c_float, _int]),
@@ -209,11 +209,6 @@ def bf16_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None =
     return _call(_lib.glm_gemv_bf16, x, (weight.data_ptr(), _addr(bias)), (N, K))
 
 
-def _int4_operands(x, qweight, scales_zeros, bias) -> bool:
-    return (_usable(x, qweight.shape[1] * 2, qweight, scales_zeros, bias) and qweight.dtype == torch.uint8
-            and scales_zeros.dtype == torch.bfloat16 and _bf16_or_none(bias) and qweight.shape[0] % 64 == 0)
-
-
 def block_int8(codes: torch.Tensor) -> torch.Tensor | None:
     """int8 codes [N, K] (row-major) in the blocked layout int8_gemm reads: uint8
     [ceil(N/64), ceil(K/4), 256], byte (b, t, 4r + j) = codes[64b + r, 4t + j] + 128 (128 past N or
@@ -247,32 +242,44 @@ def int8_gemm(x: torch.Tensor, blocked: torch.Tensor, scales: torch.Tensor,
     return _call(_lib.glm_gemm_int8, x, (blocked.data_ptr(), scales.data_ptr(), _addr(bias)), (N, K))
 
 
-def int4_gemm(x: torch.Tensor, qweight: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
+def block_int4(packed: torch.Tensor) -> torch.Tensor | None:
+    """int4 codes in PyTorch's CPU layout (uint8 [N, K/2], N a multiple of 64, K of 4) in the blocked
+    layout int4_gemm reads: uint8 [N/64, K/4, 128], each 128 bytes of the packed layout (4 columns of
+    a 64-row block) reordered by INT4_ORDER; None where the kernels are unavailable."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    if not (enabled and packed.device.type == "cpu" and packed.dtype == torch.uint8 and N % 64 == 0 and K % 4 == 0
+            and _load() is not None):
+        return None
+    packed = _row(packed)
+    blocked = torch.empty(N // 64, K // 4, 128, dtype=torch.uint8)
+    _lib.glm_block_int4(packed.data_ptr(), blocked.data_ptr(), N, K, torch.get_num_threads())
+    return blocked
+
+
+# Byte 64i + 4j + c of a blocked 128-byte chunk is byte 32c + 16i + j of the packed layout's (column
+# c of 4, rows 16i + j and 32 + 16i + j): see csrc/gemv.c.
+INT4_ORDER = torch.tensor([32 * c + 16 * i + j for i in range(2) for j in range(16) for c in range(4)])
+
+
+def unblock_int4(blocked: torch.Tensor) -> torch.Tensor:
+    """The codes [N, K/2] in PyTorch's CPU int4 layout of a blocked tensor (any device: PyTorch's ops)."""
+    packed = torch.empty_like(blocked)
+    packed.view(-1, 128)[:, INT4_ORDER.to(blocked.device)] = blocked.view(-1, 128)
+    return packed.view(blocked.shape[0] * 64, -1)
+
+
+def int4_gemm(x: torch.Tensor, blocked: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
               bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """Every int4 product, decode steps and prompts: bf16 x [..., K] times packed int4 codes [N, K/2]
-    with bf16 scales_zeros [K/group, N, 2] (+ bias), x in 8 bits per quantization group (a multiple
-    of 4 up to 128): [..., N] bf16, else None."""
-    N, K = qweight.shape[0], qweight.shape[1] * 2
-    if not (_int4_operands(x, qweight, scales_zeros, bias) and group_size % 4 == 0 and group_size <= 128
-            and K % group_size == 0):
+    """Every int4 product, decode steps and prompts: bf16 x [..., K] times int4 codes in the blocked
+    layout of block_int4 with bf16 scales_zeros [K/group, N, 2] (+ bias), x in 8 bits per
+    quantization group (a multiple of 4 up to 128): [..., N] bf16, else None."""
+    N, K = scales_zeros.shape[1], x.shape[-1]
+    if not (_usable(x, K, blocked, scales_zeros, bias) and blocked.dtype == torch.uint8
+            and tuple(blocked.shape) == (N // 64, K // 4, 128) and N % 64 == 0
+            and scales_zeros.dtype == torch.bfloat16 and _bf16_or_none(bias)
+            and group_size % 4 == 0 and group_size <= 128 and scales_zeros.shape[0] * group_size == K):
         return None
-    return _call(_lib.glm_gemm_int4, x, (qweight.data_ptr(), scales_zeros.data_ptr(), _addr(bias)), (N, K, group_size))
-
-
-def int4_dequantize_t(qweight: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
-                      out: torch.Tensor) -> torch.Tensor | None:
-    """The int4 weight [N, K] dequantized into out, a contiguous bf16 [K, N] (its transpose, the
-    layout the packed codes unpack into contiguously); returns out, or None when the kernel does not
-    apply (then dequantize with PyTorch)."""
-    N, K = qweight.shape[0], qweight.shape[1] * 2
-    if not (enabled and qweight.device.type == "cpu" and qweight.dtype == torch.uint8 and qweight.is_contiguous()
-            and scales_zeros.dtype == torch.bfloat16 and scales_zeros.is_contiguous()
-            and out.dtype == torch.bfloat16 and out.is_contiguous() and tuple(out.shape) == (K, N)
-            and N % 64 == 0 and K % group_size == 0 and _load() is not None):
-        return None
-    _lib.glm_dequant_int4_t(qweight.data_ptr(), scales_zeros.data_ptr(), out.data_ptr(), N, K, group_size,
-                            torch.get_num_threads())
-    return out
+    return _call(_lib.glm_gemm_int4, x, (blocked.data_ptr(), scales_zeros.data_ptr(), _addr(bias)), (N, K, group_size))
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int],

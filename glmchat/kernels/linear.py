@@ -10,7 +10,7 @@ apply (no AVX-512 BF16, float16 / float32) the rows go one at a time.
 Prompts take the fastest product for their size. bf16: W @ xᵀ up to MAX_ROWS_TRANSPOSED rows,
 F.linear beyond. int8 / int4: glmchat's C kernels (8-bit x, the weights read tile by tile; decode
 steps take the same kernel); where they do not apply, PyTorch's weight-only ops up to FAST_MAX_ROWS,
-the portable dequantize + GEMM beyond (int4 dequantizing through the C kernel).
+the portable dequantize + GEMM beyond.
 """
 
 from __future__ import annotations
@@ -94,7 +94,13 @@ def _transposed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 class _FastQuantized:
     """The quantized layers' CPU paths: decode steps and prompts through glmchat's C kernel (one
-    arithmetic for every row count, each row alone), then PyTorch's ops where it does not apply."""
+    arithmetic for every row count, each row alone), then PyTorch's ops where it does not apply.
+
+    While such a class is swapped in, the codes are held in the C kernels' blocked layout where the
+    kernels take them (bf16 scales: cpu.block_int8 / block_int4, the operand of their integer
+    products, read straight from memory; 8 int8 decode rows ~0.55× the time of the row-major
+    layout), and in the portable layout again once it is swapped out. The state dict holds the
+    portable layout either way."""
 
     has_op: bool  # whether this PyTorch has the layer's CPU weight-only op
     op_k_multiple = 1  # in_features the op takes: multiples of this
@@ -122,22 +128,13 @@ class _FastQuantized:
                 return y if self.bias is None else y + self.bias
         return super()._matmul(x)
 
-
-class FastInt8Linear(_FastQuantized, Int8Linear):
-    """While this class is swapped in, the codes are held in the C kernels' blocked layout where the
-    kernels take them (bf16 scales: cpu.block_int8, the operand of their integer products, read
-    straight from memory; 8 decode rows ~0.55× the time of the row-major layout they replace), and
-    row-major again once it is swapped out. The state dict holds them row-major either way."""
-
-    has_op = HAS_INT8_OP
-    op_k_multiple = 16  # torch 2.13's op returns wrong sums for K = 136 or 200 and crashes for K = 132
-
     def on_swap_in(self) -> None:
         """Block the codes where the kernels will take them, unblock them where they no longer will
         (install calls it each time: the device or dtype may have changed since)."""
-        wanted = self.scales.dtype == torch.bfloat16 and self.qweight.device.type == "cpu"
+        scales = getattr(self, self._buffer_names[1])
+        wanted = scales.dtype == torch.bfloat16 and self.qweight.device.type == "cpu"
         if wanted and not self._blocked():
-            blocked = cpu.block_int8(self.qweight)
+            blocked = self._block(self.qweight)
             if blocked is not None:
                 self.qweight = blocked
         elif not wanted:
@@ -147,10 +144,10 @@ class FastInt8Linear(_FastQuantized, Int8Linear):
         self.qweight = self.codes()
 
     def _blocked(self) -> bool:
-        return self.qweight.dim() == 3
+        return self.qweight.dim() == 3  # the portable layouts have 2 dimensions
 
     def codes(self) -> torch.Tensor:
-        return cpu.unblock_int8(self.qweight, self.out_features, self.in_features) if self._blocked() else self.qweight
+        return self._unblock() if self._blocked() else self.qweight
 
     def set_weight(self, weight: torch.Tensor) -> None:
         self.on_swap_out()  # quantized into the portable layout, then blocked again
@@ -161,6 +158,15 @@ class FastInt8Linear(_FastQuantized, Int8Linear):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         destination[prefix + "qweight"] = self.codes()
 
+
+class FastInt8Linear(_FastQuantized, Int8Linear):
+    has_op = HAS_INT8_OP
+    op_k_multiple = 16  # torch 2.13's op returns wrong sums for K = 136 or 200 and crashes for K = 132
+    _block = staticmethod(cpu.block_int8)
+
+    def _unblock(self) -> torch.Tensor:
+        return cpu.unblock_int8(self.qweight, self.out_features, self.in_features)
+
     def _kernel(self, x):
         return cpu.int8_gemm(x, self.qweight, self.scales, self.bias)
 
@@ -170,14 +176,13 @@ class FastInt8Linear(_FastQuantized, Int8Linear):
 
 class FastInt4Linear(_FastQuantized, Int4Linear):
     has_op = HAS_INT4_OP
+    _block = staticmethod(cpu.block_int4)
+
+    def _unblock(self) -> torch.Tensor:
+        return cpu.unblock_int4(self.qweight)
 
     def _kernel(self, x):
         return cpu.int4_gemm(x, self.qweight, self.scales_zeros, self.group_size, self.bias)
 
     def _fast(self, x):
-        return _ops._weight_int4pack_mm_for_cpu(x, self.qweight, self.group_size, self.scales_zeros.to(x.dtype))
-
-    def _dequantize_into(self, wt: torch.Tensor) -> torch.Tensor:
-        if cpu.int4_dequantize_t(self.qweight, self.scales_zeros, self.group_size, wt) is not None:
-            return wt
-        return super()._dequantize_into(wt)
+        return _ops._weight_int4pack_mm_for_cpu(x, self.codes(), self.group_size, self.scales_zeros.to(x.dtype))

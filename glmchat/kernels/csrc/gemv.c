@@ -13,10 +13,12 @@
  *         c[b, t, r, j] = q[64b + r, 4t + j] + 128 (128 past N or K), scales s[N] bf16:
  *         W[n, k] = q[n, k] * s[n]. A vector of 64 bytes holds 4 columns of 16 rows, the operand
  *         the integer products take, so the codes stream from memory straight into them.
- *   int4  PyTorch's CPU int4 layout: uint8 bytes viewed as [N/64, K, 32]; byte (b, k, j) holds
- *         the code of row 64b+j in its low nibble and of row 64b+32+j in its high nibble.
- *         sz[K/G, N, 2] bf16 holds (scale, zero) per group of G columns:
- *         W[n, k] = (q - 8) * scale + zero.
+ *   int4  blocked codes c[N/64, K/4, 128] uint8 (glmchat.kernels.cpu.block_int4, from PyTorch's CPU
+ *         int4 layout): byte (b, t, 64i + 4j + c), i < 2, j < 16, c < 4, holds in its low nibble
+ *         the code q of row 64b+16i+j at column 4t+c and in its high nibble that of row
+ *         64b+32+16i+j. sz[K/G, N, 2] bf16 holds (scale, zero) per group of G columns:
+ *         W[n, k] = (q - 8) * scale + zero. Each 64 bytes hold 4 columns of 16 rows per lane in
+ *         both nibbles, the operand of the integer products once the nibbles are apart.
  * Weight rows are split into tiles (4 or 8 rows for the bf16 kernel, 64-row blocks for the others);
  * OpenMP threads take contiguous ranges of tiles, so each thread streams through one stretch of the
  * weights once, the rows of x taking turns on each tile while it is in cache.
@@ -165,43 +167,6 @@ INLINE __mmask16 first16(int64_t left) /* the first min(left, 16) lanes */
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* int4 dequantization for prefill (many rows: dequantize once, then a bf16 GEMM).
- * Writes W transposed, wt[K, N] bf16: for one column k, block b's 32 bytes hold rows 64b..64b+63,
- * which land contiguously in wt[k, 64b..64b+63]. wt[k, n] = (q - 8) * scale + zero, rounded once
- * from float32 like torch.addcmul. Threads take contiguous ranges of 64-row blocks. */
-
-void glm_dequant_int4_t(const uint8_t *packed, const uint16_t *sz, uint16_t *wt, int64_t N, int64_t K,
-                        int64_t G, int nthreads)
-{
-    int64_t blocks = N / 64;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-        float scale[64], zero[64];
-        for (int64_t k = 0; k < K; k++) {
-            if (k % G == 0) {
-                const uint16_t *g = sz + ((k / G) * N + 64 * b) * 2;
-                for (int j = 0; j < 64; j++) {
-                    scale[j] = bf16_to_f32(g[2 * j]);
-                    zero[j] = bf16_to_f32(g[2 * j + 1]);
-                }
-            }
-            const uint8_t *p = packed + (b * K + k) * 32;
-            uint16_t *out = wt + k * N + 64 * b;
-            for (int j = 0; j < 32; j += 16) {
-                __m512i codes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + j)));
-                __m512i lo = _mm512_sub_epi32(_mm512_and_si512(codes, _mm512_set1_epi32(15)), _mm512_set1_epi32(8));
-                __m512i hi = _mm512_sub_epi32(_mm512_srli_epi32(codes, 4), _mm512_set1_epi32(8));
-                __m512 wlo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(lo), _mm512_loadu_ps(scale + j), _mm512_loadu_ps(zero + j));
-                __m512 whi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(hi), _mm512_loadu_ps(scale + 32 + j),
-                                             _mm512_loadu_ps(zero + 32 + j));
-                _mm256_storeu_si256((__m256i *)(out + j), (__m256i)_mm512_cvtneps_pbh(wlo));
-                _mm256_storeu_si256((__m256i *)(out + 32 + j), (__m256i)_mm512_cvtneps_pbh(whi));
-            }
-        }
-    }
-}
-
-/* ------------------------------------------------------------------------------------------ */
 /* int8 and int4 products: integer products over x in 8 bits, tile by tile.
  * Each row of x is quantized per group of G columns, x[k] ~ xs[g] * xq[k] with xq int8 (round to
  * nearest, the group's largest |x| maps to 127), like llama.cpp's q8 activations: one integer
@@ -210,7 +175,7 @@ void glm_dequant_int4_t(const uint8_t *packed, const uint16_t *sz, uint16_t *wt,
  * a time, their codes are taken as unsigned bytes (c = q for int4, q + 128 for int8; W = c * s + z
  * per row and group), 4 columns of 16 rows per vector, which stay in L1 while every row of x, 4 at
  * a time, multiplies them with vpdpbusd (4 u8 x s8 products per lane). int8 codes are stored that
- * way (blocked); int4 codes are unpacked into a panel:
+ * way (blocked); int4 codes two per byte in that order (blocked), unpacked into a panel:
  *   y[m, n] += xs * (s[n] * sum c xq + z[n] * sum xq)    (exact int32 sums, float per group).
  * Each row of x takes the same instructions whatever the other rows are, so its result does not
  * depend on how many rows share the call. int4 with up to DIRECT_ROWS rows (decode steps) unpacks
@@ -327,15 +292,13 @@ static void q8_group(const q8_x *X, const __m512i *codes, const float *s, const 
         q8_rows(X, codes, s, z, g, steps, m0, 1, stream && m0 == 0, out + m0);
 }
 
-/* The 4 code vectors of int4 columns k..k+3 of a block at p (vector v: rows 16v..16v+15). Their
- * 128 bytes hold 4 codes per row; vpermt2b gathers each row's 4 bytes into one lane (low nibbles:
- * rows 16i+j, high nibbles: rows 32+16i+j). */
-INLINE void int4_codes(const uint8_t *p, int64_t k, const __m512i idx[2], __m512i c[4])
+/* The 4 code vectors (vector v: rows 16v..16v+15) of the 4 int4 columns whose 128 blocked bytes are
+ * at p: low nibbles rows 16i+j, high nibbles rows 32+16i+j. */
+INLINE void int4_codes(const uint8_t *p, __m512i c[4])
 {
     const __m512i low4 = _mm512_set1_epi8(15);
-    __m512i v0 = _mm512_loadu_si512(p + k * 32), v1 = _mm512_loadu_si512(p + (k + 2) * 32);
     for (int i = 0; i < 2; i++) {
-        __m512i bytes = _mm512_permutex2var_epi8(v0, idx[i], v1); /* lane j: rows 16i+j, 32+16i+j */
+        __m512i bytes = _mm512_loadu_si512(p + 64 * i);
         c[i] = _mm512_and_si512(bytes, low4);
         c[2 + i] = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), low4);
     }
@@ -359,7 +322,7 @@ INLINE void int4_scales(const uint16_t *sz, int64_t N, int64_t b, int64_t g, flo
  * multiply whole bytes (16 hi + lo) and low nibbles, and the high nibbles' sums are their
  * difference / 16, exactly, without shifting the high nibbles out. */
 INLINE void int4_direct_rows(const q8_x *X, const uint8_t *block, const float *s, const float *z, int64_t g,
-                             int64_t m0, int R, const __m512i idx[2], float (*out)[64])
+                             int64_t m0, int R, float (*out)[64])
 {
     const __m512i low4 = _mm512_set1_epi8(15);
     __m512i whole[QROWS][2], low[QROWS][2];
@@ -370,10 +333,9 @@ INLINE void int4_direct_rows(const q8_x *X, const uint8_t *block, const float *s
     for (int64_t k = g * X->G, s4 = 0; k < (g + 1) * X->G; k += 4, s4 += 4) {
         PREFETCH(block + k * 32);
         PREFETCH(block + k * 32 + 64);
-        __m512i v0 = _mm512_loadu_si512(block + k * 32), v1 = _mm512_loadu_si512(block + (k + 2) * 32);
         __m512i bytes[2], lo[2];
         for (int i = 0; i < 2; i++) {
-            bytes[i] = _mm512_permutex2var_epi8(v0, idx[i], v1);
+            bytes[i] = _mm512_loadu_si512(block + k * 32 + 64 * i);
             lo[i] = _mm512_and_si512(bytes[i], low4);
         }
         for (int m = 0; m < R; m++) {
@@ -396,25 +358,25 @@ INLINE void int4_direct_rows(const q8_x *X, const uint8_t *block, const float *s
 /* Every row of x times int4 block b, group g, unpacking in registers: 4 rows at a time, then the
  * rest, in constant counts (with a run-time count the accumulators would live on the stack). */
 static void int4_direct_group(const q8_x *X, const uint8_t *block, const float *s, const float *z, int64_t g,
-                              const __m512i idx[2], float (*out)[64])
+                              float (*out)[64])
 {
     int64_t m0 = 0, M = X->M;
     for (; m0 + QROWS <= M; m0 += QROWS)
-        int4_direct_rows(X, block, s, z, g, m0, QROWS, idx, out + m0);
+        int4_direct_rows(X, block, s, z, g, m0, QROWS, out + m0);
     if (M - m0 == 3)
-        int4_direct_rows(X, block, s, z, g, m0, 3, idx, out + m0);
+        int4_direct_rows(X, block, s, z, g, m0, 3, out + m0);
     else if (M - m0 == 2)
-        int4_direct_rows(X, block, s, z, g, m0, 2, idx, out + m0);
+        int4_direct_rows(X, block, s, z, g, m0, 2, out + m0);
     else if (M - m0 == 1)
-        int4_direct_rows(X, block, s, z, g, m0, 1, idx, out + m0);
+        int4_direct_rows(X, block, s, z, g, m0, 1, out + m0);
 }
 
 /* The int4 codes of block b, group g into a panel. */
-static void int4_panel(const uint8_t *packed, const uint16_t *sz, int64_t N, int64_t K, int64_t G, int64_t b,
-                       int64_t g, const __m512i idx[2], panel *P)
+static void int4_panel(const uint8_t *blocked, const uint16_t *sz, int64_t N, int64_t K, int64_t G, int64_t b,
+                       int64_t g, panel *P)
 {
     for (int64_t s = 0; s < G / 4; s++)
-        int4_codes(packed + b * K * 32, g * G + 4 * s, idx, P->c + 4 * s);
+        int4_codes(blocked + (b * K + g * G + 4 * s) * 32, P->c + 4 * s);
     int4_scales(sz, N, b, g, P->s, P->z);
 }
 
@@ -443,15 +405,9 @@ static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, con
         free(mem);
         return -3;
     }
-    uint8_t gather[2][64];
-    for (int i = 0; i < 2; i++)
-        for (int j = 0; j < 16; j++)
-            for (int c = 0; c < 4; c++)
-                gather[i][4 * j + c] = (uint8_t)(32 * c + 16 * i + j);
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
-        const __m512i idx[2] = {_mm512_loadu_si512(gather[0]), _mm512_loadu_si512(gather[1])};
         panel *P = aligned_alloc(64, sizeof(panel));
         float (*out)[64] = aligned_alloc(64, (size_t)M * 64 * sizeof(float));
         failed = !P || !out;
@@ -469,9 +425,9 @@ static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, con
                     q8_group(&X, (const __m512i *)codes, P->s, P->z, g, steps, 1, out);
                 } else if (M <= DIRECT_ROWS) {
                     int4_scales(scales, N, b, g, P->s, P->z);
-                    int4_direct_group(&X, (const uint8_t *)q + b * K * 32, P->s, P->z, g, idx, out);
+                    int4_direct_group(&X, (const uint8_t *)q + b * K * 32, P->s, P->z, g, out);
                 } else {
-                    int4_panel(q, scales, N, K, G, b, g, idx, P);
+                    int4_panel(q, scales, N, K, G, b, g, P);
                     q8_group(&X, P->c, P->s, P->z, g, steps, 0, out);
                 }
             }
@@ -491,10 +447,29 @@ static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, con
     return failed ? -1 : 0;
 }
 
-int glm_gemm_int4(const uint16_t *x, const uint8_t *packed, const uint16_t *sz, const uint16_t *bias, uint16_t *y,
+int glm_gemm_int4(const uint16_t *x, const uint8_t *blocked, const uint16_t *sz, const uint16_t *bias, uint16_t *y,
                   int64_t M, int64_t N, int64_t K, int64_t G, int nthreads)
 {
-    return gemm_q8(x, packed, sz, bias, y, M, N, K, G, 0, nthreads);
+    return gemm_q8(x, blocked, sz, bias, y, M, N, K, G, 0, nthreads);
+}
+
+/* int4 codes in PyTorch's CPU layout (bytes [N/64, K, 32]: byte (b, k, j) holds row 64b+j in its
+ * low nibble, row 64b+32+j in its high one) into the blocked layout (see the top): within each
+ * 128 bytes (4 columns of a block), the 4 bytes of each pair of rows side by side. */
+void glm_block_int4(const uint8_t *packed, uint8_t *blocked, int64_t N, int64_t K, int nthreads)
+{
+    uint8_t gather[2][64];
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 16; j++)
+            for (int c = 0; c < 4; c++)
+                gather[i][4 * j + c] = (uint8_t)(32 * c + 16 * i + j);
+    const __m512i idx0 = _mm512_loadu_si512(gather[0]), idx1 = _mm512_loadu_si512(gather[1]);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t off = 0; off < N * K / 2; off += 128) {
+        __m512i v0 = _mm512_loadu_si512(packed + off), v1 = _mm512_loadu_si512(packed + off + 64);
+        _mm512_storeu_si512(blocked + off, _mm512_permutex2var_epi8(v0, idx0, v1));
+        _mm512_storeu_si512(blocked + off + 64, _mm512_permutex2var_epi8(v0, idx1, v1));
+    }
 }
 
 /* int8 codes q[N, K] row-major into the blocked layout the products read (see the top). */
