@@ -7,9 +7,10 @@ on this machine, in the same minutes. This script:
      to q4_0 and q8_0 with llama.cpp's own quantizer (llama-cpp-python); the files are kept in
      --workdir and reused by later runs;
   2. runs each precision pair in turn (glmchat int4 g128 / llama.cpp q4_0, int8 / q8_0, bf16 / f16),
-     one engine after the other, each in its own process, with the memory read bandwidth B measured
-     before and after every run: batch 1, greedy, a 16-token warm-up, then per repeat a 512-token
-     prefill and a 64-token prompt with --new-tokens new tokens (best of the repeats);
+     one engine after the other, each in its own process: batch 1, greedy, a 16-token warm-up, then
+     per repeat a 512-token prefill and a 64-token prompt with --new-tokens new tokens (best of the
+     repeats), the memory read bandwidth B measured in the same process right before and after
+     each of those decodes (on shared hosts B moves by 2× within minutes);
   3. prints decode tokens/s (and × B: bytes of weights read per token × tokens/s over B), prefill
      tokens/s at 64 and 512 tokens, time to first token of the 64-token prompt, peak RSS, and
      glmchat's speed over llama.cpp's for each; the bf16/f16 pair also compares the two engines'
@@ -146,22 +147,27 @@ def run_worker(args) -> dict:
     engine = (GlmchatEngine if args.worker == "glmchat" else LlamaCppEngine)(args)
     vocab = chatglm3_config(args.layers).padded_vocab_size - 1000
     engine.timed(random_prompt(WARMUP_TOKENS, vocab, seed=999), 4)
-    long_ttft, short = [], []
+    long_ttft, short, around = [], [], []
     for r in range(args.repeats):
         long_ttft.append(engine.timed(random_prompt(args.prefill_tokens, vocab, seed=r), 1).ttft_s)
+        if r == 0:  # the engine's peak (loaded, past its longest prompt), before B's buffer adds to it
+            peak_rss = peak_rss_bytes()
+        before = bandwidth()
         short.append(engine.timed(random_prompt(64, vocab, seed=100 + r), args.new_tokens))
+        around.append((before + bandwidth()) / 2)
+    best = max(range(args.repeats), key=lambda r: short[r].decode_tok_s)
     long_context = [engine.timed(random_prompt(args.context, vocab, seed=200 + r), args.new_tokens)
                     for r in range(args.repeats)] if args.context else []
     if args.logits:
         np.save(args.logits, engine.logits(random_prompt(64, vocab, seed=100)))
     return {"engine": args.worker, "label": engine.label, "format": args.format,
             "bytes_per_token": engine.bytes_per_token,
-            "decode_tok_s": max(t.decode_tok_s for t in short),
+            "decode_tok_s": short[best].decode_tok_s, "B": around[best], "B_samples": around,
             "ttft64_s": min(t.ttft_s for t in short),
             "prefill64_tok_s": max(t.prefill_tok_s for t in short),
             "prefill_long_tok_s": args.prefill_tokens / min(long_ttft),
             "decode_after_context_tok_s": max((t.decode_tok_s for t in long_context), default=None),
-            "peak_rss_bytes": peak_rss_bytes()}
+            "peak_rss_bytes": max(peak_rss, peak_rss_bytes() - BANDWIDTH_BUFFER_BYTES)}
 
 
 def write_random_gguf(args) -> dict:
@@ -257,10 +263,14 @@ def quantize_gguf(src: Path, dst: Path, fmt: str, threads: int) -> None:
     partial.rename(dst)
 
 
+BANDWIDTH_BUFFER_BYTES = 10**9
+
+
 def bandwidth() -> float:
+    """B next to a decode: a float32 sum over 1 GB (far past the caches), best of 3 (~0.1 s)."""
     from glmchat.bench import memory_bandwidth
 
-    return memory_bandwidth()
+    return memory_bandwidth(gigabytes=BANDWIDTH_BUFFER_BYTES / 1e9, passes=3)
 
 
 def machine() -> dict:
@@ -297,7 +307,6 @@ def main(argv=None) -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     files = gguf_files(args, workdir)
     info = machine()
-    bws = [bandwidth()]
     pairs = []
     for pair in args.pairs:
         ours, theirs = PAIRS[pair]
@@ -307,8 +316,6 @@ def main(argv=None) -> None:
             print(f"running {engine} {fmt} ...", file=sys.stderr)
             with busy_core(args.busy_core):
                 run = child(args, engine, fmt, file=file, logits=str(logits[engine]) if logits else None)
-            bws.append(bandwidth())
-            run["B"] = (bws[-2] + bws[-1]) / 2
             run["x_B"] = run["bytes_per_token"] * run["decode_tok_s"] / run["B"]
             runs.append(run)
         g, l = runs
@@ -322,7 +329,8 @@ def main(argv=None) -> None:
     result = {"machine": info, "layers": args.layers or 28, "threads": args.threads, "busy_core": args.busy_core,
               "new_tokens": args.new_tokens, "prefill_tokens": args.prefill_tokens, "context": args.context,
               "repeats": args.repeats,
-              "bandwidths": bws, "pairs": pairs}
+              "bandwidths": [b for p in pairs for e in ("glmchat", "llama.cpp") for b in p[e]["B_samples"]],
+              "pairs": pairs}
     print(json.dumps(result, indent=2) if args.json else table(result))
 
 
@@ -333,7 +341,7 @@ def table(result: dict) -> str:
         f"{result['threads']} threads{', a busy loop on core 0' if result['busy_core'] else ''}",
         f"CPU {m['cpu']} ({m['cores']} cores; {' '.join(m['features']) or 'no AVX-512'}); torch {m['torch']}, "
         f"llama-cpp-python {m['llama_cpp_python']}",
-        f"B (memory read bandwidth) measured around each run: {min(result['bandwidths']) / 1e9:.1f}–"
+        f"B (memory read bandwidth) measured right around each decode, in its process: {min(result['bandwidths']) / 1e9:.1f}–"
         f"{max(result['bandwidths']) / 1e9:.1f} GB/s; decode after a 64-token prompt, {result['new_tokens']} new tokens"
         f"{f' (and after a {c}-token prompt)' if c else ''}; best of {result['repeats']}",
         "",

@@ -35,7 +35,12 @@
 
 /* Software prefetch of the weight streams, into L2 (T1): ~1.4x faster from DRAM than without it.
  * Into L2 rather than L1: measured on an AMD EPYC (2 threads, 16 layer products in turns with the
- * alternatives, median time, three runs) bf16 0.79-0.88x and int4 0.95-0.98x the time with T0. */
+ * alternatives, median time, three runs) bf16 0.79-0.88x and int4 0.95-0.98x the time with T0.
+ * Not for one row of x over blocked int4 codes, one sequential stream per thread that the CPU's own
+ * prefetchers follow at the speed one row consumes it: 113 full-size layer products took 0.85-0.88x
+ * the time without it when the host's memory was fast, 0.98x when it was slow (EPYC, 2 threads,
+ * median of 20-50 ratios to the prefetching kernel run just before and after); with 4 or 8 rows,
+ * 1.34x and 1.42x without it. */
 #ifndef PF_DIST
 #define PF_DIST 4096
 #endif
@@ -331,8 +336,10 @@ INLINE void int4_direct_rows(const q8_x *X, const uint8_t *block, const float *s
             whole[m][i] = low[m][i] = _mm512_setzero_si512();
     const int8_t *x0 = X->xq + (g * X->M + m0) * X->G;
     for (int64_t k = g * X->G, s4 = 0; k < (g + 1) * X->G; k += 4, s4 += 4) {
-        PREFETCH(block + k * 32);
-        PREFETCH(block + k * 32 + 64);
+        if (R > 1) { /* see PF_DIST */
+            PREFETCH(block + k * 32);
+            PREFETCH(block + k * 32 + 64);
+        }
         __m512i bytes[2], lo[2];
         for (int i = 0; i < 2; i++) {
             bytes[i] = _mm512_loadu_si512(block + k * 32 + 64 * i);
