@@ -135,6 +135,11 @@ class QuantizedLinear(nn.Module):
     def _dequantized_linear(self, x):
         return F.linear(x, self.dequantize(x.dtype, reuse_buffer=True))
 
+    def codes(self) -> torch.Tensor:
+        """The codes in this layer's portable layout (int8 [out, in] row-major, int4 [out, in / 2] in
+        PyTorch's CPU layout), however a CPU kernel class holds them."""
+        return self.qweight
+
     def set_weight(self, weight: torch.Tensor) -> None:
         """Quantize a float weight [out, in] into this layer's buffers."""
         if tuple(weight.shape) != (self.out_features, self.in_features):
@@ -162,10 +167,6 @@ class Int8Linear(QuantizedLinear):
 
     def _quantize(self, weight):
         return quantize_int8(weight, self.scales.dtype)
-
-    def codes(self) -> torch.Tensor:
-        """The int8 codes [out, in], row-major (a CPU kernel class may hold them in another layout)."""
-        return self.qweight
 
     def dequantize(self, dtype, reuse_buffer: bool = False) -> torch.Tensor:
         codes = self.codes()
@@ -199,11 +200,6 @@ class Int4Linear(QuantizedLinear):
 
     def _quantize(self, weight):
         return quantize_int4(weight, self.group_size, self.scales_zeros.dtype)
-
-    def codes(self) -> torch.Tensor:
-        """The packed codes [out, in / 2] in PyTorch's CPU int4 layout (a CPU kernel class may hold
-        them in another layout)."""
-        return self.qweight
 
     def dequantize(self, dtype, reuse_buffer: bool = False) -> torch.Tensor:
         """The [N, K] weight as a transposed view of a [K, N] buffer: the packed layout unpacks into
