@@ -135,10 +135,11 @@ class QuantizedLinear(nn.Module):
     def _dequantized_linear(self, x):
         return F.linear(x, self.dequantize(x.dtype, reuse_buffer=True))
 
-    def codes(self) -> torch.Tensor:
-        """The codes in this layer's portable layout (int8 [out, in] row-major, int4 [out, in / 2] in
-        PyTorch's CPU layout), however a CPU kernel class holds them."""
-        return self.qweight
+    def portable(self) -> dict[str, torch.Tensor]:
+        """The buffers (codes, scales) by name in this layer's portable layouts (int8 codes [out, in]
+        row-major, int4 codes [out, in / 2] in PyTorch's CPU layout and scales_zeros [in / group,
+        out, 2]), however a CPU kernel class holds them."""
+        return {name: getattr(self, name) for name in self._buffer_names}
 
     def set_weight(self, weight: torch.Tensor) -> None:
         """Quantize a float weight [out, in] into this layer's buffers."""
@@ -169,7 +170,7 @@ class Int8Linear(QuantizedLinear):
         return quantize_int8(weight, self.scales.dtype)
 
     def dequantize(self, dtype, reuse_buffer: bool = False) -> torch.Tensor:
-        codes = self.codes()
+        codes = self.portable()["qweight"]
         shape = tuple(codes.shape)
         w = _workspace(shape, dtype, codes.device) if reuse_buffer else torch.empty(shape, dtype=dtype, device=codes.device)
         return w.copy_(codes).mul_(self.scales.to(dtype)[:, None])
@@ -178,7 +179,7 @@ class Int8Linear(QuantizedLinear):
         if x.dtype == torch.float16:  # x·qᵀ can exceed fp16's range before scaling
             return super()._dequantized_linear(x)
         # (x · qᵀ) · s: the codes convert exactly and the scales apply to the small output (~2× faster)
-        codes = self.codes()
+        codes = self.portable()["qweight"]
         codes = _workspace(tuple(codes.shape), x.dtype, x.device).copy_(codes)
         return F.linear(x, codes).mul_(self.scales.to(x.dtype))
 
@@ -212,11 +213,12 @@ class Int4Linear(QuantizedLinear):
     def _dequantize_into(self, wt: torch.Tensor) -> torch.Tensor:
         """The weight's transpose [K, N] written into wt."""
         N, K, g = self.out_features, self.in_features, self.group_size
-        packed = self.codes().view(N // INT4_ROW_BLOCK, K, INT4_ROW_BLOCK // 2)
+        buffers = self.portable()
+        packed = buffers["qweight"].view(N // INT4_ROW_BLOCK, K, INT4_ROW_BLOCK // 2)
         halves = wt.view(K, N // INT4_ROW_BLOCK, 2, INT4_ROW_BLOCK // 2)
         for half, codes in enumerate((packed & 15, packed >> 4)):
             halves[:, :, half].copy_(codes.view(torch.int8).sub_(8).transpose(0, 1))  # q - 8, exact
-        scales, zeros = (t.contiguous()[:, None] for t in self.scales_zeros.to(wt.dtype).unbind(-1))  # [K/g, 1, N]
+        scales, zeros = (t.contiguous()[:, None] for t in buffers["scales_zeros"].to(wt.dtype).unbind(-1))  # [K/g, 1, N]
         groups = wt.view(K // g, g, N)
         return torch.addcmul(zeros, groups, scales, out=groups).view(K, N)
 

@@ -111,6 +111,21 @@ def test_int4_blocked_layout_is_the_documented_one(n, k):
     assert torch.equal(cpu_kernels.unblock_int4(blocked), packed)
 
 
+@pytest.mark.parametrize("n,groups", [(64, 1), (192, 3), (128, 32)])
+def test_int4_blocked_scales_are_the_documented_ones(n, groups):
+    """block_int4_scales puts (scale, zero) of row 64b + r, group g at [b, g, r] (csrc/gemv.c), and
+    unblock_int4_scales gives the [K/group, N, 2] layout back."""
+    scales_zeros = torch.randn(groups, n, 2, generator=torch.Generator().manual_seed(n + groups)).bfloat16()
+    expected = torch.empty(n // 64, groups, 64, 2, dtype=torch.bfloat16)
+    for b in range(n // 64):
+        for g in range(groups):
+            for r in range(64):
+                expected[b, g, r] = scales_zeros[g, 64 * b + r]
+    blocked = cpu_kernels.block_int4_scales(scales_zeros)
+    assert torch.equal(blocked, expected)
+    assert torch.equal(cpu_kernels.unblock_int4_scales(blocked), scales_zeros)
+
+
 @needs_kernels
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_a_new_weight_set_into_a_blocked_layer_is_blocked_too(method):

@@ -268,16 +268,31 @@ def unblock_int4(blocked: torch.Tensor) -> torch.Tensor:
     return packed.view(blocked.shape[0] * 64, -1)
 
 
+def block_int4_scales(scales_zeros: torch.Tensor) -> torch.Tensor:
+    """int4 scales_zeros [K/group, N, 2] in the blocked layout int4_gemm reads: [N/64, K/group, 64, 2],
+    each 64-row block's scales together in the order its groups are read (any device)."""
+    groups, N, _ = scales_zeros.shape
+    return scales_zeros.view(groups, N // 64, 64, 2).transpose(0, 1).contiguous()
+
+
+def unblock_int4_scales(blocked: torch.Tensor) -> torch.Tensor:
+    """scales_zeros [K/group, N, 2] of blocked ones (any device)."""
+    blocks, groups = blocked.shape[:2]
+    return blocked.transpose(0, 1).reshape(groups, blocks * 64, 2)
+
+
 def int4_gemm(x: torch.Tensor, blocked: torch.Tensor, scales_zeros: torch.Tensor, group_size: int,
               bias: torch.Tensor | None = None) -> torch.Tensor | None:
     """Every int4 product, decode steps and prompts: bf16 x [..., K] times int4 codes in the blocked
-    layout of block_int4 with bf16 scales_zeros [K/group, N, 2] (+ bias), x in 8 bits per
-    quantization group (a multiple of 4 up to 128): [..., N] bf16, else None."""
-    N, K = scales_zeros.shape[1], x.shape[-1]
+    layout of block_int4 with bf16 scales_zeros in that of block_int4_scales [N/64, K/group, 64, 2]
+    (+ bias), x in 8 bits per quantization group (a multiple of 4 up to 128): [..., N] bf16, else
+    None."""
+    N, K = scales_zeros.shape[0] * 64, x.shape[-1]
     if not (_usable(x, K, blocked, scales_zeros, bias) and blocked.dtype == torch.uint8
-            and tuple(blocked.shape) == (N // 64, K // 4, 128) and N % 64 == 0
+            and tuple(blocked.shape) == (N // 64, K // 4, 128)
             and scales_zeros.dtype == torch.bfloat16 and _bf16_or_none(bias)
-            and group_size % 4 == 0 and group_size <= 128 and scales_zeros.shape[0] * group_size == K):
+            and group_size % 4 == 0 and group_size <= 128
+            and tuple(scales_zeros.shape) == (N // 64, K // group_size, 64, 2) and K % group_size == 0):
         return None
     return _call(_lib.glm_gemm_int4, x, (blocked.data_ptr(), scales_zeros.data_ptr(), _addr(bias)), (N, K, group_size))
 

@@ -96,11 +96,11 @@ class _FastQuantized:
     """The quantized layers' CPU paths: decode steps and prompts through glmchat's C kernel (one
     arithmetic for every row count, each row alone), then PyTorch's ops where it does not apply.
 
-    While such a class is swapped in, the codes are held in the C kernels' blocked layout where the
-    kernels take them (bf16 scales: cpu.block_int8 / block_int4, the operand of their integer
-    products, read straight from memory; 8 int8 decode rows ~0.55× the time of the row-major
-    layout), and in the portable layout again once it is swapped out. The state dict holds the
-    portable layout either way."""
+    While such a class is swapped in, the codes (and int4's scales) are held in the C kernels'
+    blocked layouts where the kernels take them (bf16 scales: cpu.block_int8 / block_int4, the
+    operand of their integer products, read straight from memory; 8 int8 decode rows ~0.55× the
+    time of the row-major layout), and in the portable layouts again once it is swapped out. The
+    state dict holds the portable layouts either way."""
 
     has_op: bool  # whether this PyTorch has the layer's CPU weight-only op
     op_k_multiple = 1  # in_features the op takes: multiples of this
@@ -129,25 +129,27 @@ class _FastQuantized:
         return super()._matmul(x)
 
     def on_swap_in(self) -> None:
-        """Block the codes where the kernels will take them, unblock them where they no longer will
+        """Block the buffers where the kernels will take them, unblock them where they no longer will
         (install calls it each time: the device or dtype may have changed since)."""
         scales = getattr(self, self._buffer_names[1])
         wanted = scales.dtype == torch.bfloat16 and self.qweight.device.type == "cpu"
         if wanted and not self._blocked():
-            blocked = self._block(self.qweight)
-            if blocked is not None:
-                self.qweight = blocked
+            self._set_buffers(self._block() or {})
         elif not wanted:
             self.on_swap_out()
 
     def on_swap_out(self) -> None:
-        self.qweight = self.codes()
+        self._set_buffers(self.portable())
+
+    def _set_buffers(self, buffers: dict[str, torch.Tensor]) -> None:
+        for name, value in buffers.items():
+            setattr(self, name, value)
 
     def _blocked(self) -> bool:
-        return self.qweight.dim() == 3  # the portable layouts have 2 dimensions
+        return self.qweight.dim() == 3  # the portable codes have 2 dimensions
 
-    def codes(self) -> torch.Tensor:
-        return self._unblock() if self._blocked() else self.qweight
+    def portable(self) -> dict[str, torch.Tensor]:
+        return self._unblock() if self._blocked() else super().portable()
 
     def set_weight(self, weight: torch.Tensor) -> None:
         self.on_swap_out()  # quantized into the portable layout, then blocked again
@@ -156,33 +158,39 @@ class _FastQuantized:
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        destination[prefix + "qweight"] = self.codes()
+        for name, value in self.portable().items():
+            destination[prefix + name] = value
 
 
 class FastInt8Linear(_FastQuantized, Int8Linear):
     has_op = HAS_INT8_OP
     op_k_multiple = 16  # torch 2.13's op returns wrong sums for K = 136 or 200 and crashes for K = 132
-    _block = staticmethod(cpu.block_int8)
+    def _block(self) -> dict[str, torch.Tensor] | None:
+        codes = cpu.block_int8(self.qweight)
+        return None if codes is None else {"qweight": codes}
 
-    def _unblock(self) -> torch.Tensor:
-        return cpu.unblock_int8(self.qweight, self.out_features, self.in_features)
+    def _unblock(self) -> dict[str, torch.Tensor]:
+        return {"qweight": cpu.unblock_int8(self.qweight, self.out_features, self.in_features), "scales": self.scales}
 
     def _kernel(self, x):
         return cpu.int8_gemm(x, self.qweight, self.scales, self.bias)
 
     def _fast(self, x):
-        return _ops._weight_int8pack_mm(x, self.codes(), self.scales.to(x.dtype))
+        return _ops._weight_int8pack_mm(x, self.portable()["qweight"], self.scales.to(x.dtype))
 
 
 class FastInt4Linear(_FastQuantized, Int4Linear):
     has_op = HAS_INT4_OP
-    _block = staticmethod(cpu.block_int4)
+    def _block(self) -> dict[str, torch.Tensor] | None:
+        codes = cpu.block_int4(self.qweight)
+        return None if codes is None else {"qweight": codes, "scales_zeros": cpu.block_int4_scales(self.scales_zeros)}
 
-    def _unblock(self) -> torch.Tensor:
-        return cpu.unblock_int4(self.qweight)
+    def _unblock(self) -> dict[str, torch.Tensor]:
+        return {"qweight": cpu.unblock_int4(self.qweight), "scales_zeros": cpu.unblock_int4_scales(self.scales_zeros)}
 
     def _kernel(self, x):
         return cpu.int4_gemm(x, self.qweight, self.scales_zeros, self.group_size, self.bias)
 
     def _fast(self, x):
-        return _ops._weight_int4pack_mm_for_cpu(x, self.codes(), self.group_size, self.scales_zeros.to(x.dtype))
+        buffers = self.portable()
+        return _ops._weight_int4pack_mm_for_cpu(x, buffers["qweight"], self.group_size, buffers["scales_zeros"].to(x.dtype))
