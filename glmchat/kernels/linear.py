@@ -165,6 +165,7 @@ class _FastQuantized:
 class FastInt8Linear(_FastQuantized, Int8Linear):
     has_op = HAS_INT8_OP
     op_k_multiple = 16  # torch 2.13's op returns wrong sums for K = 136 or 200 and crashes for K = 132
+
     def _block(self) -> dict[str, torch.Tensor] | None:
         codes = cpu.block_int8(self.qweight)
         return None if codes is None else {"qweight": codes}
@@ -181,6 +182,7 @@ class FastInt8Linear(_FastQuantized, Int8Linear):
 
 class FastInt4Linear(_FastQuantized, Int4Linear):
     has_op = HAS_INT4_OP
+
     def _block(self) -> dict[str, torch.Tensor] | None:
         codes = cpu.block_int4(self.qweight)
         return None if codes is None else {"qweight": codes, "scales_zeros": cpu.block_int4_scales(self.scales_zeros)}
