@@ -58,9 +58,10 @@ def formats(n: int, k: int, groups: list[int], rows: int = 1):
     for g in groups:
         q4, sz = quantize_int4(w, g, torch.bfloat16)
         blocked4 = cpu_kernels.block_int4(q4)
-        yield (f"int4 g{g}", n * k // 2 + (k // g) * n * 4, (q4, sz) if blocked4 is None else (q4, blocked4, sz),
-               lambda q, b, sz, g=g: cpu_kernels.int4_gemm(x, b, sz, g),
-               lambda q, *rest, g=g: torch.ops.aten._weight_int4pack_mm_for_cpu(x, q, g, rest[-1]))
+        yield (f"int4 g{g}", n * k // 2 + (k // g) * n * 4,
+               (q4, sz) if blocked4 is None else (q4, sz, blocked4, cpu_kernels.block_int4_scales(sz)),
+               lambda q, sz, b, bsz, g=g: cpu_kernels.int4_gemm(x, b, bsz, g),
+               lambda q, sz, *blocked, g=g: torch.ops.aten._weight_int4pack_mm_for_cpu(x, q, g, sz))
 
 
 def main() -> None:
@@ -81,6 +82,8 @@ def main() -> None:
         for name, nbytes, weight, kernel, reference in formats(n, k, args.groups, args.rows):
             copies = [weight] + [tuple(t.clone() for t in weight) for _ in range(max(1, math.ceil(COPY_BYTES / nbytes)) - 1)]
             have_kernel = cpu_kernels.available()
+            if have_kernel and kernel(*weight) is None:
+                raise SystemExit(f"the {name} kernel declined {n}×{k} (its operands' layout?): nothing to time")
             jobs = [(probe.sum, [()]), (reference, copies)] + ([(kernel, copies)] if have_kernel else [])
             times = per_call(jobs)
             B = probe.nbytes / times[0]
