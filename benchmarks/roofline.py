@@ -1,8 +1,9 @@
 """Decode and prefill speed of ChatGLM3-6B against this machine's memory bandwidth (roofline).
 
-Measures the memory read bandwidth B (torch sum over a 4 GB buffer, best of several passes, measured
-again next to each run), then, with random weights of the full size, batch 1: decode tokens/s and the
-effective bandwidth (bytes of weights and scales read per token × tokens/s, as a multiple of B) for
+Measures, with random weights of the full size, batch 1: decode tokens/s and the effective bandwidth
+(bytes of weights and scales read per token × tokens/s, as a multiple of the memory read bandwidth
+B, a float32 sum over 1 GB measured right before and after each timed decode: on shared hosts B
+moves by 2× within minutes) for
 16-bit, int8 and int4 weights (and, asked for, with a torch.compile'd decode step: bf16-compile);
 prefill tokens/s for a 512-token prompt; and the same through transformers' GlmForCausalLM in bf16
 as the baseline. One model in memory at a time; full size needs ~13 GB, so run it alone:
@@ -86,28 +87,35 @@ def time_transformers(model, prompt: list[int], new_tokens: int) -> tuple[float,
     return first - start, (new_tokens - 1) / (end - first)
 
 
+def bandwidth() -> float:
+    """B next to a decode: a float32 sum over 1 GB, best of 3 (~0.1 s)."""
+    return memory_bandwidth(gigabytes=1.0, passes=3)
+
+
 def run_format(config, fmt, args) -> dict:
     start = time.perf_counter()
     model = transformers_model(config) if fmt.startswith("transformers") else glmchat_model(config, fmt, args.group_size)
     load_s = time.perf_counter() - start
     nbytes = bytes_per_token(model)
     vocab = config.padded_vocab_size - 1000
-    prefill, decode = [], []
+    prefill, decode = [], []  # decode: (tokens/s, B around that decode)
     for r in range(args.repeats + 1):  # the first round warms up
         p512, p64 = random_prompt(args.prefill_tokens, vocab, seed=r), random_prompt(64, vocab, seed=100 + r)
         if fmt.startswith("transformers"):
             ttft, _ = time_transformers(model, p512, 1)
-            _, tok_s = time_transformers(model, p64, args.new_tokens)
         else:
             ttft = time_generation(model, p512, 1)[0].ttft_s
+        before = bandwidth()
+        if fmt.startswith("transformers"):
+            _, tok_s = time_transformers(model, p64, args.new_tokens)
+        else:
             tok_s = time_generation(model, p64, args.new_tokens)[0].decode_tok_s
         if r:
             prefill.append(args.prefill_tokens / ttft)
-            decode.append(tok_s)
-    B = memory_bandwidth()
+            decode.append((tok_s, (before + bandwidth()) / 2))
     del model
     gc.collect()
-    best_decode = max(decode)
+    best_decode, B = max(decode)
     return {"format": fmt, "load_s": load_s, "bytes_per_token": nbytes, "B": B,
             "decode_tok_s": best_decode, "effective_bw": nbytes * best_decode, "x_B": nbytes * best_decode / B,
             "prefill_tok_s": max(prefill), "roofline_tok_s": B / nbytes}
