@@ -246,8 +246,17 @@ static int quantize_x8(const uint16_t *x, q8_x *X, int8_t *xq, float *xs, float 
     return bad ? -1 : 0;
 }
 
+/* o plus what one group adds to 16 outputs of a row from their integer sums acc: xs * (s * acc +
+ * z * sum xq), with xz = xs * sum xq. The one float step of every path (int8, int4 of any row
+ * count), so that a row's result never depends on the path it took. */
+INLINE __m512 q8_group_step(__m512 o, __m512i acc, __m512 s, __m512 z, __m512 xs, __m512 xz)
+{
+    o = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), _mm512_mul_ps(s, xs), o);
+    return _mm512_fmadd_ps(z, xz, o);
+}
+
 /* out[m] += what group g adds to rows m0+m of y, from the integer sums acc[m][v] of rows 16v.. of the
- * block: xs * (s * acc + z * sum xq). The one float epilogue of both int4 paths and of int8. */
+ * block (q8_group_step, the sums kept in out between groups). */
 INLINE void q8_add_group(const q8_x *X, const float *s, const float *z, int64_t g, int64_t m0, int R,
                          __m512i acc[QROWS][4], float (*out)[64])
 {
@@ -255,9 +264,8 @@ INLINE void q8_add_group(const q8_x *X, const float *s, const float *z, int64_t 
         int64_t i = (m0 + m) * X->groups + g;
         const __m512 xs = _mm512_set1_ps(X->xs[i]), xz = _mm512_set1_ps(X->xz[i]);
         for (int v = 0; v < 4; v++) {
-            __m512 o = _mm512_loadu_ps(out[m] + 16 * v);
-            o = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][v]), _mm512_mul_ps(_mm512_loadu_ps(s + 16 * v), xs), o);
-            o = _mm512_fmadd_ps(_mm512_loadu_ps(z + 16 * v), xz, o);
+            __m512 o = q8_group_step(_mm512_loadu_ps(out[m] + 16 * v), acc[m][v], _mm512_loadu_ps(s + 16 * v),
+                                     _mm512_loadu_ps(z + 16 * v), xs, xz);
             _mm512_storeu_ps(out[m] + 16 * v, o);
         }
     }
@@ -330,12 +338,13 @@ INLINE void int4_scales(const uint16_t *sz, int64_t g, float *s, float *z)
     }
 }
 
-/* A few rows (decode steps): rows m0..m0+R-1 of x times int4 block b, group g, the codes unpacked
- * in registers as they stream from memory instead of into a panel. The same integer sums: lanes
- * multiply whole bytes (16 hi + lo) and low nibbles, and the high nibbles' sums are their
- * difference / 16, exactly, without shifting the high nibbles out. */
-INLINE void int4_direct_rows(const q8_x *X, const uint8_t *block, const float *s, const float *z, int64_t g,
-                             int64_t m0, int R, float (*out)[64])
+/* A few rows (decode steps): the integer sums acc[m][v] (rows 16v.. of the block) of rows m0..m0+R-1
+ * of x times int4 block `block`, group g, the codes unpacked in registers as they stream from memory
+ * instead of into a panel. The same sums as a panel's: lanes multiply whole bytes (16 hi + lo) and
+ * low nibbles, and the high nibbles' sums are their difference / 16, exactly, without shifting the
+ * high nibbles out. */
+INLINE void int4_direct_sums(const q8_x *X, const uint8_t *block, int64_t g, int64_t m0, int R,
+                             __m512i acc[QROWS][4])
 {
     const __m512i low4 = _mm512_set1_epi8(15);
     __m512i whole[QROWS][2], low[QROWS][2];
@@ -361,12 +370,18 @@ INLINE void int4_direct_rows(const q8_x *X, const uint8_t *block, const float *s
             }
         }
     }
-    __m512i acc[QROWS][4];
     for (int m = 0; m < R; m++)
         for (int i = 0; i < 2; i++) {
             acc[m][i] = low[m][i];
             acc[m][2 + i] = _mm512_srai_epi32(_mm512_sub_epi32(whole[m][i], low[m][i]), 4);
         }
+}
+
+INLINE void int4_direct_rows(const q8_x *X, const uint8_t *block, const float *s, const float *z, int64_t g,
+                             int64_t m0, int R, float (*out)[64])
+{
+    __m512i acc[QROWS][4];
+    int4_direct_sums(X, block, g, m0, R, acc);
     q8_add_group(X, s, z, g, m0, R, acc, out);
 }
 
@@ -387,8 +402,8 @@ static void int4_direct_group(const q8_x *X, const uint8_t *block, const float *
 }
 
 /* One row of x (a decode step alone) over a whole int4 block: int4_direct_rows' integer sums and
- * q8_add_group's float steps in the same order (so the same results), with the block's 64 sums
- * kept in registers from group to group rather than stored and reloaded. With this and the blocked
+ * float steps (so the same results), with the block's 64 sums kept in registers from group to
+ * group rather than stored and reloaded. With this and the blocked
  * scales, 112 full-size layer products (28 layers) took 0.87x the time when the host's memory was
  * fast and 0.94x when slow, reaching 0.90 and 0.94 of the rate a plain sum reads the same codes at,
  * against 0.79 and 0.88 (EPYC, 2 threads, in turns). Scales laid out [K/G, N, 2], a 256-byte load
@@ -396,31 +411,17 @@ static void int4_direct_group(const q8_x *X, const uint8_t *block, const float *
  * 4 and 8 rows gain 0.94x from the blocked scales alone. */
 static void int4_one_row_block(const q8_x *X, const uint8_t *block, const uint16_t *sz, float out[64])
 {
-    const __m512i low4 = _mm512_set1_epi8(15);
     __m512 o[4];
     for (int v = 0; v < 4; v++)
         o[v] = _mm512_setzero_ps();
     for (int64_t g = 0; g < X->groups; g++) {
-        __m512i whole[2], low[2];
-        for (int i = 0; i < 2; i++)
-            whole[i] = low[i] = _mm512_setzero_si512();
-        const int8_t *x0 = X->xq + g * X->G;
-        for (int64_t k = g * X->G, s4 = 0; k < (g + 1) * X->G; k += 4, s4 += 4) {
-            __m512i x4 = _mm512_set1_epi32(*(const int32_t *)(x0 + s4));
-            for (int i = 0; i < 2; i++) {
-                __m512i bytes = _mm512_loadu_si512(block + k * 32 + 64 * i);
-                whole[i] = _mm512_dpbusd_epi32(whole[i], bytes, x4);
-                low[i] = _mm512_dpbusd_epi32(low[i], _mm512_and_si512(bytes, low4), x4);
-            }
-        }
-        __m512i acc[4] = {low[0], low[1], _mm512_srai_epi32(_mm512_sub_epi32(whole[0], low[0]), 4),
-                          _mm512_srai_epi32(_mm512_sub_epi32(whole[1], low[1]), 4)};
+        __m512i acc[QROWS][4];
+        int4_direct_sums(X, block, g, 0, 1, acc);
         const __m512 xs = _mm512_set1_ps(X->xs[g]), xz = _mm512_set1_ps(X->xz[g]);
         for (int v = 0; v < 4; v++) {
             __m512 s, z;
             int4_scale16(sz, g, v, &s, &z);
-            o[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[v]), _mm512_mul_ps(s, xs), o[v]);
-            o[v] = _mm512_fmadd_ps(z, xz, o[v]);
+            o[v] = q8_group_step(o[v], acc[0][v], s, z, xs, xz);
         }
     }
     for (int v = 0; v < 4; v++)
@@ -472,7 +473,7 @@ static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, con
             if (failed)
                 continue;
             memset(out, 0, (size_t)M * 64 * sizeof(float));
-            const uint16_t *block_sz = scales + b * X.groups * 128; /* int4: the block's scales */
+            const uint16_t *block_sz = int8 ? NULL : scales + b * X.groups * 128; /* int4: the block's scales */
             if (int8)
                 int8_scales(scales, N, b, P->s, P->z);
             if (!int8 && M == 1)
