@@ -87,9 +87,20 @@ def time_transformers(model, prompt: list[int], new_tokens: int) -> tuple[float,
     return first - start, (new_tokens - 1) / (end - first)
 
 
+BANDWIDTH_BUFFER_BYTES = 10**9
+
+
 def bandwidth() -> float:
-    """B next to a decode: a float32 sum over 1 GB, best of 3 (~0.1 s)."""
-    return memory_bandwidth(gigabytes=1.0, passes=3)
+    """B next to a decode: a float32 sum over 1 GB (far past the caches), best of 3 (~0.1 s)."""
+    return memory_bandwidth(gigabytes=BANDWIDTH_BUFFER_BYTES / 1e9, passes=3)
+
+
+def time_prompt(model, fmt: str, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    """(seconds to the first token, decode tokens/s) of a greedy answer to `prompt`."""
+    if fmt.startswith("transformers"):
+        return time_transformers(model, prompt, new_tokens)
+    timing = time_generation(model, prompt, new_tokens)[0]
+    return timing.ttft_s, timing.decode_tok_s
 
 
 def run_format(config, fmt, args) -> dict:
@@ -100,16 +111,9 @@ def run_format(config, fmt, args) -> dict:
     vocab = config.padded_vocab_size - 1000
     prefill, decode = [], []  # decode: (tokens/s, B around that decode)
     for r in range(args.repeats + 1):  # the first round warms up
-        p512, p64 = random_prompt(args.prefill_tokens, vocab, seed=r), random_prompt(64, vocab, seed=100 + r)
-        if fmt.startswith("transformers"):
-            ttft, _ = time_transformers(model, p512, 1)
-        else:
-            ttft = time_generation(model, p512, 1)[0].ttft_s
+        ttft, _ = time_prompt(model, fmt, random_prompt(args.prefill_tokens, vocab, seed=r), 1)
         before = bandwidth()
-        if fmt.startswith("transformers"):
-            _, tok_s = time_transformers(model, p64, args.new_tokens)
-        else:
-            tok_s = time_generation(model, p64, args.new_tokens)[0].decode_tok_s
+        _, tok_s = time_prompt(model, fmt, random_prompt(64, vocab, seed=100 + r), args.new_tokens)
         if r:
             prefill.append(args.prefill_tokens / ttft)
             decode.append((tok_s, (before + bandwidth()) / 2))

@@ -143,6 +143,7 @@ class LlamaCppEngine:
 
 def run_worker(args) -> dict:
     from glmchat.bench import peak_rss_bytes, random_prompt
+    from roofline import BANDWIDTH_BUFFER_BYTES, bandwidth
 
     engine = (GlmchatEngine if args.worker == "glmchat" else LlamaCppEngine)(args)
     vocab = chatglm3_config(args.layers).padded_vocab_size - 1000
@@ -261,16 +262,6 @@ def quantize_gguf(src: Path, dst: Path, fmt: str, threads: int) -> None:
     if rc != 0:
         sys.exit(f"vs_llama_cpp: llama.cpp could not quantize {src} (code {rc})")
     partial.rename(dst)
-
-
-BANDWIDTH_BUFFER_BYTES = 10**9
-
-
-def bandwidth() -> float:
-    """B next to a decode: a float32 sum over 1 GB (far past the caches), best of 3 (~0.1 s)."""
-    from glmchat.bench import memory_bandwidth
-
-    return memory_bandwidth(gigabytes=BANDWIDTH_BUFFER_BYTES / 1e9, passes=3)
 
 
 def machine() -> dict:
