@@ -15,12 +15,16 @@ import torch.nn.functional as F
 import quant_reference
 from glmchat.kernels import cpu as cpu_kernels
 from glmchat.kernels import install
-from glmchat.kernels.linear import CpuLinear, FastInt4Linear, FastInt8Linear
+from glmchat.kernels.linear import HAS_INT4_OP, CpuLinear, FastInt4Linear, FastInt8Linear
 from glmchat.quantize import Int4Linear, Int8Linear
 
 REASON = cpu_kernels.unavailable_reason() if cpu_kernels.enabled else None
 needs_kernels = pytest.mark.skipif(
     not cpu_kernels.available(), reason=f"glmchat CPU kernels unavailable here: {REASON}")
+# The decode steps' small kernels (attention, rotary, SwiGLU, RMSNorm) are in the AVX-512 source alone.
+needs_small_kernels = pytest.mark.skipif(
+    not cpu_kernels.provides("glm_decode_attention"),
+    reason=f"glmchat's decode-step kernels need AVX-512 (here: {cpu_kernels.kernel_source() or REASON})")
 
 
 def _randn(*shape, seed=0, scale=1.0):
@@ -198,6 +202,17 @@ def _assert_within_8bit_x(got, layer, x, group):
     assert excess.max() <= 0, f"off by {excess.max():.3g} beyond the 8-bit bound"
     # and the bound is not loose to the point of meaning nothing: the error is mostly far inside it
     assert ((got.float().reshape(ref.shape) - ref).abs() <= slack / 2).float().mean() > 0.9
+
+
+def _assert_within_bf16_weights(got, layer, x):
+    """Without the kernels and PyTorch's int4 op (AVX2), the portable path dequantizes W into bf16:
+    each weight off by up to 2^-9 of itself, so y[m, n] by Σ_k |W[n, k] x[m, k]| / 512, plus the
+    output's bf16 rounding."""
+    x = x.float().reshape(-1, x.shape[-1])
+    w = quant_reference.weight(layer)
+    ref = quant_reference.linear(layer, x)
+    slack = (x.abs() @ w.abs().T) * 2**-9 * 1.001 + ref.abs() * 2**-8 + 1e-6
+    assert ((got.float().reshape(ref.shape) - ref).abs() - slack).max() <= 0
 
 
 def _prompt_kernel(layer):
@@ -489,6 +504,8 @@ def test_decode_steps_keep_rows_apart(monkeypatch, kind, kernels):
         y = layer(x)
         if kind in ("int8", "int4") and kernels:  # the 8-bit-x kernels (int8 groups x by 128)
             _assert_within_8bit_x(y, layer, x, 64 if kind == "int4" else 128)
+        elif kind == "int4" and not HAS_INT4_OP:
+            _assert_within_bf16_weights(y, layer, x)
         else:
             _assert_bf16_close(y, reference)
         for b in range(9):
@@ -534,7 +551,7 @@ def test_decode_attention_equals_naive_attention(dtype, tol, cached, padded):
     torch.testing.assert_close(out.double(), _naive_attention(q, k, v, key_mask), atol=tol, rtol=tol)
 
 
-@needs_kernels
+@needs_small_kernels
 @pytest.mark.parametrize("heads, groups, dim", [(32, 2, 128), (6, 2, 64), (3, 3, 32), (5, 1, 128)])
 def test_decode_attention_kernel_takes_each_row_over_its_own_keys(heads, groups, dim):
     """The server's slots: rows of a decode step at their own lengths, the keys a view of a bigger
@@ -553,7 +570,7 @@ def test_decode_attention_kernel_takes_each_row_over_its_own_keys(heads, groups,
                            out[b : b + 1])
 
 
-@needs_kernels
+@needs_small_kernels
 def test_decode_attention_kernel_declines_what_it_does_not_take():
     q, k = _randn(2, 4, 1, 64).bfloat16(), _randn(2, 2, 8, 64).bfloat16()
     assert cpu_kernels.decode_attention(q, k, k, [3, 0], 0.125) is None  # a row with no keys
@@ -564,7 +581,7 @@ def test_decode_attention_kernel_declines_what_it_does_not_take():
         assert cpu_kernels.decode_attention(kv[:, :, :1], kv, kv, [3, 3], 1.0) is None
 
 
-@needs_kernels
+@needs_small_kernels
 @pytest.mark.parametrize("heads, groups, dim, rotary_dim", [(32, 2, 128, 64), (6, 2, 64, 64), (4, 4, 32, 8)])
 def test_decode_heads_split_and_rotated_bit_for_bit_as_pytorch(heads, groups, dim, rotary_dim):
     """A decode step's q, k, v out of the fused projection, q and k rotated: the one-pass kernel
@@ -586,7 +603,7 @@ def test_decode_heads_split_and_rotated_bit_for_bit_as_pytorch(heads, groups, di
         assert got.shape == expected.shape and torch.equal(got, expected)
 
 
-@needs_kernels
+@needs_small_kernels
 def test_swiglu_kernel_equals_silu_times_up():
     """silu(gate) * up in one pass: PyTorch's bits but where its silu's exponential and ours round a
     float apart across a bf16 boundary (then one bf16 step); widths not a multiple of 16, large and
@@ -608,7 +625,7 @@ def test_swiglu_kernel_equals_silu_times_up():
     assert torch.equal(mlp.activation(h[1:, :96]), cpu_kernels.swiglu(h[1:, :96]))
 
 
-@needs_kernels
+@needs_small_kernels
 @pytest.mark.parametrize("rows, dim", [(1, 4096), (40, 1003), (3, 8)])
 def test_rmsnorm_kernel_equals_the_networks_rmsnorm(rows, dim):
     """RMSNorm in one pass: the network's float32 arithmetic in the same order, so its bits but where
@@ -628,7 +645,7 @@ def test_rmsnorm_kernel_equals_the_networks_rmsnorm(rows, dim):
     torch.testing.assert_close(got.float()[~same], expected.float()[~same], rtol=2**-7, atol=0)
 
 
-@needs_kernels
+@needs_small_kernels
 def test_small_kernels_leave_autograd_to_pytorch():
     """With gradients wanted, the one-pass kernels step aside and the results can be differentiated."""
     from glmchat.config import GLMConfig

@@ -34,7 +34,7 @@ def test_int4_packing_matches_pytorch_cpu_layout():
     packed = pack_int4(q.to(torch.uint8))
     assert torch.equal(unpack_int4(packed), q.to(torch.uint8))
     assert torch.equal(quant_reference.int4_codes(packed), q)  # the documented layout
-    if HAS_INT4_OP:
+    if HAS_INT4_OP:  # PyTorch's CPU op is used only where its own packing is ours (AVX-512, not AVX2)
         assert torch.equal(packed, torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1))
 
 
@@ -56,7 +56,7 @@ def test_quantize_dequantize_error_is_within_half_a_step():
 @pytest.mark.parametrize("rows", [1, 3, 40])
 def test_fast_kernel_equals_portable_path(method, group, dtype, rows):
     if not (HAS_INT8_OP if method == "int8" else HAS_INT4_OP):
-        pytest.skip(f"this PyTorch has no CPU {method} weight-only op")
+        pytest.skip(f"this PyTorch's CPU {method} weight-only op is not used here (absent, or not glmchat's layout)")
     lin = _linear(192, 256, dtype)
     layer = Int8Linear(256, 192, bias=True, dtype=dtype) if method == "int8" else \
         Int4Linear(256, 192, bias=True, group_size=group, dtype=dtype)

@@ -12,11 +12,13 @@ int8 and int4 codes are held in blocked layouts (block_int8, block_int4: 4 colum
 lane, the operand of the integer products), so that they stream from memory straight into them
 (int4's nibbles taken apart in registers). The weights are never dequantized as a whole.
 
-The C source is compiled at first use with the system compiler (`$CC`, `cc` or `gcc`,
+The C source for this CPU is compiled at first use with the system compiler (`$CC`, `cc` or `gcc`,
 -O3 -march=native -fopenmp) into the user cache (~/.cache/glmchat/kernels) and loaded with
-ctypes. Anything that goes wrong (no compiler, a CPU without AVX-512 BF16/VBMI, another platform,
-GLMCHAT_NO_KERNELS=1) leaves the kernels unavailable: every function then returns None and the
-callers use PyTorch's ops instead.
+ctypes: csrc/gemv.c where the CPU has AVX-512 (F, BW, BF16, VBMI, VNNI), else csrc/gemv_avx2.c
+where it has AVX2 and FMA (the products only, same layouts; the decode steps' attention, rotary,
+SwiGLU and RMSNorm stay PyTorch's there). Anything that goes wrong (no compiler, an older CPU,
+another platform, GLMCHAT_NO_KERNELS=1) leaves the kernels unavailable: every function then
+returns None and the callers use PyTorch's ops instead.
 """
 
 from __future__ import annotations
@@ -38,11 +40,15 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "gemv.c"
+CSRC = Path(__file__).with_name("csrc")
+# Each kernel source and the CPU flags (/proc/cpuinfo's names) it needs, the widest first.
+SOURCES = {CSRC / "gemv.c": {"avx512f", "avx512bw", "avx512_bf16", "avx512vbmi", "avx512_vnni"},
+           CSRC / "gemv_avx2.c": {"avx2", "fma"}}
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 enabled = os.environ.get("GLMCHAT_NO_KERNELS", "") in ("", "0")  # tests and users may switch it off
 
 _lib: ctypes.CDLL | None = None
+_built: Path | None = None  # the library _lib was loaded from
 _loaded = False
 _lock = threading.Lock()
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
@@ -52,11 +58,13 @@ _SIGNATURES = {
     "glm_block_int4": (None, [_ptr, _ptr, _i64, _i64, _int]),
     "glm_gemm_int8": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
     "glm_gemm_int4": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int]),
+    # gemv.c's alone (AVX-512):
     "glm_decode_attention": (_int, [_ptr] * 5 + [_i64] * 6 + [ctypes.c_float, _int]),
     "glm_rotary_heads": (_int, [_ptr] * 5 + [_i64] * 5),
     "glm_swiglu": (_int, [_ptr, _ptr, _i64, _i64, _int]),
     "glm_rmsnorm": (_int, [_ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float, _int]),
 }
+_PRODUCTS = ("glm_gemv_bf16", "glm_block_int8", "glm_block_int4", "glm_gemm_int8", "glm_gemm_int4")
 
 
 def _cache_dir() -> Path:
@@ -88,25 +96,47 @@ def _compiler_version(cc: str) -> str:
     return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
 
 
+def _candidates() -> list[Path]:
+    """The kernel sources this CPU can run, the widest first (all of them where its flags are unknown:
+    the compiler's -march=native then decides)."""
+    flags = set(_cpu_flags().split())
+    known = "avx2" in flags or "sse2" in flags
+    return [source for source, needs in SOURCES.items() if not known or needs <= flags]
+
+
 def _build() -> Path:
-    """The compiled library's path, compiling it into the cache unless already there."""
+    """The compiled library's path (the first candidate source that compiles), compiling it into the
+    cache unless already there."""
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found")
-    source = SOURCE.read_bytes()
+    sources = _candidates()
+    if not sources:
+        raise RuntimeError("this CPU has neither AVX-512 (F, BW, BF16, VBMI, VNNI) nor AVX2 and FMA")
+    errors = []
+    for source in sources:
+        try:
+            return _compiled(cc, source)
+        except RuntimeError as exc:
+            errors.append(str(exc))
+    raise RuntimeError("; ".join(errors))
+
+
+def _compiled(cc: str, source: Path) -> Path:
+    code = source.read_bytes() + (CSRC / "common.h").read_bytes()
     key = hashlib.sha256(b"\0".join(
-        [source, " ".join(CFLAGS).encode(), _compiler_version(cc).encode(), _cpu_flags().encode()]
+        [code, " ".join(CFLAGS).encode(), _compiler_version(cc).encode(), _cpu_flags().encode()]
     )).hexdigest()[:16]
-    target = _cache_dir() / f"gemv-{key}.so"
+    target = _cache_dir() / f"{source.stem}-{key}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        result = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        result = subprocess.run([cc, *CFLAGS, str(source), "-o", tmp], capture_output=True, text=True, timeout=120)
         if result.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed: {result.stderr.strip()[-500:]}")
+            raise RuntimeError(f"compiling {source.name} failed: {result.stderr.strip()[-500:]}")
         os.replace(tmp, target)  # atomic: concurrent first uses each publish a complete file
     finally:
         if os.path.exists(tmp):
@@ -130,10 +160,13 @@ def _try_load() -> ctypes.CDLL | None:
         log.debug("glmchat CPU kernels: not built for %s/%s", sys.platform, platform.machine())
         return None
     try:
-        lib = ctypes.CDLL(str(_build()))
+        global _built
+        _built = _build()
+        lib = ctypes.CDLL(str(_built))
         for name, (restype, argtypes) in _SIGNATURES.items():
-            fn = getattr(lib, name)
-            fn.restype, fn.argtypes = restype, argtypes
+            if name in _PRODUCTS or hasattr(lib, name):
+                fn = getattr(lib, name)
+                fn.restype, fn.argtypes = restype, argtypes
         return lib
     except Exception as exc:  # never break a run: fall back to PyTorch's ops
         log.debug("glmchat CPU kernels unavailable: %s", exc)
@@ -142,6 +175,16 @@ def _try_load() -> ctypes.CDLL | None:
 
 def available() -> bool:
     return enabled and _load() is not None
+
+
+def provides(name: str) -> bool:
+    """Whether the kernels are available and include `name` (gemv_avx2.c has the products alone)."""
+    return available() and hasattr(_lib, name)
+
+
+def kernel_source() -> str | None:
+    """The name of the kernel source this CPU runs (for benchmarks' reports), None without kernels."""
+    return _built.name.rsplit("-", 1)[0] + ".c" if available() else None
 
 
 def unavailable_reason() -> str | None:
@@ -307,7 +350,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths:
     if not (enabled and T == 1 and q.device.type == k.device.type == v.device.type == "cpu"
             and q.dtype == k.dtype == v.dtype == torch.bfloat16 and k.shape == v.shape and k.stride() == v.stride()
             and k.stride(3) == 1 and k.stride(2) == D and len(lengths) == B
-            and max(lengths) <= k.shape[2] and not _grad_wanted(q, k, v) and _load() is not None):
+            and max(lengths) <= k.shape[2] and not _grad_wanted(q, k, v) and provides("glm_decode_attention")):
         return None
     q = _row(q)
     out = torch.empty_like(q)
@@ -325,7 +368,7 @@ def rotary_heads(qkv: torch.Tensor, rope: torch.Tensor, heads: int, kv_heads: in
     B = qkv.shape[0]
     if not (enabled and qkv.dim() == 3 and qkv.shape[1] == 1 and qkv.shape[2] == (heads + 2 * kv_heads) * head_dim
             and qkv.dtype == rope.dtype == torch.bfloat16 and qkv.device.type == rope.device.type == "cpu"
-            and rope.shape[:2] == (B, 1) and not _grad_wanted(qkv) and _load() is not None):
+            and rope.shape[:2] == (B, 1) and not _grad_wanted(qkv) and provides("glm_rotary_heads")):
         return None
     qkv, rope = _row(qkv), _row(rope)
     q = torch.empty(B, heads, 1, head_dim, dtype=torch.bfloat16)
@@ -340,7 +383,7 @@ def swiglu(h: torch.Tensor) -> torch.Tensor | None:
     rounded to bf16, then the product) up to the last bit of the silu's exponential; None where it
     does not apply."""
     if not (enabled and h.dtype == torch.bfloat16 and h.device.type == "cpu" and h.shape[-1] % 2 == 0
-            and not _grad_wanted(h) and _load() is not None):
+            and not _grad_wanted(h) and provides("glm_swiglu")):
         return None
     h = _row(h)
     F = h.shape[-1] // 2
@@ -355,7 +398,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor |
     does not apply."""
     D = x.shape[-1]
     if not (enabled and x.dtype == weight.dtype == torch.bfloat16 and x.device.type == weight.device.type == "cpu"
-            and weight.shape == (D,) and weight.is_contiguous() and not _grad_wanted(x, weight) and _load() is not None):
+            and weight.shape == (D,) and weight.is_contiguous() and not _grad_wanted(x, weight) and provides("glm_rmsnorm")):
         return None
     x = _row(x)
     y = torch.empty_like(x)

@@ -5,7 +5,7 @@ Decode steps (one new token per row, x [B, 1, K]) keep each row's arithmetic apa
 is bit for bit the same whatever the other rows are and however many there are, which is what makes
 the server's batched greedy answers equal the ones each request gets alone. glmchat's C kernels do
 this for any number of rows with the weights read once (glmchat.kernels.cpu); where they do not
-apply (no AVX-512 BF16, float16 / float32) the rows go one at a time.
+apply (a CPU without AVX2, float16 / float32) the rows go one at a time.
 
 Prompts take the fastest product for their size. bf16: W @ xᵀ up to MAX_ROWS_TRANSPOSED rows,
 F.linear beyond. int8 / int4: glmchat's C kernels (8-bit x, the weights read tile by tile; decode
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quantize import Int4Linear, Int8Linear
+from ..quantize import Int4Linear, Int8Linear, pack_int4
 from . import cpu
 
 # bf16 prompts: up to this many rows W @ xᵀ beats F.linear. Measured with AMX (Xeon); without it (AMD
@@ -29,8 +29,20 @@ MAX_ROWS_TRANSPOSED = 128 if cpu.HAS_AMX else 1
 FAST_MAX_ROWS = 16  # above this many rows, dequantize + GEMM beats the weight-only ops (measured)
 
 _ops = torch.ops.aten
+
+
+def _int4_op_reads_our_codes() -> bool:
+    """Whether PyTorch's CPU int4 op takes glmchat's int4 layout (glmchat.quantize.pack_int4). The
+    op's layout follows the vector width PyTorch dispatches to: blocks of 64 rows with AVX-512, as
+    ours, but of 32 with AVX2 (torch 2.13), where it would return wrong sums for our codes."""
+    if not hasattr(_ops, "_weight_int4pack_mm_for_cpu"):
+        return False
+    codes = torch.randint(0, 16, (128, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    return torch.equal(_ops._convert_weight_to_int4pack_for_cpu(codes, 1), pack_int4(codes.to(torch.uint8)))
+
+
 HAS_INT8_OP = hasattr(_ops, "_weight_int8pack_mm")
-HAS_INT4_OP = hasattr(_ops, "_weight_int4pack_mm_for_cpu")
+HAS_INT4_OP = _int4_op_reads_our_codes()
 
 
 def is_decode_step(x: torch.Tensor) -> bool:

@@ -25,58 +25,16 @@
  * OpenMP threads take contiguous ranges of tiles, so each thread streams through one stretch of the
  * weights once, the rows of x taking turns on each tile while it is in cache.
  */
-#include <immintrin.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+#include "common.h"
 
 #if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512BF16__) || !defined(__AVX512VBMI__) || \
     !defined(__AVX512VNNI__)
 #error "these kernels need AVX-512 F/BW/BF16/VBMI/VNNI"
 #endif
 
-/* Software prefetch of the weight streams, into L2 (T1): ~1.4x faster from DRAM than without it.
- * Into L2 rather than L1: measured on an AMD EPYC (2 threads, 16 layer products in turns with the
- * alternatives, median time, three runs) bf16 0.79-0.88x and int4 0.95-0.98x the time with T0.
- * Not for one row of x over blocked int4 codes, one sequential stream per thread that the CPU's own
- * prefetchers follow at the speed one row consumes it: 113 full-size layer products took 0.85-0.88x
- * the time without it when the host's memory was fast, 0.98x when it was slow (EPYC, 2 threads,
- * median of 20-50 ratios to the prefetching kernel run just before and after); with 4 or 8 rows,
- * 1.34x and 1.42x without it. */
-#ifndef PF_DIST
-#define PF_DIST 4096
-#endif
-#ifndef PF_HINT
-#define PF_HINT _MM_HINT_T1
-#endif
-#define PREFETCH(p) _mm_prefetch((const char *)(p) + PF_DIST, PF_HINT)
 #define TILE 4 /* bf16: weight rows per tile (x is loaded once for all of them), XROWS x TILE sums */
 #define TILE1 8 /* bf16 with one row of x: 113 full-size layer products took 260-265 ms against 277-293
                    with TILE (EPYC, 2 threads, in turns); 8 rows of x over 8 weight rows spill registers */
-#define INLINE static inline __attribute__((always_inline))
-
-INLINE float bf16_to_f32(uint16_t h)
-{
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-INLINE uint16_t f32_to_bf16(float f) /* round to nearest even, like torch */
-{
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u)
-        return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
-    u += 0x7fffu + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
-
-INLINE void store(uint16_t *y, const uint16_t *bias, int64_t n, float v)
-{
-    y[n] = f32_to_bf16(bias ? v + bf16_to_f32(bias[n]) : v);
-}
 
 /* ------------------------------------------------------------------------------------------ */
 /* bf16: vdpbf16ps multiplies 32 bf16 pairs into 16 float sums per instruction. */
@@ -190,19 +148,12 @@ INLINE __mmask16 first16(int64_t left) /* the first min(left, 16) lanes */
  * sums and float epilogue, so the same results. */
 
 #define QROWS 4 /* rows of x per pass over a panel: 16 int32 accumulators */
-#define Q8_GROUP 128 /* int8: x's quantization group */
 #ifndef DIRECT_ROWS
 #define DIRECT_ROWS 48 /* int4 up to this many rows: codes unpacked in registers per pass of 4 rows, no panel.
                            113 full-size layer products, in turns, best of 3: 20-48 rows 0.74-0.96x the panel's
                            time, 64 level, 128 the panel ahead (EPYC, 2 threads) */
 #endif
 
-typedef struct {
-    const int8_t *xq;    /* [groups, M, G]: group-major, so that a panel's rows of x lie together */
-    const float *xs;     /* [M, groups]: the group's scale */
-    const float *xz;     /* [M, groups]: xs * the sum of xq over the group (what the zeros multiply) */
-    int64_t M, K, G, groups;
-} q8_x;
 
 typedef struct {                 /* int4: one 64-row block, one group of columns */
     __m512i c[128 / 4 * 4];      /* [steps][4]: vector v holds rows 16v..16v+15, 4 columns per lane */
@@ -534,33 +485,6 @@ void glm_block_int4(const uint8_t *packed, uint8_t *blocked, int64_t N, int64_t 
     }
 }
 
-/* int8 codes q[N, K] row-major into the blocked layout the products read (see the top). */
-void glm_block_int8(const int8_t *q, uint8_t *blocked, int64_t N, int64_t K, int nthreads)
-{
-    const int64_t steps = (K + 3) / 4;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t b = 0; b < (N + 63) / 64; b++)
-        for (int64_t t0 = 0; t0 < steps; t0 += 16) { /* 64 rows x 64 columns at a time: whole cache lines */
-            uint32_t *out = (uint32_t *)blocked + (b * steps + t0) * 64;
-            const int64_t n = t0 + 16 <= steps ? 16 : steps - t0;
-            for (int64_t r = 0; r < 64; r++) {
-                const int8_t *row = q + (64 * b + r) * K + 4 * t0;
-                if (64 * b + r < N && 4 * (t0 + n) <= K)
-                    for (int64_t t = 0; t < n; t++) {
-                        uint32_t word;
-                        memcpy(&word, row + 4 * t, 4);
-                        out[t * 64 + r] = word ^ 0x80808080u;
-                    }
-                else /* past N or at a ragged end of K: 0 codes (128 stored) where there is no weight */
-                    for (int64_t t = 0; t < n; t++) {
-                        uint8_t word[4] = {128, 128, 128, 128};
-                        for (int64_t j = 0; j < 4 && 64 * b + r < N && 4 * (t0 + t) + j < K; j++)
-                            word[j] = (uint8_t)(row[4 * t + j] ^ 0x80);
-                        memcpy(out + t * 64 + r, word, 4);
-                    }
-            }
-        }
-}
 
 int glm_gemm_int8(const uint16_t *x, const uint8_t *blocked, const uint16_t *scales, const uint16_t *bias, uint16_t *y,
                   int64_t M, int64_t N, int64_t K, int nthreads)

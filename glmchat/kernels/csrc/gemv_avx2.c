@@ -1,0 +1,308 @@
+/* The matrix products of gemv.c for x86-64 CPUs with AVX2 and FMA but no AVX-512 (AMD Zen 1-3,
+ * Intel's client cores): glm_gemv_bf16, glm_gemm_int8 and glm_gemm_int4 with the same arguments,
+ * the same data layouts (see the top of gemv.c) and, for int4, the same arithmetic bit for bit.
+ * cpu.py compiles this file where gemv.c's instructions are missing; the decode steps' small
+ * kernels (attention, rotary, SwiGLU, RMSNorm) are gemv.c's alone and PyTorch's ops take them here.
+ *
+ * AVX2 has no integer dot product of 4 bytes (VNNI's vpdpbusd). vpmaddubsw multiplies 32 unsigned
+ * by 32 signed bytes and adds adjacent pairs into 16 bits, vpmaddwd by ones adds adjacent 16-bit
+ * pairs into 32: together the sum of each lane's 4 products, vpdpbusd's result, exact as long as a
+ * pair's sum fits 16 bits. int4 codes (0..15) times x (-127..127) always fit. int8 codes do not as
+ * unsigned bytes (255 * 127 * 2 > 32767), so here they are taken as signed bytes q = c - 128 and
+ * the sign of x moved onto them (|x| times sign(x) * q, as llama.cpp does): the sums are those of
+ * q, with no zero term, equal to gemv.c's up to the float rounding of the per-group step.
+ * A 64-byte vector of the blocked layouts is two 32-byte ones here: lanes (int32) of 32-byte
+ * vector v hold rows 8v..8v+7 of a 64-row block (int4: low nibbles; high nibbles rows 32+8v..).
+ */
+#include "common.h"
+
+#if !defined(__AVX2__) || !defined(__FMA__)
+#error "these kernels need AVX2 and FMA"
+#endif
+
+/* ------------------------------------------------------------------------------------------ */
+/* bf16: each 16 bf16 of a weight row and of x are widened to two vectors of 8 floats (the same
+ * shuffle for both, so the products pair up) and multiplied with FMA; the tail of a row past the
+ * last 16 in scalar code. A sum takes the same instructions whatever the other rows are. */
+
+#define BF_TILE1 8 /* weight rows per tile with one row of x */
+#define BF_TILE 4  /* with more: BF_XROWS x BF_TILE sums in registers */
+#define BF_XROWS 2
+
+INLINE void bf16x16_widen(const uint16_t *p, __m256 *lo, __m256 *hi)
+{
+    __m256i h = _mm256_loadu_si256((const __m256i *)p), zero = _mm256_setzero_si256();
+    *lo = _mm256_castsi256_ps(_mm256_unpacklo_epi16(zero, h));
+    *hi = _mm256_castsi256_ps(_mm256_unpackhi_epi16(zero, h));
+}
+
+INLINE float hsum8(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* out[m][r] = x row m . weight row r for m < R rows of x (stride K) and `rows` weight rows at w. */
+INLINE void bf16_tile(const uint16_t *x, int R, const uint16_t *w, int64_t K, int rows, float out[BF_XROWS][BF_TILE1])
+{
+    __m256 acc[BF_XROWS][BF_TILE1];
+    for (int m = 0; m < R; m++)
+        for (int r = 0; r < rows; r++)
+            acc[m][r] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m256 xl[BF_XROWS], xh[BF_XROWS];
+        for (int m = 0; m < R; m++)
+            bf16x16_widen(x + m * K + k, &xl[m], &xh[m]);
+        for (int r = 0; r < rows; r++) {
+            PREFETCH(w + r * K + k);
+            __m256 wl, wh;
+            bf16x16_widen(w + r * K + k, &wl, &wh);
+            for (int m = 0; m < R; m++)
+                acc[m][r] = _mm256_fmadd_ps(wh, xh[m], _mm256_fmadd_ps(wl, xl[m], acc[m][r]));
+        }
+    }
+    for (int m = 0; m < R; m++)
+        for (int r = 0; r < rows; r++) {
+            float sum = hsum8(acc[m][r]);
+            for (int64_t j = k; j < K; j++)
+                sum += bf16_to_f32(x[m * K + j]) * bf16_to_f32(w[r * K + j]);
+            out[m][r] = sum;
+        }
+}
+
+int glm_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y,
+                  int64_t M, int64_t N, int64_t K, int nthreads)
+{
+    const int64_t tile = M == 1 ? BF_TILE1 : BF_TILE, tiles = (N + tile - 1) / tile;
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        int64_t n0 = t * tile, rows = N - n0 < tile ? N - n0 : tile;
+        for (int64_t m0 = 0; m0 < M; m0 += BF_XROWS) {
+            int R = M - m0 < BF_XROWS ? (int)(M - m0) : BF_XROWS;
+            float out[BF_XROWS][BF_TILE1];
+            if (rows == BF_TILE1) /* one row of x (constant counts: the sums stay in registers) */
+                bf16_tile(x, 1, w + n0 * K, K, BF_TILE1, out);
+            else if (rows == BF_TILE)
+                bf16_tile(x + m0 * K, R, w + n0 * K, K, BF_TILE, out);
+            else
+                for (int r = 0; r < rows; r++) {
+                    float one[BF_XROWS][BF_TILE1];
+                    bf16_tile(x + m0 * K, R, w + (n0 + r) * K, K, 1, one);
+                    for (int m = 0; m < R; m++)
+                        out[m][r] = one[m][0];
+                }
+            for (int m = 0; m < R; m++)
+                for (int r = 0; r < rows; r++)
+                    store(y + (m0 + m) * N, bias, n0 + r, out[m][r]);
+        }
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* int8 and int4: x in 8 bits per group of G columns (gemv.c's quantize_x8, the same values), then
+ * for each 64-row block and group, each row of x over the group's codes (streamed from memory by
+ * the first row, found in L1 by the others), 8 sums of 8 rows each, and the float step per group. */
+
+INLINE __m256 bf16x8_to_ps(const uint16_t *p)
+{
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+/* x's rows in 8 bits per group (padded with zeros to whole groups); -1 when x holds an inf or NaN. */
+static int quantize_x8(const uint16_t *x, q8_x *X, int8_t *xq, float *xs, float *xz, int nthreads)
+{
+    const int64_t M = X->M, K = X->K, G = X->G, groups = X->groups;
+    int bad = 0;
+#pragma omp parallel for num_threads(nthreads) schedule(static) reduction(| : bad) if (M > 1)
+    for (int64_t m = 0; m < M; m++) {
+        const __m256 inf = _mm256_set1_ps(__builtin_inff()), sign = _mm256_set1_ps(-0.0f);
+        for (int64_t g = 0; g < groups && !bad; g++) {
+            const uint16_t *row = x + m * K;
+            int64_t k0 = g * G, end = k0 + G < K ? k0 + G : K, k;
+            int8_t *out = xq + (g * M + m) * G - k0;
+            __m256 top = _mm256_setzero_ps();
+            for (k = k0; k + 8 <= end; k += 8) {
+                __m256 a = _mm256_andnot_ps(sign, bf16x8_to_ps(row + k));
+                bad |= _mm256_movemask_ps(_mm256_cmp_ps(a, inf, _CMP_NLT_UQ)) != 0;
+                top = _mm256_max_ps(top, a);
+            }
+            float big = 0.0f, lanes[8];
+            _mm256_storeu_ps(lanes, top);
+            for (int j = 0; j < 8; j++)
+                big = lanes[j] > big ? lanes[j] : big;
+            for (int64_t j = k; j < end; j++) {
+                float a = __builtin_fabsf(bf16_to_f32(row[j]));
+                bad |= !(a < __builtin_inff());
+                big = a > big ? a : big;
+            }
+            const float inv = big > 0 ? 127.0f / big : 1.0f;
+            int32_t sum = 0, q[8];
+            memset(out + end, 0, (size_t)(k0 + G - end));
+            for (k = k0; k + 8 <= end; k += 8) {
+                _mm256_storeu_si256((__m256i *)q, _mm256_cvtps_epi32(_mm256_mul_ps(bf16x8_to_ps(row + k), _mm256_set1_ps(inv))));
+                for (int j = 0; j < 8; j++)
+                    out[k + j] = (int8_t)q[j], sum += q[j];
+            }
+            for (; k < end; k++) {
+                int32_t v = (int32_t)__builtin_lrintf(bf16_to_f32(row[k]) * inv);
+                out[k] = (int8_t)v, sum += v;
+            }
+            xs[m * groups + g] = big > 0 ? big / 127.0f : 1.0f;
+            xz[m * groups + g] = xs[m * groups + g] * (float)sum;
+        }
+    }
+    X->xq = xq, X->xs = xs, X->xz = xz;
+    return bad ? -1 : 0;
+}
+
+/* The sums of one lane's 4 products, as vpdpbusd: u unsigned bytes, s signed. */
+INLINE __m256i dot4(__m256i acc, __m256i u, __m256i s)
+{
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+
+/* acc[a] (rows 8a.. of the block) += row m of x times the int4 codes of group g of a block. */
+INLINE void int4_sums(const q8_x *X, const uint8_t *block, int64_t g, int64_t m, int stream, __m256i acc[8])
+{
+    const __m256i low4 = _mm256_set1_epi8(15);
+    const int8_t *xm = X->xq + (g * X->M + m) * X->G;
+    for (int64_t k = g * X->G, s4 = 0; k < (g + 1) * X->G; k += 4, s4 += 4) {
+        const uint8_t *p = block + k * 32;
+        if (stream)
+            PREFETCH(p), PREFETCH(p + 64);
+        __m256i x4 = _mm256_set1_epi32(*(const int32_t *)(xm + s4));
+        for (int v = 0; v < 4; v++) {
+            __m256i bytes = _mm256_loadu_si256((const __m256i *)(p + 32 * v));
+            acc[v] = dot4(acc[v], _mm256_and_si256(bytes, low4), x4);
+            acc[4 + v] = dot4(acc[4 + v], _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4), x4);
+        }
+    }
+}
+
+/* acc[a] += row m of x times the int8 codes of group g of a block (steps of 4 columns). */
+INLINE void int8_sums(const q8_x *X, const uint8_t *codes, int64_t g, int64_t steps, int64_t m, int stream,
+                      __m256i acc[8])
+{
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    const int8_t *xm = X->xq + (g * X->M + m) * X->G;
+    for (int64_t t = 0; t < steps; t++) {
+        const uint8_t *p = codes + 256 * t;
+        if (stream)
+            for (int i = 0; i < 4; i++)
+                PREFETCH(p + 64 * i);
+        __m256i x4 = _mm256_set1_epi32(*(const int32_t *)(xm + 4 * t)), ax = _mm256_abs_epi8(x4);
+        for (int a = 0; a < 8; a++) {
+            __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 32 * a)), flip);
+            acc[a] = dot4(acc[a], ax, _mm256_sign_epi8(q, x4));
+        }
+    }
+}
+
+/* out[n] += what group g adds to a row from its sums acc (rows 8a..): gemv.c's q8_group_step. */
+INLINE void add_group(const float *s, const float *z, float xs, float xz, const __m256i acc[8], float *out)
+{
+    const __m256 vxs = _mm256_set1_ps(xs), vxz = _mm256_set1_ps(xz);
+    for (int a = 0; a < 8; a++) {
+        __m256 o = _mm256_loadu_ps(out + 8 * a);
+        o = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[a]), _mm256_mul_ps(_mm256_loadu_ps(s + 8 * a), vxs), o);
+        _mm256_storeu_ps(out + 8 * a, _mm256_fmadd_ps(_mm256_loadu_ps(z + 8 * a), vxz, o));
+    }
+}
+
+/* Scales s and zeros z of a block's 64 rows in group g (int4: W = (c - 8) * scale + zero = c * s + z). */
+INLINE void int4_scales(const uint16_t *sz, int64_t g, float *s, float *z)
+{
+    for (int a = 0; a < 8; a++) {
+        __m256i pair = _mm256_loadu_si256((const __m256i *)(sz + (g * 64 + 8 * a) * 2));
+        __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(pair, 16));
+        __m256 zero = _mm256_castsi256_ps(_mm256_and_si256(pair, _mm256_set1_epi32((int)0xffff0000u)));
+        _mm256_storeu_ps(s + 8 * a, scale);
+        _mm256_storeu_ps(z + 8 * a, _mm256_fmadd_ps(scale, _mm256_set1_ps(-8.0f), zero));
+    }
+}
+
+static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, const uint16_t *bias, uint16_t *y,
+                   int64_t M, int64_t N, int64_t K, int64_t G, int int8, int nthreads)
+{
+    if (G % 4 || G > 128 || (!int8 && (K % G || N % 64)))
+        return -2;
+    q8_x X = {.M = M, .K = K, .G = G, .groups = (K + G - 1) / G};
+    int64_t padded = X.groups * G * M, steps_k = (K + 3) / 4;
+    char *mem = malloc((size_t)(padded + 8 * M * X.groups));
+    if (!mem)
+        return -1;
+    if (quantize_x8(x, &X, (int8_t *)mem, (float *)(mem + padded), (float *)(mem + padded + 4 * M * X.groups),
+                    nthreads)) {
+        free(mem);
+        return -3;
+    }
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        float (*out)[64] = aligned_alloc(64, (size_t)M * 64 * sizeof(float));
+        float s[64], z[64];
+        failed = !out;
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < (N + 63) / 64; b++) {
+            if (failed)
+                continue;
+            memset(out, 0, (size_t)M * 64 * sizeof(float));
+            if (int8)
+                for (int64_t j = 0; j < 64; j++)
+                    s[j] = 64 * b + j < N ? bf16_to_f32(scales[64 * b + j]) : 0.0f, z[j] = 0.0f;
+            for (int64_t g = 0; g < X.groups; g++) {
+                int64_t steps = ((g + 1) * G < K ? G : K - g * G + 3) / 4;
+                const uint8_t *codes = int8 ? (const uint8_t *)q + (b * steps_k + g * G / 4) * 256
+                                            : (const uint8_t *)q + b * K * 32;
+                if (!int8)
+                    int4_scales(scales + b * X.groups * 128, g, s, z);
+                for (int64_t m = 0; m < M; m++) {
+                    __m256i acc[8];
+                    for (int a = 0; a < 8; a++)
+                        acc[a] = _mm256_setzero_si256();
+                    if (int8)
+                        int8_sums(&X, codes, g, steps, m, m == 0, acc);
+                    else
+                        int4_sums(&X, codes, g, m, m == 0 && M > 1, acc);
+                    add_group(s, z, X.xs[m * X.groups + g], X.xz[m * X.groups + g], acc, out[m]);
+                }
+            }
+            for (int64_t m = 0; m < M; m++)
+                for (int64_t n = b * 64; n < b * 64 + 64 && n < N; n++)
+                    store(y + m * N, bias, n, out[m][n - b * 64]);
+        }
+        free(out);
+    }
+    free(mem);
+    return failed ? -1 : 0;
+}
+
+int glm_gemm_int4(const uint16_t *x, const uint8_t *blocked, const uint16_t *sz, const uint16_t *bias, uint16_t *y,
+                  int64_t M, int64_t N, int64_t K, int64_t G, int nthreads)
+{
+    return gemm_q8(x, blocked, sz, bias, y, M, N, K, G, 0, nthreads);
+}
+
+int glm_gemm_int8(const uint16_t *x, const uint8_t *blocked, const uint16_t *scales, const uint16_t *bias, uint16_t *y,
+                  int64_t M, int64_t N, int64_t K, int nthreads)
+{
+    return gemm_q8(x, blocked, scales, bias, y, M, N, K, Q8_GROUP, 1, nthreads);
+}
+
+/* int4 codes in PyTorch's CPU layout into the blocked one (gemv.c's glm_block_int4, byte by byte). */
+void glm_block_int4(const uint8_t *packed, uint8_t *blocked, int64_t N, int64_t K, int nthreads)
+{
+    uint8_t gather[128];
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 16; j++)
+            for (int c = 0; c < 4; c++)
+                gather[64 * i + 4 * j + c] = (uint8_t)(32 * c + 16 * i + j);
+#pragma omp parallel for num_threads(nthreads) schedule(static)
+    for (int64_t off = 0; off < N * K / 2; off += 128)
+        for (int i = 0; i < 128; i++)
+            blocked[off + i] = packed[off + gather[i]];
+}
