@@ -104,8 +104,9 @@ int glm_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, ui
 
 /* ------------------------------------------------------------------------------------------ */
 /* int8 and int4: x in 8 bits per group of G columns (gemv.c's quantize_x8, the same values), then
- * for each 64-row block and group, each row of x over the group's codes (streamed from memory by
- * the first row, found in L1 by the others), 8 sums of 8 rows each, and the float step per group. */
+ * for each 64-row block and group, the rows of x over the group's codes (streamed from memory by
+ * the first, found in L1 by the others; int4 up to 3 rows at a time, its nibbles taken apart once
+ * for them), 8 sums of 8 weight rows each per row of x, and the float step per group. */
 
 INLINE __m256 bf16x8_to_ps(const uint16_t *p)
 {
@@ -165,21 +166,72 @@ INLINE __m256i dot4(__m256i acc, __m256i u, __m256i s)
     return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
 }
 
-/* acc[a] (rows 8a.. of the block) += row m of x times the int4 codes of group g of a block. */
-INLINE void int4_sums(const q8_x *X, const uint8_t *block, int64_t g, int64_t m, int stream, __m256i acc[8])
+/* acc[a] (rows 8a.. of the block) += the one row of x (a decode step alone) times the int4 codes
+ * of group g of a block, in one pass over the bytes as they stream from memory. */
+INLINE void int4_one_row_sums(const q8_x *X, const uint8_t *block, int64_t g, __m256i acc[8])
 {
     const __m256i low4 = _mm256_set1_epi8(15);
-    const int8_t *xm = X->xq + (g * X->M + m) * X->G;
+    const int8_t *xm = X->xq + g * X->G;
     for (int64_t k = g * X->G, s4 = 0; k < (g + 1) * X->G; k += 4, s4 += 4) {
         const uint8_t *p = block + k * 32;
-        if (stream)
-            PREFETCH(p), PREFETCH(p + 64);
         __m256i x4 = _mm256_set1_epi32(*(const int32_t *)(xm + s4));
         for (int v = 0; v < 4; v++) {
             __m256i bytes = _mm256_loadu_si256((const __m256i *)(p + 32 * v));
             acc[v] = dot4(acc[v], _mm256_and_si256(bytes, low4), x4);
             acc[4 + v] = dot4(acc[4 + v], _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low4), x4);
         }
+    }
+}
+
+/* acc[r][a] += rows m..m+R-1 of x (R <= I4_ROWS) times the int4 codes of group g of a block, the
+ * codes taken apart once for all R rows: the low nibbles (rows 0..31) in one pass, the high ones in
+ * another (the bytes from L1 then), each vpmaddubsw's pairs added up in 16 bits over 8 steps of 4
+ * columns (at most 8 * 2 * 15 * 127 = 30480: no overflow) before one vpmaddwd widens them. The same
+ * exact sums as int4_one_row_sums, in fewer instructions per row. */
+#define I4_ROWS 3 /* full-size layer products, against one row at a time: 8 rows 0.88-0.92x the time,
+                     64 rows 0.84-0.91x (2 rows 0.99-1.07x, 4 as 3; Zen 3 EPYC, 2 threads, in turns) */
+INLINE void int4_rows_sums(const q8_x *X, const uint8_t *block, int64_t g, int64_t m, int R, int stream,
+                           __m256i acc[I4_ROWS][8])
+{
+    const __m256i low4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    const int8_t *xm = X->xq + (g * X->M + m) * X->G;
+    const uint8_t *p0 = block + g * X->G * 32;
+    const int64_t steps = X->G / 4;
+    for (int high = 0; high < 2; high++)
+        for (int64_t s0 = 0; s0 < steps; s0 += 8) {
+            __m256i part[I4_ROWS][4];
+            for (int r = 0; r < R; r++)
+                for (int v = 0; v < 4; v++)
+                    part[r][v] = _mm256_setzero_si256();
+            for (int64_t s = s0; s < s0 + 8 && s < steps; s++) {
+                const uint8_t *p = p0 + 128 * s;
+                if (stream && !high)
+                    PREFETCH(p), PREFETCH(p + 64);
+                __m256i codes[4];
+                for (int v = 0; v < 4; v++) {
+                    __m256i bytes = _mm256_loadu_si256((const __m256i *)(p + 32 * v));
+                    codes[v] = _mm256_and_si256(high ? _mm256_srli_epi16(bytes, 4) : bytes, low4);
+                }
+                for (int r = 0; r < R; r++) {
+                    __m256i x4 = _mm256_set1_epi32(*(const int32_t *)(xm + r * X->G + 4 * s));
+                    for (int v = 0; v < 4; v++)
+                        part[r][v] = _mm256_add_epi16(part[r][v], _mm256_maddubs_epi16(codes[v], x4));
+                }
+            }
+            for (int r = 0; r < R; r++)
+                for (int v = 0; v < 4; v++)
+                    acc[r][4 * high + v] = _mm256_add_epi32(acc[r][4 * high + v], _mm256_madd_epi16(part[r][v], ones));
+        }
+}
+
+/* int4_rows_sums for R rows, in constant counts (with a run-time count the sums would live on the stack). */
+static void int4_some_rows_sums(const q8_x *X, const uint8_t *block, int64_t g, int64_t m, int R, int stream,
+                                __m256i acc[I4_ROWS][8])
+{
+    switch (R) {
+    case 3: int4_rows_sums(X, block, g, m, 3, stream, acc); break;
+    case 2: int4_rows_sums(X, block, g, m, 2, stream, acc); break;
+    default: int4_rows_sums(X, block, g, m, 1, stream, acc);
     }
 }
 
@@ -260,15 +312,20 @@ static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, con
                                             : (const uint8_t *)q + b * K * 32;
                 if (!int8)
                     int4_scales(scales + b * X.groups * 128, g, s, z);
-                for (int64_t m = 0; m < M; m++) {
-                    __m256i acc[8];
-                    for (int a = 0; a < 8; a++)
-                        acc[a] = _mm256_setzero_si256();
+                for (int64_t m = 0, R; m < M; m += R) {
+                    R = int8 || M == 1 ? 1 : (M - m < I4_ROWS ? M - m : I4_ROWS);
+                    __m256i acc[I4_ROWS][8];
+                    for (int r = 0; r < R; r++)
+                        for (int a = 0; a < 8; a++)
+                            acc[r][a] = _mm256_setzero_si256();
                     if (int8)
-                        int8_sums(&X, codes, g, steps, m, m == 0, acc);
+                        int8_sums(&X, codes, g, steps, m, m == 0, acc[0]);
+                    else if (M == 1)
+                        int4_one_row_sums(&X, codes, g, acc[0]);
                     else
-                        int4_sums(&X, codes, g, m, m == 0 && M > 1, acc);
-                    add_group(s, z, X.xs[m * X.groups + g], X.xz[m * X.groups + g], acc, out[m]);
+                        int4_some_rows_sums(&X, codes, g, m, (int)R, m == 0, acc);
+                    for (int r = 0; r < R; r++)
+                        add_group(s, z, X.xs[(m + r) * X.groups + g], X.xz[(m + r) * X.groups + g], acc[r], out[m + r]);
                 }
             }
             for (int64_t m = 0; m < M; m++)
