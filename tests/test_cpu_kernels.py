@@ -362,6 +362,51 @@ def _python(code: str, **env) -> subprocess.CompletedProcess:
                           timeout=300, env={**os.environ, **env})
 
 
+_AVX2_PRODUCTS = """
+    import os, torch
+    from glmchat.kernels import cpu, install
+    from glmchat.quantize import Int4Linear, Int8Linear
+    assert cpu.kernel_source() == "gemv_avx2.c", cpu.unavailable_reason()
+    cases = torch.load(os.environ["CASES"])
+    w, x = cases["bf16"]
+    out = {"bf16": [cpu.bf16_gemv(x, w)] + [cpu.bf16_gemv(x[i : i + 1], w) for i in range(len(x))]}
+    for name, (state, kw, x) in cases["layers"].items():
+        layer = (Int4Linear if name == "int4" else Int8Linear)(**kw)
+        layer.load_state_dict(state)
+        install(layer)
+        assert layer.qweight.dim() == 3  # the kernels' blocked layout
+        out[name] = [layer(x)] + [layer(x[i : i + 1]) for i in range(len(x))]
+    torch.save(out, os.environ["OUT"])
+"""
+
+
+@pytest.mark.skipif(not {"avx2", "fma"} <= set(cpu_kernels._cpu_flags().split()), reason="this CPU has no AVX2/FMA")
+def test_avx2_products_on_any_avx2_cpu(tmp_path):
+    """gemv_avx2.c, compiled and run on AVX-512 CPUs too (GLMCHAT_KERNELS=avx2): each product within
+    its bound of the reference, each row as when alone (11 rows: int4 takes them 3 at a time), and
+    int4 bit for bit what gemv.c gives where this CPU runs both."""
+    w = _randn(130, 1000, scale=0.05).bfloat16()
+    layers = {"int8": (_layer("int8", 130, 1000), 128), "int4": (_layer("int4", 192, 1024, group=64), 64)}
+    xs = {"bf16": _randn(11, 1000, seed=11).bfloat16(), "int8": _randn(11, 1000, seed=12).bfloat16(),
+          "int4": _randn(11, 1024, seed=13).bfloat16()}
+    cases = {"bf16": (w, xs["bf16"]), "layers": {
+        name: (layer.state_dict(), dict(in_features=layer.in_features, out_features=layer.out_features, bias=True,
+                                        dtype=torch.bfloat16, **({"group_size": 64} if name == "int4" else {})),
+               xs[name]) for name, (layer, _) in layers.items()}}
+    torch.save(cases, tmp_path / "cases.pt")
+    result = _python(_AVX2_PRODUCTS, GLMCHAT_KERNELS="avx2", CASES=str(tmp_path / "cases.pt"),
+                     OUT=str(tmp_path / "out.pt"), XDG_CACHE_HOME=str(tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = torch.load(tmp_path / "out.pt")
+    _assert_bf16_close(out["bf16"][0], F.linear(xs["bf16"].float(), w.float()))
+    for name, (layer, group) in layers.items():
+        _assert_within_8bit_x(out[name][0], layer, xs[name], group)
+    for name, (y, *rows) in out.items():
+        assert all(torch.equal(row, y[i : i + 1]) for i, row in enumerate(rows)), name
+    if cpu_kernels.kernel_source() == "gemv.c":
+        assert torch.equal(out["int4"][0], layers["int4"][0](xs["int4"]))
+
+
 _FALLBACK_CHECK = """
     import torch
     from glmchat.kernels import cpu, install
