@@ -21,10 +21,12 @@ from glmchat.quantize import Int4Linear, Int8Linear
 REASON = cpu_kernels.unavailable_reason() if cpu_kernels.enabled else None
 needs_kernels = pytest.mark.skipif(
     not cpu_kernels.available(), reason=f"glmchat CPU kernels unavailable here: {REASON}")
-# The decode steps' small kernels (attention, rotary, SwiGLU, RMSNorm) are in the AVX-512 source alone.
-needs_small_kernels = pytest.mark.skipif(
-    not cpu_kernels.provides("glm_decode_attention"),
-    reason=f"glmchat's decode-step kernels need AVX-512 (here: {cpu_kernels.kernel_source() or REASON})")
+
+
+def needs_kernel(name: str):
+    """Some of the decode steps' small kernels (attention, SwiGLU, RMSNorm) are in the AVX-512 source alone."""
+    return pytest.mark.skipif(not cpu_kernels.provides(name),
+                              reason=f"{name} is not in this CPU's kernels ({cpu_kernels.kernel_source() or REASON})")
 
 
 def _randn(*shape, seed=0, scale=1.0):
@@ -297,6 +299,21 @@ def test_non_contiguous_input(method):
     _assert_within_8bit_x(y, layer, x, 64 if method == "int4" else 128)
     w = _randn(96, 256, scale=0.05).bfloat16()
     _assert_bf16_close(cpu_kernels.bf16_gemv(x, w), F.linear(x.float(), w.float()))
+
+
+@pytest.mark.parametrize("n,k", [(1, 3), (300, 1000), (513, 64)])
+def test_bf16_prompts_in_float32_where_the_cpu_has_no_bf16_instructions(n, k):
+    """float32_linear (weight slices converted to float32) gives F.linear's float result rounded to
+    bf16; CpuLinear takes it for bf16 prompts on CPUs without bf16 instructions (AVX2)."""
+    from glmchat.kernels.linear import float32_linear
+
+    layer = install(torch.nn.Linear(k, n, dtype=torch.bfloat16))
+    x = _randn(2, 9, k, seed=3).bfloat16()
+    with torch.inference_mode():  # as a model runs (with gradients wanted, PyTorch's product)
+        y, fast = float32_linear(x, layer.weight, layer.bias), layer(x)
+    _assert_bf16_close(y, F.linear(x.float(), layer.weight.float(), layer.bias.float()).detach())
+    if cpu_kernels.SLOW_BF16_MATMUL:
+        assert torch.equal(fast, y)
 
 
 @needs_kernels
@@ -596,7 +613,7 @@ def test_decode_attention_equals_naive_attention(dtype, tol, cached, padded):
     torch.testing.assert_close(out.double(), _naive_attention(q, k, v, key_mask), atol=tol, rtol=tol)
 
 
-@needs_small_kernels
+@needs_kernel("glm_decode_attention")
 @pytest.mark.parametrize("heads, groups, dim", [(32, 2, 128), (6, 2, 64), (3, 3, 32), (5, 1, 128)])
 def test_decode_attention_kernel_takes_each_row_over_its_own_keys(heads, groups, dim):
     """The server's slots: rows of a decode step at their own lengths, the keys a view of a bigger
@@ -615,7 +632,7 @@ def test_decode_attention_kernel_takes_each_row_over_its_own_keys(heads, groups,
                            out[b : b + 1])
 
 
-@needs_small_kernels
+@needs_kernel("glm_decode_attention")
 def test_decode_attention_kernel_declines_what_it_does_not_take():
     q, k = _randn(2, 4, 1, 64).bfloat16(), _randn(2, 2, 8, 64).bfloat16()
     assert cpu_kernels.decode_attention(q, k, k, [3, 0], 0.125) is None  # a row with no keys
@@ -626,7 +643,7 @@ def test_decode_attention_kernel_declines_what_it_does_not_take():
         assert cpu_kernels.decode_attention(kv[:, :, :1], kv, kv, [3, 3], 1.0) is None
 
 
-@needs_small_kernels
+@needs_kernel("glm_rotary_heads")
 @pytest.mark.parametrize("heads, groups, dim, rotary_dim", [(32, 2, 128, 64), (6, 2, 64, 64), (4, 4, 32, 8)])
 def test_decode_heads_split_and_rotated_bit_for_bit_as_pytorch(heads, groups, dim, rotary_dim):
     """A decode step's q, k, v out of the fused projection, q and k rotated: the one-pass kernel
@@ -642,13 +659,14 @@ def test_decode_heads_split_and_rotated_bit_for_bit_as_pytorch(heads, groups, di
     assert isinstance(layer, CpuAttention)
     qkv = _randn(5, 1, (heads + 2 * groups) * dim, seed=4, scale=3).bfloat16()
     rope = rotary_table(config)[torch.tensor([[0], [3], [17], [40], [63]])].bfloat16()  # [B, 1, rot/2, 2]
+    assert cpu_kernels.rotary_heads(qkv, rope, heads, groups, dim) is not None  # the kernel takes it
     fast = layer.heads(qkv, rope)
     portable = Attention.heads(layer, qkv, rope)
     for got, expected in zip(fast, portable):
         assert got.shape == expected.shape and torch.equal(got, expected)
 
 
-@needs_small_kernels
+@needs_kernel("glm_swiglu")
 def test_swiglu_kernel_equals_silu_times_up():
     """silu(gate) * up in one pass: PyTorch's bits but where its silu's exponential and ours round a
     float apart across a bf16 boundary (then one bf16 step); widths not a multiple of 16, large and
@@ -670,7 +688,7 @@ def test_swiglu_kernel_equals_silu_times_up():
     assert torch.equal(mlp.activation(h[1:, :96]), cpu_kernels.swiglu(h[1:, :96]))
 
 
-@needs_small_kernels
+@needs_kernel("glm_rmsnorm")
 @pytest.mark.parametrize("rows, dim", [(1, 4096), (40, 1003), (3, 8)])
 def test_rmsnorm_kernel_equals_the_networks_rmsnorm(rows, dim):
     """RMSNorm in one pass: the network's float32 arithmetic in the same order, so its bits but where
@@ -690,7 +708,7 @@ def test_rmsnorm_kernel_equals_the_networks_rmsnorm(rows, dim):
     torch.testing.assert_close(got.float()[~same], expected.float()[~same], rtol=2**-7, atol=0)
 
 
-@needs_small_kernels
+@needs_kernels
 def test_small_kernels_leave_autograd_to_pytorch():
     """With gradients wanted, the one-pass kernels step aside and the results can be differentiated."""
     from glmchat.config import GLMConfig

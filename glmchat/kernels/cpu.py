@@ -15,7 +15,7 @@ lane, the operand of the integer products), so that they stream from memory stra
 The C source for this CPU is compiled at first use with the system compiler (`$CC`, `cc` or `gcc`,
 -O3 -march=native -fopenmp) into the user cache (~/.cache/glmchat/kernels) and loaded with
 ctypes: csrc/gemv.c where the CPU has AVX-512 (F, BW, BF16, VBMI, VNNI), else csrc/gemv_avx2.c
-where it has AVX2 and FMA (the products only, same layouts; the decode steps' attention, rotary,
+where it has AVX2 and FMA (the products, same layouts, and rotary; the decode steps' attention,
 SwiGLU and RMSNorm stay PyTorch's there). Anything that goes wrong (no compiler, an older CPU,
 another platform, GLMCHAT_NO_KERNELS=1) leaves the kernels unavailable: every function then
 returns None and the callers use PyTorch's ops instead.
@@ -58,13 +58,14 @@ _SIGNATURES = {
     "glm_block_int4": (None, [_ptr, _ptr, _i64, _i64, _int]),
     "glm_gemm_int8": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
     "glm_gemm_int4": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int]),
+    "glm_rotary_heads": (_int, [_ptr] * 5 + [_i64] * 5),
     # gemv.c's alone (AVX-512):
     "glm_decode_attention": (_int, [_ptr] * 5 + [_i64] * 6 + [ctypes.c_float, _int]),
-    "glm_rotary_heads": (_int, [_ptr] * 5 + [_i64] * 5),
     "glm_swiglu": (_int, [_ptr, _ptr, _i64, _i64, _int]),
     "glm_rmsnorm": (_int, [_ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float, _int]),
 }
-_PRODUCTS = ("glm_gemv_bf16", "glm_block_int8", "glm_block_int4", "glm_gemm_int8", "glm_gemm_int4")
+_IN_EVERY_SOURCE = ("glm_gemv_bf16", "glm_block_int8", "glm_block_int4", "glm_gemm_int8", "glm_gemm_int4",
+                    "glm_rotary_heads")
 
 
 def _cache_dir() -> Path:
@@ -82,7 +83,11 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-HAS_AMX = "amx_bf16" in _cpu_flags().split()
+_FLAGS = set(_cpu_flags().split())
+HAS_AMX = "amx_bf16" in _FLAGS
+# An x86 CPU without bf16 instructions (AVX2; AVX-512 before BF16), where PyTorch's bf16 matrix
+# products run at a fraction of its float32 ones.
+SLOW_BF16_MATMUL = "sse2" in _FLAGS and not _FLAGS & {"avx512_bf16", "amx_bf16"}
 
 
 def _compiler() -> str | None:
@@ -167,7 +172,7 @@ def _try_load() -> ctypes.CDLL | None:
         _built = _build()
         lib = ctypes.CDLL(str(_built))
         for name, (restype, argtypes) in _SIGNATURES.items():
-            if name in _PRODUCTS or hasattr(lib, name):
+            if name in _IN_EVERY_SOURCE or hasattr(lib, name):
                 fn = getattr(lib, name)
                 fn.restype, fn.argtypes = restype, argtypes
         return lib
@@ -181,7 +186,7 @@ def available() -> bool:
 
 
 def provides(name: str) -> bool:
-    """Whether the kernels are available and include `name` (gemv_avx2.c has the products alone)."""
+    """Whether the kernels are available and include `name` (gemv_avx2.c lacks some of gemv.c's)."""
     return available() and hasattr(_lib, name)
 
 

@@ -82,3 +82,38 @@ void glm_block_int8(const int8_t *q, uint8_t *blocked, int64_t N, int64_t K, int
             }
         }
 }
+
+/* ------------------------------------------------------------------------------------------ */
+INLINE float round_bf16(float v) /* v rounded to bf16, as a float */
+{
+    return bf16_to_f32(f32_to_bf16(v));
+}
+
+/* One token per row: the fused projection qkv [B, (H + 2G) * D] split into heads, q [B, H, D] and
+ * k [B, G, D] with rotary positions on their first `rot` channels in interleaved pairs, v [B, G, D]
+ * copied; rope [B, rot / 2, 2] (cos, sin). As PyTorch computes it in bf16: each product and each
+ * sum rounded to bf16 (products of two bf16 values are exact in float, so the results are the
+ * same bits). */
+int glm_rotary_heads(const uint16_t *qkv, const uint16_t *rope, uint16_t *q, uint16_t *k, uint16_t *v, int64_t B,
+                     int64_t H, int64_t G, int64_t D, int64_t rot)
+{
+    if (rot % 2 || rot > D)
+        return -2;
+    const int64_t width = (H + 2 * G) * D;
+    for (int64_t b = 0; b < B; b++) {
+        const uint16_t *in = qkv + b * width, *cs = rope + b * rot;
+        for (int64_t h = 0; h < H + G; h++) {
+            const uint16_t *x = in + h * D;
+            uint16_t *out = h < H ? q + (b * H + h) * D : k + (b * G + h - H) * D;
+            for (int64_t j = 0; j < rot / 2; j++) {
+                float x0 = bf16_to_f32(x[2 * j]), x1 = bf16_to_f32(x[2 * j + 1]);
+                float c = bf16_to_f32(cs[2 * j]), s = bf16_to_f32(cs[2 * j + 1]);
+                out[2 * j] = f32_to_bf16(round_bf16(x0 * c) - round_bf16(x1 * s));
+                out[2 * j + 1] = f32_to_bf16(round_bf16(x1 * c) + round_bf16(x0 * s));
+            }
+            memcpy(out + rot, x + rot, (size_t)(D - rot) * 2);
+        }
+        memcpy(v + b * G * D, in + (H + G) * D, (size_t)(G * D) * 2);
+    }
+    return 0;
+}

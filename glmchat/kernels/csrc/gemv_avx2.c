@@ -1,8 +1,9 @@
 /* The matrix products of gemv.c for x86-64 CPUs with AVX2 and FMA but no AVX-512 (AMD Zen 1-3,
  * Intel's client cores): glm_gemv_bf16, glm_gemm_int8 and glm_gemm_int4 with the same arguments,
  * the same data layouts (see the top of gemv.c) and, for int4, the same arithmetic bit for bit.
- * cpu.py compiles this file where gemv.c's instructions are missing; the decode steps' small
- * kernels (attention, rotary, SwiGLU, RMSNorm) are gemv.c's alone and PyTorch's ops take them here.
+ * cpu.py compiles this file where gemv.c's instructions are missing; of the decode steps' small
+ * kernels it has rotary (common.h's); attention, SwiGLU and RMSNorm are gemv.c's alone and
+ * PyTorch's ops take them here.
  *
  * AVX2 has no integer dot product of 4 bytes (VNNI's vpdpbusd). vpmaddubsw multiplies 32 unsigned
  * by 32 signed bytes and adds adjacent pairs into 16 bits, vpmaddwd by ones adds adjacent 16-bit
