@@ -15,8 +15,8 @@ lane, the operand of the integer products), so that they stream from memory stra
 The C source for this CPU is compiled at first use with the system compiler (`$CC`, `cc` or `gcc`,
 -O3 -march=native -fopenmp) into the user cache (~/.cache/glmchat/kernels) and loaded with
 ctypes: csrc/gemv.c where the CPU has AVX-512 (F, BW, BF16, VBMI, VNNI), else csrc/gemv_avx2.c
-where it has AVX2 and FMA (the products, same layouts, and rotary; the decode steps' attention,
-SwiGLU and RMSNorm stay PyTorch's there). Anything that goes wrong (no compiler, an older CPU,
+where it has AVX2 and FMA (the same kernels and layouts but the decode steps' attention, which
+stays PyTorch's there). Anything that goes wrong (no compiler, an older CPU,
 another platform, GLMCHAT_NO_KERNELS=1) leaves the kernels unavailable: every function then
 returns None and the callers use PyTorch's ops instead.
 """
@@ -59,13 +59,11 @@ _SIGNATURES = {
     "glm_gemm_int8": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _int]),
     "glm_gemm_int4": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _i64, _i64, _int]),
     "glm_rotary_heads": (_int, [_ptr] * 5 + [_i64] * 5),
-    # gemv.c's alone (AVX-512):
-    "glm_decode_attention": (_int, [_ptr] * 5 + [_i64] * 6 + [ctypes.c_float, _int]),
     "glm_swiglu": (_int, [_ptr, _ptr, _i64, _i64, _int]),
     "glm_rmsnorm": (_int, [_ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float, _int]),
+    "glm_decode_attention": (_int, [_ptr] * 5 + [_i64] * 6 + [ctypes.c_float, _int]),  # gemv.c's alone
 }
-_IN_EVERY_SOURCE = ("glm_gemv_bf16", "glm_block_int8", "glm_block_int4", "glm_gemm_int8", "glm_gemm_int4",
-                    "glm_rotary_heads")
+_IN_EVERY_SOURCE = tuple(name for name in _SIGNATURES if name != "glm_decode_attention")
 
 
 def _cache_dir() -> Path:

@@ -1,9 +1,9 @@
-/* The matrix products of gemv.c for x86-64 CPUs with AVX2 and FMA but no AVX-512 (AMD Zen 1-3,
- * Intel's client cores): glm_gemv_bf16, glm_gemm_int8 and glm_gemm_int4 with the same arguments,
+/* The kernels of gemv.c for x86-64 CPUs with AVX2 and FMA but no AVX-512 (AMD Zen 1-3, Intel's
+ * client cores): glm_gemv_bf16, glm_gemm_int8 and glm_gemm_int4 with the same arguments,
  * the same data layouts (see the top of gemv.c) and, for int4, the same arithmetic bit for bit.
  * cpu.py compiles this file where gemv.c's instructions are missing; of the decode steps' small
- * kernels it has rotary (common.h's); attention, SwiGLU and RMSNorm are gemv.c's alone and
- * PyTorch's ops take them here.
+ * kernels it has rotary (common.h's), SwiGLU and RMSNorm; attention is gemv.c's alone and
+ * PyTorch's ops take it here.
  *
  * AVX2 has no integer dot product of 4 bytes (VNNI's vpdpbusd). vpmaddubsw multiplies 32 unsigned
  * by 32 signed bytes and adds adjacent pairs into 16 bits, vpmaddwd by ones adds adjacent 16-bit
@@ -366,4 +366,96 @@ void glm_block_int4(const uint8_t *packed, uint8_t *blocked, int64_t N, int64_t 
     for (int64_t off = 0; off < N * K / 2; off += 128)
         for (int i = 0; i < 128; i++)
             blocked[off + i] = packed[off + gather[i]];
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* The decode steps' SwiGLU and RMSNorm, as gemv.c's (see there), 8 lanes at a time; a row's tail
+ * goes through the same code from a zero-padded copy. */
+
+INLINE __m256 exp8(__m256 x) /* e^x as gemv.c's exp16 (Cephes' expf); 2^n built in the exponent bits */
+{
+    const __m256 top = _mm256_set1_ps(88.72284f); /* above, e^x is inf in float */
+    __m256 over = _mm256_cmp_ps(x, top, _CMP_GT_OQ);
+    x = _mm256_min_ps(_mm256_max_ps(_mm256_set1_ps(-86.0f), x), top); /* NaN stays NaN (max's 2nd operand) */
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    /* p * 2^(n-1) * 2: n - 1 in -125..127, a normal power of two */
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(126)), 23);
+    p = _mm256_mul_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(e)), _mm256_set1_ps(2.0f));
+    return _mm256_blendv_ps(p, _mm256_set1_ps(__builtin_inff()), over);
+}
+
+INLINE __m256 round8_bf16(__m256 v) /* to the nearest bf16, even on ties (quiet NaNs stay NaN) */
+{
+    __m256i u = _mm256_castps_si256(v);
+    u = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1))));
+    return _mm256_castsi256_ps(_mm256_and_si256(u, _mm256_set1_epi32((int)0xffff0000u)));
+}
+
+INLINE void store8_bf16(uint16_t *y, __m256 v) /* v rounded to bf16, 8 values */
+{
+    __m256i h = _mm256_srli_epi32(_mm256_castps_si256(round8_bf16(v)), 16);
+    h = _mm256_permute4x64_epi64(_mm256_packus_epi32(h, h), 0x08);
+    _mm_storeu_si128((__m128i *)y, _mm256_castsi256_si128(h));
+}
+
+/* n (< 8) bf16 values into 8, zeros after. */
+INLINE const uint16_t *padded8(const uint16_t *x, int64_t n, uint16_t buf[8])
+{
+    memset(buf, 0, 16);
+    memcpy(buf, x, (size_t)n * 2);
+    return buf;
+}
+
+int glm_swiglu(const uint16_t *h, uint16_t *y, int64_t M, int64_t F, int nthreads)
+{
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (M * F > 32768)
+    for (int64_t m = 0; m < M; m++) {
+        const uint16_t *gate = h + m * 2 * F, *up = gate + F;
+        for (int64_t f = 0; f < F; f += 8) {
+            uint16_t gbuf[8], ubuf[8], out[8];
+            const int64_t n = F - f < 8 ? F - f : 8;
+            __m256 g = bf16x8_to_ps(n < 8 ? padded8(gate + f, n, gbuf) : gate + f);
+            __m256 u = bf16x8_to_ps(n < 8 ? padded8(up + f, n, ubuf) : up + f);
+            __m256 s = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+            store8_bf16(n < 8 ? out : y + m * F + f, _mm256_mul_ps(round8_bf16(s), u)); /* silu rounded to bf16 first */
+            if (n < 8)
+                memcpy(y + m * F + f, out, (size_t)n * 2);
+        }
+    }
+    return 0;
+}
+
+int glm_rmsnorm(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, int64_t D, float eps, int nthreads)
+{
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (M > 16)
+    for (int64_t m = 0; m < M; m++) {
+        const uint16_t *xm = x + m * D;
+        uint16_t xbuf[8], wbuf[8], out[8];
+        __m256 sum = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) {
+            __m256 v = bf16x8_to_ps(D - d < 8 ? padded8(xm + d, D - d, xbuf) : xm + d);
+            sum = _mm256_fmadd_ps(v, v, sum);
+        }
+        const float mean = hsum8(sum) / (float)D;
+        const __m256 r = _mm256_set1_ps(1.0f / _mm_cvtss_f32(_mm_sqrt_ss(_mm_set_ss(mean + eps))));
+        for (int64_t d = 0; d < D; d += 8) {
+            const int64_t n = D - d < 8 ? D - d : 8;
+            __m256 xv = bf16x8_to_ps(n < 8 ? padded8(xm + d, n, xbuf) : xm + d);
+            __m256 wv = bf16x8_to_ps(n < 8 ? padded8(w + d, n, wbuf) : w + d);
+            store8_bf16(n < 8 ? out : y + m * D + d, _mm256_mul_ps(wv, _mm256_mul_ps(xv, r)));
+            if (n < 8)
+                memcpy(y + m * D + d, out, (size_t)n * 2);
+        }
+    }
+    return 0;
 }
