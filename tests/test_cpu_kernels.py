@@ -393,6 +393,8 @@ _AVX2_PRODUCTS = """
         install(layer)
         assert layer.qweight.dim() == 3  # the kernels' blocked layout
         out[name] = [layer(x)] + [layer(x[i : i + 1]) for i in range(len(x))]
+    h, x, w = cases["small"]
+    out["small"] = (cpu.swiglu(h), cpu.rmsnorm(x, w, 1e-5))
     torch.save(out, os.environ["OUT"])
 """
 
@@ -401,7 +403,15 @@ _AVX2_PRODUCTS = """
 def test_avx2_products_on_any_avx2_cpu(tmp_path):
     """gemv_avx2.c, compiled and run on AVX-512 CPUs too (GLMCHAT_KERNELS=avx2): each product within
     its bound of the reference, each row as when alone (11 rows: int4 takes them 3 at a time), and
-    int4 bit for bit what gemv.c gives where this CPU runs both."""
+    int4 bit for bit what gemv.c gives where this CPU runs both; SwiGLU and RMSNorm PyTorch's bits
+    but where an exponential or a sum rounds across a bf16 boundary."""
+    from glmchat.model import RMSNorm
+
+    h = _randn(3, 2 * 1003, seed=5, scale=4).bfloat16()
+    h[0, :6] = torch.tensor([100.0, -100.0, float("inf"), float("-inf"), float("nan"), 0.0])
+    norm = RMSNorm(1003, 1e-5).bfloat16().requires_grad_(False)
+    norm.weight.copy_(_randn(1003, seed=6))
+    x_norm = _randn(5, 1, 1003, seed=7, scale=20).bfloat16()
     w = _randn(130, 1000, scale=0.05).bfloat16()
     layers = {"int8": (_layer("int8", 130, 1000), 128), "int4": (_layer("int4", 192, 1024, group=64), 64)}
     xs = {"bf16": _randn(11, 1000, seed=11).bfloat16(), "int8": _randn(11, 1000, seed=12).bfloat16(),
@@ -409,12 +419,17 @@ def test_avx2_products_on_any_avx2_cpu(tmp_path):
     cases = {"bf16": (w, xs["bf16"]), "layers": {
         name: (layer.state_dict(), dict(in_features=layer.in_features, out_features=layer.out_features, bias=True,
                                         dtype=torch.bfloat16, **({"group_size": 64} if name == "int4" else {})),
-               xs[name]) for name, (layer, _) in layers.items()}}
+               xs[name]) for name, (layer, _) in layers.items()}, "small": (h, x_norm, norm.weight)}
     torch.save(cases, tmp_path / "cases.pt")
     result = _python(_AVX2_PRODUCTS, GLMCHAT_KERNELS="avx2", CASES=str(tmp_path / "cases.pt"),
                      OUT=str(tmp_path / "out.pt"), XDG_CACHE_HOME=str(tmp_path / "cache"))
     assert result.returncode == 0, result.stderr[-2000:]
     out = torch.load(tmp_path / "out.pt")
+    swiglu, rmsnorm = out.pop("small")
+    for got, expected in ((swiglu, F.silu(h[:, :1003]) * h[:, 1003:]), (rmsnorm, RMSNorm.forward(norm, x_norm))):
+        same = (got == expected) | (got.isnan() & expected.isnan())
+        assert same.float().mean() > 0.99
+        torch.testing.assert_close(got.float()[~same], expected.float()[~same], rtol=2**-7, atol=0)
     _assert_bf16_close(out["bf16"][0], F.linear(xs["bf16"].float(), w.float()))
     for name, (layer, group) in layers.items():
         _assert_within_8bit_x(out[name][0], layer, xs[name], group)

@@ -103,11 +103,11 @@ def _candidates() -> list[Path]:
     """The kernel sources this CPU can run, the widest first (all of them where its flags are unknown:
     the compiler's -march=native then decides); GLMCHAT_KERNELS=avx2 keeps gemv_avx2.c alone (tests
     check it on AVX-512 CPUs too)."""
-    flags = set(_cpu_flags().split())
-    known = "avx2" in flags or "sse2" in flags
-    sources = [source for source, needs in SOURCES.items() if not known or needs <= flags]
-    wanted = os.environ.get("GLMCHAT_KERNELS", "")
-    return [source for source in sources if source.stem == f"gemv_{wanted}"] if wanted == "avx2" else sources
+    known = "sse2" in _FLAGS
+    sources = [source for source, needs in SOURCES.items() if not known or needs <= _FLAGS]
+    if os.environ.get("GLMCHAT_KERNELS") == "avx2":
+        sources = [source for source in sources if source.name == "gemv_avx2.c"]
+    return sources
 
 
 def _build() -> Path:
