@@ -239,7 +239,11 @@ static void int4_some_rows_sums(const q8_x *X, const uint8_t *block, int64_t g, 
     }
 }
 
-/* acc[a] += row m of x times the int8 codes of group g of a block (steps of 4 columns). */
+/* acc[a] += row m of x times the int8 codes of group g of a block (steps of 4 columns), the first
+ * row prefetching them 1 KB ahead (56 full-size layer products of 14 layers, one row, against
+ * PF_DIST's 4 KB, in turns: 0.89x, 0.93x and 0.92x the time; 2 KB 1.03x, 512 B 1.05x, none 0.98x; Zen 3
+ * EPYC, 2 threads). */
+#define INT8_PF_DIST 1024
 INLINE void int8_sums(const q8_x *X, const uint8_t *codes, int64_t g, int64_t steps, int64_t m, int stream,
                       __m256i acc[8])
 {
@@ -249,7 +253,7 @@ INLINE void int8_sums(const q8_x *X, const uint8_t *codes, int64_t g, int64_t st
         const uint8_t *p = codes + 256 * t;
         if (stream)
             for (int i = 0; i < 4; i++)
-                PREFETCH(p + 64 * i);
+                _mm_prefetch((const char *)(p + 64 * i) + INT8_PF_DIST, PF_HINT);
         __m256i x4 = _mm256_set1_epi32(*(const int32_t *)(xm + 4 * t)), ax = _mm256_abs_epi8(x4);
         for (int a = 0; a < 8; a++) {
             __m256i q = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(p + 32 * a)), flip);
