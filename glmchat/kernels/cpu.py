@@ -48,7 +48,8 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 enabled = os.environ.get("GLMCHAT_NO_KERNELS", "") in ("", "0")  # tests and users may switch it off
 
 _lib: ctypes.CDLL | None = None
-_built: Path | None = None  # the library _lib was loaded from
+_source: Path | None = None  # the kernel source _lib was compiled from
+_provided: set[str] = set()  # the functions of _SIGNATURES it has
 _loaded = False
 _lock = threading.Lock()
 _i64, _int, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
@@ -63,7 +64,6 @@ _SIGNATURES = {
     "glm_rmsnorm": (_int, [_ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float, _int]),
     "glm_decode_attention": (_int, [_ptr] * 5 + [_i64] * 6 + [ctypes.c_float, _int]),  # gemv.c's alone
 }
-_IN_EVERY_SOURCE = tuple(name for name in _SIGNATURES if name != "glm_decode_attention")
 
 
 def _cache_dir() -> Path:
@@ -84,7 +84,8 @@ def _cpu_flags() -> str:
 _FLAGS = set(_cpu_flags().split())
 HAS_AMX = "amx_bf16" in _FLAGS
 # An x86 CPU without bf16 instructions (AVX2; AVX-512 before BF16), where PyTorch's bf16 matrix
-# products run at a fraction of its float32 ones.
+# products run at a fraction of its float32 ones (measured on AVX2, glmchat.kernels.linear.float32_linear;
+# taken to hold for AVX-512 without BF16, where PyTorch emulates bf16 too).
 SLOW_BF16_MATMUL = "sse2" in _FLAGS and not _FLAGS & {"avx512_bf16", "amx_bf16"}
 
 
@@ -110,8 +111,8 @@ def _candidates() -> list[Path]:
     return sources
 
 
-def _build() -> Path:
-    """The compiled library's path (the first candidate source that compiles), compiling it into the
+def _build() -> tuple[Path, Path]:
+    """(source, compiled library) of the first candidate source that compiles, compiling it into the
     cache unless already there."""
     cc = _compiler()
     if cc is None:
@@ -122,14 +123,14 @@ def _build() -> Path:
     errors = []
     for source in sources:
         try:
-            return _compiled(cc, source)
+            return source, _compiled(cc, source)
         except RuntimeError as exc:
             errors.append(str(exc))
     raise RuntimeError("; ".join(errors))
 
 
 def _compiled(cc: str, source: Path) -> Path:
-    code = source.read_bytes() + (CSRC / "common.h").read_bytes()
+    code = b"".join(path.read_bytes() for path in [source, *sorted(CSRC.glob("*.h"))])
     key = hashlib.sha256(b"\0".join(
         [code, " ".join(CFLAGS).encode(), _compiler_version(cc).encode(), _cpu_flags().encode()]
     )).hexdigest()[:16]
@@ -166,13 +167,13 @@ def _try_load() -> ctypes.CDLL | None:
         log.debug("glmchat CPU kernels: not built for %s/%s", sys.platform, platform.machine())
         return None
     try:
-        global _built
-        _built = _build()
-        lib = ctypes.CDLL(str(_built))
-        for name, (restype, argtypes) in _SIGNATURES.items():
-            if name in _IN_EVERY_SOURCE or hasattr(lib, name):
-                fn = getattr(lib, name)
-                fn.restype, fn.argtypes = restype, argtypes
+        global _source, _provided
+        _source, built = _build()
+        lib = ctypes.CDLL(str(built))
+        _provided = {name for name in _SIGNATURES if hasattr(lib, name)}
+        for name in _provided:
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = _SIGNATURES[name]
         return lib
     except Exception as exc:  # never break a run: fall back to PyTorch's ops
         log.debug("glmchat CPU kernels unavailable: %s", exc)
@@ -185,12 +186,12 @@ def available() -> bool:
 
 def provides(name: str) -> bool:
     """Whether the kernels are available and include `name` (gemv_avx2.c lacks some of gemv.c's)."""
-    return available() and hasattr(_lib, name)
+    return available() and name in _provided
 
 
 def kernel_source() -> str | None:
     """The name of the kernel source this CPU runs (for benchmarks' reports), None without kernels."""
-    return _built.name.rsplit("-", 1)[0] + ".c" if available() else None
+    return _source.name if available() else None
 
 
 def unavailable_reason() -> str | None:

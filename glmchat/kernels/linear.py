@@ -8,7 +8,7 @@ this for any number of rows with the weights read once (glmchat.kernels.cpu); wh
 apply (a CPU without AVX2, float16 / float32) the rows go one at a time.
 
 Prompts take the fastest product for their size. bf16: W @ xᵀ up to MAX_ROWS_TRANSPOSED rows,
-F.linear beyond. int8 / int4: glmchat's C kernels (8-bit x, the weights read tile by tile; decode
+F.linear beyond; float32 (float32_linear) on CPUs without bf16 instructions. int8 / int4: glmchat's C kernels (8-bit x, the weights read tile by tile; decode
 steps take the same kernel); where they do not apply, PyTorch's weight-only ops up to FAST_MAX_ROWS,
 the portable dequantize + GEMM beyond.
 """

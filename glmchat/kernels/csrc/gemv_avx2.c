@@ -26,9 +26,9 @@
  * shuffle for both, so the products pair up) and multiplied with FMA; the tail of a row past the
  * last 16 in scalar code. A sum takes the same instructions whatever the other rows are. */
 
-#define BF_TILE1 8 /* weight rows per tile with one row of x */
-#define BF_TILE 4  /* with more: BF_XROWS x BF_TILE sums in registers */
-#define BF_XROWS 2
+#define TILE1 8 /* weight rows per tile with one row of x */
+#define TILE 4  /* with more: XROWS x TILE sums in registers */
+#define XROWS 2
 
 INLINE void bf16x16_widen(const uint16_t *p, __m256 *lo, __m256 *hi)
 {
@@ -46,15 +46,15 @@ INLINE float hsum8(__m256 v)
 }
 
 /* out[m][r] = x row m . weight row r for m < R rows of x (stride K) and `rows` weight rows at w. */
-INLINE void bf16_tile(const uint16_t *x, int R, const uint16_t *w, int64_t K, int rows, float out[BF_XROWS][BF_TILE1])
+INLINE void bf16_tile(const uint16_t *x, int R, const uint16_t *w, int64_t K, int rows, float out[XROWS][TILE1])
 {
-    __m256 acc[BF_XROWS][BF_TILE1];
+    __m256 acc[XROWS][TILE1];
     for (int m = 0; m < R; m++)
         for (int r = 0; r < rows; r++)
             acc[m][r] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 16 <= K; k += 16) {
-        __m256 xl[BF_XROWS], xh[BF_XROWS];
+        __m256 xl[XROWS], xh[XROWS];
         for (int m = 0; m < R; m++)
             bf16x16_widen(x + m * K + k, &xl[m], &xh[m]);
         for (int r = 0; r < rows; r++) {
@@ -74,34 +74,7 @@ INLINE void bf16_tile(const uint16_t *x, int R, const uint16_t *w, int64_t K, in
         }
 }
 
-int glm_gemv_bf16(const uint16_t *x, const uint16_t *w, const uint16_t *bias, uint16_t *y,
-                  int64_t M, int64_t N, int64_t K, int nthreads)
-{
-    const int64_t tile = M == 1 ? BF_TILE1 : BF_TILE, tiles = (N + tile - 1) / tile;
-#pragma omp parallel for num_threads(nthreads) schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
-        int64_t n0 = t * tile, rows = N - n0 < tile ? N - n0 : tile;
-        for (int64_t m0 = 0; m0 < M; m0 += BF_XROWS) {
-            int R = M - m0 < BF_XROWS ? (int)(M - m0) : BF_XROWS;
-            float out[BF_XROWS][BF_TILE1];
-            if (rows == BF_TILE1) /* one row of x (constant counts: the sums stay in registers) */
-                bf16_tile(x, 1, w + n0 * K, K, BF_TILE1, out);
-            else if (rows == BF_TILE)
-                bf16_tile(x + m0 * K, R, w + n0 * K, K, BF_TILE, out);
-            else
-                for (int r = 0; r < rows; r++) {
-                    float one[BF_XROWS][BF_TILE1];
-                    bf16_tile(x + m0 * K, R, w + (n0 + r) * K, K, 1, one);
-                    for (int m = 0; m < R; m++)
-                        out[m][r] = one[m][0];
-                }
-            for (int m = 0; m < R; m++)
-                for (int r = 0; r < rows; r++)
-                    store(y + (m0 + m) * N, bias, n0 + r, out[m][r]);
-        }
-    }
-    return 0;
-}
+#include "gemv_bf16.h"
 
 /* ------------------------------------------------------------------------------------------ */
 /* int8 and int4: x in 8 bits per group of G columns (gemv.c's quantize_x8, the same values), then
