@@ -55,6 +55,29 @@ typedef struct {
     int64_t M, K, G, groups;
 } q8_x;
 
+typedef int (*quantize_x8_fn)(const uint16_t *x, q8_x *X, int8_t *xq, float *xs, float *xz, int nthreads);
+
+/* X for the product of M rows of x with an int8 or int4 weight [N, K] in groups of G columns, x
+ * quantized by each source's `quantize` into *mem (the caller frees it): 0; -2 for a shape the
+ * kernels do not take, -1 without memory, -3 when x holds an inf or NaN (then nothing to free). */
+static int q8_prepare(const uint16_t *x, int64_t M, int64_t N, int64_t K, int64_t G, int int8, quantize_x8_fn quantize,
+                      int nthreads, q8_x *X, char **mem)
+{
+    if (G % 4 || G > 128 || (!int8 && (K % G || N % 64)))
+        return -2;
+    *X = (q8_x){.M = M, .K = K, .G = G, .groups = (K + G - 1) / G};
+    const int64_t padded = X->groups * G * M;
+    *mem = malloc((size_t)(padded + 8 * M * X->groups));
+    if (!*mem)
+        return -1;
+    if (quantize(x, X, (int8_t *)*mem, (float *)(*mem + padded), (float *)(*mem + padded + 4 * M * X->groups),
+                 nthreads)) {
+        free(*mem);
+        return -3;
+    }
+    return 0;
+}
+
 /* int8 codes q[N, K] row-major into the blocked layout the products read (see the top of gemv.c). */
 void glm_block_int8(const int8_t *q, uint8_t *blocked, int64_t N, int64_t K, int nthreads)
 {

@@ -371,18 +371,12 @@ static void int8_scales(const uint16_t *scales, int64_t N, int64_t b, float *s, 
 static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, const uint16_t *bias, uint16_t *y,
                    int64_t M, int64_t N, int64_t K, int64_t G, int int8, int nthreads)
 {
-    if (G % 4 || G > 128 || (!int8 && (K % G || N % 64)))
-        return -2;
-    q8_x X = {.M = M, .K = K, .G = G, .groups = (K + G - 1) / G};
-    int64_t padded = X.groups * G * M, steps_k = (K + 3) / 4;
-    char *mem = malloc((size_t)(padded + 8 * M * X.groups));
-    if (!mem)
-        return -1;
-    if (quantize_x8(x, &X, (int8_t *)mem, (float *)(mem + padded), (float *)(mem + padded + 4 * M * X.groups),
-                    nthreads)) {
-        free(mem);
-        return -3;
-    }
+    q8_x X;
+    char *mem;
+    const int rc = q8_prepare(x, M, N, K, G, int8, quantize_x8, nthreads, &X, &mem);
+    if (rc)
+        return rc;
+    const int64_t steps_k = (K + 3) / 4;
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
