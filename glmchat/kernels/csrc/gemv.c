@@ -216,16 +216,16 @@ INLINE void q8_rows(const q8_x *X, const __m512i *codes, const float *s, const f
     q8_add_group(X, s, z, g, m0, R, acc, out);
 }
 
-/* Every row of x times the codes of group g of a block, 4 rows at a time, then one by one; the
+/* Rows first.. of x times the codes of group g of a block, 4 rows at a time, then one by one; the
  * first pass streams int8's codes from memory, the later ones find them in L1. */
 static void q8_group(const q8_x *X, const __m512i *codes, const float *s, const float *z, int64_t g, int64_t steps,
-                     int stream, float (*out)[64])
+                     int64_t first, int stream, float (*out)[64])
 {
-    int64_t m0 = 0;
+    int64_t m0 = first;
     for (; m0 + QROWS <= X->M; m0 += QROWS)
-        q8_rows(X, codes, s, z, g, steps, m0, QROWS, stream && m0 == 0, out + m0);
+        q8_rows(X, codes, s, z, g, steps, m0, QROWS, stream && m0 == first, out + m0);
     for (; m0 < X->M; m0++)
-        q8_rows(X, codes, s, z, g, steps, m0, 1, stream && m0 == 0, out + m0);
+        q8_rows(X, codes, s, z, g, steps, m0, 1, stream && m0 == first, out + m0);
 }
 
 /* The 4 code vectors (vector v: rows 16v..16v+15) of the 4 int4 columns whose 128 blocked bytes are
@@ -367,6 +367,117 @@ static void int8_scales(const uint16_t *scales, int64_t N, int64_t b, float *s, 
     }
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* AMX (Xeon since Sapphire Rapids): the same integer sums, 16 rows of x by 16 weight rows per tile
+ * instruction. tdpbsud multiplies a tile of x's signed bytes (16 rows of up to 64 columns) by a
+ * tile of unsigned codes laid out as in a panel or int8's blocked codes (one step of 4 columns per
+ * 64-byte tile row, 16 weight rows x 4 columns), the layout AMX takes for its second operand: the
+ * codes go from memory (int8) or the panel (int4) into the tiles as they are. The sums are exact
+ * int32, as vpdpbusd's, and the float steps per group are q8_add_group's, so a row's result is bit
+ * for bit the same whichever of the two computed it. */
+#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#define AMX_MIN_ROWS 16 /* rows of x in whole tiles go through AMX, the rest through vpdpbusd */
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* Whether this process may use AMX: Linux hands the tile state out on request (arch_prctl
+ * ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA); GLMCHAT_NO_AMX=1 keeps vpdpbusd (to compare). */
+static int amx_allowed(void)
+{
+    static int state; /* 0 not asked yet, 1 yes, -1 no */
+    if (!state) {
+        const char *off = getenv("GLMCHAT_NO_AMX");
+        state = (off && *off && strcmp(off, "0")) || syscall(SYS_arch_prctl, 0x1023, 18) ? -1 : 1;
+    }
+    return state > 0;
+}
+
+/* Tiles 0-3: sums of 16 rows of x by 16 weight rows; 4, 5: x (16 rows of kb columns); 6, 7: codes
+ * (kb / 4 steps of 4 columns of 16 weight rows). kb: the columns one instruction takes (a group of
+ * G in G / kb pieces). */
+static void amx_configure(int64_t kb)
+{
+    tile_config c = {.palette = 1};
+    for (int t = 0; t < 8; t++) {
+        c.rows[t] = t < 6 ? 16 : (uint8_t)(kb / 4);
+        c.colsb[t] = t == 4 || t == 5 ? (uint16_t)kb : 64;
+    }
+    _tile_loadconfig(&c);
+}
+
+/* Rows 0..m_end-1 of x (m_end a multiple of 16) times the codes of group g of a block (step t of 4
+ * columns at codes + 256 t), added into out as q8_rows does: 32 rows of x by 32 weight rows at a
+ * time, the group in `pieces` of kb columns. */
+static void amx_group(const q8_x *X, const uint8_t *codes, const float *s, const float *z, int64_t g, int64_t m_end,
+                      int64_t pieces, float (*out)[64])
+{
+    int32_t acc[2][2][16][16] __attribute__((aligned(64)));
+    const int64_t G = X->G, kb = G / pieces;
+    for (int64_t m0 = 0; m0 < m_end; m0 += 32) {
+        const int two = m0 + 32 <= m_end;
+        const int8_t *xa = X->xq + (g * X->M + m0) * G;
+        for (int v = 0; v < 4; v += 2) { /* weight rows 16v.. and 16(v + 1).. */
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (int64_t p = 0; p < pieces; p++) {
+                const uint8_t *c = codes + p * kb / 4 * 256 + v * 64;
+                _tile_loadd(6, c, 256);
+                _tile_loadd(7, c + 64, 256);
+                _tile_loadd(4, xa + p * kb, G);
+                _tile_dpbsud(0, 4, 6);
+                _tile_dpbsud(1, 4, 7);
+                if (two) {
+                    _tile_loadd(5, xa + 16 * G + p * kb, G);
+                    _tile_dpbsud(2, 5, 6);
+                    _tile_dpbsud(3, 5, 7);
+                }
+            }
+            _tile_stored(0, acc[0][0], 64);
+            _tile_stored(1, acc[0][1], 64);
+            if (two) {
+                _tile_stored(2, acc[1][0], 64);
+                _tile_stored(3, acc[1][1], 64);
+            }
+            for (int i = 0; i < 1 + two; i++)
+                for (int r = 0; r < 16; r++) {
+                    const int64_t m = m0 + 16 * i + r, at = m * X->groups + g;
+                    const __m512 xs = _mm512_set1_ps(X->xs[at]), xz = _mm512_set1_ps(X->xz[at]);
+                    for (int j = 0; j < 2; j++) {
+                        float *o = out[m] + 16 * (v + j);
+                        __m512 sum = q8_group_step(_mm512_loadu_ps(o), _mm512_load_si512(acc[i][j][r]),
+                                                   _mm512_loadu_ps(s + 16 * (v + j)), _mm512_loadu_ps(z + 16 * (v + j)), xs, xz);
+                        _mm512_storeu_ps(o, sum);
+                    }
+                }
+        }
+    }
+}
+
+/* The rows of x (from the first) that go through AMX: whole tiles of 16 where there are at least
+ * AMX_MIN_ROWS, every group whole (int8: K a multiple of 128) and cut into equal pieces of at most
+ * 64 columns (multiples of 4); 0 otherwise. *pieces: the pieces per group. */
+static int64_t amx_rows(const q8_x *X, int64_t *pieces)
+{
+    *pieces = (X->G + 63) / 64;
+    if (X->M < AMX_MIN_ROWS || X->K % X->G || X->G % (4 * *pieces) || !amx_allowed())
+        return 0;
+    return X->M / 16 * 16;
+}
+#else
+#define amx_rows(X, pieces) ((void)(pieces), (int64_t)0)
+#define amx_configure(kb)
+#define amx_group(X, codes, s, z, g, m_end, pieces, out)
+#define _tile_release()
+#endif
+
 /* y = x Wᵀ (+ bias) for W int4 (int8 == 0) or int8 (blocked), x quantized per group of G columns. */
 static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, const uint16_t *bias, uint16_t *y,
                    int64_t M, int64_t N, int64_t K, int64_t G, int int8, int nthreads)
@@ -377,12 +488,16 @@ static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, con
     if (rc)
         return rc;
     const int64_t steps_k = (K + 3) / 4;
+    int64_t pieces;
+    const int64_t tiled = amx_rows(&X, &pieces); /* rows 0..tiled-1 through AMX */
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
         panel *P = aligned_alloc(64, sizeof(panel));
         float (*out)[64] = aligned_alloc(64, (size_t)M * 64 * sizeof(float));
         failed = !P || !out;
+        if (tiled)
+            amx_configure(G / pieces);
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < (N + 63) / 64; b++) {
             if (failed)
@@ -398,13 +513,17 @@ static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, con
                     int64_t steps = ((g + 1) * G < K ? G : K - g * G + 3) / 4;
                     if (int8) {
                         const uint8_t *codes = (const uint8_t *)q + (b * steps_k + g * G / 4) * 256;
-                        q8_group(&X, (const __m512i *)codes, P->s, P->z, g, steps, 1, out);
-                    } else if (M <= DIRECT_ROWS) {
+                        if (tiled)
+                            amx_group(&X, codes, P->s, P->z, g, tiled, pieces, out);
+                        q8_group(&X, (const __m512i *)codes, P->s, P->z, g, steps, tiled, 1, out);
+                    } else if (M <= DIRECT_ROWS && !tiled) {
                         int4_scales(block_sz, g, P->s, P->z);
                         int4_direct_group(&X, (const uint8_t *)q + b * K * 32, P->s, P->z, g, out);
                     } else {
                         int4_panel(q, block_sz, K, G, b, g, P);
-                        q8_group(&X, P->c, P->s, P->z, g, steps, 0, out);
+                        if (tiled)
+                            amx_group(&X, (const uint8_t *)P->c, P->s, P->z, g, tiled, pieces, out);
+                        q8_group(&X, P->c, P->s, P->z, g, steps, tiled, 0, out);
                     }
                 }
             }
@@ -417,6 +536,8 @@ static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, con
                     _mm256_mask_storeu_epi16(y + m * N + n0, mask, (__m256i)_mm512_cvtneps_pbh(o));
                 }
         }
+        if (tiled)
+            _tile_release();
         free(P);
         free(out);
     }
