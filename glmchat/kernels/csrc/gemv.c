@@ -446,16 +446,15 @@ static void amx_group(const q8_x *X, const uint8_t *codes, const float *s, const
                 _tile_stored(2, acc[1][0], 64);
                 _tile_stored(3, acc[1][1], 64);
             }
+            const __m512 s0 = _mm512_loadu_ps(s + 16 * v), s1 = _mm512_loadu_ps(s + 16 * v + 16);
+            const __m512 z0 = _mm512_loadu_ps(z + 16 * v), z1 = _mm512_loadu_ps(z + 16 * v + 16);
             for (int i = 0; i < 1 + two; i++)
                 for (int r = 0; r < 16; r++) {
                     const int64_t m = m0 + 16 * i + r, at = m * X->groups + g;
                     const __m512 xs = _mm512_set1_ps(X->xs[at]), xz = _mm512_set1_ps(X->xz[at]);
-                    for (int j = 0; j < 2; j++) {
-                        float *o = out[m] + 16 * (v + j);
-                        __m512 sum = q8_group_step(_mm512_loadu_ps(o), _mm512_load_si512(acc[i][j][r]),
-                                                   _mm512_loadu_ps(s + 16 * (v + j)), _mm512_loadu_ps(z + 16 * (v + j)), xs, xz);
-                        _mm512_storeu_ps(o, sum);
-                    }
+                    float *o = out[m] + 16 * v;
+                    _mm512_storeu_ps(o, q8_group_step(_mm512_loadu_ps(o), _mm512_load_si512(acc[i][0][r]), s0, z0, xs, xz));
+                    _mm512_storeu_ps(o + 16, q8_group_step(_mm512_loadu_ps(o + 16), _mm512_load_si512(acc[i][1][r]), s1, z1, xs, xz));
                 }
         }
     }
