@@ -49,11 +49,17 @@ INLINE void store(uint16_t *y, const uint16_t *bias, int64_t n, float v)
 #define Q8_GROUP 128 /* int8: x's quantization group */
 
 typedef struct {
-    const int8_t *xq;    /* [groups, M, G]: group-major, so that a panel's rows of x lie together */
+    const int8_t *xq;    /* [groups, rows, G]: group-major, so that a panel's rows of x lie together;
+                            rows: M rounded up to whole tiles of 16 (AMX's), the extra rows zeros */
     const float *xs;     /* [M, groups]: the group's scale */
     const float *xz;     /* [M, groups]: xs * the sum of xq over the group (what the zeros multiply) */
-    int64_t M, K, G, groups;
+    int64_t M, K, G, groups, rows;
 } q8_x;
+
+INLINE const int8_t *xq_row(const q8_x *X, int64_t g, int64_t m) /* row m of x in group g */
+{
+    return X->xq + (g * X->rows + m) * X->G;
+}
 
 typedef int (*quantize_x8_fn)(const uint16_t *x, q8_x *X, int8_t *xq, float *xs, float *xz, int nthreads);
 
@@ -65,8 +71,8 @@ static int q8_prepare(const uint16_t *x, int64_t M, int64_t N, int64_t K, int64_
 {
     if (G % 4 || G > 128 || (!int8 && (K % G || N % 64)))
         return -2;
-    *X = (q8_x){.M = M, .K = K, .G = G, .groups = (K + G - 1) / G};
-    const int64_t padded = X->groups * G * M;
+    *X = (q8_x){.M = M, .K = K, .G = G, .groups = (K + G - 1) / G, .rows = (M + 15) / 16 * 16};
+    const int64_t padded = X->groups * G * X->rows;
     *mem = malloc((size_t)(padded + 8 * M * X->groups));
     if (!*mem)
         return -1;
@@ -75,6 +81,8 @@ static int q8_prepare(const uint16_t *x, int64_t M, int64_t N, int64_t K, int64_
         free(*mem);
         return -3;
     }
+    for (int64_t g = 0; g < X->groups; g++)
+        memset((int8_t *)xq_row(X, g, M), 0, (size_t)((X->rows - M) * G));
     return 0;
 }
 

@@ -141,7 +141,7 @@ static int quantize_x8(const uint16_t *x, q8_x *X, int8_t *xq, float *xs, float 
         const __m512 inf = _mm512_set1_ps(__builtin_inff());
         for (int64_t g = 0; g < groups && !bad; g++) {
             int64_t k0 = g * G, end = k0 + G < K ? k0 + G : K;
-            int8_t *out = xq + (g * M + m) * G - k0;
+            int8_t *out = xq + (g * X->rows + m) * G - k0;
             __m512 top = _mm512_setzero_ps();
             for (int64_t k = k0; k < end; k += 16) {
                 __mmask16 mask = first16(end - k);
@@ -201,7 +201,7 @@ INLINE void q8_rows(const q8_x *X, const __m512i *codes, const float *s, const f
     for (int m = 0; m < R; m++)
         for (int v = 0; v < 4; v++)
             acc[m][v] = _mm512_setzero_si512();
-    const int8_t *x0 = X->xq + (g * X->M + m0) * X->G;
+    const int8_t *x0 = xq_row(X, g, m0);
     for (int64_t t = 0; t < steps; t++) {
         const __m512i *c = codes + 4 * t;
         if (stream)
@@ -216,16 +216,16 @@ INLINE void q8_rows(const q8_x *X, const __m512i *codes, const float *s, const f
     q8_add_group(X, s, z, g, m0, R, acc, out);
 }
 
-/* Rows first.. of x times the codes of group g of a block, 4 rows at a time, then one by one; the
+/* Every row of x times the codes of group g of a block, 4 rows at a time, then one by one; the
  * first pass streams int8's codes from memory, the later ones find them in L1. */
 static void q8_group(const q8_x *X, const __m512i *codes, const float *s, const float *z, int64_t g, int64_t steps,
-                     int64_t first, int stream, float (*out)[64])
+                     int stream, float (*out)[64])
 {
-    int64_t m0 = first;
+    int64_t m0 = 0;
     for (; m0 + QROWS <= X->M; m0 += QROWS)
-        q8_rows(X, codes, s, z, g, steps, m0, QROWS, stream && m0 == first, out + m0);
+        q8_rows(X, codes, s, z, g, steps, m0, QROWS, stream && m0 == 0, out + m0);
     for (; m0 < X->M; m0++)
-        q8_rows(X, codes, s, z, g, steps, m0, 1, stream && m0 == first, out + m0);
+        q8_rows(X, codes, s, z, g, steps, m0, 1, stream && m0 == 0, out + m0);
 }
 
 /* The 4 code vectors (vector v: rows 16v..16v+15) of the 4 int4 columns whose 128 blocked bytes are
@@ -272,7 +272,7 @@ INLINE void int4_direct_sums(const q8_x *X, const uint8_t *block, int64_t g, int
     for (int m = 0; m < R; m++)
         for (int i = 0; i < 2; i++)
             whole[m][i] = low[m][i] = _mm512_setzero_si512();
-    const int8_t *x0 = X->xq + (g * X->M + m0) * X->G;
+    const int8_t *x0 = xq_row(X, g, m0);
     for (int64_t k = g * X->G, s4 = 0; k < (g + 1) * X->G; k += 4, s4 += 4) {
         if (R > 1) { /* see PF_DIST */
             PREFETCH(block + k * 32);
@@ -378,7 +378,7 @@ static void int8_scales(const uint16_t *scales, int64_t N, int64_t b, float *s, 
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
-#define AMX_MIN_ROWS 16 /* rows of x in whole tiles go through AMX, the rest through vpdpbusd */
+#define AMX_MIN_ROWS 16 /* from this many rows of x on, AMX; fewer go through vpdpbusd */
 
 typedef struct {
     uint8_t palette, start_row, reserved[14];
@@ -411,17 +411,17 @@ static void amx_configure(int64_t kb)
     _tile_loadconfig(&c);
 }
 
-/* Rows 0..m_end-1 of x (m_end a multiple of 16) times the codes of group g of a block (step t of 4
- * columns at codes + 256 t), added into out as q8_rows does: 32 rows of x by 32 weight rows at a
- * time, the group in `pieces` of kb columns. */
-static void amx_group(const q8_x *X, const uint8_t *codes, const float *s, const float *z, int64_t g, int64_t m_end,
-                      int64_t pieces, float (*out)[64])
+/* Every row of x times the codes of group g of a block (step t of 4 columns at codes + 256 t),
+ * added into out as q8_rows does: 32 rows of x (the last tile filled up with x's zero rows) by 32
+ * weight rows at a time, the group in `pieces` of kb columns. */
+static void amx_group(const q8_x *X, const uint8_t *codes, const float *s, const float *z, int64_t g, int64_t pieces,
+                      float (*out)[64])
 {
     int32_t acc[2][2][16][16] __attribute__((aligned(64)));
     const int64_t G = X->G, kb = G / pieces;
-    for (int64_t m0 = 0; m0 < m_end; m0 += 32) {
-        const int two = m0 + 32 <= m_end;
-        const int8_t *xa = X->xq + (g * X->M + m0) * G;
+    for (int64_t m0 = 0; m0 < X->M; m0 += 32) {
+        const int two = m0 + 16 < X->M;
+        const int8_t *xa = xq_row(X, g, m0);
         for (int v = 0; v < 4; v += 2) { /* weight rows 16v.. and 16(v + 1).. */
             _tile_zero(0);
             _tile_zero(1);
@@ -449,7 +449,7 @@ static void amx_group(const q8_x *X, const uint8_t *codes, const float *s, const
             const __m512 s0 = _mm512_loadu_ps(s + 16 * v), s1 = _mm512_loadu_ps(s + 16 * v + 16);
             const __m512 z0 = _mm512_loadu_ps(z + 16 * v), z1 = _mm512_loadu_ps(z + 16 * v + 16);
             for (int i = 0; i < 1 + two; i++)
-                for (int r = 0; r < 16; r++) {
+                for (int r = 0; r < 16 && m0 + 16 * i + r < X->M; r++) {
                     const int64_t m = m0 + 16 * i + r, at = m * X->groups + g;
                     const __m512 xs = _mm512_set1_ps(X->xs[at]), xz = _mm512_set1_ps(X->xz[at]);
                     float *o = out[m] + 16 * v;
@@ -460,20 +460,18 @@ static void amx_group(const q8_x *X, const uint8_t *codes, const float *s, const
     }
 }
 
-/* The rows of x (from the first) that go through AMX: whole tiles of 16 where there are at least
- * AMX_MIN_ROWS, every group whole (int8: K a multiple of 128) and cut into equal pieces of at most
- * 64 columns (multiples of 4); 0 otherwise. *pieces: the pieces per group. */
-static int64_t amx_rows(const q8_x *X, int64_t *pieces)
+/* Whether the product goes through AMX: at least AMX_MIN_ROWS rows of x, every group whole (int8:
+ * K a multiple of 128) and cut into equal pieces of at most 64 columns (multiples of 4).
+ * *pieces: the pieces per group. */
+static int amx_applies(const q8_x *X, int64_t *pieces)
 {
     *pieces = (X->G + 63) / 64;
-    if (X->M < AMX_MIN_ROWS || X->K % X->G || X->G % (4 * *pieces) || !amx_allowed())
-        return 0;
-    return X->M / 16 * 16;
+    return X->M >= AMX_MIN_ROWS && X->K % X->G == 0 && X->G % (4 * *pieces) == 0 && amx_allowed();
 }
 #else
-#define amx_rows(X, pieces) ((void)(pieces), (int64_t)0)
+#define amx_applies(X, pieces) ((void)(pieces), 0)
 #define amx_configure(kb)
-#define amx_group(X, codes, s, z, g, m_end, pieces, out)
+#define amx_group(X, codes, s, z, g, pieces, out)
 #define _tile_release()
 #endif
 
@@ -488,14 +486,14 @@ static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, con
         return rc;
     const int64_t steps_k = (K + 3) / 4;
     int64_t pieces;
-    const int64_t tiled = amx_rows(&X, &pieces); /* rows 0..tiled-1 through AMX */
+    const int amx = amx_applies(&X, &pieces);
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
         panel *P = aligned_alloc(64, sizeof(panel));
         float (*out)[64] = aligned_alloc(64, (size_t)M * 64 * sizeof(float));
         failed = !P || !out;
-        if (tiled)
+        if (amx)
             amx_configure(G / pieces);
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < (N + 63) / 64; b++) {
@@ -512,17 +510,19 @@ static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, con
                     int64_t steps = ((g + 1) * G < K ? G : K - g * G + 3) / 4;
                     if (int8) {
                         const uint8_t *codes = (const uint8_t *)q + (b * steps_k + g * G / 4) * 256;
-                        if (tiled)
-                            amx_group(&X, codes, P->s, P->z, g, tiled, pieces, out);
-                        q8_group(&X, (const __m512i *)codes, P->s, P->z, g, steps, tiled, 1, out);
-                    } else if (M <= DIRECT_ROWS && !tiled) {
+                        if (amx)
+                            amx_group(&X, codes, P->s, P->z, g, pieces, out);
+                        else
+                            q8_group(&X, (const __m512i *)codes, P->s, P->z, g, steps, 1, out);
+                    } else if (M <= DIRECT_ROWS && !amx) {
                         int4_scales(block_sz, g, P->s, P->z);
                         int4_direct_group(&X, (const uint8_t *)q + b * K * 32, P->s, P->z, g, out);
                     } else {
                         int4_panel(q, block_sz, K, G, b, g, P);
-                        if (tiled)
-                            amx_group(&X, (const uint8_t *)P->c, P->s, P->z, g, tiled, pieces, out);
-                        q8_group(&X, P->c, P->s, P->z, g, steps, tiled, 0, out);
+                        if (amx)
+                            amx_group(&X, (const uint8_t *)P->c, P->s, P->z, g, pieces, out);
+                        else
+                            q8_group(&X, P->c, P->s, P->z, g, steps, 0, out);
                     }
                 }
             }
@@ -535,7 +535,7 @@ static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, con
                     _mm256_mask_storeu_epi16(y + m * N + n0, mask, (__m256i)_mm512_cvtneps_pbh(o));
                 }
         }
-        if (tiled)
+        if (amx)
             _tile_release();
         free(P);
         free(out);

@@ -98,7 +98,7 @@ static int quantize_x8(const uint16_t *x, q8_x *X, int8_t *xq, float *xs, float 
         for (int64_t g = 0; g < groups && !bad; g++) {
             const uint16_t *row = x + m * K;
             int64_t k0 = g * G, end = k0 + G < K ? k0 + G : K, k;
-            int8_t *out = xq + (g * M + m) * G - k0;
+            int8_t *out = xq + (g * X->rows + m) * G - k0;
             __m256 top = _mm256_setzero_ps();
             for (k = k0; k + 8 <= end; k += 8) {
                 __m256 a = _mm256_andnot_ps(sign, bf16x8_to_ps(row + k));
@@ -147,7 +147,7 @@ INLINE __m256i dot4(__m256i acc, __m256i u, __m256i s)
 INLINE void int4_one_row_sums(const q8_x *X, const uint8_t *block, int64_t g, __m256i acc[8])
 {
     const __m256i low4 = _mm256_set1_epi8(15);
-    const int8_t *xm = X->xq + g * X->G;
+    const int8_t *xm = xq_row(X, g, 0);
     for (int64_t k = g * X->G, s4 = 0; k < (g + 1) * X->G; k += 4, s4 += 4) {
         const uint8_t *p = block + k * 32;
         PREFETCH(p), PREFETCH(p + 64);
@@ -171,7 +171,7 @@ INLINE void int4_rows_sums(const q8_x *X, const uint8_t *block, int64_t g, int64
                            __m256i acc[I4_ROWS][8])
 {
     const __m256i low4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
-    const int8_t *xm = X->xq + (g * X->M + m) * X->G;
+    const int8_t *xm = xq_row(X, g, m);
     const uint8_t *p0 = block + g * X->G * 32;
     const int64_t steps = X->G / 4;
     for (int high = 0; high < 2; high++)
@@ -221,7 +221,7 @@ INLINE void int8_sums(const q8_x *X, const uint8_t *codes, int64_t g, int64_t st
                       __m256i acc[8])
 {
     const __m256i flip = _mm256_set1_epi8((char)0x80);
-    const int8_t *xm = X->xq + (g * X->M + m) * X->G;
+    const int8_t *xm = xq_row(X, g, m);
     for (int64_t t = 0; t < steps; t++) {
         const uint8_t *p = codes + 256 * t;
         if (stream)
