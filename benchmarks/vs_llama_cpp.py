@@ -194,6 +194,10 @@ def require_extras() -> None:
         sys.exit(f"vs_llama_cpp: {' and '.join(missing)} not installed; run: pip install -e \".[compare]\"")
 
 
+NO_AMX_BUILD = ("CMAKE_ARGS=\"-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8' -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8'\" "
+                "pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python==0.3.36")
+
+
 def child(args, worker: str, fmt: str, file: str | None = None, logits: str | None = None) -> dict:
     """Run one worker process and return its JSON result."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--format", fmt,
@@ -204,7 +208,12 @@ def child(args, worker: str, fmt: str, file: str | None = None, logits: str | No
     cmd += ["--logits", logits] if logits else []
     out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if out.returncode != 0:
-        sys.exit(f"vs_llama_cpp: the {worker} {fmt} run failed (exit {out.returncode}); its error is above")
+        hint = ""
+        if worker == "llama.cpp" and out.returncode == -11 and "amx_int8" in cpu_info()[1]:
+            hint = ("\nOn this Xeon with AMX that is most likely llama.cpp's AMX path, which crashes on some of them "
+                    "(ggml-org/llama.cpp#20824, ggml_backend_amx_mul_mat). Build llama-cpp-python without it:\n"
+                    f"  {NO_AMX_BUILD}")
+        sys.exit(f"vs_llama_cpp: the {worker} {fmt} run failed (exit {out.returncode}); its error is above{hint}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -264,10 +273,8 @@ def quantize_gguf(src: Path, dst: Path, fmt: str, threads: int) -> None:
     partial.rename(dst)
 
 
-def machine() -> dict:
-    import llama_cpp
-    import torch
-
+def cpu_info() -> tuple[str, set[str]]:
+    """The CPU's model name and its flags (empty where /proc/cpuinfo is not)."""
     cpu, flags = platform.processor() or platform.machine(), set()
     try:
         first_cpu = Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
@@ -275,6 +282,14 @@ def machine() -> dict:
         cpu, flags = fields.get("model name", cpu), set(fields.get("flags", "").split())
     except OSError:
         pass
+    return cpu, flags
+
+
+def machine() -> dict:
+    import llama_cpp
+    import torch
+
+    cpu, flags = cpu_info()
     features = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8") if f in flags]
     return {"cpu": cpu, "features": features, "cores": os.cpu_count(), "torch": torch.__version__,
             "llama_cpp_python": llama_cpp.__version__,

@@ -378,7 +378,9 @@ static void int8_scales(const uint16_t *scales, int64_t N, int64_t b, float *s, 
 #if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(__linux__)
 #include <sys/syscall.h>
 #include <unistd.h>
+#ifndef AMX_MIN_ROWS
 #define AMX_MIN_ROWS 16 /* from this many rows of x on, AMX; fewer go through vpdpbusd */
+#endif
 
 typedef struct {
     uint8_t palette, start_row, reserved[14];
