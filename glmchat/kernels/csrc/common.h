@@ -8,11 +8,12 @@
 /* Software prefetch of the weight streams, into L2 (T1): ~1.4x faster from DRAM than without it.
  * Into L2 rather than L1: measured on an AMD EPYC (2 threads, 16 layer products in turns with the
  * alternatives, median time, three runs) bf16 0.79-0.88x and int4 0.95-0.98x the time with T0.
- * Not for one row of x over blocked int4 codes, one sequential stream per thread that the CPU's own
- * prefetchers follow at the speed one row consumes it: 113 full-size layer products took 0.85-0.88x
- * the time without it when the host's memory was fast, 0.98x when it was slow (EPYC, 2 threads,
- * median of 20-50 ratios to the prefetching kernel run just before and after); with 4 or 8 rows,
- * 1.34x and 1.42x without it. */
+ * One row of x over blocked int4 codes is one sequential stream per thread, which an AMD EPYC's
+ * own prefetchers follow at the speed one row consumes it: 113 full-size layer products took
+ * 0.85-0.88x the time without it when the host's memory was fast, 0.98x when it was slow (2 threads,
+ * median of 20-50 ratios to the prefetching kernel run just before and after; with 4 or 8 rows,
+ * 1.34x and 1.42x without it), but a Xeon's not (0.88-0.91x the time with it): gemv.c's
+ * INT4_ONE_ROW_PREFETCH, set per CPU vendor by glmchat.kernels.cpu. */
 #ifndef PF_DIST
 #define PF_DIST 4096
 #endif

@@ -118,6 +118,9 @@ INLINE __mmask16 first16(int64_t left) /* the first min(left, 16) lanes */
  * sums and float epilogue, so the same results. */
 
 #define QROWS 4 /* rows of x per pass over a panel: 16 int32 accumulators */
+#ifndef INT4_ONE_ROW_PREFETCH
+#define INT4_ONE_ROW_PREFETCH 1 /* see glmchat.kernels.cpu.DEFINES and PF_DIST */
+#endif
 #ifndef DIRECT_ROWS
 #define DIRECT_ROWS 48 /* int4 up to this many rows: codes unpacked in registers per pass of 4 rows, no panel.
                            113 full-size layer products, in turns, best of 3: 20-48 rows 0.74-0.96x the panel's
@@ -274,7 +277,7 @@ INLINE void int4_direct_sums(const q8_x *X, const uint8_t *block, int64_t g, int
             whole[m][i] = low[m][i] = _mm512_setzero_si512();
     const int8_t *x0 = xq_row(X, g, m0);
     for (int64_t k = g * X->G, s4 = 0; k < (g + 1) * X->G; k += 4, s4 += 4) {
-        if (R > 1) { /* see PF_DIST */
+        if (R > 1 || INT4_ONE_ROW_PREFETCH) { /* see PF_DIST */
             PREFETCH(block + k * 32);
             PREFETCH(block + k * 32 + 64);
         }
