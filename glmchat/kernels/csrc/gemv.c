@@ -356,8 +356,12 @@ static void int4_one_row_block(const q8_x *X, const uint8_t *block, const uint16
 static void int4_panel(const uint8_t *blocked, const uint16_t *sz, int64_t K, int64_t G, int64_t b, int64_t g,
                        panel *P)
 {
-    for (int64_t s = 0; s < G / 4; s++)
-        int4_codes(blocked + (b * K + g * G + 4 * s) * 32, P->c + 4 * s);
+    for (int64_t s = 0; s < G / 4; s++) {
+        const uint8_t *p = blocked + (b * K + g * G + 4 * s) * 32;
+        PREFETCH(p);
+        PREFETCH(p + 64);
+        int4_codes(p, P->c + 4 * s);
+    }
     int4_scales(sz, g, P->s, P->z);
 }
 
@@ -515,8 +519,11 @@ static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, con
                     int64_t steps = ((g + 1) * G < K ? G : K - g * G + 3) / 4;
                     if (int8) {
                         const uint8_t *codes = (const uint8_t *)q + (b * steps_k + g * G / 4) * 256;
-                        if (amx)
+                        if (amx) {
+                            for (int64_t t = 0; t < steps * 4; t++) /* see PF_DIST: AMX loads the codes from memory */
+                                PREFETCH(codes + 64 * t);
                             amx_group(&X, codes, P->s, P->z, g, pieces, out);
+                        }
                         else
                             q8_group(&X, (const __m512i *)codes, P->s, P->z, g, steps, 1, out);
                     } else if (M <= DIRECT_ROWS && !amx) {
