@@ -1,6 +1,7 @@
 /* Matrix products on x86-64 CPUs with AVX-512 (F, BW, BF16, VBMI, VNNI): glm_gemv_bf16 for bf16
  * decode steps (a few rows), glm_gemm_int8 and glm_gemm_int4 for every int8 and int4 product,
- * decode steps and prompts alike.
+ * decode steps and prompts alike (with AMX's integer tiles from 8 rows of x on, int8 12, where the CPU
+ * and the compiler have them).
  *
  * Every kernel computes y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for rows x[m], with x, y and
  * bias in bf16 and float32 sums (int8/int4: exact int32 sums per group of columns over x in 8 bits
@@ -483,11 +484,12 @@ static int amx_applies(const q8_x *X, int int8, int64_t *pieces)
     *pieces = (X->G + 63) / 64;
     return X->M >= (int8 ? AMX_MIN_ROWS_INT8 : AMX_MIN_ROWS_INT4) && X->K % X->G == 0 && X->G % (4 * *pieces) == 0 && amx_allowed();
 }
-#else
+#define amx_release() _tile_release()
+#else /* no AMX in this build: every product through vpdpbusd */
 #define amx_applies(X, int8, pieces) ((void)(pieces), 0)
-#define amx_configure(kb)
-#define amx_group(X, codes, s, z, g, pieces, out)
-#define _tile_release()
+#define amx_configure(kb) ((void)0)
+#define amx_group(X, codes, s, z, g, pieces, out) ((void)0)
+#define amx_release() ((void)0)
 #endif
 
 /* y = x Wᵀ (+ bias) for W int4 (int8 == 0) or int8 (blocked), x quantized per group of G columns. */
@@ -529,8 +531,7 @@ static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, con
                             for (int64_t t = 0; t < steps * 4; t++) /* see PF_DIST: AMX loads the codes from memory */
                                 PREFETCH(codes + 64 * t);
                             amx_group(&X, codes, P->s, P->z, g, pieces, out);
-                        }
-                        else
+                        } else
                             q8_group(&X, (const __m512i *)codes, P->s, P->z, g, steps, 1, out);
                     } else if (M <= DIRECT_ROWS && !amx) {
                         int4_scales(block_sz, g, P->s, P->z);
@@ -554,7 +555,7 @@ static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, con
                 }
         }
         if (amx)
-            _tile_release();
+            amx_release();
         free(P);
         free(out);
     }
