@@ -475,6 +475,25 @@ def test_no_working_compiler_means_silent_fallback(tmp_path, compiler):
 
 
 @needs_kernels
+def test_integer_products_and_torchs_bf16_products_interleave_on_one_thread():
+    """On a CPU with AMX both sides use its tiles from the same threads: PyTorch's bf16 GEMM and
+    attention (oneDNN's AMX kernels) and glmchat's int8/int4 products, each of which configures the
+    tiles and releases them. Neither may find the other's configuration: every result stays what it
+    was before the two took turns, and the products stay within their bound of the reference."""
+    l8, l4 = _layer("int8", 256, 512), _layer("int4", 256, 512, group=64)
+    x, w = _randn(64, 512, seed=1).bfloat16(), _randn(1024, 512, seed=2).bfloat16()
+    q, k, v = (_randn(1, 8, 64, 64, seed=s).bfloat16() for s in (3, 4, 5))
+    runs = {"linear": lambda: F.linear(x, w), "attention": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+            "int8": lambda: _prompt_kernel(l8)(x), "int4": lambda: _prompt_kernel(l4)(x[:9])}
+    first = {name: run() for name, run in runs.items()}
+    _assert_within_8bit_x(first["int8"], l8, x, 128)
+    _assert_within_8bit_x(first["int4"], l4, x[:9], 64)
+    for _ in range(20):
+        for name, run in runs.items():
+            assert torch.equal(run(), first[name]), name
+
+
+@needs_kernels
 def test_kernels_and_torch_ops_alternate_without_deadlock_on_torchs_openmp_runtime():
     code = """
         import torch
