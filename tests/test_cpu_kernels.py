@@ -226,8 +226,9 @@ def _prompt_kernel(layer):
 @needs_kernels
 @pytest.mark.parametrize("method,group,n,k", [
     ("int4", 32, 64, 32), ("int4", 64, 192, 320), ("int4", 128, 128, 1024), ("int4", 32, 64, 4096),
+    ("int4", 96, 64, 192),  # AMX: a group in two pieces of 48 columns
     ("int8", None, 64, 4), ("int8", None, 128, 100), ("int8", None, 192, 1028), ("int8", None, 64, 4096),
-    ("int8", None, 96, 130), ("int8", None, 5, 17),
+    ("int8", None, 96, 130), ("int8", None, 5, 17), ("int8", None, 96, 256),  # AMX over a block past N
 ])
 @pytest.mark.parametrize("rows", [2, 5, 37, 70])  # int4: codes unpacked in registers up to 48 rows, then a panel
 @pytest.mark.parametrize("bias", [True, False])
