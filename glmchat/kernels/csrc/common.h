@@ -51,7 +51,7 @@ INLINE void store(uint16_t *y, const uint16_t *bias, int64_t n, float v)
 
 typedef struct {
     const int8_t *xq;    /* [groups, rows, G]: group-major, so that a panel's rows of x lie together;
-                            rows: M rounded up to whole tiles of 16 (AMX's), the extra rows zeros */
+                            rows: M, or M rounded up to whole tiles (AMX's), the extra rows zeros */
     const float *xs;     /* [M, groups]: the group's scale */
     const float *xz;     /* [M, groups]: xs * the sum of xq over the group (what the zeros multiply) */
     int64_t M, K, G, groups, rows;
@@ -65,14 +65,15 @@ INLINE const int8_t *xq_row(const q8_x *X, int64_t g, int64_t m) /* row m of x i
 typedef int (*quantize_x8_fn)(const uint16_t *x, q8_x *X, int8_t *xq, float *xs, float *xz, int nthreads);
 
 /* X for the product of M rows of x with an int8 or int4 weight [N, K] in groups of G columns, x
- * quantized by each source's `quantize` into *mem (the caller frees it): 0; -2 for a shape the
- * kernels do not take, -1 without memory, -3 when x holds an inf or NaN (then nothing to free). */
-static int q8_prepare(const uint16_t *x, int64_t M, int64_t N, int64_t K, int64_t G, int int8, quantize_x8_fn quantize,
-                      int nthreads, q8_x *X, char **mem)
+ * quantized by each source's `quantize` into *mem (the caller frees it), its rows laid out in
+ * whole tiles of `tile` rows: 0; -2 for a shape the kernels do not take, -1 without memory, -3
+ * when x holds an inf or NaN (then nothing to free). */
+static int q8_prepare(const uint16_t *x, int64_t M, int64_t N, int64_t K, int64_t G, int int8, int64_t tile,
+                      quantize_x8_fn quantize, int nthreads, q8_x *X, char **mem)
 {
     if (G % 4 || G > 128 || (!int8 && (K % G || N % 64)))
         return -2;
-    *X = (q8_x){.M = M, .K = K, .G = G, .groups = (K + G - 1) / G, .rows = (M + 15) / 16 * 16};
+    *X = (q8_x){.M = M, .K = K, .G = G, .groups = (K + G - 1) / G, .rows = (M + tile - 1) / tile * tile};
     const int64_t padded = X->groups * G * X->rows;
     *mem = malloc((size_t)(padded + 8 * M * X->groups));
     if (!*mem)
@@ -82,7 +83,7 @@ static int q8_prepare(const uint16_t *x, int64_t M, int64_t N, int64_t K, int64_
         free(*mem);
         return -3;
     }
-    for (int64_t g = 0; g < X->groups; g++)
+    for (int64_t g = 0; g < X->groups && X->rows > M; g++)
         memset((int8_t *)xq_row(X, g, M), 0, (size_t)((X->rows - M) * G));
     return 0;
 }

@@ -414,11 +414,17 @@ static int amx_allowed(void)
     return state > 0;
 }
 
-/* Tiles 0-3: sums of 16 rows of x by 16 weight rows; 4, 5: x (16 rows of kb columns); 6, 7: codes
- * (kb / 4 steps of 4 columns of 16 weight rows). kb: the columns one instruction takes (a group of
- * G in G / kb pieces). */
-static void amx_configure(int64_t kb)
+/* The columns one tile instruction takes: a group of G columns in equal pieces of at most 64. */
+INLINE int64_t amx_piece(int64_t G)
 {
+    return G / ((G + 63) / 64);
+}
+
+/* Tiles 0-3: sums of 16 rows of x by 16 weight rows; 4, 5: x (16 rows of kb columns); 6, 7: codes
+ * (kb / 4 steps of 4 columns of 16 weight rows), kb = amx_piece(G). */
+static void amx_configure(int64_t G)
+{
+    const int64_t kb = amx_piece(G);
     tile_config c = {.palette = 1};
     for (int t = 0; t < 8; t++) {
         c.rows[t] = t < 6 ? 16 : (uint8_t)(kb / 4);
@@ -429,12 +435,16 @@ static void amx_configure(int64_t kb)
 
 /* Every row of x times the codes of group g of a block (step t of 4 columns at codes + 256 t),
  * added into out as q8_rows does: 32 rows of x (the last tile filled up with x's zero rows) by 32
- * weight rows at a time, the group in `pieces` of kb columns. */
-static void amx_group(const q8_x *X, const uint8_t *codes, const float *s, const float *z, int64_t g, int64_t pieces,
+ * weight rows at a time, the group in pieces of amx_piece(G) columns. `stream`: the codes come
+ * from memory (int8's), prefetched as q8_rows does since the tile loads wait for them. */
+static void amx_group(const q8_x *X, const uint8_t *codes, const float *s, const float *z, int64_t g, int stream,
                       float (*out)[64])
 {
     int32_t acc[2][2][16][16] __attribute__((aligned(64)));
-    const int64_t G = X->G, kb = G / pieces;
+    const int64_t G = X->G, kb = amx_piece(G), pieces = G / kb;
+    if (stream)
+        for (int64_t t = 0; t < G; t++) /* G / 4 steps of 4 lines */
+            PREFETCH(codes + 64 * t);
     for (int64_t m0 = 0; m0 < X->M; m0 += 32) {
         const int two = m0 + 16 < X->M;
         const int8_t *xa = xq_row(X, g, m0);
@@ -476,21 +486,32 @@ static void amx_group(const q8_x *X, const uint8_t *codes, const float *s, const
     }
 }
 
-/* Whether the product goes through AMX: at least AMX_MIN_ROWS_INT4/INT8 rows of x, every group whole (int8:
- * K a multiple of 128) and cut into equal pieces of at most 64 columns (multiples of 4).
- * *pieces: the pieces per group. */
-static int amx_applies(const q8_x *X, int int8, int64_t *pieces)
+/* Whether the product of M rows of x goes through AMX: at least AMX_MIN_ROWS_INT4/INT8 rows, every
+ * group of G columns whole (int8: K a multiple of 128) and cut into pieces of a multiple of 4. */
+static int amx_applies(int64_t M, int64_t K, int64_t G, int int8)
 {
-    *pieces = (X->G + 63) / 64;
-    return X->M >= (int8 ? AMX_MIN_ROWS_INT8 : AMX_MIN_ROWS_INT4) && X->K % X->G == 0 && X->G % (4 * *pieces) == 0 && amx_allowed();
+    return M >= (int8 ? AMX_MIN_ROWS_INT8 : AMX_MIN_ROWS_INT4) && K % G == 0 && amx_piece(G) % 4 == 0 && amx_allowed();
 }
 #define amx_release() _tile_release()
 #else /* no AMX in this build: every product through vpdpbusd */
-#define amx_applies(X, int8, pieces) ((void)(pieces), 0)
-#define amx_configure(kb) ((void)0)
-#define amx_group(X, codes, s, z, g, pieces, out) ((void)0)
+#define amx_applies(M, K, G, int8) 0
+#define amx_configure(G) ((void)0)
+#define amx_group(X, codes, s, z, g, stream, out) ((void)0)
 #define amx_release() ((void)0)
 #endif
+
+/* Every row of x times the codes of group g of a block, laid out as a panel's (int4's panel, int8's
+ * blocked codes, which `stream` from memory): through AMX or vpdpbusd. Inlined here, amx_group not
+ * forced either way: int4 products of 16 rows took 1.13-1.16x the time with amx_group forced
+ * inline or kept out of line (Xeon, in turns), which is how the compiler left it. */
+INLINE void group_product(const q8_x *X, const void *codes, const float *s, const float *z, int64_t g, int64_t steps,
+                          int amx, int stream, float (*out)[64])
+{
+    if (amx)
+        amx_group(X, codes, s, z, g, stream, out);
+    else
+        q8_group(X, codes, s, z, g, steps, stream, out);
+}
 
 /* y = x Wᵀ (+ bias) for W int4 (int8 == 0) or int8 (blocked), x quantized per group of G columns. */
 static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, const uint16_t *bias, uint16_t *y,
@@ -498,12 +519,11 @@ static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, con
 {
     q8_x X;
     char *mem;
-    const int rc = q8_prepare(x, M, N, K, G, int8, quantize_x8, nthreads, &X, &mem);
+    const int amx = amx_applies(M, K, G, int8);
+    const int rc = q8_prepare(x, M, N, K, G, int8, amx ? 16 : 1, quantize_x8, nthreads, &X, &mem);
     if (rc)
         return rc;
     const int64_t steps_k = (K + 3) / 4;
-    int64_t pieces;
-    const int amx = amx_applies(&X, int8, &pieces);
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
@@ -511,7 +531,7 @@ static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, con
         float (*out)[64] = aligned_alloc(64, (size_t)M * 64 * sizeof(float));
         failed = !P || !out;
         if (amx)
-            amx_configure(G / pieces);
+            amx_configure(G);
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < (N + 63) / 64; b++) {
             if (failed)
@@ -527,21 +547,13 @@ static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, con
                     int64_t steps = ((g + 1) * G < K ? G : K - g * G + 3) / 4;
                     if (int8) {
                         const uint8_t *codes = (const uint8_t *)q + (b * steps_k + g * G / 4) * 256;
-                        if (amx) {
-                            for (int64_t t = 0; t < steps * 4; t++) /* see PF_DIST: AMX loads the codes from memory */
-                                PREFETCH(codes + 64 * t);
-                            amx_group(&X, codes, P->s, P->z, g, pieces, out);
-                        } else
-                            q8_group(&X, (const __m512i *)codes, P->s, P->z, g, steps, 1, out);
+                        group_product(&X, codes, P->s, P->z, g, steps, amx, 1, out);
                     } else if (M <= DIRECT_ROWS && !amx) {
                         int4_scales(block_sz, g, P->s, P->z);
                         int4_direct_group(&X, (const uint8_t *)q + b * K * 32, P->s, P->z, g, out);
                     } else {
                         int4_panel(q, block_sz, K, G, b, g, P);
-                        if (amx)
-                            amx_group(&X, (const uint8_t *)P->c, P->s, P->z, g, pieces, out);
-                        else
-                            q8_group(&X, P->c, P->s, P->z, g, steps, 0, out);
+                        group_product(&X, P->c, P->s, P->z, g, steps, amx, 0, out);
                     }
                 }
             }

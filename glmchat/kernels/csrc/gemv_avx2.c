@@ -263,7 +263,7 @@ static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, con
 {
     q8_x X;
     char *mem;
-    const int rc = q8_prepare(x, M, N, K, G, int8, quantize_x8, nthreads, &X, &mem);
+    const int rc = q8_prepare(x, M, N, K, G, int8, 1, quantize_x8, nthreads, &X, &mem);
     if (rc)
         return rc;
     const int64_t steps_k = (K + 3) / 4;
