@@ -194,8 +194,21 @@ def require_extras() -> None:
         sys.exit(f"vs_llama_cpp: {' and '.join(missing)} not installed; run: pip install -e \".[compare]\"")
 
 
-NO_AMX_BUILD = ("CMAKE_ARGS=\"-DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8' -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8'\" "
-                "pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python==0.3.36")
+def llama_cpp_crash_hint(returncode: int) -> str:
+    """What to do when llama.cpp died of a segfault on a CPU with AMX: its AMX path crashes on some
+    (ggml-org/llama.cpp#20824; llama-cpp-python 0.3.36 did here at its first prompt)."""
+    from importlib.metadata import version
+
+    from glmchat.kernels.cpu import cpu_fields
+
+    if returncode != -11 or "amx_int8" not in cpu_fields().get("flags", "").split():
+        return ""
+    no_amx = "-mno-amx-tile -mno-amx-int8"
+    return ("\nOn this Xeon with AMX that is most likely llama.cpp's AMX path, which crashes on some of them "
+            "(ggml-org/llama.cpp#20824, ggml_backend_amx_mul_mat). Build llama-cpp-python without it (its "
+            "AVX-512 kernels stay):\n"
+            f"  CMAKE_ARGS=\"-DCMAKE_C_FLAGS='{no_amx}' -DCMAKE_CXX_FLAGS='{no_amx}'\" "
+            f"pip install --force-reinstall --no-deps --no-cache-dir llama-cpp-python=={version('llama-cpp-python')}")
 
 
 def child(args, worker: str, fmt: str, file: str | None = None, logits: str | None = None) -> dict:
@@ -208,11 +221,7 @@ def child(args, worker: str, fmt: str, file: str | None = None, logits: str | No
     cmd += ["--logits", logits] if logits else []
     out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
     if out.returncode != 0:
-        hint = ""
-        if worker == "llama.cpp" and out.returncode == -11 and "amx_int8" in cpu_info()[1]:
-            hint = ("\nOn this Xeon with AMX that is most likely llama.cpp's AMX path, which crashes on some of them "
-                    "(ggml-org/llama.cpp#20824, ggml_backend_amx_mul_mat). Build llama-cpp-python without it:\n"
-                    f"  {NO_AMX_BUILD}")
+        hint = llama_cpp_crash_hint(out.returncode) if worker == "llama.cpp" else ""
         sys.exit(f"vs_llama_cpp: the {worker} {fmt} run failed (exit {out.returncode}); its error is above{hint}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -273,23 +282,14 @@ def quantize_gguf(src: Path, dst: Path, fmt: str, threads: int) -> None:
     partial.rename(dst)
 
 
-def cpu_info() -> tuple[str, set[str]]:
-    """The CPU's model name and its flags (empty where /proc/cpuinfo is not)."""
-    cpu, flags = platform.processor() or platform.machine(), set()
-    try:
-        first_cpu = Path("/proc/cpuinfo").read_text().split("\n\n")[0].splitlines()
-        fields = {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first_cpu)}
-        cpu, flags = fields.get("model name", cpu), set(fields.get("flags", "").split())
-    except OSError:
-        pass
-    return cpu, flags
-
-
 def machine() -> dict:
     import llama_cpp
     import torch
 
-    cpu, flags = cpu_info()
+    from glmchat.kernels.cpu import cpu_fields
+
+    fields = cpu_fields()
+    cpu, flags = fields.get("model name", platform.processor() or platform.machine()), set(fields.get("flags", "").split())
     features = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8") if f in flags]
     return {"cpu": cpu, "features": features, "cores": os.cpu_count(), "torch": torch.__version__,
             "llama_cpp_python": llama_cpp.__version__,

@@ -402,7 +402,7 @@ _AVX2_PRODUCTS = """
 """
 
 
-@pytest.mark.skipif(not {"avx2", "fma"} <= set(cpu_kernels._cpu_flags().split()), reason="this CPU has no AVX2/FMA")
+@pytest.mark.skipif(not {"avx2", "fma"} <= cpu_kernels._FLAGS, reason="this CPU has no AVX2/FMA")
 def test_avx2_products_on_any_avx2_cpu(tmp_path):
     """gemv_avx2.c, compiled and run on AVX-512 CPUs too (GLMCHAT_KERNELS=avx2): each product within
     its bound of the reference, each row as when alone (11 rows: int4 takes them 3 at a time), and

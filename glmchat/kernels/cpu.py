@@ -72,28 +72,21 @@ def _cache_dir() -> Path:
     return Path(base) / "glmchat" / "kernels"
 
 
-def _cpuinfo(field: str) -> str | None:
-    """The line of /proc/cpuinfo that starts with `field` (its first CPU's), None where there is none."""
+def cpu_fields() -> dict[str, str]:
+    """/proc/cpuinfo's fields for the first CPU ("model name", "vendor_id", "flags", ...), empty where
+    there is no such file."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(field):
-                return line
+        first_cpu = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
     except OSError:
-        pass
-    return None
+        return {}
+    return {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in first_cpu.splitlines())}
 
 
-def _cpu_flags() -> str:
-    return _cpuinfo("flags") or platform.processor()
-
-
-_FLAGS = set(_cpu_flags().split())
-# One row of x over blocked int4 codes (a decode step alone) streams its codes with software
-# prefetch or with the CPU's own prefetchers alone, whichever ran faster where measured (full-size
-# layer products in turns, 2 threads): on an AMD EPYC (Zen 4, 113 products) 0.85-0.88x the time
-# without it; on a Xeon with AMX (24 products, 0.61 GB of codes) 0.88-0.91x with it. Other vendors'
-# CPUs take the prefetch, unmeasured.
-DEFINES = ["-DINT4_ONE_ROW_PREFETCH=0"] if "AuthenticAMD" in (_cpuinfo("vendor_id") or "") else []
+_CPU = cpu_fields()
+_FLAGS = set(_CPU.get("flags", platform.processor()).split())
+# gemv.c's INT4_ONE_ROW_PREFETCH: off where the CPU's own prefetchers followed one row's stream of
+# int4 codes faster (AMD: a Zen 4 EPYC), on elsewhere (a Xeon with AMX); see csrc/common.h.
+DEFINES = ["-DINT4_ONE_ROW_PREFETCH=0"] if _CPU.get("vendor_id") == "AuthenticAMD" else []
 HAS_AMX = "amx_bf16" in _FLAGS
 # An x86 CPU without bf16 instructions (AVX2; AVX-512 before BF16), where PyTorch's bf16 matrix
 # products run at a fraction of its float32 ones (measured on AVX2, glmchat.kernels.linear.float32_linear;
@@ -144,7 +137,7 @@ def _build() -> tuple[Path, Path]:
 def _compiled(cc: str, source: Path) -> Path:
     code = b"".join(path.read_bytes() for path in [source, *sorted(CSRC.glob("*.h"))])
     key = hashlib.sha256(b"\0".join(
-        [code, " ".join(CFLAGS + DEFINES).encode(), _compiler_version(cc).encode(), _cpu_flags().encode()]
+        [code, " ".join(CFLAGS + DEFINES).encode(), _compiler_version(cc).encode(), " ".join(sorted(_FLAGS)).encode()]
     )).hexdigest()[:16]
     target = _cache_dir() / f"{source.stem}-{key}.so"
     if target.exists():

@@ -12,8 +12,9 @@
  * own prefetchers follow at the speed one row consumes it: 113 full-size layer products took
  * 0.85-0.88x the time without it when the host's memory was fast, 0.98x when it was slow (2 threads,
  * median of 20-50 ratios to the prefetching kernel run just before and after; with 4 or 8 rows,
- * 1.34x and 1.42x without it), but a Xeon's not (0.88-0.91x the time with it): gemv.c's
- * INT4_ONE_ROW_PREFETCH, set per CPU vendor by glmchat.kernels.cpu. */
+ * 1.34x and 1.42x without it), but a Xeon's with AMX not (24 full-size layer products, 0.61 GB of
+ * codes, 0.88-0.91x the time with it): gemv.c's INT4_ONE_ROW_PREFETCH, set per CPU vendor by
+ * glmchat.kernels.cpu (other vendors' CPUs take the prefetch, unmeasured). */
 #ifndef PF_DIST
 #define PF_DIST 4096
 #endif
