@@ -478,8 +478,8 @@ def test_no_working_compiler_means_silent_fallback(tmp_path, compiler):
 @needs_kernels
 def test_integer_products_and_torchs_bf16_products_interleave_on_one_thread():
     """On a CPU with AMX both sides use its tiles from the same threads: PyTorch's bf16 GEMM and
-    attention (oneDNN's AMX kernels) and glmchat's int8/int4 products, each of which configures the
-    tiles and releases them. Neither may find the other's configuration: every result stays what it
+    attention (oneDNN's AMX matmul and its brgemm kernel, as its verbose log shows on a Xeon) and
+    glmchat's int8/int4 products, each of which configures the tiles and releases them. Neither may find the other's configuration: every result stays what it
     was before the two took turns, and the products stay within their bound of the reference."""
     l8, l4 = _layer("int8", 256, 512), _layer("int4", 256, 512, group=64)
     x, w = _randn(64, 512, seed=1).bfloat16(), _randn(1024, 512, seed=2).bfloat16()
