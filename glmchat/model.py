@@ -77,7 +77,8 @@ class KVCache:
 
     Slots are shared by the batch (left padding keeps the ends aligned); `key_mask` marks which
     slots hold real tokens when some rows are padded, and is None when none are.
-    Any object with `begin` and `update` like this one can stand in (the server's slot cache does).
+    Any object with `begin` and `update` like this one can stand in (the server's slot cache does);
+    one with `decode_slots` too lets a decode step's kernels write the cache themselves.
     """
 
     def __init__(self, config: GLMConfig, batch_size: int, max_len: int, dtype, device):
@@ -90,6 +91,7 @@ class KVCache:
         # [gMASK] and <sop> sit), set by the model at prefill; None for the other networks.
         self.prompt_marks: torch.Tensor | None = None
         self._start = 0
+        self._slots: torch.Tensor | None = None  # decode_slots' answer for the current step
 
     @property
     def max_len(self) -> int:
@@ -103,7 +105,7 @@ class KVCache:
         self.key_mask = _extend_key_mask(self.key_mask, attention_mask, self.k.shape[1], start, end, self.k.device)
         if start == 0:  # a new prompt: the previous one's facts no longer hold
             self.prompt_marks = None
-        self._start, self.length = start, end
+        self._start, self.length, self._slots = start, end, None
         return _step(self.key_mask, start, end, self.k.device)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -122,6 +124,14 @@ class KVCache:
         self.k[layer, :, :, start:end] = k
         self.v[layer, :, :, start:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def decode_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For kernels that write a decode step's keys and values themselves (glmchat.kernels.block):
+        this layer's keys and values [batch, kv_heads, max_len, head_dim] and each row's new slot
+        (int64 [batch]); the step attends over the slots up to it."""
+        if self._slots is None:
+            self._slots = torch.full((self.k.shape[1],), self._start, dtype=torch.int64)
+        return self.k[layer], self.v[layer], self._slots
 
 
 class Attention(nn.Module):

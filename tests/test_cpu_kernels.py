@@ -772,3 +772,97 @@ def test_prompt_attention_keeps_sdpa():
     out = layer.attend(q, k, v, Step(torch.arange(5)[None], None, True))
     expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     torch.testing.assert_close(out, expected, atol=0, rtol=0)
+
+
+# ---- a decode step's whole block in one call (glmchat.kernels.block) ----------------------------
+
+
+def _block_model(method, sandwich=False):
+    """A 2-layer model whose heads the decode kernels take (head_dim 64: the tiny checkpoints' 16 is
+    below attention's multiple of 32), random weights, fast paths installed."""
+    from glmchat.config import GLMConfig
+    from glmchat.loader import empty_model
+    from glmchat.random_weights import init_random_weights
+
+    config = GLMConfig(hidden_size=256, num_layers=2, num_attention_heads=4, kv_channels=64, multi_query_group_num=2,
+                       ffn_hidden_size=320, padded_vocab_size=512, seq_length=128, sandwich_norms=sandwich)
+    quant = {"method": method, "group_size": 64} if method else None
+    model = empty_model(config, torch.bfloat16, "cpu", quant)
+    init_random_weights(model, seed=3)
+    return install(model)
+
+
+def _counted(result, calls: list):
+    if result is not None:
+        calls.append(1)
+    return result
+
+
+def _decode_logits(model, ids):
+    """Prompt, then decode steps over a KVCache (1 row) and over the server's slot cache (3 rows at
+    their own lengths, growing past its first capacity): every logits row."""
+    from glmchat.server.engine import SlotCache
+
+    out = []
+    with torch.inference_mode():
+        cache = model.new_cache(1, 16)
+        out.append(model(ids[:1, :5], cache=cache))
+        out += [model.decode(ids[:1, t : t + 1], cache) for t in range(5, 9)]
+        slots = SlotCache(model, 4, capacity=8)
+        for row, n in enumerate((3, 6, 4)):
+            prompt = model.new_cache(1, 16)
+            model(ids[row : row + 1, :n], cache=prompt)
+            slots.add(prompt)
+        out += [model.decode(ids[:3, 6 + t % 5 : 7 + t % 5], slots) for t in range(7)]
+    return [t.float() for t in out]
+
+
+@needs_kernel("glm_decode_block")
+@pytest.mark.parametrize("method, sandwich", [(None, False), ("int8", False), ("int4", False), ("int4", True)],
+                         ids=["bf16", "int8", "int4", "int4-sandwich"])
+def test_one_call_decode_block_equals_the_blocks_kernels_one_by_one(monkeypatch, method, sandwich):
+    """The one-call block gives bit for bit what the same kernels give called one by one from the
+    block's own forward, over a KVCache and the server's slot cache, and stays within bf16 of the
+    portable path."""
+    model = _block_model(method, sandwich)
+    ids = torch.randint(5, 500, (3, 12), generator=torch.Generator().manual_seed(1))
+    calls = []  # the steps it took
+    one_call = cpu_kernels.decode_block
+    monkeypatch.setattr(cpu_kernels, "decode_block", lambda *a: _counted(one_call(*a), calls))
+    fused = _decode_logits(model, ids)
+    assert len(calls) == 2 * (4 + 7)  # every decode step of both layers went through it
+    monkeypatch.setattr(cpu_kernels, "decode_block", lambda *a: None)
+    one_by_one = _decode_logits(model, ids)
+    assert all(torch.equal(a, b) for a, b in zip(fused, one_by_one))
+    install(model, enabled=False)
+    portable = _decode_logits(model, ids)
+    for a, b in zip(fused, portable):
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05 * float(b.abs().max()))
+
+
+@needs_kernel("glm_decode_block")
+def test_one_call_decode_block_leaves_hooked_and_unsupported_blocks_to_their_forward(monkeypatch):
+    """A hook on a layer (tensor parallelism's all_reduce), a batch sharing one rope row, or float32
+    weights: the block's own forward, which runs the hook."""
+    model = _block_model(None)
+    calls = []  # the steps it took
+    one_call = cpu_kernels.decode_block
+    monkeypatch.setattr(cpu_kernels, "decode_block", lambda *a: _counted(one_call(*a), calls))
+    seen = []
+    handle = model.layers[1].mlp.down.register_forward_hook(lambda *a: seen.append(1))
+    ids = torch.randint(5, 500, (2, 6), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        cache = model.new_cache(1, 8)
+        model(ids[:1, :5], cache=cache)
+        model.decode(ids[:1, 5:], cache)
+        assert len(calls) == 1 and len(seen) == 2  # layer 0 in one call; layer 1 (hooked) its own way, prompt and step
+        handle.remove()
+        cache = model.new_cache(2, 8)  # two rows of one length: the rope row is shared
+        model(ids[:, :5], cache=cache)
+        model.decode(ids[:, 5:], cache)
+        assert len(calls) == 1
+        install(model.float())
+        cache = model.new_cache(1, 8)
+        model(ids[:1, :5], cache=cache)
+        model.decode(ids[:1, 5:], cache)
+    assert len(calls) == 1

@@ -3,7 +3,8 @@
 `install(model)` gives each Linear layer the fast-path class that fits its device and dtype
 (glmchat.kernels.linear: nn.Linear and the int8/int4 layers on CPU), each attention layer its
 CPU decode path (glmchat.kernels.attention), each MLP and RMSNorm its one-pass CPU kernel
-(glmchat.kernels.mlp, .norm), and the portable class
+(glmchat.kernels.mlp, .norm), each block its one-call decode step (glmchat.kernels.block), and the
+portable class
 everywhere else; `install(model, enabled=False)` puts the portable classes back (tests compare
 the two). The loader calls it once the weights are in place; call it again after moving a model
 to another device or dtype. On the CPU it also attaches glmchat.kernels.threads' governor, which
@@ -20,13 +21,14 @@ from .. import model, model_v1
 from ..quantize import Int4Linear, Int8Linear
 from . import cpu, threads
 from .attention import CpuAttention, CpuAttentionV1
+from .block import CpuBlock
 from .linear import CpuLinear, FastInt4Linear, FastInt8Linear
 from .mlp import CpuMLP
 from .norm import CpuRMSNorm
 
 _FAST = {nn.Linear: CpuLinear, Int8Linear: FastInt8Linear, Int4Linear: FastInt4Linear, model.Attention: CpuAttention,
          model_v1.Attention: CpuAttentionV1, model.MLP: CpuMLP,
-         model.RMSNorm: CpuRMSNorm}
+         model.RMSNorm: CpuRMSNorm, model.Block: CpuBlock}
 _PORTABLE = {fast: portable for portable, fast in _FAST.items()}
 
 

@@ -64,6 +64,7 @@ _SIGNATURES = {
     "glm_swiglu": (_int, [_ptr, _ptr, _i64, _i64, _int]),
     "glm_rmsnorm": (_int, [_ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float, _int]),
     "glm_decode_attention": (_int, [_ptr] * 5 + [_i64] * 6 + [ctypes.c_float, _int]),  # gemv.c's alone
+    "glm_decode_block": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _int]),  # gemv.c's alone
 }
 
 
@@ -416,3 +417,35 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor |
     y = torch.empty_like(x)
     _lib.glm_rmsnorm(x.data_ptr(), weight.data_ptr(), y.data_ptr(), x.numel() // D, D, eps, torch.get_num_threads())
     return y
+
+
+class Product(ctypes.Structure):
+    """A decode product's operands for glm_decode_block (csrc/decode_block.h's glm_product): kind
+    BF16 (w: a bf16 weight [N, K]), INT8 or INT4 (w: blocked codes, scales their blocked scales),
+    each with an optional bf16 bias."""
+
+    BF16, INT8, INT4 = 0, 1, 2
+    _fields_ = [("kind", _i64), ("w", _ptr), ("scales", _ptr), ("bias", _ptr), ("N", _i64), ("K", _i64), ("G", _i64)]
+
+
+class BlockOperands(ctypes.Structure):
+    """A Block's weights, sizes and this layer's cache for glm_decode_block (csrc/decode_block.h)."""
+
+    _fields_ = [("attn_norm", _ptr), ("mlp_norm", _ptr), ("post_attn_norm", _ptr), ("post_mlp_norm", _ptr),
+                ("qkv", Product), ("dense", Product), ("gate_up", Product), ("down", Product),
+                ("k_cache", _ptr), ("v_cache", _ptr), ("row_stride", _i64), ("head_stride", _i64),
+                ("H", _i64), ("G", _i64), ("D", _i64), ("rot", _i64), ("eps", ctypes.c_float), ("scale", ctypes.c_float)]
+
+
+def decode_block(x: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor, operands: BlockOperands) -> torch.Tensor | None:
+    """One decode step of a whole block (see csrc/decode_block.h) for bf16 rows x [B, 1, hidden]:
+    row b's key and value go to slot positions[b] (int64 [B]) of the cache in `operands`, rope is
+    [B, 1, rot/2, 2] bf16 at those positions. The block's output [B, 1, hidden], or None where a
+    kernel declines (the cache slots may have been written: the caller's other way rewrites them)."""
+    if not (enabled and x.dtype == rope.dtype == torch.bfloat16 and x.is_contiguous() and rope.is_contiguous()
+            and rope.shape[:2] == (x.shape[0], 1) and positions.shape == (x.shape[0],) and positions.dtype == torch.int64 and positions.is_contiguous() and provides("glm_decode_block")):
+        return None
+    y = torch.empty_like(x)
+    rc = _lib.glm_decode_block(ctypes.byref(operands), x.data_ptr(), y.data_ptr(), rope.data_ptr(), positions.data_ptr(),
+                               x.shape[0], torch.get_num_threads())
+    return y if rc == 0 else None

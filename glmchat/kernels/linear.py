@@ -81,6 +81,17 @@ class CpuLinear(nn.Linear):
             return _transposed(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
+    def decode_operand(self) -> cpu.Product | None:
+        """This layer for glmchat.kernels.block's one-call decode step, where the bf16 kernel takes it."""
+        w, b = self.weight, self.bias
+        if w.dtype != torch.bfloat16 or not w.is_contiguous() or not (b is None or b.dtype == w.dtype and b.is_contiguous()):
+            return None
+        return cpu.Product(cpu.Product.BF16, w.data_ptr(), None, _address(b), self.out_features, self.in_features, 0)
+
+
+def _address(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
 
 @torch.compiler.disable  # under torch.compile, inductor's own matvec is ~2× slower than torch.mv
 def _rows_apart(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -156,6 +167,16 @@ class _FastQuantized:
             y = one_row_at_a_time(x2, self._matmul)
         return y.view(*x.shape[:-1], self.out_features)
 
+    def decode_operand(self) -> cpu.Product | None:
+        """This layer for glmchat.kernels.block's one-call decode step, where its kernel takes it
+        (blocked buffers, bf16 scales and bias)."""
+        scales = getattr(self, self._buffer_names[1])
+        b = self.bias
+        if not self._blocked() or scales.dtype != torch.bfloat16 or not (b is None or b.dtype == torch.bfloat16 and b.is_contiguous()):
+            return None
+        return cpu.Product(self.kind, self.qweight.data_ptr(), scales.data_ptr(), _address(b), self.out_features,
+                           self.in_features, getattr(self, "group_size", 0))
+
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
             y = self._kernel(x)  # bias included; None where it does not apply (shape, non-finite x...)
@@ -202,6 +223,7 @@ class _FastQuantized:
 
 class FastInt8Linear(_FastQuantized, Int8Linear):
     has_op = HAS_INT8_OP
+    kind = cpu.Product.INT8
     op_k_multiple = 16  # torch 2.13's op returns wrong sums for K = 136 or 200 and crashes for K = 132
 
     def _block(self) -> dict[str, torch.Tensor] | None:
@@ -220,6 +242,7 @@ class FastInt8Linear(_FastQuantized, Int8Linear):
 
 class FastInt4Linear(_FastQuantized, Int4Linear):
     has_op = HAS_INT4_OP
+    kind = cpu.Product.INT4
 
     def _block(self) -> dict[str, torch.Tensor] | None:
         codes = cpu.block_int4(self.qweight)

@@ -170,6 +170,10 @@ class SlotCache:
         B = self.step_rows
         return self.k[layer, :B, :, : self._span], self.v[layer, :B, :, : self._span]
 
+    def decode_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """See KVCache.decode_slots: this layer's rows and each row's new slot."""
+        return self.k[layer], self.v[layer], self._pos
+
 
 @dataclass
 class Request:

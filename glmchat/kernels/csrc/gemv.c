@@ -762,3 +762,5 @@ int glm_rmsnorm(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, in
     }
     return 0;
 }
+
+#include "decode_block.h"
