@@ -5,6 +5,16 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* The integer products (gemm_q8 in gemv.c and gemv_avx2.c) hand their blocks of 64 weight rows
+ * out 4 at a time to whichever thread is free, not in equal halves: the two cores of this VM read
+ * memory at different rates (a plain read, per product: 10.8-13.7 GB/s on the first, 7.2-12.2 on the
+ * second, slower in each of the 12 timed), and with equal halves the faster one waited 0.18-0.36 ms
+ * on average at the end of every product. Xeon, 2 threads, in turns: full-size int4 decode in one
+ * process swapping the libraries 1.02-1.11x as fast over 8 pairs (medians 1.03x and 1.04x); int4
+ * decode products from memory 1.05-1.10x, gemv_avx2.c's 1.05-1.08x; int8 decode 0.91-1.03x (4 pairs,
+ * median 1.01x). The bf16 decode product
+ * (gemv_bf16.h) keeps equal halves: the same change gave 0.92-1.02x there (4 pairs). */
+
 /* Software prefetch of the weight streams, into L2 (T1): ~1.4x faster from DRAM than without it.
  * Into L2 rather than L1: measured on an AMD EPYC (2 threads, 16 layer products in turns with the
  * alternatives, median time, three runs) bf16 0.79-0.88x and int4 0.95-0.98x the time with T0.

@@ -273,7 +273,7 @@ static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, con
         float (*out)[64] = aligned_alloc(64, (size_t)M * 64 * sizeof(float));
         float s[64], z[64];
         failed = !out;
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 4) /* blocks to whichever thread is free: see common.h */
         for (int64_t b = 0; b < (N + 63) / 64; b++) {
             if (failed)
                 continue;
