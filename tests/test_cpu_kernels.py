@@ -24,7 +24,7 @@ needs_kernels = pytest.mark.skipif(
 
 
 def needs_kernel(name: str):
-    """Some of the decode steps' small kernels (attention, SwiGLU, RMSNorm) are in the AVX-512 source alone."""
+    """A kernel the CPU's source has (both have every one now; a guard for what each build provides)."""
     return pytest.mark.skipif(not cpu_kernels.provides(name),
                               reason=f"{name} is not in this CPU's kernels ({cpu_kernels.kernel_source() or REASON})")
 
@@ -866,3 +866,17 @@ def test_one_call_decode_block_leaves_hooked_and_unsupported_blocks_to_their_for
         model(ids[:1, :5], cache=cache)
         model.decode(ids[:1, 5:], cache)
     assert len(calls) == 1
+
+
+@pytest.mark.skipif(not {"avx2", "fma"} <= cpu_kernels._FLAGS or os.environ.get("GLMCHAT_KERNELS") == "avx2",
+                    reason="this CPU has no AVX2/FMA, or this run is on gemv_avx2.c already")
+def test_avx2_kernels_pass_the_attention_and_one_call_block_tests(tmp_path):
+    """The decode attention and one-call block tests above, run again on gemv_avx2.c (compiled and run
+    on AVX-512 CPUs too, GLMCHAT_KERNELS=avx2): none of them skipped."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", __file__, "-k",
+         "decode_attention or one_call_decode_block"],
+        capture_output=True, text=True, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)),
+        env={**os.environ, "GLMCHAT_KERNELS": "avx2", "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    summary = result.stdout.strip().splitlines()[-1]
+    assert result.returncode == 0 and " passed" in summary and "skipped" not in summary, result.stdout[-3000:]

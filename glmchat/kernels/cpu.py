@@ -63,8 +63,8 @@ _SIGNATURES = {
     "glm_rotary_heads": (_int, [_ptr] * 5 + [_i64] * 5),
     "glm_swiglu": (_int, [_ptr, _ptr, _i64, _i64, _int]),
     "glm_rmsnorm": (_int, [_ptr, _ptr, _ptr, _i64, _i64, ctypes.c_float, _int]),
-    "glm_decode_attention": (_int, [_ptr] * 5 + [_i64] * 6 + [ctypes.c_float, _int]),  # gemv.c's alone
-    "glm_decode_block": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _int]),  # gemv.c's alone
+    "glm_decode_attention": (_int, [_ptr] * 5 + [_i64] * 6 + [ctypes.c_float, _int]),
+    "glm_decode_block": (_int, [_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _int]),
 }
 
 
@@ -191,7 +191,7 @@ def available() -> bool:
 
 
 def provides(name: str) -> bool:
-    """Whether the kernels are available and include `name` (gemv_avx2.c lacks some of gemv.c's)."""
+    """Whether the kernels are available and include `name` (each source's build lists what it has)."""
     return available() and name in _provided
 
 

@@ -1,7 +1,8 @@
 /* A decode step's whole block (glmchat.model.Block: attention and MLP, each behind its RMSNorm, with
- * their residual adds) in one call, composed of the kernels of the file that includes this one
- * (glm_rmsnorm, the products, glm_rotary_heads, glm_decode_attention, glm_swiglu), so that its
- * results are bit for bit those of the same kernels called one by one from PyTorch.
+ * their residual adds) in one call, composed of the kernels of the file that includes this one at
+ * its end (gemv.c, gemv_avx2.c: glm_rmsnorm, the products, glm_rotary_heads, glm_decode_attention,
+ * glm_swiglu), so that its results are bit for bit those of the same kernels called one by one from
+ * PyTorch.
  *
  * Why one call: each product streams megabytes of weights through caches that this machine class
  * gives a process only a few MB of, so after every product the interpreter's and PyTorch's own code
@@ -49,11 +50,8 @@ static void residual_add(const uint16_t *x, uint16_t *h, const uint16_t *post_no
 {
     if (post_norm)
         glm_rmsnorm(h, post_norm, h, B, width, eps, 1); /* row by row: each row read before it is written */
-    for (int64_t i = 0; i < B * width; i += 16) {
-        __mmask16 mask = first16(B * width - i);
-        __m512 sum = _mm512_add_ps(maskz_load16_bf16(mask, x + i), maskz_load16_bf16(mask, h + i));
-        _mm256_mask_storeu_epi16(y + i, mask, (__m256i)_mm512_cvtneps_pbh(sum));
-    }
+    for (int64_t i = 0; i < B * width; i++)
+        y[i] = f32_to_bf16(bf16_to_f32(x[i]) + bf16_to_f32(h[i]));
 }
 
 /* Rows x [B, hidden] -> y [B, hidden]: one decode step of the block for B rows, row b's new key and

@@ -1,9 +1,9 @@
 /* The kernels of gemv.c for x86-64 CPUs with AVX2 and FMA but no AVX-512 (AMD Zen 1-3, Intel's
  * client cores): glm_gemv_bf16, glm_gemm_int8 and glm_gemm_int4 with the same arguments,
  * the same data layouts (see the top of gemv.c) and, for int4, the same arithmetic bit for bit.
- * cpu.py compiles this file where gemv.c's instructions are missing; of the decode steps' small
- * kernels it has rotary (common.h's), SwiGLU and RMSNorm; attention is gemv.c's alone and
- * PyTorch's ops take it here.
+ * cpu.py compiles this file where gemv.c's instructions are missing. It has the decode steps' small
+ * kernels too (rotary, common.h's; SwiGLU, RMSNorm, attention) and so the one-call decode block
+ * (decode_block.h).
  *
  * AVX2 has no integer dot product of 4 bytes (VNNI's vpdpbusd). vpmaddubsw multiplies 32 unsigned
  * by 32 signed bytes and adds adjacent pairs into 16 bits, vpmaddwd by ones adds adjacent 16-bit
@@ -430,3 +430,93 @@ int glm_rmsnorm(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, in
     }
     return 0;
 }
+
+/* ------------------------------------------------------------------------------------------ */
+/* Attention for decode steps: gemv.c's glm_decode_attention (the same arguments, checks and order
+ * of steps: scores in float, softmax in float, the values' weighted sum in float rounded to bf16
+ * once) with 8 floats to a vector, the bf16 products widened to float and summed by FMA. */
+
+/* p[s] = softmax over s < n of scale * (q . k[s]), for one query head; D a multiple of 16. */
+static void attention_weights(const uint16_t *qh, const uint16_t *kb, int64_t n, int64_t D, float scale, float *p)
+{
+    float top = -__builtin_inff();
+    for (int64_t s = 0; s < n; s++) {
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 16) {
+            __m256 q0, q1, k0, k1;
+            bf16x16_widen(qh + d, &q0, &q1);
+            bf16x16_widen(kb + s * D + d, &k0, &k1);
+            acc0 = _mm256_fmadd_ps(q0, k0, acc0);
+            acc1 = _mm256_fmadd_ps(q1, k1, acc1);
+        }
+        p[s] = hsum8(_mm256_add_ps(acc0, acc1)) * scale;
+        top = p[s] > top ? p[s] : top;
+    }
+    const __m256 shift = _mm256_set1_ps(top), lanes = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256 total = _mm256_setzero_ps();
+    for (int64_t s = 0; s < n; s += 8) {
+        const __m256 inside = _mm256_cmp_ps(lanes, _mm256_set1_ps((float)(n - s)), _CMP_LT_OQ);
+        __m256 e = _mm256_and_ps(exp8(_mm256_sub_ps(_mm256_loadu_ps(p + s), shift)), inside);
+        _mm256_storeu_ps(p + s, e);
+        total = _mm256_add_ps(total, e);
+    }
+    const __m256 inv = _mm256_set1_ps(1.0f / hsum8(total));
+    for (int64_t s = 0; s < n; s += 8)
+        _mm256_storeu_ps(p + s, _mm256_mul_ps(_mm256_loadu_ps(p + s), inv));
+}
+
+/* out[c..c+8V) = sum over s < n of p[s] * v[s][c..c+8V), V vectors of 8 (constant: in registers). */
+INLINE void attention_values(const float *p, int64_t n, const uint16_t *vb, int64_t D, int64_t c, int V, uint16_t *out)
+{
+    __m256 acc[8];
+    for (int j = 0; j < V; j++)
+        acc[j] = _mm256_setzero_ps();
+    for (int64_t s = 0; s < n; s++) {
+        const __m256 ps = _mm256_set1_ps(p[s]);
+        for (int j = 0; j < V; j++)
+            acc[j] = _mm256_fmadd_ps(ps, bf16x8_to_ps(vb + s * D + c + 8 * j), acc[j]);
+    }
+    for (int j = 0; j < V; j++)
+        store8_bf16(out + c + 8 * j, acc[j]);
+}
+
+int glm_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, const int64_t *lengths, uint16_t *out,
+                         int64_t B, int64_t H, int64_t G, int64_t D, int64_t row_stride, int64_t head_stride,
+                         float scale, int nthreads)
+{
+    if (D % 32 || D > 128 || G < 1 || H % G)
+        return -2;
+    int64_t longest = 0;
+    for (int64_t b = 0; b < B; b++) {
+        if (lengths[b] < 1)
+            return -2;
+        longest = lengths[b] > longest ? lengths[b] : longest;
+    }
+    const int64_t rep = H / G;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        float *p = malloc((size_t)(longest + 8) * sizeof(float)); /* + 8: whole vectors past the end */
+        failed = !p;
+#pragma omp for collapse(2) schedule(static)
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t g = 0; g < G; g++) {
+                if (failed)
+                    continue;
+                const int64_t n = lengths[b];
+                const uint16_t *kb = k + b * row_stride + g * head_stride, *vb = v + b * row_stride + g * head_stride;
+                for (int64_t h = b * H + g * rep; h < b * H + (g + 1) * rep; h++) {
+                    attention_weights(q + h * D, kb, n, D, scale, p);
+                    for (int64_t c = 0; c < D; c += 64)
+                        if (D - c >= 64)
+                            attention_values(p, n, vb, D, c, 8, out + h * D);
+                        else
+                            attention_values(p, n, vb, D, c, 4, out + h * D);
+                }
+            }
+        free(p);
+    }
+    return failed ? -1 : 0;
+}
+
+#include "decode_block.h"
