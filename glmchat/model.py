@@ -130,7 +130,7 @@ class KVCache:
         this layer's keys and values [batch, kv_heads, max_len, head_dim] and each row's new slot
         (int64 [batch]); the step attends over the slots up to it."""
         if self._slots is None:
-            self._slots = torch.full((self.k.shape[1],), self._start, dtype=torch.int64)
+            self._slots = torch.full((self.k.shape[1],), self._start, dtype=torch.int64, device=self.k.device)
         return self.k[layer], self.v[layer], self._slots
 
 

@@ -427,6 +427,11 @@ class Product(ctypes.Structure):
     BF16, INT8, INT4 = 0, 1, 2
     _fields_ = [("kind", _i64), ("w", _ptr), ("scales", _ptr), ("bias", _ptr), ("N", _i64), ("K", _i64), ("G", _i64)]
 
+    @classmethod
+    def of(cls, kind: int, w: torch.Tensor, scales: torch.Tensor | None, bias: torch.Tensor | None, N: int, K: int,
+           G: int = 0) -> Product:
+        return cls(kind, w.data_ptr(), _addr(scales), _addr(bias), N, K, G)
+
 
 class BlockOperands(ctypes.Structure):
     """A Block's weights, sizes and this layer's cache for glm_decode_block (csrc/decode_block.h)."""
@@ -442,10 +447,12 @@ def decode_block(x: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor, o
     row b's key and value go to slot positions[b] (int64 [B]) of the cache in `operands`, rope is
     [B, 1, rot/2, 2] bf16 at those positions. The block's output [B, 1, hidden], or None where a
     kernel declines (the cache slots may have been written: the caller's other way rewrites them)."""
+    B = x.shape[0]
     if not (enabled and x.dtype == rope.dtype == torch.bfloat16 and x.is_contiguous() and rope.is_contiguous()
-            and rope.shape[:2] == (x.shape[0], 1) and positions.shape == (x.shape[0],) and positions.dtype == torch.int64 and positions.is_contiguous() and provides("glm_decode_block")):
+            and rope.shape[:2] == (B, 1) and positions.shape == (B,) and positions.dtype == torch.int64
+            and positions.is_contiguous() and provides("glm_decode_block")):
         return None
     y = torch.empty_like(x)
     rc = _lib.glm_decode_block(ctypes.byref(operands), x.data_ptr(), y.data_ptr(), rope.data_ptr(), positions.data_ptr(),
-                               x.shape[0], torch.get_num_threads())
+                               B, torch.get_num_threads())
     return y if rc == 0 else None

@@ -86,11 +86,7 @@ class CpuLinear(nn.Linear):
         w, b = self.weight, self.bias
         if w.dtype != torch.bfloat16 or not w.is_contiguous() or not (b is None or b.dtype == w.dtype and b.is_contiguous()):
             return None
-        return cpu.Product(cpu.Product.BF16, w.data_ptr(), None, _address(b), self.out_features, self.in_features, 0)
-
-
-def _address(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+        return cpu.Product.of(cpu.Product.BF16, w, None, b, self.out_features, self.in_features)
 
 
 @torch.compiler.disable  # under torch.compile, inductor's own matvec is ~2× slower than torch.mv
@@ -174,8 +170,8 @@ class _FastQuantized:
         b = self.bias
         if not self._blocked() or scales.dtype != torch.bfloat16 or not (b is None or b.dtype == torch.bfloat16 and b.is_contiguous()):
             return None
-        return cpu.Product(self.kind, self.qweight.data_ptr(), scales.data_ptr(), _address(b), self.out_features,
-                           self.in_features, getattr(self, "group_size", 0))
+        return cpu.Product.of(self.kind, self.qweight, scales, b, self.out_features, self.in_features,
+                              getattr(self, "group_size", 0))
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":
