@@ -868,6 +868,25 @@ def test_one_call_decode_block_leaves_hooked_and_unsupported_blocks_to_their_for
     assert len(calls) == 1
 
 
+@needs_kernel("glm_decode_block")
+def test_one_call_decode_block_declines_a_slot_outside_the_cache():
+    """A position past the cache's slots (or before them), or more rows than it has: no write, None."""
+    model = _block_model(None)
+    block = model.layers[0]
+    cache = model.new_cache(1, 8)
+    k, v, _ = cache.decode_slots(0)
+    rope = model.rope[:1][None].bfloat16()
+    operands = block._decode_operands(k, v, rope)
+    x = torch.randn(1, 1, 256).bfloat16()
+    before = k.clone()
+    for position in (8, 100, -1):
+        assert cpu_kernels.decode_block(x, rope, torch.tensor([position]), operands) is None
+    assert cpu_kernels.decode_block(x.expand(2, 1, 256).contiguous(), rope.expand(2, 1, -1, -1).contiguous(),
+                                    torch.tensor([0, 0]), operands) is None
+    assert torch.equal(k, before)
+    assert cpu_kernels.decode_block(x, rope, torch.tensor([7]), operands) is not None  # the last slot
+
+
 @pytest.mark.skipif(not {"avx2", "fma"} <= cpu_kernels._FLAGS or os.environ.get("GLMCHAT_KERNELS") == "avx2",
                     reason="this CPU has no AVX2/FMA, or this run is on gemv_avx2.c already")
 def test_avx2_kernels_pass_the_attention_and_one_call_block_tests(tmp_path):

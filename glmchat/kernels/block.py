@@ -52,7 +52,7 @@ class CpuBlock(model.Block):
             return None
         D = attn.head_dim
         return cpu.BlockOperands(*(None if w is None else w.data_ptr() for w in weights), *products,
-                                 k.data_ptr(), v.data_ptr(), k.stride(0), k.stride(1),
+                                 k.data_ptr(), v.data_ptr(), k.shape[0], k.shape[2], k.stride(0), k.stride(1),
                                  attn.n_heads, attn.n_kv_heads, D, rope.shape[-2] * 2, self.attn_norm.eps, 1.0 / math.sqrt(D))
 
 
@@ -64,7 +64,7 @@ def _cache_takes(k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the kernel takes a layer's cache [rows, kv_heads, slots, head_dim]: bf16 on the CPU,
     each head's slots contiguous, keys and values alike."""
     return (k.dtype == v.dtype == torch.bfloat16 and k.device.type == v.device.type == "cpu"
-            and k.stride() == v.stride() and k.stride(3) == 1 and k.stride(2) == k.shape[3])
+            and k.shape == v.shape and k.stride() == v.stride() and k.stride(3) == 1 and k.stride(2) == k.shape[3])
 
 
 def _grad_wanted(x: torch.Tensor) -> bool:

@@ -438,7 +438,8 @@ class BlockOperands(ctypes.Structure):
 
     _fields_ = [("attn_norm", _ptr), ("mlp_norm", _ptr), ("post_attn_norm", _ptr), ("post_mlp_norm", _ptr),
                 ("qkv", Product), ("dense", Product), ("gate_up", Product), ("down", Product),
-                ("k_cache", _ptr), ("v_cache", _ptr), ("row_stride", _i64), ("head_stride", _i64),
+                ("k_cache", _ptr), ("v_cache", _ptr), ("rows", _i64), ("slots", _i64), ("row_stride", _i64),
+                ("head_stride", _i64),
                 ("H", _i64), ("G", _i64), ("D", _i64), ("rot", _i64), ("eps", ctypes.c_float), ("scale", ctypes.c_float)]
 
 

@@ -26,6 +26,7 @@ typedef struct {
     const uint16_t *post_attn_norm, *post_mlp_norm; /* GLM-4-0414's sandwich norms, or NULL */
     glm_product qkv, dense, gate_up, down;
     uint16_t *k_cache, *v_cache; /* this layer's [rows, G, slots, D], rows and heads at the strides below */
+    int64_t rows, slots;
     int64_t row_stride, head_stride; /* in elements; each head's slots contiguous */
     int64_t H, G, D, rot;            /* query heads, KV heads, head size, rotated channels */
     float eps, scale;                /* RMSNorm's epsilon, attention's 1/sqrt(D) */
@@ -56,16 +57,19 @@ static void residual_add(const uint16_t *x, uint16_t *h, const uint16_t *post_no
 
 /* Rows x [B, hidden] -> y [B, hidden]: one decode step of the block for B rows, row b's new key and
  * value written at slot positions[b] of its cache row and its attention over slots 0..positions[b];
- * rope [B, rot / 2, 2] (cos, sin) at those positions. 0, or nonzero when a kernel declines (then
- * nothing but the cache slots being written has changed, and the caller computes the block its
- * other way). */
+ * rope [B, rot / 2, 2] (cos, sin) at those positions. 0, or nonzero when a kernel declines or a
+ * position is outside the cache (then nothing of the caller's but y and those cache slots has
+ * changed, and the caller computes the block its other way). */
 int glm_decode_block(const glm_block *L, const uint16_t *x, uint16_t *y, const uint16_t *rope,
                      const int64_t *positions, int64_t B, int nthreads)
 {
     const int64_t hidden = L->qkv.K, HD = L->H * L->D, GD = L->G * L->D, F = L->gate_up.N / 2;
     if (L->qkv.N != HD + 2 * GD || L->dense.K != HD || L->dense.N != hidden || L->gate_up.K != hidden
-        || L->gate_up.N % 2 || L->down.K != F || L->down.N != hidden || B < 1)
+        || L->gate_up.N % 2 || L->down.K != F || L->down.N != hidden || B < 1 || B > L->rows)
         return -2;
+    for (int64_t b = 0; b < B; b++)
+        if (positions[b] < 0 || positions[b] >= L->slots)
+            return -2;
     const size_t sizes[] = {B * hidden, B * L->qkv.N, B * HD, B * GD, B * GD, B * HD, B * L->gate_up.N, B * F};
     size_t total = 0;
     for (int i = 0; i < 8; i++)
@@ -75,7 +79,7 @@ int glm_decode_block(const glm_block *L, const uint16_t *x, uint16_t *y, const u
     int rc = !mem || !lengths ? -1 : 0;
     if (!rc) {
         uint16_t *buf[8];
-        for (int i = 0, off = 0; i < 8; off += (sizes[i] + 31) / 32 * 32, i++)
+        for (size_t i = 0, off = 0; i < 8; off += (sizes[i] + 31) / 32 * 32, i++)
             buf[i] = mem + off;
         uint16_t *xn = buf[0], *qkv = buf[1], *q = buf[2], *k = buf[3], *v = buf[4], *att = buf[5], *h = buf[6],
                  *act = buf[7];
