@@ -16,6 +16,10 @@
  * (gemv_bf16.h) keeps equal halves: the same change gave 0.92-1.02x there (4 pairs). */
 
 /* Software prefetch of the weight streams, into L2 (T1): ~1.4x faster from DRAM than without it.
+ * PF_DIST bytes ahead. 2048 on a Xeon with AMX (2 threads, in turns): one-row decode products of 8
+ * full-size layers from memory took 0.94-0.96x the time (int4) and 0.92-0.94x (int8) of 4096's,
+ * bf16 0.97x, but full-size int4 decode in one process swapping the two libraries ran at 0.98x
+ * (median of 4 pairs, 7.67 against 7.84 tok/s), so 4096 stays.
  * Into L2 rather than L1: measured on an AMD EPYC (2 threads, 16 layer products in turns with the
  * alternatives, median time, three runs) bf16 0.79-0.88x and int4 0.95-0.98x the time with T0.
  * One row of x over blocked int4 codes is one sequential stream per thread, which an AMD EPYC's
