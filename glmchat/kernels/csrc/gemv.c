@@ -608,11 +608,7 @@ int glm_gemm_int8(const uint16_t *x, const uint8_t *blocked, const uint16_t *sca
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* Attention for decode steps: one new token per row b, over that row's own first lengths[b] keys.
- * q and out [B, H, D], k and v [B, G, >= lengths[b], D] (rows and KV heads at the given strides,
- * in elements), all bf16; query heads g*H/G .. (g+1)*H/G - 1 read KV head g. Per (row, KV head):
- * scores by vdpbf16ps in float, softmax in float, then the values' weighted sum in float, rounded
- * to bf16 once. A row's result never depends on the other rows. */
+/* Attention for decode steps (decode_attention.h): scores by vdpbf16ps. */
 
 INLINE __m512 exp16(__m512 x) /* e^x, relative error ~1e-7 (Cephes' expf); NaN stays NaN */
 {
@@ -676,47 +672,22 @@ INLINE void attention_values(const float *p, int64_t n, const uint16_t *vb, int6
             _mm256_storeu_si256((__m256i *)(out + h * D + 16 * j), (__m256i)_mm512_cvtneps_pbh(acc[h][j]));
 }
 
-int glm_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, const int64_t *lengths, uint16_t *out,
-                         int64_t B, int64_t H, int64_t G, int64_t D, int64_t row_stride, int64_t head_stride,
-                         float scale, int nthreads)
+static void attend_group(const uint16_t *q, const uint16_t *kb, const uint16_t *vb, int64_t n, int64_t D, int64_t rep,
+                         float scale, float *p, uint16_t *out)
 {
-    if (D % 32 || D > 128 || G < 1 || H % G)
-        return -2;
-    int64_t longest = 0;
-    for (int64_t b = 0; b < B; b++) {
-        if (lengths[b] < 1)
-            return -2;
-        longest = lengths[b] > longest ? lengths[b] : longest;
+    for (int64_t h = 0; h < rep; h += 2) {
+        int H2 = rep - h >= 2 ? 2 : 1;
+        for (int i = 0; i < H2; i++)
+            attention_weights(q + (h + i) * D, kb, n, D, scale, p + i * n);
+        if (D == 128 && H2 == 2) /* constant sizes: the sums stay in registers */
+            attention_values(p, n, vb, 128, 2, out + h * D);
+        else
+            for (int i = 0; i < H2; i++)
+                attention_values(p + i * n, n, vb, D, 1, out + (h + i) * D);
     }
-    const int64_t rep = H / G;
-    int failed = 0;
-#pragma omp parallel num_threads(nthreads) reduction(| : failed)
-    {
-        float *p = malloc((size_t)(2 * longest) * sizeof(float)); /* two query heads' weights */
-        failed = !p;
-#pragma omp for collapse(2) schedule(static)
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t g = 0; g < G; g++) {
-                if (failed)
-                    continue;
-                const int64_t n = lengths[b];
-                const uint16_t *kb = k + b * row_stride + g * head_stride, *vb = v + b * row_stride + g * head_stride;
-                const int64_t h0 = b * H + g * rep; /* the group's first query head, in q and out */
-                for (int64_t h = 0; h < rep; h += 2) {
-                    int H2 = rep - h >= 2 ? 2 : 1;
-                    for (int i = 0; i < H2; i++)
-                        attention_weights(q + (h0 + h + i) * D, kb, n, D, scale, p + i * n);
-                    if (D == 128 && H2 == 2) /* constant sizes: the sums stay in registers */
-                        attention_values(p, n, vb, 128, 2, out + (h0 + h) * D);
-                    else
-                        for (int i = 0; i < H2; i++)
-                            attention_values(p + i * n, n, vb, D, 1, out + (h0 + h + i) * D);
-                }
-            }
-        free(p);
-    }
-    return failed ? -1 : 0;
 }
+
+#include "decode_attention.h"
 
 /* ------------------------------------------------------------------------------------------ */
 /* The small steps of a decode step around the products, each in one pass, with PyTorch's bf16

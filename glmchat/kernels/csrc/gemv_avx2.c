@@ -432,9 +432,8 @@ int glm_rmsnorm(const uint16_t *x, const uint16_t *w, uint16_t *y, int64_t M, in
 }
 
 /* ------------------------------------------------------------------------------------------ */
-/* Attention for decode steps: gemv.c's glm_decode_attention (the same arguments, checks and order
- * of steps: scores in float, softmax in float, the values' weighted sum in float rounded to bf16
- * once) with 8 floats to a vector, the bf16 products widened to float and summed by FMA. */
+/* Attention for decode steps (decode_attention.h): gemv.c's steps with 8 floats to a vector, the
+ * bf16 products widened to float and summed by FMA. */
 
 /* p[s] = softmax over s < n of scale * (q . k[s]), for one query head; D a multiple of 16. */
 static void attention_weights(const uint16_t *qh, const uint16_t *kb, int64_t n, int64_t D, float scale, float *p)
@@ -480,43 +479,19 @@ INLINE void attention_values(const float *p, int64_t n, const uint16_t *vb, int6
         store8_bf16(out + c + 8 * j, acc[j]);
 }
 
-int glm_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, const int64_t *lengths, uint16_t *out,
-                         int64_t B, int64_t H, int64_t G, int64_t D, int64_t row_stride, int64_t head_stride,
-                         float scale, int nthreads)
+static void attend_group(const uint16_t *q, const uint16_t *kb, const uint16_t *vb, int64_t n, int64_t D, int64_t rep,
+                         float scale, float *p, uint16_t *out)
 {
-    if (D % 32 || D > 128 || G < 1 || H % G)
-        return -2;
-    int64_t longest = 0;
-    for (int64_t b = 0; b < B; b++) {
-        if (lengths[b] < 1)
-            return -2;
-        longest = lengths[b] > longest ? lengths[b] : longest;
+    for (int64_t h = 0; h < rep; h++) {
+        attention_weights(q + h * D, kb, n, D, scale, p); /* p: n rounded up to whole vectors */
+        for (int64_t c = 0; c < D; c += 64)
+            if (D - c >= 64)
+                attention_values(p, n, vb, D, c, 8, out + h * D);
+            else
+                attention_values(p, n, vb, D, c, 4, out + h * D);
     }
-    const int64_t rep = H / G;
-    int failed = 0;
-#pragma omp parallel num_threads(nthreads) reduction(| : failed)
-    {
-        float *p = malloc((size_t)(longest + 8) * sizeof(float)); /* + 8: whole vectors past the end */
-        failed = !p;
-#pragma omp for collapse(2) schedule(static)
-        for (int64_t b = 0; b < B; b++)
-            for (int64_t g = 0; g < G; g++) {
-                if (failed)
-                    continue;
-                const int64_t n = lengths[b];
-                const uint16_t *kb = k + b * row_stride + g * head_stride, *vb = v + b * row_stride + g * head_stride;
-                for (int64_t h = b * H + g * rep; h < b * H + (g + 1) * rep; h++) {
-                    attention_weights(q + h * D, kb, n, D, scale, p);
-                    for (int64_t c = 0; c < D; c += 64)
-                        if (D - c >= 64)
-                            attention_values(p, n, vb, D, c, 8, out + h * D);
-                        else
-                            attention_values(p, n, vb, D, c, 4, out + h * D);
-                }
-            }
-        free(p);
-    }
-    return failed ? -1 : 0;
 }
+
+#include "decode_attention.h"
 
 #include "decode_block.h"
