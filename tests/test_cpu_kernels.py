@@ -479,8 +479,9 @@ def test_no_working_compiler_means_silent_fallback(tmp_path, compiler):
 def test_integer_products_and_torchs_bf16_products_interleave_on_one_thread():
     """On a CPU with AMX both sides use its tiles from the same threads: PyTorch's bf16 GEMM and
     attention (oneDNN's AMX matmul and its brgemm kernel, as its verbose log shows on a Xeon) and
-    glmchat's int8/int4 products, each of which configures the tiles and releases them. Neither may find the other's configuration: every result stays what it
-    was before the two took turns, and the products stay within their bound of the reference."""
+    glmchat's int8/int4 products, each of which configures the tiles and releases them. Neither may
+    find the other's configuration: every result stays what it was before the two took turns, and
+    the products stay within their bound of the reference."""
     l8, l4 = _layer("int8", 256, 512), _layer("int4", 256, 512, group=64)
     x, w = _randn(64, 512, seed=1).bfloat16(), _randn(1024, 512, seed=2).bfloat16()
     q, k, v = (_randn(1, 8, 64, 64, seed=s).bfloat16() for s in (3, 4, 5))
@@ -792,10 +793,18 @@ def _block_model(method, sandwich=False):
     return install(model)
 
 
-def _counted(result, calls: list):
-    if result is not None:
-        calls.append(1)
-    return result
+def _count_one_call_steps(monkeypatch) -> list:
+    """A list that gets an entry for each block step the one call takes (not the ones it declines)."""
+    calls, one_call = [], cpu_kernels.decode_block
+
+    def counted(*args):
+        y = one_call(*args)
+        if y is not None:
+            calls.append(1)
+        return y
+
+    monkeypatch.setattr(cpu_kernels, "decode_block", counted)
+    return calls
 
 
 def _decode_logits(model, ids):
@@ -826,9 +835,7 @@ def test_one_call_decode_block_equals_the_blocks_kernels_one_by_one(monkeypatch,
     portable path."""
     model = _block_model(method, sandwich)
     ids = torch.randint(5, 500, (3, 12), generator=torch.Generator().manual_seed(1))
-    calls = []  # the steps it took
-    one_call = cpu_kernels.decode_block
-    monkeypatch.setattr(cpu_kernels, "decode_block", lambda *a: _counted(one_call(*a), calls))
+    calls = _count_one_call_steps(monkeypatch)
     fused = _decode_logits(model, ids)
     assert len(calls) == 2 * (4 + 7)  # every decode step of both layers went through it
     monkeypatch.setattr(cpu_kernels, "decode_block", lambda *a: None)
@@ -845,9 +852,7 @@ def test_one_call_decode_block_leaves_hooked_and_unsupported_blocks_to_their_for
     """A hook on a layer (tensor parallelism's all_reduce), a batch sharing one rope row, or float32
     weights: the block's own forward, which runs the hook."""
     model = _block_model(None)
-    calls = []  # the steps it took
-    one_call = cpu_kernels.decode_block
-    monkeypatch.setattr(cpu_kernels, "decode_block", lambda *a: _counted(one_call(*a), calls))
+    calls = _count_one_call_steps(monkeypatch)
     seen = []
     handle = model.layers[1].mlp.down.register_forward_hook(lambda *a: seen.append(1))
     ids = torch.randint(5, 500, (2, 6), generator=torch.Generator().manual_seed(2))

@@ -5,7 +5,7 @@ so the same bits. `glmchat.kernels.install` swaps it in.
 
 Why: each product streams its weights through the caches, and on this machine class the PyTorch
 ops and Python between two products then run from memory: a full-size int4 decode step (ChatGLM3-6B,
-Xeon, 2 threads) spent 20-25 ms of its 155-175 between its products. Prompts, padded batches,
+Xeon, 2 threads) spent 17-27 ms of its 155-179 between its products. Prompts, padded batches,
 hooked layers (tensor parallelism's all_reduce) and layers the kernels do not take keep the
 block's own forward.
 """

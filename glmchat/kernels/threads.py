@@ -1,17 +1,17 @@
 """Run on the cores other programs leave free (CPU, Linux).
 
-Every matrix product is split evenly over the threads, and each waits for the slowest part. When
-another program holds a core, the thread that shares it gets half a core and every product waits
-for it: on 2 cores with a busy loop pinned to one, int4 decode (8 of ChatGLM3-6B's layers) ran at
-0.30× its quiet speed with 2 threads and at 0.72× with 1. So before a forward pass,
-at most every `interval` seconds, the governor reads how much CPU time other processes took since
-its last look (the busy time of this process's CPUs in /proc/stat, less this process's own CPU
-time) and sets PyTorch's thread count, which the C kernels follow too, to the cores left: at most
-the count it found (or the count a caller set since), at least one. While a thread of ours runs on
-every CPU, a program that wants a whole core only gets a share of one, so then any share of note
-gives a core up, and the next look (with a core to spare) sees what the program really takes. A
-model whose decode step is compiled (--compile) is left alone: compiled code is built for one
-thread count.
+Every matrix product is split over the threads (the integer ones hand out their blocks as threads
+come free) and waits for the slowest part. When another program holds a core, the thread that shares
+it gets half a core and every product waits for it: on 2 cores with a busy loop pinned to one, int4
+decode (8 of ChatGLM3-6B's layers) ran at 0.30× its quiet speed with 2 threads and at 0.72× with 1.
+So before a forward pass, at most every `interval` seconds, the governor reads how much CPU time
+other processes took since its last look (the busy time of this process's CPUs in /proc/stat, less
+this process's own CPU time) and sets PyTorch's thread count, which the C kernels follow too, to the
+cores left: at most the count it found (or the count a caller set since), at least one. While a
+thread of ours runs on every CPU, a program that wants a whole core only gets a share of one, so
+then any share of note gives a core up, and the next look (with a core to spare) sees what the
+program really takes. A model whose decode step is compiled (--compile) is left alone: compiled code
+is built for one thread count.
 """
 
 from __future__ import annotations

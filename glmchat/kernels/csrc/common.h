@@ -11,9 +11,9 @@
  * second, slower in each of the 12 timed), and with equal halves the faster one waited 0.18-0.36 ms
  * on average at the end of every product. Xeon, 2 threads, in turns: full-size int4 decode in one
  * process swapping the libraries 1.02-1.11x as fast over 8 pairs (medians 1.03x and 1.04x); int4
- * decode products from memory 1.05-1.10x, gemv_avx2.c's 1.05-1.08x; int8 decode 0.91-1.03x (4 pairs,
- * median 1.01x). The bf16 decode product
- * (gemv_bf16.h) keeps equal halves: the same change gave 0.92-1.02x there (4 pairs). */
+ * decode products from memory 1.05-1.10x (blocks handed out 1, 2 or 4 at a time), gemv_avx2.c's
+ * 1.05-1.08x; int8 decode 0.91-1.03x (4 pairs, median 1.01x). The bf16 decode product (gemv_bf16.h)
+ * keeps equal halves: the same change gave 0.92-1.02x there (4 pairs). */
 
 /* Software prefetch of the weight streams, into L2 (T1): ~1.4x faster from DRAM than without it.
  * PF_DIST bytes ahead. 2048 on a Xeon with AMX (2 threads, in turns): one-row decode products of 8

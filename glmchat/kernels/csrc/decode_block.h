@@ -6,10 +6,10 @@
  *
  * Why one call: each product streams megabytes of weights through caches that this machine class
  * gives a process only a few MB of, so after every product the interpreter's and PyTorch's own code
- * and data come back from memory. A 4096-wide RMSNorm called from Python took 9 us alone and 80-90
- * after 8 MB or more were read (Xeon, 2 threads); the ~15 PyTorch ops and calls between a layer's
- * four products cost a full-size int4 step 20-25 ms of its 155-175, while the same kernels called
- * back to back took 136-139 ms in all. */
+ * and data come back from memory. A 4096-wide RMSNorm called from Python took 9 us alone and 73-106
+ * after 8 to 128 MB were read (Xeon, 2 threads); the ~15 PyTorch ops and calls between a layer's
+ * four products cost a full-size int4 step 17-27 ms of its 155-179, while the same kernels called
+ * back to back took 135-139 ms in all. */
 
 typedef struct {
     int64_t kind; /* GLM_BF16: w is a bf16 weight [N, K]; GLM_INT8 / GLM_INT4: blocked codes */
