@@ -15,7 +15,7 @@ import torch
 
 from .families.base import without_partial_tail
 from .sampling import SamplingConfig  # noqa: F401  (re-exported)
-from .model import ContextLengthError, GLMTransformer, KVCache
+from .model import ContextLengthError, GLMTransformer, KVCache, PromptPieces
 
 Processor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -95,6 +95,11 @@ def prefill(model: GLMTransformer, input_ids: torch.Tensor, cache, attention_mas
     return model(input_ids, cache=cache, attention_mask=attention_mask, position_ids=position_ids, last_only=True)[:, -1]
 
 
+def piece_length(cache_length: int, remaining: int, chunk: int) -> int:
+    """A prompt's next prefill piece: its next tokens up to the next multiple of `chunk` cache positions."""
+    return min(remaining, chunk - cache_length % chunk)
+
+
 def prefill_chunks(model: GLMTransformer, input_ids: torch.Tensor, cache, chunk: int) -> Iterator[torch.Tensor | None]:
     """A prompt [1, T] prefilled in pieces that end at multiples of `chunk` cache positions, one per
     step, for a caller that does other work in between (the server decodes its running requests):
@@ -103,10 +108,22 @@ def prefill_chunks(model: GLMTransformer, input_ids: torch.Tensor, cache, chunk:
     (the server's prefix cache): the same KV and logits, bit for bit."""
     start, T = 0, input_ids.shape[1]
     while start < T:
-        end = min(T, start + chunk - cache.length % chunk)
-        logits = model(input_ids[:, start:end], cache=cache, last_only=True)[:, -1]
+        end = start + piece_length(cache.length, T - start, chunk)
+        logits = prefill_together(model, [(input_ids[:, start:end], cache)])
         yield logits if end == T else None
         start = end
+
+
+def prefill_together(model: GLMTransformer, pieces: list[tuple[torch.Tensor, KVCache]]) -> torch.Tensor:
+    """Prompt pieces [1, T_i], each after what its own cache holds, in one forward pass (PromptPieces):
+    the logits of each piece's last position, [pieces, vocab]. A piece's results are those of its
+    forward pass alone where glmchat.kernels.prompts_keep_rows_apart(model) and no piece is a single
+    token (which alone would be a decode step); a single piece is run alone."""
+    if len(pieces) == 1:
+        ids, cache = pieces[0]
+        return model(ids, cache=cache, last_only=True)[:, -1]
+    packed = PromptPieces([cache for _, cache in pieces], [ids.shape[1] for ids, _ in pieces])
+    return model(torch.cat([ids for ids, _ in pieces], dim=1), cache=packed, last_only=True)[:, -1]
 
 
 def decode_step(model: GLMTransformer, tokens: torch.Tensor, cache, position_ids=None) -> torch.Tensor:

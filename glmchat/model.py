@@ -70,6 +70,16 @@ class Step:
     # Decode steps of rows at their own lengths (the server's slots): row b sees exactly its first
     # key_lengths[b] keys, and is attended alone so that its result never depends on the other rows.
     key_lengths: list[int] | None = None
+    # PromptPieces: each prompt piece's own Step, in the order the pieces are laid end to end.
+    pieces: list[Step] | None = None
+
+    def piece_ends(self) -> list[int]:
+        """Where each piece of a PromptPieces row ends (exclusive)."""
+        ends, end = [], 0
+        for piece in self.pieces:
+            end += piece.positions.shape[1]
+            ends.append(end)
+        return ends
 
 
 class KVCache:
@@ -134,6 +144,35 @@ class KVCache:
         return self.k[layer], self.v[layer], self._slots
 
 
+class PromptPieces:
+    """Several prompts' next pieces in one forward pass (the server prefills waiting prompts together):
+    the pieces, each after what its own KVCache holds, are laid end to end as one row [1, T1 + T2 + ...].
+    The products and the per-token ops see every piece's tokens at once, so the weights are read once
+    for all of them; each piece's keys and values go to its own cache, and its queries attend to that
+    cache exactly as the piece would alone. Where every product computes each row as if it were alone
+    (glmchat.kernels.prompts_keep_rows_apart), each piece's keys, values and logits are bit for bit
+    those of its forward pass alone."""
+
+    def __init__(self, caches: list[KVCache], lengths: list[int]):
+        self.caches, self.lengths = caches, lengths
+
+    def begin(self, T: int, attention_mask: torch.Tensor | None) -> Step:
+        if T != sum(self.lengths) or attention_mask is not None:
+            raise ValueError("prompt pieces take their tokens end to end, without an attention mask")
+        steps = [cache.begin(n, None) for cache, n in zip(self.caches, self.lengths)]
+        return Step(torch.cat([s.positions for s in steps], dim=1), None, is_causal=False, pieces=steps)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Each piece's keys and values to its cache; each cache's keys and values so far, as lists."""
+        keys, values, start = [], [], 0
+        for cache, n in zip(self.caches, self.lengths):
+            piece_k, piece_v = cache.update(layer, k[:, :, start : start + n], v[:, :, start : start + n])
+            keys.append(piece_k)
+            values.append(piece_v)
+            start += n
+        return keys, values
+
+
 class Attention(nn.Module):
     def __init__(self, config: GLMConfig, layer_idx: int):
         super().__init__()
@@ -163,7 +202,12 @@ class Attention(nn.Module):
         return apply_rotary(q, rope), apply_rotary(k, rope), v
 
     def attend(self, q, k, v, step: Step) -> torch.Tensor:
-        """softmax(q·kᵀ/√d)·v: q [B, heads, T, d], k and v [B, kv_heads, S, d]."""
+        """softmax(q·kᵀ/√d)·v: q [B, heads, T, d], k and v [B, kv_heads, S, d] (PromptPieces: lists,
+        one per piece)."""
+        if step.pieces is not None:
+            starts = [0, *step.piece_ends()]
+            return torch.cat([self.attend(q[:, :, a:b], piece_k, piece_v, piece)
+                              for a, b, piece_k, piece_v, piece in zip(starts, starts[1:], k, v, step.pieces)], dim=2)
         if step.key_lengths is None:
             return self.attention(q, k, v, step.mask, step.is_causal)
         return torch.cat([self.attention(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], None, False)
@@ -268,7 +312,8 @@ class GLMTransformer(nn.Module):
         position_ids: torch.Tensor | None = None,
         last_only: bool = False,
     ) -> torch.Tensor:
-        """Logits [B, T, vocab] (or [B, 1, vocab] with last_only) for input_ids [B, T].
+        """Logits [B, T, vocab] (or [B, 1, vocab] with last_only) for input_ids [B, T]. With a
+        PromptPieces cache and last_only: [pieces, 1, vocab], each piece's last position.
 
         attention_mask: [B, T] or [B, past + T] of 1 (token) / 0 (left padding), HF-style.
         position_ids: default 0.. for each row's real tokens, continuing after the cache.
@@ -290,7 +335,7 @@ class GLMTransformer(nn.Module):
         for layer in self.layers:
             x = layer(x, rope, step, cache)
         if last_only:
-            x = x[:, -1:]
+            x = x[:, -1:] if step.pieces is None else x[0, [end - 1 for end in step.piece_ends()], None]
         return self.output(self.norm(x))
 
     def place(self, input_ids, step: Step, cache, position_ids) -> tuple[torch.Tensor, Step]:

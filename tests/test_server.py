@@ -22,7 +22,9 @@ import torch
 
 from glmchat.families.chatglm3 import TOOLS_PROMPT, ChatGLM3, ChatGLMTokenizer, format_tool_call, parse_tool_call
 from glmchat.families.chatglm3 import chatglm3_prompt_ids as build_prompt_ids
-from glmchat.generate import generate_tokens, prefill_chunks
+from glmchat.generate import generate_tokens, prefill_chunks, prefill_together
+from glmchat.kernels import prompts_keep_rows_apart
+from glmchat.model import PromptPieces
 from glmchat.loader import load_model
 from glmchat.server import BackgroundServer, build_app
 from glmchat.server.engine import Engine, SlotCache
@@ -101,8 +103,8 @@ def collect(q: queue.Queue) -> tuple[list[int], str]:
 # ---- the engine ----------------------------------------------------------------------------
 
 @functools.cache
-def tiny_model(path, dtype: str):
-    return load_model(path, dtype=dtype, progress=False)[0]
+def tiny_model(path, dtype: str, quantize: str | None = None):
+    return load_model(path, dtype=dtype, progress=False, quantize=quantize, group_size=32)[0]
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
@@ -165,6 +167,65 @@ def test_prefill_after_a_cached_prefix_equals_prefill_from_scratch(tiny_ckpt_4k,
                 assert torch.equal(cache.k[:, :, :, : len(prompt)], whole.k) and torch.equal(cache.v[:, :, :, : len(prompt)], whole.v)
     finally:
         hook.remove()
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_prompts_prefilled_together_get_the_bits_they_get_alone(tiny_ckpt_4k, tok, quantize):
+    """Pieces of several prompts in one forward pass (PromptPieces), one of them after a prefix its
+    cache already holds: each gets the logits and KV of its forward pass alone, bit for bit, where
+    every product keeps rows apart (the int8/int4 C kernels; not bf16's PyTorch products)."""
+    model = tiny_model(tiny_ckpt_4k, "bfloat16", quantize)
+    assert prompts_keep_rows_apart(model) and not prompts_keep_rows_apart(tiny_model(tiny_ckpt_4k, "bfloat16"))
+    prompts = [build_prompt_ids(tok, user(t)) for t in TEXTS[:5]] + [build_prompt_ids(tok, user(DOCUMENT))]
+    done = {len(prompts) - 1: 128}  # the long prompt's cache holds a block already
+
+    def cache_for(i):
+        cache = model.new_cache(1, len(prompts[i]))
+        if i in done:
+            model(torch.tensor([prompts[i][: done[i]]]), cache=cache)
+        return cache
+
+    with torch.inference_mode():
+        alone = []
+        for i, prompt in enumerate(prompts):
+            cache = cache_for(i)
+            alone.append((model(torch.tensor([prompt[done.get(i, 0) :]]), cache=cache, last_only=True)[0, -1], cache))
+        caches = [cache_for(i) for i in range(len(prompts))]
+        pieces = [(torch.tensor([prompt[done.get(i, 0) :]]), cache) for i, (prompt, cache) in enumerate(zip(prompts, caches))]
+        passes = []
+        hook = model.register_forward_pre_hook(lambda m, args, kw: passes.append(type(kw["cache"])), with_kwargs=True)
+        try:
+            together = prefill_together(model, pieces)
+        finally:
+            hook.remove()
+    assert passes == [PromptPieces]
+    for i, ((logits, cache), shared) in enumerate(zip(alone, caches)):
+        assert torch.equal(together[i], logits), i
+        assert shared.length == cache.length == len(prompts[i])
+        assert torch.equal(shared.k, cache.k) and torch.equal(shared.v, cache.v), i
+
+
+def test_engine_prefills_waiting_prompts_together(tiny_ckpt_4k, tok):
+    """With int4 kernels the engine prefills prompts that wait at the same time in shared forward
+    passes, and each answer is still the one generated alone."""
+    model = tiny_model(tiny_ckpt_4k, "bfloat16", "int4")
+    prompts = [build_prompt_ids(tok, user(t)) for t in TEXTS[:6]]
+    shared = []  # pieces per forward pass that prefilled several prompts
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kw: shared.append(len(kw["cache"].lengths)) if isinstance(kw["cache"], PromptPieces) else None,
+        with_kwargs=True)
+    engine = Engine(model, max_batch=8)
+    try:
+        queues = [queue.Queue() for _ in prompts]
+        for prompt, q in zip(prompts, queues):  # all waiting before the engine's thread starts
+            engine.submit(prompt, max_new_tokens=12, emit=q.put, stop_ids=tok.stop_token_ids)
+        engine.start()
+        for prompt, q in zip(prompts, queues):
+            assert collect(q)[0] == list(generate_tokens(model, prompt, max_new_tokens=12, stop_ids=tok.stop_token_ids))
+    finally:
+        engine.stop()
+        hook.remove()
+    assert shared and max(shared) >= 3, shared
 
 
 def test_prefix_cache_chains_blocks_and_evicts_the_least_recent_ends():

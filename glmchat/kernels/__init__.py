@@ -64,5 +64,15 @@ def keeps_rows_apart(model: nn.Module) -> bool:
     return all(type(m) in (CpuLinear, FastInt8Linear, FastInt4Linear) for m in products)
 
 
+def prompts_keep_rows_apart(model: nn.Module) -> bool:
+    """Whether every product in `model`'s blocks computes each row of a prompt as if it were alone
+    (glmchat's int8/int4 C kernels), and its output layer each row of a decode step: then prompts
+    can be prefilled together (glmchat.model.PromptPieces) with the bits each gets alone. bf16 prompts
+    take PyTorch's matrix products, whose sums depend on how many rows there are."""
+    blocks = [m for m in model.layers.modules() if isinstance(m, (nn.Linear, Int8Linear, Int4Linear))]
+    return keeps_rows_apart(model) and all(isinstance(m, (FastInt8Linear, FastInt4Linear)) and m.kernel_applies()
+                                           for m in blocks)
+
+
 def _float_dtype(layer: nn.Module) -> torch.dtype | None:
     return next((t.dtype for t in (*layer.parameters(), *layer.buffers()) if t.is_floating_point()), None)

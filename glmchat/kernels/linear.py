@@ -166,12 +166,17 @@ class _FastQuantized:
     def decode_operand(self) -> cpu.Product | None:
         """This layer for glmchat.kernels.block's one-call decode step, where its kernel takes it
         (blocked buffers, bf16 scales and bias)."""
-        scales = getattr(self, self._buffer_names[1])
-        b = self.bias
-        if not self._blocked() or scales.dtype != torch.bfloat16 or not (b is None or b.dtype == torch.bfloat16 and b.is_contiguous()):
+        if not self.kernel_applies():
             return None
-        return cpu.Product.of(self.kind, self.qweight, scales, b, self.out_features, self.in_features,
-                              getattr(self, "group_size", 0))
+        return cpu.Product.of(self.kind, self.qweight, getattr(self, self._buffer_names[1]), self.bias,
+                              self.out_features, self.in_features, getattr(self, "group_size", 0))
+
+    def kernel_applies(self) -> bool:
+        """Whether glmchat's C kernel takes this layer's products (blocked codes, bf16 scales and bias):
+        then every row of x, prompt or decode step, comes out as if it were alone (finite x)."""
+        b = self.bias
+        return (self._blocked() and getattr(self, self._buffer_names[1]).dtype == torch.bfloat16
+                and (b is None or b.dtype == torch.bfloat16 and b.is_contiguous()))
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type == "cpu":

@@ -1,9 +1,13 @@
 """Continuous batching: one thread owns the model and advances every active request together.
 
-Each step: waiting requests are prefilled (alone, batch 1, after the blocks of their prompt the
-prefix cache already holds) in chunks of the cache's block size, about one chunk's worth of tokens
-per step, so that a long prompt never stalls the running requests for longer than a chunk; a
-prefilled request is copied into a free row of the SlotCache. Then one batched decode step of the
+Each step: waiting requests are prefilled (each into a batch-1 cache, after the blocks of their
+prompt the prefix cache already holds) in pieces that end at multiples of the cache's block size,
+about one block's worth of tokens per step, so that a long prompt never stalls the running requests
+for longer than a block; a prefilled request is copied into a free row of the SlotCache. Where the
+model computes each prompt row as if it were alone (glmchat.kernels.prompts_keep_rows_apart: the
+int8/int4 C kernels), the step's pieces of several prompts go through one forward pass
+(glmchat.generate.prefill_together), the weights read once for all of them; elsewhere one prompt is
+prefilled at a time. Then one batched decode step of the
 generation core (glmchat.generate) gives the next token of every active request; finished and
 cancelled requests leave. Rows are kept packed (0 .. active-1), so the batch is a view of the cache.
 Each request hears the core's `GenerationResponse` records, their text from the request's own
@@ -11,7 +15,8 @@ Each request hears the core's `GenerationResponse` records, their text from the 
 
 A request's tokens do not depend on the other requests: decode steps keep rows apart (see
 glmchat.kernels.linear and Step.key_lengths) and a prompt's prefill is the same computation
-whether its prefix came from the prefix cache or not.
+whether its prefix came from the prefix cache or not, and whether other prompts' pieces shared its
+forward passes or not.
 
 Under tensor parallelism (glmchat.parallel) every rank has an engine; rank 0's serves and tells the
 others each operation on the model and its caches as it does it (`Lockstep`), and theirs `follow`.
@@ -25,12 +30,13 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
-from ..generate import GenerationResponse, Sampler, SamplingConfig, TextStream, decode_step, prefill_chunks
-from ..kernels import keeps_rows_apart
+from ..generate import (GenerationResponse, Sampler, SamplingConfig, TextStream, decode_step, piece_length,
+                        prefill_together)
+from ..kernels import keeps_rows_apart, prompts_keep_rows_apart
 from ..model import ContextLengthError, GLMTransformer, KVCache, Step
 from .metrics import Metrics
 from .prefix_cache import BLOCK, PrefixCache
@@ -47,8 +53,8 @@ class QueueFullError(RuntimeError):
 
 class Lockstep:
     """Tensor-parallel ranks' engines in step. Rank 0's engine tells the others every operation on
-    the model and its caches as it does it: a prompt to prefill ("start"), its next chunk, its
-    admission to a batch row ("join"), a decode step's input ids, a row freed. They do the same
+    the model and its caches as it does it: a prompt to prefill ("start"), the next
+    pieces of some prompts ("pieces"), a prompt's admission to a batch row ("join"), a decode step's input ids, a row freed. They do the same
     with their shares of the weights and KV, so every all_reduce inside the model meets its
     partners. Only rank 0 tokenizes, samples and serves; what it decides (tokens, cancellations,
     timing) reaches the others as these operations."""
@@ -175,7 +181,7 @@ class SlotCache:
         return self.k[layer], self.v[layer], self._pos
 
 
-@dataclass
+@dataclass(eq=False)  # requests are compared by identity
 class Request:
     prompt: list[int]
     max_new_tokens: int
@@ -192,7 +198,8 @@ class Request:
     cancelled: bool = False
     sampler: Sampler | None = None
     kv: KVCache | None = None  # while its prompt is prefilled
-    chunks: Iterator[torch.Tensor | None] | None = None  # the prefill's remaining chunks
+    todo: torch.Tensor | None = None  # [1, n]: the prompt's tokens still to prefill
+    chunk: int = 0  # its prefill pieces end at multiples of this many cache positions
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     last_token: float | None = None
@@ -241,7 +248,9 @@ class Engine:
         self.cache = SlotCache(model, max_batch, fixed_rows=not keeps_rows_apart(model))
         self._greedy = Sampler(SamplingConfig(greedy=True), model.device)
         self._pending: deque[Request] = deque()
-        self._prefilling: Request | None = None  # the request whose prompt is being prefilled
+        self._prefilling: list[Request] = []  # requests whose prompts are being prefilled, oldest first
+        # Whether prompts can share forward passes with the bits each would get alone.
+        self._packs = model.prompt_is_causal and prompts_keep_rows_apart(model)
         self._active: list[Request] = []  # row i of the cache belongs to _active[i]
         self._cond = threading.Condition()
         self._stopping = False
@@ -258,7 +267,7 @@ class Engine:
     @property
     def queued(self) -> int:
         """Requests without a first token yet (waiting, or their prompt being prefilled)."""
-        return len(self._pending) + (self._prefilling is not None)
+        return len(self._pending) + len(self._prefilling)
 
     @property
     def running(self) -> int:
@@ -279,8 +288,8 @@ class Engine:
     def cancel_all(self) -> None:
         """Cancel every request, waiting or running (thread-safe); each ends with finish "cancelled"."""
         with self._cond:
-            requests = [*self._pending, *([self._prefilling] if self._prefilling else [])]
-            requests += list(self._active)  # after the prefilling one, which can only move here
+            requests = [*self._pending, *self._prefilling]
+            requests += list(self._active)  # after the prefilling ones, which can only move here
             for request in requests:
                 request.cancel()
             self._cond.notify()
@@ -347,8 +356,7 @@ class Engine:
                 self._drop_cancelled()
                 if self._active:
                     self._decode_step()
-        waiting = [self._prefilling] if self._prefilling else []
-        for request in [*self._active, *waiting, *self._pending]:
+        for request in [*self._active, *self._prefilling, *self._pending]:
             self._send(request, request.record(finish="cancelled"))
         self._tell("stop")
 
@@ -369,8 +377,8 @@ class Engine:
                     prefilling[serial] = Request(prompt, 1, SamplingConfig(greedy=True), frozenset(), lambda record: None,
                                                  serial=serial)
                     self._start_prefill(prefilling[serial])
-                elif operation == "chunk":
-                    next(prefilling[args[0]].chunks)
+                elif operation == "pieces":
+                    self._prefill_pieces([prefilling[serial] for serial in args[0]])
                 elif operation == "join":
                     self._admit(prefilling.pop(args[0]))
                 elif operation == "drop":
@@ -386,33 +394,73 @@ class Engine:
                     return
 
     def _prefill_some(self) -> None:
-        """About one chunk's worth of prompt tokens (whole chunks, from one or several prompts)."""
-        budget = self.prefix.block
-        while budget > 0:
-            if self._prefilling is None:
-                with self._cond:
-                    if not self._pending or len(self._active) >= self.cache.rows:
-                        return
-                    self._prefilling = self._pending.popleft()
-                if not self._start_prefill(self._prefilling):
-                    self._prefilling = None
-                    continue
-            request = self._prefilling
-            before = request.kv.length
-            cancelled = request.cancelled  # read once: another thread may set it any time
-            self._tell("drop" if cancelled else "chunk", request.serial)
-            try:
-                logits = next(request.chunks) if not cancelled else None
-            except Exception as e:  # this request fails; the others go on
-                self._fail(request, e)
-                continue
-            budget -= request.kv.length - before
-            if cancelled:
-                self._prefilling = None
+        """About one block's worth of prompt tokens: the next pieces of the prompts being prefilled,
+        oldest first (whole pieces, at least one), in one forward pass where prompts can share it.
+        A piece of one token goes alone: alone it is a decode step, whose kernels differ."""
+        self._start_waiting()
+        budget, together = self.prefix.block, []
+        for request in list(self._prefilling):
+            if budget <= 0:
+                break
+            if request.cancelled:
+                self._forget(request)
                 self._send(request, request.record(finish="cancelled"))
-            elif logits is not None:
-                self._prefilling = None
-                self._join(request, logits)
+                continue
+            n = self._piece(request)
+            budget -= n
+            if self._packs and n > 1:
+                together.append(request)
+            else:
+                self._prefill_step([request])
+        if together:
+            self._prefill_step(together)
+
+    def _start_waiting(self) -> None:
+        """Waiting requests become prefilling ones while batch rows are free for them: any number
+        where prompts share forward passes, else one at a time. A prompt that begins with the same
+        block as one being prefilled waits for that one's blocks in the prefix cache (and the
+        requests behind it, in order)."""
+        while True:
+            with self._cond:
+                room = self.cache.rows - len(self._active) - len(self._prefilling)
+                if (not self._pending or room <= 0 or (self._prefilling and not self._packs)
+                        or self._shares_first_block(self._pending[0])):
+                    return
+                request = self._pending.popleft()
+            if self._start_prefill(request):
+                self._prefilling.append(request)
+
+    def _shares_first_block(self, request: Request) -> bool:
+        n = self.prefix.block
+        return (self.prefix.max_bytes > 0 and len(request.prompt) > n
+                and any(other.prompt[:n] == request.prompt[:n] for other in self._prefilling))
+
+    def _piece(self, request: Request) -> int:
+        return piece_length(request.kv.length, request.todo.shape[1], request.chunk)
+
+    def _prefill_step(self, batch: list[Request]) -> None:
+        """The next pieces of these prompts; the ones that are then complete join the batch."""
+        self._tell("pieces", [request.serial for request in batch])
+        try:
+            logits = self._prefill_pieces(batch)
+        except Exception as e:  # these requests fail; the others go on
+            for request in batch:
+                self._fail(request, e)
+            return
+        for request, row in zip(batch, logits):
+            if request.todo.shape[1] == 0:
+                self._prefilling.remove(request)
+                self._join(request, row[None])
+
+    def _prefill_pieces(self, batch: list[Request]) -> torch.Tensor:
+        """Each request's next prompt piece, all in one forward pass; the logits of each piece's last
+        position, [len(batch), vocab]."""
+        pieces = []
+        for request in batch:
+            n = self._piece(request)
+            pieces.append((request.todo[:, :n], request.kv))
+            request.todo = request.todo[:, n:]
+        return prefill_together(self.model, pieces)
 
     def _start_prefill(self, request: Request) -> bool:
         """Set up a request's prefill after the cached blocks of its prompt; False if it ended already."""
@@ -428,8 +476,8 @@ class Engine:
                 for block in self.prefix.match(request.prompt):
                     request.kv.append(block.k[:, None], block.v[:, None])
                 chunk = self.prefix.block
-            rest = torch.tensor([request.prompt[request.kv.length :]], dtype=torch.long, device=self.model.device)
-            request.chunks = prefill_chunks(self.model, rest, request.kv, chunk)
+            request.todo = torch.tensor([request.prompt[request.kv.length :]], dtype=torch.long, device=self.model.device)
+            request.chunk = chunk
         except Exception as e:
             self._fail(request, e)
             return False
@@ -454,16 +502,20 @@ class Engine:
         if self.model.prompt_is_causal:
             self.prefix.store(request.prompt, request.kv.k[:, 0], request.kv.v[:, 0])
         self.cache.add(request.kv)
-        request.kv = request.chunks = None
+        request.kv = request.todo = None
         self._active.append(request)
 
     def _fail(self, request: Request, error: Exception) -> None:
         log.error("prefill failed", exc_info=error)
-        self._tell("drop", request.serial)
-        if self._prefilling is request:
-            self._prefilling = None
-        request.kv = request.chunks = None
+        self._forget(request)
         self._send(request, request.record(finish="error", error=f"{type(error).__name__}: {error}"))
+
+    def _forget(self, request: Request) -> None:
+        """A request whose prefill ends without it joining the batch."""
+        self._tell("drop", request.serial)
+        if request in self._prefilling:
+            self._prefilling.remove(request)
+        request.kv = request.todo = None
 
     def _decode_step(self) -> None:
         batch = self._active
