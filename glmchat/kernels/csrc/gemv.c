@@ -326,31 +326,44 @@ static void int4_direct_group(const q8_x *X, const uint8_t *block, const float *
         int4_direct_rows(X, block, s, z, g, m0, 1, out + m0);
 }
 
-/* One row of x (a decode step alone) over a whole int4 block: int4_direct_rows' integer sums and
- * float steps (so the same results), with the block's 64 sums kept in registers from group to
- * group rather than stored and reloaded. With this and the blocked
- * scales, 112 full-size layer products (28 layers) took 0.87x the time when the host's memory was
- * fast and 0.94x when slow, reaching 0.90 and 0.94 of the rate a plain sum reads the same codes at,
- * against 0.79 and 0.88 (EPYC, 2 threads, in turns). Scales laid out [K/G, N, 2], a 256-byte load
- * from another page per group, were most of the difference (0.95 with every group's scales cached);
- * 4 and 8 rows gain 0.94x from the blocked scales alone. */
-static void int4_one_row_block(const q8_x *X, const uint8_t *block, const uint16_t *sz, float out[64])
+/* One row of x (a decode step alone) over n <= ONE_ROW_STREAMS consecutive whole int4 blocks at
+ * once, group by group: int4_direct_rows' integer sums and float steps (so the same results), with
+ * each block's 64 sums kept in registers from group to group rather than stored and reloaded. With
+ * this and the blocked scales, 112 full-size layer products (28 layers) took 0.87x the time when the
+ * host's memory was fast and 0.94x when slow, reaching 0.90 and 0.94 of the rate a plain sum reads
+ * the same codes at, against 0.79 and 0.88 (EPYC, 2 threads, in turns). Scales laid out [K/G, N, 2],
+ * a 256-byte load from another page per group, were most of the difference (0.95 with every group's
+ * scales cached); 4 and 8 rows gain 0.94x from the blocked scales alone.
+ * Two blocks at once, two weight streams per thread (as bf16's one-row tiles of 8 weight rows, 8
+ * streams, beat tiles of 4): the 112 products of 28 full-size layers read at 0.86 of B against
+ * 0.80-0.81 with one block at a time (Xeon with AMX, 2 threads, in turns, 3 runs), 4 and 8 blocks at
+ * 0.85; full-size int4 decode in one process swapping the two libraries 1.01-1.03x as fast
+ * (medians of 4 and 5 turns; the blocks' calls 0.98x the time). */
+#ifndef ONE_ROW_STREAMS
+#define ONE_ROW_STREAMS 2
+#endif
+static void int4_one_row_blocks(const q8_x *X, const uint8_t *first, const uint16_t *sz, int64_t K, int64_t n,
+                                float (*out)[64])
 {
-    __m512 o[4];
-    for (int v = 0; v < 4; v++)
-        o[v] = _mm512_setzero_ps();
+    __m512 o[ONE_ROW_STREAMS][4];
+    for (int s = 0; s < ONE_ROW_STREAMS; s++)
+        for (int v = 0; v < 4; v++)
+            o[s][v] = _mm512_setzero_ps();
     for (int64_t g = 0; g < X->groups; g++) {
-        __m512i acc[QROWS][4];
-        int4_direct_sums(X, block, g, 0, 1, acc);
         const __m512 xs = _mm512_set1_ps(X->xs[g]), xz = _mm512_set1_ps(X->xz[g]);
-        for (int v = 0; v < 4; v++) {
-            __m512 s, z;
-            int4_scale16(sz, g, v, &s, &z);
-            o[v] = q8_group_step(o[v], acc[0][v], s, z, xs, xz);
+        for (int s = 0; s < ONE_ROW_STREAMS && s < n; s++) {
+            __m512i acc[QROWS][4];
+            int4_direct_sums(X, first + s * K * 32, g, 0, 1, acc);
+            for (int v = 0; v < 4; v++) {
+                __m512 scale, zero;
+                int4_scale16(sz + s * X->groups * 128, g, v, &scale, &zero);
+                o[s][v] = q8_group_step(o[s][v], acc[0][v], scale, zero, xs, xz);
+            }
         }
     }
-    for (int v = 0; v < 4; v++)
-        _mm512_storeu_ps(out + 16 * v, o[v]);
+    for (int s = 0; s < n; s++)
+        for (int v = 0; v < 4; v++)
+            _mm512_storeu_ps(out[s] + 16 * v, o[s][v]);
 }
 
 /* The int4 codes of block b, group g into a panel, with the block's scales sz. */
@@ -523,25 +536,26 @@ static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, con
     const int rc = q8_prepare(x, M, N, K, G, int8, amx ? 16 : 1, quantize_x8, nthreads, &X, &mem);
     if (rc)
         return rc;
-    const int64_t steps_k = (K + 3) / 4;
+    const int64_t steps_k = (K + 3) / 4, blocks = (N + 63) / 64, per = !int8 && M == 1 ? ONE_ROW_STREAMS : 1;
     int failed = 0;
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
         panel *P = aligned_alloc(64, sizeof(panel));
-        float (*out)[64] = aligned_alloc(64, (size_t)M * 64 * sizeof(float));
+        float (*out)[64] = aligned_alloc(64, (size_t)(M > ONE_ROW_STREAMS ? M : ONE_ROW_STREAMS) * 64 * sizeof(float));
         failed = !P || !out;
         if (amx)
             amx_configure(G);
-#pragma omp for schedule(dynamic, 4) /* blocks to whichever thread is free: see common.h */
-        for (int64_t b = 0; b < (N + 63) / 64; b++) {
+#pragma omp for schedule(dynamic, per < 4 ? 4 / per : 1) /* blocks to whichever thread is free: see common.h */
+        for (int64_t b = 0; b < blocks; b += per) {
             if (failed)
                 continue;
+            const int64_t n = blocks - b < per ? blocks - b : per; /* blocks b..b+n-1, n > 1 with one row only */
             memset(out, 0, (size_t)M * 64 * sizeof(float));
             const uint16_t *block_sz = int8 ? NULL : scales + b * X.groups * 128; /* int4: the block's scales */
             if (int8)
                 int8_scales(scales, N, b, P->s, P->z);
             if (!int8 && M == 1)
-                int4_one_row_block(&X, (const uint8_t *)q + b * K * 32, block_sz, out[0]);
+                int4_one_row_blocks(&X, (const uint8_t *)q + b * K * 32, block_sz, K, n, out);
             else {
                 for (int64_t g = 0; g < X.groups; g++) {
                     int64_t steps = ((g + 1) * G < K ? G : K - g * G + 3) / 4;
@@ -557,13 +571,13 @@ static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, con
                     }
                 }
             }
-            for (int64_t m = 0; m < M; m++)
-                for (int64_t n0 = b * 64; n0 < b * 64 + 64 && n0 < N; n0 += 16) {
+            for (int64_t m = 0; m < M * n; m++) /* out[m]: row m of x, or with one row block b + m */
+                for (int64_t n0 = (b + m / M) * 64; n0 < (b + m / M) * 64 + 64 && n0 < N; n0 += 16) {
                     __mmask16 mask = first16(N - n0);
-                    __m512 o = _mm512_loadu_ps(out[m] + n0 - b * 64);
+                    __m512 o = _mm512_loadu_ps(out[m] + n0 % 64);
                     if (bias)
                         o = _mm512_add_ps(o, maskz_load16_bf16(mask, bias + n0));
-                    _mm256_mask_storeu_epi16(y + m * N + n0, mask, (__m256i)_mm512_cvtneps_pbh(o));
+                    _mm256_mask_storeu_epi16(y + m % M * N + n0, mask, (__m256i)_mm512_cvtneps_pbh(o));
                 }
         }
         if (amx)
