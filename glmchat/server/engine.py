@@ -7,11 +7,10 @@ for longer than a block; a prefilled request is copied into a free row of the Sl
 model computes each prompt row as if it were alone (glmchat.kernels.prompts_keep_rows_apart: the
 int8/int4 C kernels), the step's pieces of several prompts go through one forward pass
 (glmchat.generate.prefill_together), the weights read once for all of them; elsewhere one prompt is
-prefilled at a time. Then one batched decode step of the
-generation core (glmchat.generate) gives the next token of every active request; finished and
-cancelled requests leave. Rows are kept packed (0 .. active-1), so the batch is a view of the cache.
-Each request hears the core's `GenerationResponse` records, their text from the request's own
-`TextStream`.
+prefilled at a time. Then one batched decode step of the generation core (glmchat.generate) gives
+the next token of every active request; finished and cancelled requests leave. Rows are kept
+packed (0 .. active-1), so the batch is a view of the cache. Each request hears the core's
+`GenerationResponse` records, their text from the request's own `TextStream`.
 
 A request's tokens do not depend on the other requests: decode steps keep rows apart (see
 glmchat.kernels.linear and Step.key_lengths) and a prompt's prefill is the same computation
@@ -53,11 +52,11 @@ class QueueFullError(RuntimeError):
 
 class Lockstep:
     """Tensor-parallel ranks' engines in step. Rank 0's engine tells the others every operation on
-    the model and its caches as it does it: a prompt to prefill ("start"), the next
-    pieces of some prompts ("pieces"), a prompt's admission to a batch row ("join"), a decode step's input ids, a row freed. They do the same
-    with their shares of the weights and KV, so every all_reduce inside the model meets its
-    partners. Only rank 0 tokenizes, samples and serves; what it decides (tokens, cancellations,
-    timing) reaches the others as these operations."""
+    the model and its caches as it does it: a prompt to prefill ("start"), the next pieces of some
+    prompts ("pieces"), a prompt's admission to a batch row ("join"), a decode step's input ids, a
+    row freed. They do the same with their shares of the weights and KV, so every all_reduce inside
+    the model meets its partners. Only rank 0 tokenizes, samples and serves; what it decides
+    (tokens, cancellations, timing) reaches the others as these operations."""
 
     HEARTBEAT = 60.0  # seconds: an idle rank 0 still speaks this often (collectives would time out)
 

@@ -33,14 +33,18 @@
 #error "these kernels need AVX-512 F/BW/BF16/VBMI/VNNI"
 #endif
 
-#define TILE 4 /* bf16: weight rows per tile (x is loaded once for all of them), XROWS x TILE sums */
+#define TILE 3 /* bf16: weight rows per tile (x is loaded once for all of them), XROWS x TILE sums */
 #define TILE1 8 /* bf16 with one row of x: 113 full-size layer products took 260-265 ms against 277-293
                    with TILE (EPYC, 2 threads, in turns); 8 rows of x over 8 weight rows spill registers */
 
 /* ------------------------------------------------------------------------------------------ */
 /* bf16: vdpbf16ps multiplies 32 bf16 pairs into 16 float sums per instruction. */
 
-#define XROWS 4 /* bf16: rows of x per pass over a tile; each has its own accumulators */
+/* bf16: rows of x per pass over a tile; each has its own accumulators. 8 rows over tiles of 3 weight
+ * rows (24 accumulators) against 4 over 4: the products of 4 full-size layers took 0.81-0.86x the
+ * time with 8 rows of x, 0.89-0.92x with 16, 0.97x with 4 and the same with 2 (Xeon with AMX, 2
+ * threads, in turns; 2 over 6, 4 over 5 or 6, 6 over 4 and 8 over 2 between the two). */
+#define XROWS 8
 
 /* out[m][r] = x row m . weight row r, for m < R (<= XROWS) rows of x at x (stride K) and the
  * `rows` weight rows at w. Each (m, r) sum takes the same instructions in the same order whatever
