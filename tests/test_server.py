@@ -205,27 +205,39 @@ def test_prompts_prefilled_together_get_the_bits_they_get_alone(tiny_ckpt_4k, to
         assert torch.equal(shared.k, cache.k) and torch.equal(shared.v, cache.v), i
 
 
+def answers(engine: Engine, prompts: list[list[int]], max_new_tokens: int, stop_ids) -> list[list[int]]:
+    """The engine's greedy answers to prompts all waiting before its thread starts."""
+    queues = [queue.Queue() for _ in prompts]
+    for prompt, q in zip(prompts, queues):
+        engine.submit(prompt, max_new_tokens=max_new_tokens, emit=q.put, stop_ids=stop_ids)
+    engine.start()
+    try:
+        return [collect(q)[0] for q in queues]
+    finally:
+        engine.stop()
+
+
 def test_engine_prefills_waiting_prompts_together(tiny_ckpt_4k, tok):
     """With int4 kernels the engine prefills prompts that wait at the same time in shared forward
-    passes, and each answer is still the one generated alone."""
+    passes, and each answer is still the one it gets alone; a prompt that begins with the same block
+    as one being prefilled waits, and takes that block from the prefix cache."""
     model = tiny_model(tiny_ckpt_4k, "bfloat16", "int4")
-    prompts = [build_prompt_ids(tok, user(t)) for t in TEXTS[:6]]
+    prompts = [build_prompt_ids(tok, user(t)) for t in TEXTS[:5]]
+    prompts += [build_prompt_ids(tok, user(DOCUMENT + question)) for question in ("Summarize.", "Translate it.")]
     shared = []  # pieces per forward pass that prefilled several prompts
     hook = model.register_forward_pre_hook(
         lambda m, args, kw: shared.append(len(kw["cache"].lengths)) if isinstance(kw["cache"], PromptPieces) else None,
         with_kwargs=True)
-    engine = Engine(model, max_batch=8)
+    together = Engine(model, max_batch=8)
     try:
-        queues = [queue.Queue() for _ in prompts]
-        for prompt, q in zip(prompts, queues):  # all waiting before the engine's thread starts
-            engine.submit(prompt, max_new_tokens=12, emit=q.put, stop_ids=tok.stop_token_ids)
-        engine.start()
-        for prompt, q in zip(prompts, queues):
-            assert collect(q)[0] == list(generate_tokens(model, prompt, max_new_tokens=12, stop_ids=tok.stop_token_ids))
+        got = answers(together, prompts, 12, tok.stop_token_ids)
     finally:
-        engine.stop()
         hook.remove()
     assert shared and max(shared) >= 3, shared
+    assert together.prefix.hit_tokens >= 128  # the second document prompt reused the first's blocks
+    alone = [answers(Engine(model, max_batch=1, cache_bytes=0), [prompt], 12, tok.stop_token_ids)[0] for prompt in prompts]
+    assert got == alone
+    assert alone[:5] == [list(generate_tokens(model, p, max_new_tokens=12, stop_ids=tok.stop_token_ids)) for p in prompts[:5]]
 
 
 def test_prefix_cache_chains_blocks_and_evicts_the_least_recent_ends():

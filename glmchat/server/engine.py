@@ -323,7 +323,7 @@ class Engine:
         if presence_penalty or frequency_penalty:
             request.counts = torch.zeros(self.model.config.padded_vocab_size, device=self.model.device)
         with self._cond:
-            if len(self._pending) >= self.max_queue + max(0, self.cache.rows - len(self._active)):
+            if len(self._pending) >= self.max_queue + max(0, self.cache.rows - len(self._active) - len(self._prefilling)):
                 raise QueueFullError(f"{len(self._pending)} requests are already waiting; retry later")
             self._pending.append(request)
             self._cond.notify()
