@@ -8,7 +8,7 @@ steps and prompts alike) take x in 8 bits per group of columns (128, or the int4
 int32 sums per group and float across groups: each entry of x is off by at most 1/254 of its
 group's largest magnitude, as with llama.cpp's 8-bit activations, and each weight costs one
 integer product per row of x (a batch of decode rows is compute-bound on few cores), by VNNI or,
-on Xeons with AMX, by AMX's tiles from 8 rows of x (int8: 6) on (the same sums, so the same results).
+on Xeons with AMX, by AMX's tiles from 6 rows of x on (the same sums, so the same results).
 int8 and int4 codes are held in blocked layouts (block_int8, block_int4: 4 columns of 16 rows per
 lane, the operand of the integer products), so that they stream from memory straight into them
 (int4's nibbles taken apart in registers). The weights are never dequantized as a whole.

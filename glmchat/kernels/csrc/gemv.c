@@ -1,6 +1,6 @@
 /* Matrix products on x86-64 CPUs with AVX-512 (F, BW, BF16, VBMI, VNNI): glm_gemv_bf16 for bf16
  * decode steps (a few rows), glm_gemm_int8 and glm_gemm_int4 for every int8 and int4 product,
- * decode steps and prompts alike (with AMX's integer tiles from 8 rows of x on, int8 6, where the CPU
+ * decode steps and prompts alike (with AMX's integer tiles from 6 rows of x on, where the CPU
  * and the compiler have them).
  *
  * Every kernel computes y[m, n] = sum_k x[m, k] * W[n, k] (+ bias[n]) for rows x[m], with x, y and
@@ -439,9 +439,9 @@ static void int8_one_row_blocks(const q8_x *X, const uint8_t *q, const uint16_t 
  * (Xeon, 2 threads, in turns, AMX against vpdpbusd): int4 4 rows 0.97-0.99x the time, 8 rows 0.79x,
  * 12 rows 0.68-0.71x; int8 4 rows 1.14-1.16x, 8 rows 1.02-1.03x, 12 rows 0.89-0.94x; int8 again once its
  * tiles were loaded from a panel (int8_panel): 4 rows 1.02x, 6 rows 0.95x, 8 rows 0.95x, 10 rows 0.86x
- * (12 layers, two pairs of turns each). */
+ * (12 layers, two pairs of turns each); int4 then: 4 rows 1.05x, 5 rows 1.00x, 6 rows 0.92x, 7 rows 0.91x. */
 #ifndef AMX_MIN_ROWS_INT4
-#define AMX_MIN_ROWS_INT4 8
+#define AMX_MIN_ROWS_INT4 6
 #endif
 #ifndef AMX_MIN_ROWS_INT8
 #define AMX_MIN_ROWS_INT8 6
