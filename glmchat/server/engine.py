@@ -6,8 +6,8 @@ about one block's worth of tokens per step, so that a long prompt never stalls t
 for longer than a block; a prefilled request is copied into a free row of the SlotCache. Where the
 model computes each prompt row as if it were alone (glmchat.kernels.prompts_keep_rows_apart: the
 int8/int4 C kernels), the step's pieces of several prompts go through one forward pass
-(glmchat.generate.prefill_together), the weights read once for all of them; elsewhere one prompt is
-prefilled at a time. Then one batched decode step of the generation core (glmchat.generate) gives
+(glmchat.generate.prefill_together), the weights read once for all of them; elsewhere each piece
+goes alone. Then one batched decode step of the generation core (glmchat.generate) gives
 the next token of every active request; finished and cancelled requests leave. Rows are kept
 packed (0 .. active-1), so the batch is a view of the cache. Each request hears the core's
 `GenerationResponse` records, their text from the request's own `TextStream`.
@@ -415,15 +415,13 @@ class Engine:
             self._prefill_step(together)
 
     def _start_waiting(self) -> None:
-        """Waiting requests become prefilling ones while batch rows are free for them: any number
-        where prompts share forward passes, else one at a time. A prompt that begins with the same
-        block as one being prefilled waits for that one's blocks in the prefix cache (and the
-        requests behind it, in order)."""
+        """Waiting requests become prefilling ones while batch rows are free for them. A prompt that
+        begins with the same block as one being prefilled waits for that one's blocks in the prefix
+        cache (and the requests behind it, in order)."""
         while True:
             with self._cond:
                 room = self.cache.rows - len(self._active) - len(self._prefilling)
-                if (not self._pending or room <= 0 or (self._prefilling and not self._packs)
-                        or self._shares_first_block(self._pending[0])):
+                if not self._pending or room <= 0 or self._shares_first_block(self._pending[0]):
                     return
                 request = self._pending.popleft()
             if self._start_prefill(request):
