@@ -42,7 +42,7 @@
 
 /* bf16: rows of x per pass over a tile; each has its own accumulators. 8 rows over tiles of 3 weight
  * rows (24 accumulators) against 4 over 4: the products of 4 full-size layers took 0.81-0.86x the
- * time with 8 rows of x, 0.89-0.92x with 16, 0.97x with 4 and the same with 2 (Xeon with AMX, 2
+ * time with 8 rows of x (two runs), 0.92x with 16, 0.97x with 4 and the same with 2 (Xeon with AMX, 2
  * threads, in turns; 2 over 6, 4 over 5 or 6, 6 over 4 and 8 over 2 between the two). */
 #define XROWS 8
 
@@ -339,10 +339,10 @@ static void int4_direct_group(const q8_x *X, const uint8_t *block, const float *
  * a 256-byte load from another page per group, were most of the difference (0.95 with every group's
  * scales cached); 4 and 8 rows gain 0.94x from the blocked scales alone.
  * Two blocks at once, two weight streams per thread (as bf16's one-row tiles of 8 weight rows, 8
- * streams, beat tiles of 4): the 112 products of 28 full-size layers read at 0.86 of B against
- * 0.80-0.81 with one block at a time (Xeon with AMX, 2 threads, in turns, 3 runs), 4 and 8 blocks at
- * 0.85; full-size int4 decode in one process swapping the two libraries 1.01-1.03x as fast
- * (medians of 4 and 5 turns; the blocks' calls 0.98x the time). */
+ * streams, beat tiles of 4): the 112 products of 28 full-size layers read at 0.80-0.86 of B against
+ * 0.75-0.81 with one block at a time (Xeon with AMX, 2 threads, in turns, 3 runs), 4 and 8 blocks at
+ * 0.85; full-size int4 decode in one process swapping the two libraries 1.01-1.03x as fast (medians
+ * of two runs of 4 turns; in a third, of 5, the blocks' calls took 0.98x the time). */
 #ifndef ONE_ROW_STREAMS
 #define ONE_ROW_STREAMS 2
 #endif
@@ -395,6 +395,12 @@ static void int8_panel(const uint8_t *codes, int64_t steps, panel *P)
     }
 }
 
+/* Steps of 4 columns in group g (the last group of K may be short). */
+INLINE int64_t group_steps(const q8_x *X, int64_t g)
+{
+    return ((g + 1) * X->G < X->K ? X->G : X->K - g * X->G + 3) / 4;
+}
+
 /* Scales s and zeros z of int8 block b: W = (c - 128) * scale; rows past N get 0. */
 static void int8_scales(const uint16_t *scales, int64_t N, int64_t b, float *s, float *z)
 {
@@ -406,9 +412,9 @@ static void int8_scales(const uint16_t *scales, int64_t N, int64_t b, float *s, 
 
 /* int8's one row of x over n <= ONE_ROW_STREAMS consecutive blocks b.. at once, group by group (q8_rows,
  * so the same results): two weight streams per thread, as int4_one_row_blocks. The 112 products of 28
- * full-size layers read at 0.87-0.90 of B against 0.83-0.88 one block at a time (3 runs of 4-6 turns,
- * one pair the other way: 0.87 against 0.88), full-size int8 decode 1.02-1.16x as fast over 4 turns
- * (Xeon with AMX, 2 threads). */
+ * full-size layers read at 0.87-0.90 of B against 0.83-0.88 one block at a time (two runs, of 4 and 6
+ * turns; one of the three pairs the other way, 0.87 against 0.88), full-size int8 decode 1.02-1.16x as
+ * fast over 4 turns (Xeon with AMX, 2 threads). */
 static void int8_one_row_blocks(const q8_x *X, const uint8_t *q, const uint16_t *scales, int64_t N, int64_t b,
                                 int64_t n, float (*out)[64])
 {
@@ -417,7 +423,7 @@ static void int8_one_row_blocks(const q8_x *X, const uint8_t *q, const uint16_t 
     for (int64_t i = 0; i < n; i++)
         int8_scales(scales, N, b + i, s[i], z[i]);
     for (int64_t g = 0; g < X->groups; g++) {
-        const int64_t steps = ((g + 1) * X->G < X->K ? X->G : X->K - g * X->G + 3) / 4;
+        const int64_t steps = group_steps(X, g);
         for (int64_t i = 0; i < n; i++)
             q8_rows(X, (const __m512i *)(q + ((b + i) * steps_k + g * X->G / 4) * 256), s[i], z[i], g, steps, 0, 1, 1,
                     out + i);
@@ -439,7 +445,8 @@ static void int8_one_row_blocks(const q8_x *X, const uint8_t *q, const uint16_t 
  * (Xeon, 2 threads, in turns, AMX against vpdpbusd): int4 4 rows 0.97-0.99x the time, 8 rows 0.79x,
  * 12 rows 0.68-0.71x; int8 4 rows 1.14-1.16x, 8 rows 1.02-1.03x, 12 rows 0.89-0.94x; int8 again once its
  * tiles were loaded from a panel (int8_panel): 4 rows 1.02x, 6 rows 0.95x, 8 rows 0.95x, 10 rows 0.86x
- * (12 layers, two pairs of turns each); int4 then: 4 rows 1.05x, 5 rows 1.00x, 6 rows 0.92x, 7 rows 0.91x. */
+ * (12 layers, two pairs of turns each); int4 then: 4 rows 1.05-1.07x, 5 rows 0.99-1.01x, 6 rows
+ * 0.92-0.93x, 7 rows 0.90-0.92x. */
 #ifndef AMX_MIN_ROWS_INT4
 #define AMX_MIN_ROWS_INT4 6
 #endif
@@ -548,10 +555,10 @@ static int amx_applies(int64_t M, int64_t K, int64_t G, int int8)
 #define amx_release() ((void)0)
 #endif
 
-/* Every row of x times the codes of group g of a block, laid out as a panel's (a panel, or int8's
- * blocked codes, which `stream` from memory, for vpdpbusd): through AMX or vpdpbusd. Inlined here, amx_group not
- * forced either way: int4 products of 16 rows took 1.13-1.16x the time with amx_group forced
- * inline or kept out of line (Xeon, in turns), which is how the compiler left it. */
+/* Every row of x times the codes of group g of a block, laid out as a panel's (a panel, or for
+ * vpdpbusd int8's blocked codes, which `stream` from memory): through AMX or vpdpbusd. Inlined here,
+ * amx_group not forced either way: int4 products of 16 rows took 1.13-1.16x the time with amx_group
+ * forced inline or kept out of line (Xeon, in turns), which is how the compiler left it. */
 INLINE void group_product(const q8_x *X, const void *codes, const float *s, const float *z, int64_t g, int64_t steps,
                           int amx, int stream, float (*out)[64])
 {
@@ -585,7 +592,7 @@ static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, con
             if (failed)
                 continue;
             const int64_t n = blocks - b < per ? blocks - b : per; /* blocks b..b+n-1, n > 1 with one row only */
-            memset(out, 0, (size_t)(M * n) * 64 * sizeof(float));
+            memset(out, 0, (size_t)(M * n) * 64 * sizeof(float)); /* the groups' sums add up in out */
             const uint16_t *block_sz = int8 ? NULL : scales + b * X.groups * 128; /* int4: the block's scales */
             if (M == 1 && !int8)
                 int4_one_row_blocks(&X, (const uint8_t *)q + b * K * 32, block_sz, K, n, out);
@@ -595,12 +602,14 @@ static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, con
                 if (int8)
                     int8_scales(scales, N, b, P->s, P->z);
                 for (int64_t g = 0; g < X.groups; g++) {
-                    int64_t steps = ((g + 1) * G < K ? G : K - g * G + 3) / 4;
+                    const int64_t steps = group_steps(&X, g);
                     if (int8) {
-                        const uint8_t *codes = (const uint8_t *)q + (b * steps_k + g * G / 4) * 256;
-                        if (amx)
+                        const void *codes = (const uint8_t *)q + (b * steps_k + g * G / 4) * 256;
+                        if (amx) { /* AMX reads a panel; vpdpbusd streams the codes from memory itself */
                             int8_panel(codes, steps, P);
-                        group_product(&X, amx ? (const void *)P->c : codes, P->s, P->z, g, steps, amx, !amx, out);
+                            codes = P->c;
+                        }
+                        group_product(&X, codes, P->s, P->z, g, steps, amx, 1, out);
                     } else if (M <= DIRECT_ROWS && !amx) {
                         int4_scales(block_sz, g, P->s, P->z);
                         int4_direct_group(&X, (const uint8_t *)q + b * K * 32, P->s, P->z, g, out);
