@@ -330,40 +330,62 @@ static void int4_direct_group(const q8_x *X, const uint8_t *block, const float *
         int4_direct_rows(X, block, s, z, g, m0, 1, out + m0);
 }
 
-/* One row of x (a decode step alone) over n <= ONE_ROW_STREAMS consecutive whole int4 blocks at
- * once, group by group: int4_direct_rows' integer sums and float steps (so the same results), with
- * each block's 64 sums kept in registers from group to group rather than stored and reloaded. With
- * this and the blocked scales, 112 full-size layer products (28 layers) took 0.87x the time when the
- * host's memory was fast and 0.94x when slow, reaching 0.90 and 0.94 of the rate a plain sum reads
- * the same codes at, against 0.79 and 0.88 (EPYC, 2 threads, in turns). Scales laid out [K/G, N, 2],
- * a 256-byte load from another page per group, were most of the difference (0.95 with every group's
- * scales cached); 4 and 8 rows gain 0.94x from the blocked scales alone.
- * Two blocks at once, two weight streams per thread (as bf16's one-row tiles of 8 weight rows, 8
- * streams, beat tiles of 4): the 112 products of 28 full-size layers read at 0.80-0.86 of B against
- * 0.75-0.81 with one block at a time (Xeon with AMX, 2 threads, in turns, 3 runs), 4 and 8 blocks at
- * 0.85; full-size int4 decode in one process swapping the two libraries 1.01-1.03x as fast (medians
- * of two runs of 4 turns; in a third, of 5, the blocks' calls took 0.98x the time). */
+/* One row of x (a decode step alone) over n <= ONE_ROW_STREAMS consecutive whole blocks at once.
+ * Each step of 4 columns reads all n blocks before the next step: n weight streams per thread, and
+ * n times the independent integer sums to hide vpdpbusd's latency behind. Integer sums are exact,
+ * so the order does not change them, and the float steps per group are q8_group_step's: the same
+ * results as int4_direct_rows and q8_rows. Measured on the 112 one-row products of 28 full-size
+ * layers from memory (Xeon with AMX, 2 threads, in turns, median of 12), int4 read at 0.90 of B
+ * against 0.78 for the previous kernel (two blocks, one after the other within each group, 16 sums);
+ * streams interleaved by step gave 0.86 with 2 blocks, 0.88-0.92 with 4, 0.87 with 6 and 8; the
+ * prefetch of the scales two groups ahead 0.90-0.94 against 0.89-0.92 without. A plain read of the
+ * same bytes in the same order reaches 1.07-1.15 of B. */
 #ifndef ONE_ROW_STREAMS
-#define ONE_ROW_STREAMS 2
+#define ONE_ROW_STREAMS 4
 #endif
+#define ONE_ROW_PREFETCH(p) _mm_prefetch((const char *)(p) + 2048, _MM_HINT_T0) /* 0.97-1.02x T1 4096's time */
+
 static void int4_one_row_blocks(const q8_x *X, const uint8_t *first, const uint16_t *sz, int64_t K, int64_t n,
                                 float (*out)[64])
 {
+    const __m512i low4 = _mm512_set1_epi8(15);
     __m512 o[ONE_ROW_STREAMS][4];
     for (int s = 0; s < ONE_ROW_STREAMS; s++)
         for (int v = 0; v < 4; v++)
             o[s][v] = _mm512_setzero_ps();
     for (int64_t g = 0; g < X->groups; g++) {
-        const __m512 xs = _mm512_set1_ps(X->xs[g]), xz = _mm512_set1_ps(X->xz[g]);
-        for (int s = 0; s < ONE_ROW_STREAMS && s < n; s++) {
-            __m512i acc[QROWS][4];
-            int4_direct_sums(X, first + s * K * 32, g, 0, 1, acc);
-            for (int v = 0; v < 4; v++) {
-                __m512 scale, zero;
-                int4_scale16(sz + s * X->groups * 128, g, v, &scale, &zero);
-                o[s][v] = q8_group_step(o[s][v], acc[0][v], scale, zero, xs, xz);
+        __m512i whole[ONE_ROW_STREAMS][2], low[ONE_ROW_STREAMS][2]; /* see int4_direct_sums */
+        for (int s = 0; s < ONE_ROW_STREAMS; s++) {
+            for (int i = 0; i < 2; i++)
+                whole[s][i] = low[s][i] = _mm512_setzero_si512();
+            if (s < n)
+                for (int line = 0; line < 4; line++)
+                    _mm_prefetch((const char *)(sz + s * X->groups * 128 + (g + 2) * 128) + 64 * line, _MM_HINT_T0);
+        }
+        const int8_t *x0 = xq_row(X, g, 0);
+        for (int64_t k = g * X->G, s4 = 0; k < (g + 1) * X->G; k += 4, s4 += 4) {
+            const __m512i x4 = _mm512_set1_epi32(*(const int32_t *)(x0 + s4));
+            for (int s = 0; s < ONE_ROW_STREAMS && s < n; s++) {
+                const uint8_t *p = first + (s * K + k) * 32;
+                if (INT4_ONE_ROW_PREFETCH) {
+                    ONE_ROW_PREFETCH(p);
+                    ONE_ROW_PREFETCH(p + 64);
+                }
+                for (int i = 0; i < 2; i++) {
+                    __m512i bytes = _mm512_loadu_si512(p + 64 * i);
+                    whole[s][i] = _mm512_dpbusd_epi32(whole[s][i], bytes, x4);
+                    low[s][i] = _mm512_dpbusd_epi32(low[s][i], _mm512_and_si512(bytes, low4), x4);
+                }
             }
         }
+        const __m512 xs = _mm512_set1_ps(X->xs[g]), xz = _mm512_set1_ps(X->xz[g]);
+        for (int s = 0; s < ONE_ROW_STREAMS && s < n; s++)
+            for (int v = 0; v < 4; v++) {
+                __m512i acc = v < 2 ? low[s][v] : _mm512_srai_epi32(_mm512_sub_epi32(whole[s][v - 2], low[s][v - 2]), 4);
+                __m512 scale, zero;
+                int4_scale16(sz + s * X->groups * 128, g, v, &scale, &zero);
+                o[s][v] = q8_group_step(o[s][v], acc, scale, zero, xs, xz);
+            }
     }
     for (int s = 0; s < n; s++)
         for (int v = 0; v < 4; v++)
@@ -410,24 +432,46 @@ static void int8_scales(const uint16_t *scales, int64_t N, int64_t b, float *s, 
     }
 }
 
-/* int8's one row of x over n <= ONE_ROW_STREAMS consecutive blocks b.. at once, group by group (q8_rows,
- * so the same results): two weight streams per thread, as int4_one_row_blocks. The 112 products of 28
- * full-size layers read at 0.87-0.90 of B against 0.83-0.88 one block at a time (two runs, of 4 and 6
- * turns; one of the three pairs the other way, 0.87 against 0.88), full-size int8 decode 1.02-1.16x as
- * fast over 4 turns (Xeon with AMX, 2 threads). */
+/* int8's one row of x over n <= ONE_ROW_STREAMS consecutive blocks b.. at once, as
+ * int4_one_row_blocks: each step of 4 columns reads all n blocks. */
 static void int8_one_row_blocks(const q8_x *X, const uint8_t *q, const uint16_t *scales, int64_t N, int64_t b,
                                 int64_t n, float (*out)[64])
 {
     float s[ONE_ROW_STREAMS][64], z[ONE_ROW_STREAMS][64];
+    __m512 o[ONE_ROW_STREAMS][4];
     const int64_t steps_k = (X->K + 3) / 4;
-    for (int64_t i = 0; i < n; i++)
+    for (int64_t i = 0; i < n; i++) {
         int8_scales(scales, N, b + i, s[i], z[i]);
+        for (int v = 0; v < 4; v++)
+            o[i][v] = _mm512_setzero_ps();
+    }
     for (int64_t g = 0; g < X->groups; g++) {
         const int64_t steps = group_steps(X, g);
-        for (int64_t i = 0; i < n; i++)
-            q8_rows(X, (const __m512i *)(q + ((b + i) * steps_k + g * X->G / 4) * 256), s[i], z[i], g, steps, 0, 1, 1,
-                    out + i);
+        __m512i acc[ONE_ROW_STREAMS][4];
+        for (int i = 0; i < ONE_ROW_STREAMS; i++)
+            for (int v = 0; v < 4; v++)
+                acc[i][v] = _mm512_setzero_si512();
+        const int8_t *x0 = xq_row(X, g, 0);
+        const __m512i *codes = (const __m512i *)(q + (b * steps_k + g * X->G / 4) * 256);
+        for (int64_t t = 0; t < steps; t++) {
+            const __m512i x4 = _mm512_set1_epi32(*(const int32_t *)(x0 + 4 * t));
+            for (int i = 0; i < ONE_ROW_STREAMS && i < n; i++) {
+                const __m512i *c = codes + (i * steps_k + t) * 4;
+                for (int v = 0; v < 4; v++) {
+                    ONE_ROW_PREFETCH(c + v);
+                    acc[i][v] = _mm512_dpbusd_epi32(acc[i][v], _mm512_loadu_si512(c + v), x4);
+                }
+            }
+        }
+        const __m512 xs = _mm512_set1_ps(X->xs[g]), xz = _mm512_set1_ps(X->xz[g]);
+        for (int i = 0; i < ONE_ROW_STREAMS && i < n; i++)
+            for (int v = 0; v < 4; v++)
+                o[i][v] = q8_group_step(o[i][v], acc[i][v], _mm512_loadu_ps(s[i] + 16 * v), _mm512_loadu_ps(z[i] + 16 * v),
+                                        xs, xz);
     }
+    for (int64_t i = 0; i < n; i++)
+        for (int v = 0; v < 4; v++)
+            _mm512_storeu_ps(out[i] + 16 * v, o[i][v]);
 }
 
 /* ------------------------------------------------------------------------------------------ */
