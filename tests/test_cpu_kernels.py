@@ -874,6 +874,44 @@ def test_one_call_decode_block_leaves_hooked_and_unsupported_blocks_to_their_for
 
 
 @needs_kernel("glm_decode_block")
+def test_one_call_decode_block_follows_changes_made_between_steps(monkeypatch):
+    """The block's operands, kept from step to step, follow a weight set anew, a norm weight moved to
+    other memory and a hook added between the steps over one cache: each step equals the blocks' own
+    forward on a model given the same changes."""
+    ids = torch.randint(5, 500, (1, 12), generator=torch.Generator().manual_seed(3))
+    seen = []
+
+    def set_down_weight(model):
+        down = model.layers[0].mlp.down
+        down.set_weight(_randn(down.out_features, down.in_features, seed=9, scale=0.05))
+
+    def move_norm_weight(model):
+        norm = model.layers[1].attn_norm
+        norm.weight.data = norm.weight.data * 2  # new memory; the old is freed
+
+    def add_hook(model):
+        model.layers[0].attn.qkv.register_forward_hook(lambda *a: seen.append(1))
+
+    def steps(model):
+        out = []
+        with torch.inference_mode():
+            cache = model.new_cache(1, 16)
+            model(ids[:, :5], cache=cache)
+            for t, change in zip(range(5, 12), (None, set_down_weight, None, move_norm_weight, None, add_hook, None)):
+                out.append(model.decode(ids[:, t : t + 1], cache).float())
+                if change:
+                    change(model)
+        return out
+
+    calls = _count_one_call_steps(monkeypatch)
+    fused = steps(_block_model("int4"))
+    assert len(calls) == 2 * 6 + 1  # layer 0 its own way after the hook
+    monkeypatch.setattr(cpu_kernels, "decode_block", lambda *a: None)
+    own = steps(_block_model("int4"))
+    assert all(torch.equal(a, b) for a, b in zip(fused, own)) and seen
+
+
+@needs_kernel("glm_decode_block")
 def test_one_call_decode_block_declines_a_slot_outside_the_cache():
     """A position past the cache's slots (or before them), or more rows than it has: no write, None."""
     model = _block_model(None)
