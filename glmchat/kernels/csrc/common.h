@@ -22,7 +22,8 @@
  * (median of 4 pairs, 7.67 against 7.84 tok/s), so 4096 stays.
  * Into L2 rather than L1: measured on an AMD EPYC (2 threads, 16 layer products in turns with the
  * alternatives, median time, three runs) bf16 0.79-0.88x and int4 0.95-0.98x the time with T0.
- * One row of x over blocked int4 codes is one sequential stream per thread, which an AMD EPYC's
+ * One row of x over blocked int4 codes was then one sequential stream per thread (four since
+ * 2026-12-08, see gemv.c's int4_one_row_blocks: not measured on AMD since), which an AMD EPYC's
  * own prefetchers follow at the speed one row consumes it: 113 full-size layer products took
  * 0.85-0.88x the time without it when the host's memory was fast, 0.98x when it was slow (2 threads,
  * median of 20-50 ratios to the prefetching kernel run just before and after; with 4 or 8 rows,

@@ -334,16 +334,17 @@ static void int4_direct_group(const q8_x *X, const uint8_t *block, const float *
  * Each step of 4 columns reads all n blocks before the next step: n weight streams per thread, and
  * n times the independent integer sums to hide vpdpbusd's latency behind. Integer sums are exact,
  * so the order does not change them, and the float steps per group are q8_group_step's: the same
- * results as int4_direct_rows and q8_rows. Measured on the 112 one-row products of 28 full-size
- * layers from memory (Xeon with AMX, 2 threads, in turns, median of 12), int4 read at 0.90 of B
- * against 0.78 for the previous kernel (two blocks, one after the other within each group, 16 sums);
- * streams interleaved by step gave 0.86 with 2 blocks, 0.88-0.92 with 4, 0.87 with 6 and 8; the
- * prefetch of the scales two groups ahead 0.90-0.94 against 0.89-0.92 without. A plain read of the
- * same bytes in the same order reaches 1.07-1.15 of B. */
+ * results as int4_direct_rows and q8_rows. The 112 one-row products of 28 full-size layers from
+ * memory (Xeon with AMX, 2 threads, in turns, medians of 8-12) read at 0.90-0.93 of B (int4) and
+ * 0.98 (int8) against 0.78-0.80 and 0.84 for two blocks one after the other within each group;
+ * interleaved by step, 2 blocks gave 0.86, 4 0.88-0.92, 6 and 8 0.87; the prefetch of int4's scales
+ * two groups ahead 0.90-0.94 against 0.89-0.92 without. A plain read of the same bytes in the same
+ * order reaches 1.07-1.15 of B. */
 #ifndef ONE_ROW_STREAMS
 #define ONE_ROW_STREAMS 4
 #endif
-#define ONE_ROW_PREFETCH(p) _mm_prefetch((const char *)(p) + 2048, _MM_HINT_T0) /* 0.97-1.02x T1 4096's time */
+/* Into L1, 2 KB ahead: 0.97-0.98x the time of PREFETCH's (L2, 4 KB ahead) here, two runs */
+#define ONE_ROW_PREFETCH(p) _mm_prefetch((const char *)(p) + 2048, _MM_HINT_T0)
 
 static void int4_one_row_blocks(const q8_x *X, const uint8_t *first, const uint16_t *sz, int64_t K, int64_t n,
                                 float (*out)[64])
@@ -523,7 +524,8 @@ INLINE int64_t amx_piece(int64_t G)
 }
 
 /* Tiles 0-3: sums of 16 rows of x by 16 weight rows; 4, 5: x (16 rows of kb columns); 6, 7: codes
- * (kb / 4 steps of 4 columns of 16 weight rows), kb = amx_piece(G). */
+ * (kb / 4 steps of 4 columns of 16 weight rows), kb = amx_piece(G). With at most 16 rows of x
+ * (amx16_start) tile 5 holds codes too. */
 static void amx_configure(int64_t M, int64_t G)
 {
     const int64_t kb = amx_piece(G);
@@ -721,23 +723,23 @@ static int gemm_q8(const uint16_t *x, const void *q, const uint16_t *scales, con
                 if (amx && M <= 16)
                     amx16_block(&X, q, block_sz, b, int8, P, out);
                 else
-                for (int64_t g = 0; g < X.groups; g++) {
-                    const int64_t steps = group_steps(&X, g);
-                    if (int8) {
-                        const void *codes = (const uint8_t *)q + (b * steps_k + g * G / 4) * 256;
-                        if (amx) { /* AMX reads a panel; vpdpbusd streams the codes from memory itself */
-                            int8_panel(codes, steps, P);
-                            codes = P->c;
+                    for (int64_t g = 0; g < X.groups; g++) {
+                        const int64_t steps = group_steps(&X, g);
+                        if (int8) {
+                            const void *codes = (const uint8_t *)q + (b * steps_k + g * G / 4) * 256;
+                            if (amx) { /* AMX reads a panel; vpdpbusd streams the codes from memory itself */
+                                int8_panel(codes, steps, P);
+                                codes = P->c;
+                            }
+                            group_product(&X, codes, P->s, P->z, g, steps, amx, 1, out);
+                        } else if (M <= DIRECT_ROWS && !amx) {
+                            int4_scales(block_sz, g, P->s, P->z);
+                            int4_direct_group(&X, (const uint8_t *)q + b * K * 32, P->s, P->z, g, out);
+                        } else {
+                            int4_panel(q, block_sz, K, G, b, g, P);
+                            group_product(&X, P->c, P->s, P->z, g, steps, amx, 0, out);
                         }
-                        group_product(&X, codes, P->s, P->z, g, steps, amx, 1, out);
-                    } else if (M <= DIRECT_ROWS && !amx) {
-                        int4_scales(block_sz, g, P->s, P->z);
-                        int4_direct_group(&X, (const uint8_t *)q + b * K * 32, P->s, P->z, g, out);
-                    } else {
-                        int4_panel(q, block_sz, K, G, b, g, P);
-                        group_product(&X, P->c, P->s, P->z, g, steps, amx, 0, out);
                     }
-                }
             }
             for (int64_t m = 0; m < M * n; m++) /* out[m]: row m of x, or with one row block b + m */
                 for (int64_t n0 = (b + m / M) * 64; n0 < (b + m / M) * 64 + 64 && n0 < N; n0 += 16) {
