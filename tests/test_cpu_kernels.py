@@ -876,9 +876,11 @@ def test_one_call_decode_block_leaves_hooked_and_unsupported_blocks_to_their_for
 @needs_kernel("glm_decode_block")
 def test_one_call_decode_block_follows_changes_made_between_steps(monkeypatch):
     """The block's operands, kept from step to step, follow a weight set anew, a norm weight moved to
-    other memory and a hook added between the steps over one cache: each step equals the blocks' own
-    forward on a model given the same changes."""
-    ids = torch.randint(5, 500, (1, 12), generator=torch.Generator().manual_seed(3))
+    other memory, a hook added and a layer given back its portable class between the steps over one
+    cache: each step equals the blocks' own forward on a model given the same changes."""
+    from glmchat import model as model_module
+
+    ids = torch.randint(5, 500, (1, 13), generator=torch.Generator().manual_seed(3))
     seen = []
 
     def set_down_weight(model):
@@ -892,12 +894,16 @@ def test_one_call_decode_block_follows_changes_made_between_steps(monkeypatch):
     def add_hook(model):
         model.layers[0].attn.qkv.register_forward_hook(lambda *a: seen.append(1))
 
+    def portable_mlp(model):
+        model.layers[1].mlp.__class__ = model_module.MLP  # same tensors; the one call no longer applies
+
     def steps(model):
         out = []
         with torch.inference_mode():
             cache = model.new_cache(1, 16)
             model(ids[:, :5], cache=cache)
-            for t, change in zip(range(5, 12), (None, set_down_weight, None, move_norm_weight, None, add_hook, None)):
+            changes = (None, set_down_weight, None, move_norm_weight, None, add_hook, portable_mlp, None)
+            for t, change in zip(range(5, 13), changes):
                 out.append(model.decode(ids[:, t : t + 1], cache).float())
                 if change:
                     change(model)
@@ -905,7 +911,7 @@ def test_one_call_decode_block_follows_changes_made_between_steps(monkeypatch):
 
     calls = _count_one_call_steps(monkeypatch)
     fused = steps(_block_model("int4"))
-    assert len(calls) == 2 * 6 + 1  # layer 0 its own way after the hook
+    assert len(calls) == 6 + 7  # layer 0 its own way after the hook, layer 1 after its MLP's class
     monkeypatch.setattr(cpu_kernels, "decode_block", lambda *a: None)
     own = steps(_block_model("int4"))
     assert all(torch.equal(a, b) for a, b in zip(fused, own)) and seen
