@@ -109,7 +109,7 @@ def prefill_chunks(model: GLMTransformer, input_ids: torch.Tensor, cache, chunk:
     start, T = 0, input_ids.shape[1]
     while start < T:
         end = start + piece_length(cache.length, T - start, chunk)
-        logits = prefill_together(model, [(input_ids[:, start:end], cache)])
+        logits = prefill(model, input_ids[:, start:end], cache)
         yield logits if end == T else None
         start = end
 
@@ -120,8 +120,7 @@ def prefill_together(model: GLMTransformer, pieces: list[tuple[torch.Tensor, KVC
     forward pass alone where glmchat.kernels.prompts_keep_rows_apart(model) and no piece is a single
     token (which alone would be a decode step); a single piece is run alone."""
     if len(pieces) == 1:
-        ids, cache = pieces[0]
-        return model(ids, cache=cache, last_only=True)[:, -1]
+        return prefill(model, *pieces[0])
     packed = PromptPieces([cache for _, cache in pieces], [ids.shape[1] for ids, _ in pieces])
     return model(torch.cat([ids for ids, _ in pieces], dim=1), cache=packed, last_only=True)[:, -1]
 

@@ -45,7 +45,7 @@ class CpuBlock(model.Block):
         the same objects over the same memory and the cache the same: built each step, the Python
         between the blocks of a full-size int4 step took 3.9 ms of its ~115, kept and checked 3.0
         (Xeon, 2 threads)."""
-        modules = _submodules(self)
+        modules = list(self.modules())
         if not _cache_takes(k, v) or any(m._forward_hooks or m._forward_pre_hooks for m in modules):
             return None
         tensors = [t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
@@ -71,14 +71,6 @@ class CpuBlock(model.Block):
         return cpu.BlockOperands(*(None if w is None else w.data_ptr() for w in weights), *products,
                                  k.data_ptr(), v.data_ptr(), k.shape[0], k.shape[2], k.stride(0), k.stride(1),
                                  attn.n_heads, attn.n_kv_heads, D, rope.shape[-2] * 2, self.attn_norm.eps, 1.0 / math.sqrt(D))
-
-
-def _submodules(module: torch.nn.Module) -> list[torch.nn.Module]:
-    """module and all below it (Module.modules() without its names and memo: a third of the time)."""
-    found = [module]
-    for m in found:
-        found.extend(c for c in m._modules.values() if c is not None)
-    return found
 
 
 def _none():
