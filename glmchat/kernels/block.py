@@ -38,30 +38,13 @@ class CpuBlock(model.Block):
 
     def _decode_operands(self, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor) -> cpu.BlockOperands | None:
         """The block's weights and this layer's cache k, v for the one-call step; None where the
-        kernels do not take them all, where a layer is not the class whose arithmetic the call
-        repeats, or where one has hooks (which the call would skip).
-
-        They are built once and kept while the block's modules (and their classes) and tensors stay
-        the same objects over the same memory and the cache the same: built each step, the Python
-        between the blocks of a full-size int4 step took 3.9 ms of its ~115, kept and checked 3.0
-        (Xeon, 2 threads)."""
-        modules = list(self.modules())
-        if not _cache_takes(k, v) or any(m._forward_hooks or m._forward_pre_hooks for m in modules):
-            return None
-        tensors = [t for m in modules for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
-        key = ([(id(m), type(m)) for m in modules], [(id(t), t.data_ptr()) for t in tensors], self.attn_norm.eps,
-               k.data_ptr(), v.data_ptr(), k.shape, k.stride(), rope.shape[-2])
-        kept = self.__dict__.get("_kept_operands")
-        if kept is None or kept[0] != key:
-            kept = (key, tensors, self._block_operands(k, v, rope))  # tensors: their ids in key stay theirs
-            self.__dict__["_kept_operands"] = kept
-        return kept[2]
-
-    def _block_operands(self, k: torch.Tensor, v: torch.Tensor, rope: torch.Tensor) -> cpu.BlockOperands | None:
+        kernels do not take them all, or where a layer is not the class whose arithmetic the call
+        repeats or has hooks (which the call would skip)."""
         attn, mlp = self.attn, self.mlp
         norms = (self.attn_norm, self.mlp_norm, self.post_attn_norm, self.post_mlp_norm)
-        if not (type(attn) is CpuAttention and type(mlp) is CpuMLP
-                and all(n is None or type(n) is CpuRMSNorm and n.eps == self.attn_norm.eps for n in norms)):
+        if not (type(attn) is CpuAttention and type(mlp) is CpuMLP and _cache_takes(k, v)
+                and all(n is None or type(n) is CpuRMSNorm and n.eps == self.attn_norm.eps for n in norms)
+                and not any(m._forward_hooks or m._forward_pre_hooks for m in self.modules())):
             return None
         products = [getattr(m, "decode_operand", _none)() for m in (attn.qkv, attn.dense, mlp.gate_up, mlp.down)]
         weights = [None if n is None else n.weight for n in norms]

@@ -643,9 +643,9 @@ static void amx_panel(const q8_x *X, const void *q, const uint16_t *block_sz, in
 
 /* Block b for at most 16 rows of x through AMX, group by group, each group's panel filled while the
  * tiles multiply the one before (two panels, P[0] and P[1]). Decode-sized products of 12 full-size
- * layers from memory (Xeon, 2 threads, in turns, median of 5) took 0.91-0.94x the time of a panel
- * filled and then multiplied, group after group, with int4 (6, 8 and 16 rows; 0.93x over 28 layers
- * at 8 rows) and 0.95-0.97x with int8. */
+ * layers from memory (Xeon, 2 threads, in turns, median of 5) took 0.91-0.92x the time of a panel
+ * filled and then multiplied, group after group, with int4 (6 and 16 rows; 0.93x over 28 layers at
+ * 8 rows) and 0.94-0.97x with int8 (6, 8, 16 rows). */
 static void amx16_block(const q8_x *X, const void *q, const uint16_t *block_sz, int64_t b, int int8, panel P[2],
                         float (*out)[64])
 {
