@@ -875,9 +875,9 @@ def test_one_call_decode_block_leaves_hooked_and_unsupported_blocks_to_their_for
 
 @needs_kernel("glm_decode_block")
 def test_one_call_decode_block_follows_changes_made_between_steps(monkeypatch):
-    """The block's operands, kept from step to step, follow a weight set anew, a norm weight moved to
-    other memory, a hook added and a layer given back its portable class between the steps over one
-    cache: each step equals the blocks' own forward on a model given the same changes."""
+    """The one-call block follows a weight set anew, a norm weight moved to other memory, a hook added
+    and a layer given back its portable class between the steps over one cache (as any caching of its
+    operands would have to): each step equals the blocks' own forward on a model given the same changes."""
     from glmchat import model as model_module
 
     ids = torch.randint(5, 500, (1, 13), generator=torch.Generator().manual_seed(3))
